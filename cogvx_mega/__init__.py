@@ -1,0 +1,17 @@
+"""cogvx-mega: Megatron-style 3D-parallel training for CogVideoX-class text-to-video transformers.
+
+Importing the package does nothing but define names; heavy modules load on first use.
+"""
+__version__ = "0.1.0"
+
+
+def from_pretrained(path, device="cpu", dtype=None, backend="local"):
+    """See `cogvx_mega.api.from_pretrained`."""
+    import torch
+
+    from .api import from_pretrained as _from_pretrained
+
+    return _from_pretrained(path, device=device, dtype=dtype or torch.float32, backend=backend)
+
+
+__all__ = ["from_pretrained", "__version__"]

@@ -1,0 +1,115 @@
+"""Resolve a Config from a preset, an optional YAML/TOML file and `key=value` overrides."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tomllib
+import typing
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import yaml
+
+from .presets import get_preset
+from .schema import Config, ConfigError
+
+
+def load_config(preset: Optional[str] = None, config_file: Optional[str] = None,
+                overrides: Sequence[str] = ()) -> Config:
+    """Preset defaults, then the file's values, then command-line overrides; validated."""
+    file_values: dict = {}
+    if config_file is not None:
+        file_values = read_config_file(config_file)
+    preset_name = preset or file_values.pop("preset", None) or "cogvideox-2b"
+    file_values.pop("preset", None)
+    config = get_preset(preset_name)
+    apply_nested(config, file_values, prefix="")
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep or not key:
+            raise ConfigError("override", override, "write overrides as section.field=value, e.g. training.lr=1e-4")
+        set_field(config, key.strip(), yaml.safe_load(raw))
+    return config.validate()
+
+
+def read_config_file(path: str) -> dict:
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError("--config", path, "no such file; pass the path of a .yaml or .toml config")
+    text = file.read_text()
+    try:
+        if file.suffix == ".toml":
+            values = tomllib.loads(text)
+        elif file.suffix in (".yaml", ".yml", ".json"):
+            values = yaml.safe_load(text) or {}
+        else:
+            raise ConfigError("--config", path, "use a .yaml, .yml, .json or .toml file")
+    except (yaml.YAMLError, tomllib.TOMLDecodeError) as error:
+        raise ConfigError("--config", path, f"could not parse it: {error}") from None
+    if not isinstance(values, dict):
+        raise ConfigError("--config", path, "the file must hold a mapping of sections (model:, training:, ...)")
+    return values
+
+
+def apply_nested(obj: Any, values: dict, prefix: str) -> None:
+    for key, value in values.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and dataclasses.is_dataclass(getattr(obj, key, None)):
+            apply_nested(getattr(obj, key), value, prefix=f"{path}.")
+        else:
+            set_field(obj, key, value, path=path)
+
+
+def set_field(root: Any, dotted: str, value: Any, path: Optional[str] = None) -> None:
+    """Set `a.b.c` on nested dataclasses, coercing to the declared type."""
+    path = path or dotted
+    *parents, leaf = dotted.split(".")
+    obj = root
+    for name in parents:
+        if not dataclasses.is_dataclass(obj) or not hasattr(obj, name):
+            raise ConfigError(path, value, f"unknown config section {name!r}")
+        obj = getattr(obj, name)
+    fields = {f.name: f for f in dataclasses.fields(obj)} if dataclasses.is_dataclass(obj) else {}
+    if leaf not in fields:
+        raise ConfigError(path, value, f"unknown field; known: {', '.join(sorted(fields))}")
+    hints = typing.get_type_hints(type(obj))
+    setattr(obj, leaf, coerce(value, hints[leaf], path))
+
+
+def coerce(value: Any, annotation: Any, path: str) -> Any:
+    args = typing.get_args(annotation)
+    if value is None:
+        if type(None) in args:
+            return None
+        raise ConfigError(path, value, "this field cannot be empty")
+    target = next((a for a in args if a is not type(None)), annotation) if args else annotation
+    if target is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(path, value, "use true or false")
+    if target is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(path, value, "use an integer")
+        return value
+    if target is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(path, value, "use a number")
+        return float(value)
+    if target is str:
+        return str(value)
+    return value
+
+
+def write_resolved_config(config: Config, run_dir: str) -> Path:
+    """Write the resolved config into the run directory (atomically) and return its path."""
+    os.makedirs(run_dir, exist_ok=True)
+    path = Path(run_dir) / "config.yaml"
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    os.replace(tmp, path)
+    return path
+
+
+def config_to_json(config: Config) -> str:
+    return json.dumps(config.to_dict(), indent=2)

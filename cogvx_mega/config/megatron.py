@@ -1,0 +1,64 @@
+"""The one place that turns our configs into megatron-core's TransformerConfig."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from .schema import ModelConfig, ParallelConfig
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+@dataclasses.dataclass
+class CogVideoXTransformerConfig(TransformerConfig):
+    """megatron TransformerConfig plus the fields the expert-AdaLN layer needs."""
+
+    time_embed_dim: int = 512
+    """Width of the conditioning embedding fed to every adaptive LayerNorm."""
+    qk_layernorm_epsilon: float = 1e-6
+    """QK-LayerNorm eps (the block LayerNorms use `layernorm_epsilon`)."""
+
+
+def build_transformer_config(model: ModelConfig, parallel: Optional[ParallelConfig] = None,
+                             params_dtype: torch.dtype = torch.float32,
+                             use_cpu_initialization: bool = True) -> CogVideoXTransformerConfig:
+    parallel = parallel or ParallelConfig()
+    return CogVideoXTransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        kv_channels=model.attention_head_dim,
+        ffn_hidden_size=model.ffn_hidden_size or 4 * model.hidden_size,
+        time_embed_dim=model.time_embed_dim,
+        layernorm_epsilon=model.norm_eps,
+        qk_layernorm_epsilon=model.qk_norm_eps,
+        normalization="LayerNorm",
+        qk_layernorm=True,
+        add_bias_linear=True,
+        gated_linear_unit=False,
+        activation_func=gelu_tanh,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        rotary_interleaved=True,  # CogVideoX rotates adjacent channel pairs (REFERENCE §3)
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+        context_parallel_size=parallel.context_parallel_size,
+        sequence_parallel=parallel.sequence_parallel,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        use_cpu_initialization=use_cpu_initialization,
+        init_method_std=0.02,
+    )

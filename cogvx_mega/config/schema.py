@@ -1,0 +1,305 @@
+"""Typed configuration: one dataclass per concern, validated once at start-up.
+
+Every user-facing error is a `ConfigError` that names the field, the bad value and the fix.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+POSITIONAL_EMBEDDINGS = ("sincos", "rope", "rope+learned")
+BACKENDS = ("local", "te")
+TIMESTEP_SAMPLING = ("explicit_uniform", "uniform")
+
+
+class ConfigError(ValueError):
+    """A configuration value a user can fix. Its message names the field and the fix."""
+
+    def __init__(self, field_name: str, value, fix: str):
+        self.field_name = field_name
+        self.value = value
+        self.fix = fix
+        super().__init__(f"{field_name}={value!r}: {fix}")
+
+
+@dataclass
+class ModelConfig:
+    """The CogVideoX expert transformer (REFERENCE §1-3). Field names follow diffusers where one exists."""
+
+    num_layers: int = 30
+    """Transformer blocks."""
+    num_attention_heads: int = 30
+    attention_head_dim: int = 64
+    in_channels: int = 16
+    """Latent channels in (32 for image-to-video: noisy latent ‖ image latent)."""
+    out_channels: int = 16
+    time_embed_dim: int = 512
+    """Width of the timestep embedding that drives every modulation."""
+    ofs_embed_dim: Optional[int] = None
+    """CogVideoX1.5-I2V's `ofs` embedding width (None: no ofs input)."""
+    text_embed_dim: int = 4096
+    """Width of the text encoder features (T5-XXL: 4096)."""
+    max_text_seq_length: int = 226
+    """Text tokens per sample (T5 padded/truncated to this length)."""
+    ffn_hidden_size: Optional[int] = None
+    """FFN inner width; None means 4 x hidden."""
+    patch_size: int = 2
+    patch_size_t: Optional[int] = None
+    """Temporal patch (CogVideoX 1.5: 2, Linear patch embedding). None: Conv2d per frame."""
+    patch_bias: bool = True
+    """Bias of the Conv2d patch embedding (1.0 models)."""
+    sample_frames: int = 49
+    """Pixel frames of the training resolution (positions are built for it)."""
+    sample_height: int = 60
+    """Latent height of the training resolution."""
+    sample_width: int = 90
+    """Latent width of the training resolution."""
+    temporal_compression_ratio: int = 4
+    positional_embedding: str = "sincos"
+    """'sincos' (2B), 'rope' (5B, 1.5) or 'rope+learned' (5B-I2V)."""
+    spatial_interpolation_scale: float = 1.875
+    temporal_interpolation_scale: float = 1.0
+    norm_eps: float = 1e-5
+    qk_norm_eps: float = 1e-6
+    backend: str = "local"
+    """'local' (pure torch, any device) or 'te' (Transformer Engine, GPU)."""
+    latent_scale: float = 1.15258426
+    """VAE latent scaling factor of this family (2B: 1.15258426, 5B and later: 0.7)."""
+
+    @property
+    def hidden_size(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def uses_rope(self) -> bool:
+        return self.positional_embedding in ("rope", "rope+learned")
+
+    def validate(self) -> None:
+        for name in ("num_layers", "num_attention_heads", "attention_head_dim", "in_channels",
+                     "out_channels", "time_embed_dim", "text_embed_dim", "max_text_seq_length",
+                     "patch_size", "sample_height", "sample_width"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"model.{name}", value, "must be a positive integer")
+        if self.positional_embedding not in POSITIONAL_EMBEDDINGS:
+            raise ConfigError("model.positional_embedding", self.positional_embedding,
+                              f"choose one of {', '.join(POSITIONAL_EMBEDDINGS)}")
+        if self.backend not in BACKENDS:
+            raise ConfigError("model.backend", self.backend, f"choose one of {', '.join(BACKENDS)}")
+        if self.uses_rope and self.attention_head_dim % 8:
+            raise ConfigError("model.attention_head_dim", self.attention_head_dim,
+                              "3D RoPE splits a head 2/8 (t) + 3/8 (h) + 3/8 (w): use a multiple of 8")
+        if not self.uses_rope and self.hidden_size % 16:
+            raise ConfigError("model.num_attention_heads", self.num_attention_heads,
+                              f"3D sin-cos positions need hidden size divisible by 16 (is {self.hidden_size})")
+        if self.patch_size_t is not None and self.patch_size_t < 1:
+            raise ConfigError("model.patch_size_t", self.patch_size_t, "use None (Conv2d patches) or a positive integer")
+        if self.ofs_embed_dim is not None and self.ofs_embed_dim != self.time_embed_dim:
+            raise ConfigError("model.ofs_embed_dim", self.ofs_embed_dim,
+                              f"the ofs embedding is added to the timestep embedding: set it to time_embed_dim "
+                              f"({self.time_embed_dim})")
+        for name in ("sample_height", "sample_width"):
+            if getattr(self, name) % self.patch_size:
+                raise ConfigError(f"model.{name}", getattr(self, name),
+                                  f"must be a multiple of model.patch_size={self.patch_size}")
+        check_frame_count("model.sample_frames", self.sample_frames, self.temporal_compression_ratio)
+
+
+@dataclass
+class ParallelConfig:
+    """Model-parallel layout. Data parallel is whatever remains of the world size."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    context_parallel_size: int = 1
+    sequence_parallel: bool = False
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.tensor_model_parallel_size * self.pipeline_model_parallel_size * self.context_parallel_size
+
+    def validate(self, model: ModelConfig) -> None:
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"parallel.{name}", value, "must be a positive integer")
+        tp = self.tensor_model_parallel_size
+        if model.num_attention_heads % tp:
+            raise ConfigError("parallel.tensor_model_parallel_size", tp,
+                              f"model.num_attention_heads={model.num_attention_heads} is not divisible by it; "
+                              f"choose a divisor of the head count")
+        if self.sequence_parallel and tp == 1:
+            raise ConfigError("parallel.sequence_parallel", True, "sequence parallel needs tensor_model_parallel_size > 1")
+        vpp = self.virtual_pipeline_model_parallel_size
+        if vpp is not None:
+            if vpp < 1 or self.pipeline_model_parallel_size == 1:
+                raise ConfigError("parallel.virtual_pipeline_model_parallel_size", vpp,
+                                  "virtual stages need pipeline_model_parallel_size > 1 and a positive count")
+        stages = self.pipeline_model_parallel_size * (vpp or 1)
+        if model.num_layers % stages:
+            raise ConfigError("parallel.pipeline_model_parallel_size", self.pipeline_model_parallel_size,
+                              f"model.num_layers={model.num_layers} does not split into {stages} pipeline stages")
+
+    def data_parallel_size(self, world_size: int) -> int:
+        """Data-parallel size for a world size; a clear error if the layout does not factor it."""
+        mp = self.model_parallel_size
+        if world_size % mp:
+            raise ConfigError(
+                "parallel", f"TP{self.tensor_model_parallel_size}xPP{self.pipeline_model_parallel_size}"
+                f"xCP{self.context_parallel_size}",
+                f"world size {world_size} is not divisible by TPxPPxCP={mp}; launch a multiple of {mp} processes")
+        return world_size // mp
+
+
+@dataclass
+class DiffusionConfig:
+    """Training objective (REFERENCE §5)."""
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    snr_shift_scale: float = 3.0
+    zero_terminal_snr: bool = True
+    timestep_sampling: str = "explicit_uniform"
+    """'explicit_uniform': data-parallel rank r draws from its own interval; 'uniform': all of 0..T-1."""
+    text_dropout: float = 0.1
+    """Fraction of samples whose text embedding is replaced by zeros."""
+
+    def validate(self) -> None:
+        if self.timestep_sampling not in TIMESTEP_SAMPLING:
+            raise ConfigError("diffusion.timestep_sampling", self.timestep_sampling,
+                              f"choose one of {', '.join(TIMESTEP_SAMPLING)}")
+        if not 0.0 <= self.text_dropout < 1.0:
+            raise ConfigError("diffusion.text_dropout", self.text_dropout, "use a fraction in [0, 1)")
+        if self.snr_shift_scale <= 0:
+            raise ConfigError("diffusion.snr_shift_scale", self.snr_shift_scale, "must be positive")
+        if self.num_train_timesteps < 2:
+            raise ConfigError("diffusion.num_train_timesteps", self.num_train_timesteps, "use at least 2")
+
+
+@dataclass
+class DataConfig:
+    """Training clips. Sizes are in pixels; the latent grid follows from the VAE compression (4x time, 8x space)."""
+
+    source: str = "synthetic"
+    """'synthetic' (generated moving shapes) or a folder of cached latents and text embeddings."""
+    num_frames: int = 49
+    height: int = 480
+    width: int = 720
+    spatial_compression_ratio: int = 8
+    num_synthetic_clips: int = 64
+    num_workers: int = 0
+
+    def latent_shape(self, model: ModelConfig) -> tuple[int, int, int]:
+        """(latent frames, latent height, latent width)."""
+        return ((self.num_frames - 1) // model.temporal_compression_ratio + 1,
+                self.height // self.spatial_compression_ratio, self.width // self.spatial_compression_ratio)
+
+    def validate(self, model: ModelConfig) -> None:
+        check_frame_count("data.num_frames", self.num_frames, model.temporal_compression_ratio)
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value % self.spatial_compression_ratio:
+                raise ConfigError(f"data.{name}", value,
+                                  f"must be a multiple of the VAE's spatial compression {self.spatial_compression_ratio}")
+            latent = value // self.spatial_compression_ratio
+            if latent % model.patch_size:
+                raise ConfigError(f"data.{name}", value,
+                                  f"the latent {name} {latent} is not divisible by model.patch_size={model.patch_size}; "
+                                  f"use a multiple of {self.spatial_compression_ratio * model.patch_size}")
+        latent_frames = self.latent_shape(model)[0]
+        if model.patch_size_t and latent_frames % model.patch_size_t:
+            raise ConfigError("data.num_frames", self.num_frames,
+                              f"gives {latent_frames} latent frames, not divisible by model.patch_size_t="
+                              f"{model.patch_size_t}; use 1+4k frames with (1+k) a multiple of {model.patch_size_t}")
+        if model.positional_embedding == "rope+learned" and (
+                self.height // self.spatial_compression_ratio, self.width // self.spatial_compression_ratio) != (
+                model.sample_height, model.sample_width):
+            raise ConfigError("data.height", self.height,
+                              "learned positions exist only for the model's sample resolution: use "
+                              f"{model.sample_height * self.spatial_compression_ratio}x"
+                              f"{model.sample_width * self.spatial_compression_ratio}")
+        if self.num_synthetic_clips < 1:
+            raise ConfigError("data.num_synthetic_clips", self.num_synthetic_clips, "use at least 1")
+
+
+@dataclass
+class TrainingConfig:
+    """Optimisation and bookkeeping."""
+
+    steps: int = 1000
+    micro_batch_size: int = 1
+    lr: float = 1e-4
+    min_lr: float = 0.0
+    warmup_steps: int = 100
+    weight_decay: float = 1e-4
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    seed: int = 1234
+    device: str = "cuda"
+    bf16: bool = True
+    """bf16 autocast on GPU (CPU runs in fp32)."""
+    log_interval: int = 1
+    save_interval: int = 0
+    """Save a checkpoint every N steps (0: only at the end)."""
+    keep_checkpoints: int = 2
+    run_dir: str = "runs/default"
+
+    def validate(self) -> None:
+        for name in ("steps", "micro_batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"training.{name}", value, "must be a positive integer")
+        if self.device not in ("cpu", "cuda"):
+            raise ConfigError("training.device", self.device, "use 'cpu' or 'cuda'")
+        if self.lr <= 0:
+            raise ConfigError("training.lr", self.lr, "must be positive")
+        if self.warmup_steps < 0:
+            raise ConfigError("training.warmup_steps", self.warmup_steps, "must be >= 0")
+        if self.keep_checkpoints < 1:
+            raise ConfigError("training.keep_checkpoints", self.keep_checkpoints, "keep at least 1")
+
+
+@dataclass
+class Config:
+    """Everything a run needs. `preset` records where the defaults came from."""
+
+    preset: str = "cogvideox-2b"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+
+    def validate(self) -> "Config":
+        self.model.validate()
+        self.parallel.validate(self.model)
+        self.diffusion.validate()
+        self.data.validate(self.model)
+        self.training.validate()
+        if self.model.backend == "te" and self.training.device != "cuda":
+            raise ConfigError("model.backend", "te", "Transformer Engine runs on GPU only: use model.backend=local "
+                                                     "with --device cpu")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def check_frame_count(field_name: str, frames, temporal_compression_ratio: int) -> None:
+    if not isinstance(frames, int) or frames < 1 or (frames - 1) % temporal_compression_ratio:
+        raise ConfigError(field_name, frames,
+                          f"frame counts must be 1+{temporal_compression_ratio}k (1, 5, 9, ..., 49)")
+
+
+def model_config_from_dict(values: dict) -> ModelConfig:
+    """Build a ModelConfig from a saved dict, refusing unknown keys."""
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError("model", unknown, "unknown model fields in the saved config; is this a cogvx-mega checkpoint?")
+    return ModelConfig(**values)

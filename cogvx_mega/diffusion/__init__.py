@@ -1,0 +1,1 @@
+"""Diffusion objective: noise schedule, timestep sampling, loss."""

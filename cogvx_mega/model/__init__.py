@@ -1,0 +1,1 @@
+"""The CogVideoX expert transformer on megatron-core."""

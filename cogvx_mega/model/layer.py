@@ -1,0 +1,142 @@
+"""The CogVideoX expert transformer layer for megatron-core's TransformerBlock.
+
+Single-device math only: tensor/sequence/context parallelism come from the submodules chosen in
+`layer_spec.py`, never from branches here.
+
+How conditioning reaches the layer through `TransformerBlock.forward` (whose arguments are tensors,
+so they also pass through megatron's activation recomputation):
+- `context`: the conditioning embedding `emb` [b, time_embed_dim] (timestep, plus ofs for 1.5-I2V);
+- `context_mask`: `text_token_mask` [s, b] bool, True on text tokens. It is sliced exactly like
+  the hidden states (sequence or context parallel), so any token order or packing stays correct.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+from megatron.core.utils import make_viewless_tensor
+from torch import Tensor, nn
+
+# Order of the 12 modulation chunks of one layer: the attention half, then the FFN half
+# (the same order as diffusers' norm1.linear followed by norm2.linear).
+MODULATION_NAMES = ("shift", "scale", "gate", "text_shift", "text_scale", "text_gate")
+
+
+class LayerNorm(nn.LayerNorm):
+    """Affine torch LayerNorm with megatron's constructor; marks its parameters for sequence parallel."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5):
+        super().__init__(hidden_size, eps=eps, elementwise_affine=True)
+        for param in self.parameters():
+            setattr(param, "sequence_parallel", bool(config.sequence_parallel))
+
+
+class QKLayerNorm(LayerNorm):
+    """LayerNorm over one head's channels, shared by all heads; eps from `config.qk_layernorm_epsilon`."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5):
+        super().__init__(config, hidden_size, eps=config.qk_layernorm_epsilon)
+        for param in self.parameters():
+            param.sequence_parallel = False  # applied per head after QKV, never on a sequence shard
+
+
+class AdaLNModulation(nn.Module):
+    """SiLU -> Linear(time_embed_dim -> 12 * hidden): the 12 per-layer modulation vectors."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.linear = nn.Linear(config.time_embed_dim, 12 * config.hidden_size)
+        for param in self.parameters():
+            # Replicated over TP; under sequence parallel each TP rank modulates different tokens,
+            # so its gradient must be summed over the TP group like a norm's.
+            setattr(param, "sequence_parallel", bool(config.sequence_parallel))
+
+    def forward(self, emb: Tensor) -> Tensor:
+        return self.linear(torch.nn.functional.silu(emb))  # [b, 12h]
+
+
+class SDPACoreAttention(MegatronModule):
+    """Full (non-causal) attention with torch's scaled_dot_product_attention.
+
+    Takes megatron's core-attention call: q/k/v [s, b, heads, head_dim] -> [s, b, heads*head_dim].
+    Flash / memory-efficient kernels on GPU, math kernel on CPU.
+    """
+
+    def __init__(self, config, layer_number: int, attn_mask_type: AttnMaskType = AttnMaskType.no_mask,
+                 attention_type: str = "self", attention_dropout: Optional[float] = None,
+                 softmax_scale: Optional[float] = None, cp_comm_type: Optional[str] = None, pg_collection=None):
+        super().__init__(config=config)
+        if config.context_parallel_size > 1:
+            raise NotImplementedError("context parallel attention on the local backend is not built yet")
+        self.softmax_scale = softmax_scale
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor] = None,
+                attn_mask_type=None, attention_bias=None, packed_seq_params=None) -> Tensor:
+        if packed_seq_params is not None:
+            raise NotImplementedError("packed sequences need the te backend or the packing attention (not built yet)")
+        seq, batch, heads, head_dim = query.shape
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=self.softmax_scale)
+        return out.permute(2, 0, 1, 3).reshape(seq, batch, heads * head_dim)  # [s, b, h]
+
+
+@dataclass
+class ExpertAdaLNLayerSubmodules:
+    input_layernorm: Union[ModuleSpec, type] = None
+    adaln_modulation: Union[ModuleSpec, type] = None
+    self_attention: Union[ModuleSpec, type] = None
+    pre_mlp_layernorm: Union[ModuleSpec, type] = None
+    mlp: Union[ModuleSpec, type] = None
+
+
+class ExpertAdaLNLayer(MegatronModule):
+    """One CogVideoX block (REFERENCE §2.5): expert adaptive LayerNorm around shared attention and FFN."""
+
+    def __init__(self, config, submodules: ExpertAdaLNLayerSubmodules, layer_number: int = 1,
+                 hidden_dropout: Optional[float] = None, pg_collection=None, vp_stage: Optional[int] = None):
+        super().__init__(config=config)
+        pp_rank = pg_collection.pp.rank() if pg_collection is not None and hasattr(pg_collection, "pp") else None
+        self.layer_number = layer_number + get_transformer_layer_offset(config, vp_stage, pp_rank)
+        self.input_layernorm = build_module(submodules.input_layernorm, config=config,
+                                            hidden_size=config.hidden_size, eps=config.layernorm_epsilon)
+        self.adaln_modulation = build_module(submodules.adaln_modulation, config=config)
+        self.self_attention = build_module(submodules.self_attention, config=config, layer_number=self.layer_number)
+        self.pre_mlp_layernorm = build_module(submodules.pre_mlp_layernorm, config=config,
+                                              hidden_size=config.hidden_size, eps=config.layernorm_epsilon)
+        self.mlp = build_module(submodules.mlp, config=config)
+
+    @staticmethod
+    def _per_token(is_text: Tensor, video_value: Tensor, text_value: Tensor) -> Tensor:
+        # is_text [s, b, 1]; values [b, h] -> [s, b, h]
+        return torch.where(is_text, text_value.unsqueeze(0), video_value.unsqueeze(0))
+
+    def _modulated_residual_branch(self, hidden_states: Tensor, is_text: Tensor, norm: nn.Module,
+                                   branch, modulation: tuple[Tensor, ...], **branch_kwargs) -> Tensor:
+        shift, scale, gate, text_shift, text_scale, text_gate = modulation
+        normed = norm(hidden_states)
+        normed = normed * (1 + self._per_token(is_text, scale, text_scale)) + self._per_token(is_text, shift, text_shift)
+        out, bias = branch(normed, **branch_kwargs)
+        if bias is not None:
+            out = out + bias
+        return hidden_states + self._per_token(is_text, gate, text_gate) * out
+
+    def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None,
+                context: Optional[Tensor] = None, context_mask: Optional[Tensor] = None,
+                rotary_pos_emb: Optional[Tensor] = None, packed_seq_params=None, **unused):
+        # hidden_states [s, b, h]; context = emb [b, E]; context_mask = text_token_mask [s, b]
+        if context is None or context_mask is None:
+            raise ValueError("ExpertAdaLNLayer needs context=emb [b, E] and context_mask=text_token_mask [s, b]")
+        modulation = self.adaln_modulation(context).chunk(12, dim=-1)
+        is_text = context_mask.unsqueeze(-1)  # [s, b, 1]
+        hidden_states = self._modulated_residual_branch(
+            hidden_states, is_text, self.input_layernorm, self.self_attention, modulation[:6],
+            attention_mask=None, rotary_pos_emb=rotary_pos_emb, packed_seq_params=packed_seq_params)
+        hidden_states = self._modulated_residual_branch(
+            hidden_states, is_text, self.pre_mlp_layernorm, self.mlp, modulation[6:])
+        output = make_viewless_tensor(inp=hidden_states, requires_grad=hidden_states.requires_grad, keep_graph=True)
+        return output, context

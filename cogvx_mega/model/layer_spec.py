@@ -1,0 +1,60 @@
+"""Layer specs: the one place where the backend (local torch vs Transformer Engine) is chosen."""
+from __future__ import annotations
+
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from .layer import (AdaLNModulation, ExpertAdaLNLayer, ExpertAdaLNLayerSubmodules, LayerNorm, QKLayerNorm,
+                    SDPACoreAttention)
+
+
+def local_layer_spec() -> ModuleSpec:
+    """Pure-torch layer (any device): megatron's tensor-parallel linears + SDPA core attention."""
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+    return _layer_spec(column_linear=ColumnParallelLinear, row_linear=RowParallelLinear,
+                       core_attention=SDPACoreAttention, qk_norm=QKLayerNorm)
+
+
+def te_layer_spec() -> ModuleSpec:
+    """Transformer Engine layer (GPU; FP8 capable). Imported lazily: TE is an optional extra."""
+    try:
+        from megatron.core.extensions.transformer_engine import (TEColumnParallelLinear, TEDotProductAttention,
+                                                                  TERowParallelLinear)
+    except ImportError as error:  # pragma: no cover - depends on the GPU extra
+        raise RuntimeError("model.backend=te needs Transformer Engine: pip install -e .[gpu] on a CUDA machine") from error
+    return _layer_spec(column_linear=TEColumnParallelLinear, row_linear=TERowParallelLinear,
+                       core_attention=TEDotProductAttention, qk_norm=QKLayerNorm)
+
+
+def _layer_spec(column_linear, row_linear, core_attention, qk_norm) -> ModuleSpec:
+    return ModuleSpec(
+        module=ExpertAdaLNLayer,
+        submodules=ExpertAdaLNLayerSubmodules(
+            input_layernorm=LayerNorm,
+            adaln_modulation=AdaLNModulation,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": AttnMaskType.no_mask},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=column_linear,
+                    core_attention=core_attention,
+                    linear_proj=row_linear,
+                    q_layernorm=qk_norm,
+                    k_layernorm=qk_norm,
+                ),
+            ),
+            pre_mlp_layernorm=LayerNorm,
+            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=column_linear, linear_fc2=row_linear)),
+        ),
+    )
+
+
+def layer_spec_for(backend: str) -> ModuleSpec:
+    if backend == "local":
+        return local_layer_spec()
+    if backend == "te":
+        return te_layer_spec()
+    raise ValueError(f"model.backend={backend!r}: use 'local' or 'te'")

@@ -1,0 +1,209 @@
+"""CogVideoX expert transformer: embed -> megatron TransformerBlock -> modulated head -> unpatchify.
+
+Single-device math; no communication code. Video tensors are [B, T, C, H, W] at the edges and
+megatron's [s, b, h] inside the block stack; patchify/unpatchify are the only conversions.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
+from torch import Tensor, nn
+
+from ..config.schema import ModelConfig
+from .layer import LayerNorm
+from .layer_spec import layer_spec_for
+from .positions import rope_3d_angles, sincos_3d, timestep_sinusoid
+
+
+class TimestepEmbedding(nn.Module):
+    """Linear -> SiLU -> Linear on a sinusoidal embedding."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, out_dim)
+        self.linear_2 = nn.Linear(out_dim, out_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear_2(torch.nn.functional.silu(self.linear_1(x)))
+
+
+def patchify(latents: Tensor, patch_size: int, patch_size_t: int) -> Tensor:
+    """[B, T, C, H, W] -> [B, (T/pt)(H/p)(W/p), C*pt*p*p], tokens (t, h, w) w fastest, features (c, pt, ph, pw)."""
+    b, t, c, h, w = latents.shape
+    p, pt = patch_size, patch_size_t
+    x = latents.permute(0, 1, 3, 4, 2).reshape(b, t // pt, pt, h // p, p, w // p, p, c)
+    return x.permute(0, 1, 3, 5, 7, 2, 4, 6).flatten(4, 7).flatten(1, 3)
+
+
+def unpatchify(tokens: Tensor, frames: int, height: int, width: int, patch_size: int,
+               patch_size_t: Optional[int]) -> Tensor:
+    """[B, N, C*pt*p*p] (features (c, pt, ph, pw)) -> [B, T, C, H, W]."""
+    b = tokens.shape[0]
+    p = patch_size
+    if patch_size_t is None:
+        x = tokens.reshape(b, frames, height // p, width // p, -1, p, p)
+        return x.permute(0, 1, 4, 2, 5, 3, 6).flatten(5, 6).flatten(3, 4)
+    pt = patch_size_t
+    x = tokens.reshape(b, frames // pt, height // p, width // p, -1, pt, p, p)
+    return x.permute(0, 1, 5, 4, 2, 6, 3, 7).flatten(6, 7).flatten(4, 5).flatten(1, 2)
+
+
+class PatchEmbedding(nn.Module):
+    """Text projection, video patch projection and absolute positions (2B sin-cos, 5B-I2V learned)."""
+
+    def __init__(self, model: ModelConfig):
+        super().__init__()
+        self.model = model
+        hidden = model.hidden_size
+        if model.patch_size_t is None:
+            self.proj = nn.Conv2d(model.in_channels, hidden, kernel_size=model.patch_size, stride=model.patch_size,
+                                  bias=model.patch_bias)
+        else:
+            self.proj = nn.Linear(model.in_channels * model.patch_size**2 * model.patch_size_t, hidden)
+        self.text_proj = nn.Linear(model.text_embed_dim, hidden)
+        if model.positional_embedding == "rope+learned":
+            # Learned table over [text ; video] at the sample resolution, initialised with sin-cos.
+            self.pos_embedding = nn.Parameter(self._sincos_table(model.sample_frames, model.sample_height,
+                                                                 model.sample_width).float())
+
+    def _sincos_table(self, pixel_frames: int, latent_height: int, latent_width: int) -> Tensor:
+        m = self.model
+        frames = (pixel_frames - 1) // m.temporal_compression_ratio + 1
+        video = sincos_3d(m.hidden_size, frames, latent_height // m.patch_size, latent_width // m.patch_size,
+                          m.spatial_interpolation_scale, m.temporal_interpolation_scale)
+        return torch.cat([video.new_zeros(m.max_text_seq_length, m.hidden_size), video])[None]  # [1, L+N, h]
+
+    def forward(self, text_embeds: Tensor, latents: Tensor) -> Tensor:
+        m = self.model
+        b, t, c, h, w = latents.shape
+        text = self.text_proj(text_embeds)  # [b, L, h]
+        if m.patch_size_t is None:
+            video = self.proj(latents.reshape(b * t, c, h, w))  # [b*t, h, H/p, W/p]
+            video = video.view(b, t, *video.shape[1:]).flatten(3).transpose(2, 3).flatten(1, 2)  # [b, N, h]
+        else:
+            video = self.proj(patchify(latents, m.patch_size, m.patch_size_t))  # [b, N, h]
+        tokens = torch.cat([text, video], dim=1).contiguous()  # [b, L+N, h]
+        if m.positional_embedding in ("sincos", "rope+learned"):
+            if text.shape[1] != m.max_text_seq_length:
+                raise ValueError(f"text_embeds has {text.shape[1]} tokens; absolute positions need exactly "
+                                 f"model.max_text_seq_length={m.max_text_seq_length} (pad or truncate the text)")
+            pixel_frames = (t - 1) * m.temporal_compression_ratio + 1
+            at_sample_size = (h, w, pixel_frames) == (m.sample_height, m.sample_width, m.sample_frames)
+            if m.positional_embedding == "rope+learned" and at_sample_size:
+                positions = self.pos_embedding
+            else:
+                # diffusers falls back to sin-cos for a learned table at another frame count; kept for parity.
+                positions = self._sincos_table(pixel_frames, h, w).to(tokens.device)
+            tokens = tokens + positions.to(dtype=tokens.dtype)
+        return tokens
+
+
+class CogVideoXTransformer(MegatronModule):
+    """`model(latents [B,T,C,H,W], text_embeds [B,L,D_text], timesteps [B], ofs=None) -> v_pred [B,T,C_out,H,W]`.
+
+    Matches diffusers' CogVideoXTransformer3DModel argument for argument and computes its own
+    positions exactly as the diffusers CogVideoX pipelines do for the same config.
+    """
+
+    def __init__(self, model: ModelConfig, transformer_config, pre_process: bool = True, post_process: bool = True,
+                 vp_stage: Optional[int] = None):
+        super().__init__(config=transformer_config)
+        self.model_config = model
+        self.pre_process = pre_process
+        self.post_process = post_process
+        hidden = model.hidden_size
+        # The conditioning embedding is needed by every stage's layers (replicated under PP).
+        self.time_embedding = TimestepEmbedding(hidden, model.time_embed_dim)
+        self.ofs_embedding = (TimestepEmbedding(model.ofs_embed_dim, model.ofs_embed_dim)
+                              if model.ofs_embed_dim else None)
+        if pre_process:
+            self.patch_embed = PatchEmbedding(model)
+        spec = layer_spec_for(model.backend)
+        self.decoder = TransformerBlock(
+            config=transformer_config,
+            spec=TransformerBlockSubmodules(layer_specs=[spec] * transformer_config.num_layers, layer_norm=LayerNorm),
+            post_layer_norm=post_process,
+            pre_process=pre_process,
+            post_process=post_process,
+            vp_stage=vp_stage,
+        )
+        if post_process:
+            self.output_norm_linear = nn.Linear(model.time_embed_dim, 2 * hidden)
+            self.output_norm = nn.LayerNorm(hidden, eps=model.norm_eps, elementwise_affine=True)
+            patch_volume = model.patch_size**2 * (model.patch_size_t or 1)
+            self.output_proj = nn.Linear(hidden, patch_volume * model.out_channels)
+
+    # --- pipeline-parallel hook (megatron schedules call it on every stage) ---
+    def set_input_tensor(self, input_tensor) -> None:
+        if isinstance(input_tensor, (list, tuple)):
+            input_tensor = input_tensor[0]
+        self.decoder.set_input_tensor(input_tensor)
+
+    def conditioning(self, timesteps: Tensor, ofs: Optional[Tensor], dtype: torch.dtype) -> Tensor:
+        """emb [b, time_embed_dim] from integer timesteps (and ofs for 1.5-I2V)."""
+        emb = self.time_embedding(timestep_sinusoid(timesteps, self.model_config.hidden_size).to(dtype))
+        if self.ofs_embedding is not None:
+            if ofs is None:
+                raise ValueError("this model has an ofs embedding (CogVideoX1.5-I2V): pass ofs (2.0 at inference)")
+            ofs = torch.as_tensor(ofs, device=timesteps.device).reshape(-1).expand(timesteps.shape[0])
+            emb = emb + self.ofs_embedding(timestep_sinusoid(ofs, self.model_config.ofs_embed_dim).to(dtype))
+        return emb
+
+    def rotary_table(self, latent_frames: int, latent_height: int, latent_width: int, text_length: int,
+                     device: torch.device) -> Optional[Tensor]:
+        """RoPE angles [s, 1, 1, head_dim] for [text ; video]; zero angles (identity) on text rows."""
+        m = self.model_config
+        if not m.uses_rope:
+            return None
+        p = m.patch_size
+        grid_h, grid_w = latent_height // p, latent_width // p
+        base_h, base_w = m.sample_height // p, m.sample_width // p
+        if m.patch_size_t is None:
+            video = rope_3d_angles(m.attention_head_dim, latent_frames, grid_h, grid_w, base_height=base_h,
+                                   base_width=base_w, grid="linspace")
+        else:
+            frames = (latent_frames + m.patch_size_t - 1) // m.patch_size_t
+            video = rope_3d_angles(m.attention_head_dim, frames, grid_h, grid_w, base_height=base_h,
+                                   base_width=base_w, grid="slice")
+        table = torch.cat([video.new_zeros(text_length, m.attention_head_dim), video])
+        return table[:, None, None, :].to(device)
+
+    def forward(self, latents: Tensor, text_embeds: Tensor, timesteps: Tensor, ofs: Optional[Tensor] = None) -> Tensor:
+        b, t, c, h, w = latents.shape
+        m = self.model_config
+        if c != m.in_channels:
+            raise ValueError(f"latents have {c} channels; this model takes model.in_channels={m.in_channels}")
+        timesteps = torch.as_tensor(timesteps, device=latents.device).reshape(-1).expand(b)
+        emb = self.conditioning(timesteps, ofs, latents.dtype)  # [b, E]
+        text_length = text_embeds.shape[1]
+        if self.pre_process:
+            hidden = self.patch_embed(text_embeds, latents).transpose(0, 1).contiguous()  # [s, b, h]
+        else:
+            hidden = None  # comes from the previous pipeline stage via set_input_tensor
+        seq = text_length + (t // (m.patch_size_t or 1)) * (h // m.patch_size) * (w // m.patch_size)
+        text_token_mask = torch.zeros(seq, b, dtype=torch.bool, device=latents.device)
+        text_token_mask[:text_length] = True  # [s, b]
+        rope = self.rotary_table(t, h, w, text_length, latents.device)
+        hidden = self.decoder(hidden, attention_mask=None, context=emb, context_mask=text_token_mask,
+                              rotary_pos_emb=rope)  # [s, b, h]
+        if not self.post_process:
+            return hidden
+        video = hidden[text_length:].transpose(0, 1)  # [b, N, h]
+        shift, scale = self.output_norm_linear(torch.nn.functional.silu(emb)).chunk(2, dim=1)
+        video = self.output_norm(video) * (1 + scale)[:, None, :] + shift[:, None, :]
+        video = self.output_proj(video)  # [b, N, C_out*pt*p*p]
+        return unpatchify(video, t, h, w, m.patch_size, m.patch_size_t)  # [B, T, C_out, H, W]
+
+
+def build_model(model: ModelConfig, parallel=None, device: str = "cpu",
+                params_dtype: torch.dtype = torch.float32) -> CogVideoXTransformer:
+    """Build the model for the current process groups (call `initialize_parallel` first)."""
+    from ..config.megatron import build_transformer_config
+
+    transformer_config = build_transformer_config(model, parallel, params_dtype=params_dtype,
+                                                  use_cpu_initialization=(device == "cpu"))
+    module = CogVideoXTransformer(model, transformer_config)
+    return module.to(device=device)

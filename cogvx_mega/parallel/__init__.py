@@ -1,0 +1,1 @@
+"""Parallelism: process groups, the CPU compatibility layer for megatron-core, data-parallel helpers."""

@@ -1,0 +1,152 @@
+"""Let megatron-core 0.16.1 run on a CPU-only torch build (gloo), so one code path serves laptops, CI and GPUs.
+
+Applied once per process by `enable()`, and only when the run's device is CPU. What it covers
+(see ../shared/notes/megatron-core-on-cpu.md for the findings behind it):
+
+- the model-parallel RNG tracker calls `torch.cuda.{get,set}_rng_state` and `manual_seed`: on CPU
+  these map to the CPU generator;
+- `torch.cuda.current_device()`, `synchronize`, streams and events are used as plain bookkeeping
+  in p2p, DDP and checkpoint code: they become CPU no-ops;
+- function bodies create tensors with `device="cuda"` or call `.cuda()`: a process-wide
+  `TorchFunctionMode` rewrites CUDA devices to CPU on factory calls and `Tensor.to/.cuda`.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+logger = logging.getLogger(__name__)
+
+_ENABLED = False
+_MODE: "CudaToCpuMode | None" = None
+
+
+def _is_cuda_device(device) -> bool:
+    if device is None:
+        return False
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, int):
+        return True  # megatron passes torch.cuda.current_device() (an int) as a device
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return False
+
+
+class CudaToCpuMode(TorchFunctionMode):
+    """Rewrite CUDA device arguments to CPU for every torch call made while active."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.pin_memory:
+            return args[0]
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs["device"] = "cpu"
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]) and not isinstance(args[1], int):
+            args = (args[0], "cpu", *args[2:])
+        elif func is torch.Tensor.to and len(args) > 1 and isinstance(args[1], int) and not isinstance(args[1], bool):
+            args = (args[0], "cpu", *args[2:])
+        if kwargs.get("pin_memory"):
+            kwargs["pin_memory"] = False
+        return func(*args, **kwargs)
+
+
+class _NullStream:
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, *args, **kwargs):
+        pass
+
+    def wait_event(self, *args, **kwargs):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def record_event(self, *args, **kwargs):
+        return _NullEvent()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _NullEvent:
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def record(self, *args, **kwargs):
+        pass
+
+    def wait(self, *args, **kwargs):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+    def elapsed_time(self, other):
+        return 0.0
+
+
+def _patch_cuda_namespace() -> None:
+    cuda = torch.cuda
+    cuda.get_rng_state = lambda device=None: torch.get_rng_state()
+    cuda.set_rng_state = lambda state, device=None: torch.set_rng_state(state)
+    # megatron seeds and snapshots "the CUDA generator"; on CPU that is the CPU generator
+    # (the RNG tracker restores the previous state after each add/fork, as on GPU).
+    # (torch.manual_seed itself calls cuda.manual_seed_all: seed the CPU generator directly.)
+    cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
+    cuda.manual_seed_all = lambda seed: None
+    cuda.current_device = lambda: 0
+    cuda.device_count = lambda: 0
+    cuda.synchronize = lambda device=None: None
+    cuda.Stream = _NullStream
+    cuda.Event = _NullEvent
+    cuda.current_stream = lambda device=None: _NullStream()
+    cuda.default_stream = lambda device=None: _NullStream()
+    cuda.stream = lambda stream=None: contextlib.nullcontext()
+    cuda.empty_cache = lambda: None
+    cuda.set_device = lambda device: None
+    cuda.memory_allocated = lambda device=None: 0
+    cuda.max_memory_allocated = lambda device=None: 0
+
+
+def _patch_megatron() -> None:
+    # The RNG tracker holds CPU generator states; megatron's fork() swaps them with
+    # torch.cuda.{get,set}_rng_state, which now act on the CPU generator.
+    from megatron.core.tensor_parallel import random as mp_random
+
+    def _set_cuda_rng_state(new_state, device=-1, graph_safe: bool = False):
+        torch.set_rng_state(new_state)
+
+    mp_random._set_cuda_rng_state = _set_cuda_rng_state
+
+
+def enable() -> None:
+    """Apply the CPU compatibility layer (idempotent). Call only when running without CUDA."""
+    global _ENABLED, _MODE
+    if _ENABLED:
+        return
+    if torch.cuda.is_available():
+        raise RuntimeError("cpu_compat.enable() is for CPU-only runs; CUDA is available here")
+    _patch_cuda_namespace()
+    _patch_megatron()
+    _MODE = CudaToCpuMode()
+    _MODE.__enter__()
+    _ENABLED = True
+    logger.debug("megatron-core CPU compatibility layer enabled")
+
+
+def is_enabled() -> bool:
+    return _ENABLED

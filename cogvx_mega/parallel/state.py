@@ -1,0 +1,110 @@
+"""Process groups: torch.distributed and megatron's model-parallel state, built from one ParallelConfig.
+
+`initialize_parallel` is the only function that creates process groups. It works for one process
+(a laptop, a notebook, `from_pretrained`) and under torchrun, on CPU (gloo) and GPU (NCCL).
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from ..config.schema import ParallelConfig
+from . import cpu_compat
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    """Where this process sits in the layout."""
+
+    world_size: int
+    rank: int
+    data_parallel_size: int
+    data_parallel_rank: int
+    tensor_model_parallel_size: int
+    pipeline_model_parallel_size: int
+    context_parallel_size: int
+
+    @property
+    def is_logging_rank(self) -> bool:
+        return self.rank == 0
+
+
+def _init_torch_distributed(device: str) -> None:
+    if dist.is_initialized():
+        return
+    backend = "nccl" if device == "cuda" else "gloo"
+    timeout = datetime.timedelta(minutes=30 if device == "cuda" else 5)
+    if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
+        if device == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend=backend, timeout=timeout)
+    else:
+        # A single process: a private file store, so nothing listens on a port.
+        store_file = tempfile.NamedTemporaryFile(prefix="cogvx-pg-", delete=False)
+        store_file.close()
+        store = dist.FileStore(store_file.name, 1)
+        dist.init_process_group(backend=backend, store=store, rank=0, world_size=1, timeout=timeout)
+
+
+def initialize_parallel(parallel: Optional[ParallelConfig] = None, device: str = "cpu",
+                        seed: int = 1234) -> ParallelDims:
+    """Create (or reuse) the process groups for `parallel` and seed megatron's RNG tracker."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    parallel = parallel or ParallelConfig()
+    if device == "cpu":
+        cpu_compat.enable()
+    _init_torch_distributed(device)
+    world_size = dist.get_world_size()
+    data_parallel_size = parallel.data_parallel_size(world_size)
+    if parallel_state.model_parallel_is_initialized():
+        current = (parallel_state.get_tensor_model_parallel_world_size(),
+                   parallel_state.get_pipeline_model_parallel_world_size(),
+                   parallel_state.get_context_parallel_world_size())
+        wanted = (parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
+                  parallel.context_parallel_size)
+        if current != wanted:
+            parallel_state.destroy_model_parallel()
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+            pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+            context_parallel_size=parallel.context_parallel_size,
+        )
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    torch.manual_seed(seed)
+    return ParallelDims(
+        world_size=world_size,
+        rank=dist.get_rank(),
+        data_parallel_size=data_parallel_size,
+        data_parallel_rank=parallel_state.get_data_parallel_rank(),
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        context_parallel_size=parallel.context_parallel_size,
+    )
+
+
+def data_parallel_group():
+    from megatron.core import parallel_state
+
+    return parallel_state.get_data_parallel_group()
+
+
+def shutdown() -> None:
+    """Tear down process groups (tests and the end of `cogvx train`)."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

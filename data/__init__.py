@@ -1,0 +1,1 @@
+"""Data: synthetic clips, cached latents and text embeddings, loaders."""

@@ -1,0 +1,1 @@
+"""Custom kernels (Triton/CUDA), each with a torch reference next to it."""

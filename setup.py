@@ -1,0 +1,48 @@
+"""Install cogvx-mega.
+
+The repository keeps `kernels/`, `data/` and `tools/` at the top level for readability, but
+they are installed as `cogvx_mega.kernels`, `cogvx_mega.data` and `cogvx_mega.tools` so the
+package never claims generic top-level module names.
+"""
+from setuptools import setup
+
+TOP_LEVEL_SUBPACKAGES = {"kernels": "kernels", "data": "data", "tools": "tools"}
+
+packages = [
+    "cogvx_mega",
+    "cogvx_mega.config",
+    "cogvx_mega.model",
+    "cogvx_mega.parallel",
+    "cogvx_mega.diffusion",
+    "cogvx_mega.training",
+]
+package_dir = {"cogvx_mega": "cogvx_mega"}
+for name, folder in TOP_LEVEL_SUBPACKAGES.items():
+    packages.append(f"cogvx_mega.{name}")
+    package_dir[f"cogvx_mega.{name}"] = folder
+
+setup(
+    name="cogvx-mega",
+    version="0.1.0",
+    description="Megatron-style 3D-parallel training for CogVideoX-class text-to-video transformers",
+    python_requires=">=3.11",
+    packages=packages,
+    package_dir=package_dir,
+    install_requires=[
+        "torch>=2.4",
+        "megatron-core==0.16.1",
+        "numpy",
+        "packaging",
+        "psutil",  # megatron's checkpoint writer needs it but does not declare it
+        "safetensors",
+        "pyyaml",
+        "tqdm",
+        "matplotlib",
+    ],
+    extras_require={
+        "gpu": ["transformer-engine[pytorch]", "nvidia-dali-cuda130", "pynvml"],
+        "flash": ["flash-attn"],
+        "test": ["pytest", "pytest-timeout", "diffusers==0.42.1", "transformers", "sentencepiece"],
+    },
+    entry_points={"console_scripts": ["cogvx = cogvx_mega.cli:main"]},
+)

@@ -1,0 +1,35 @@
+"""Tiny diffusers CogVideoX configs for every preset family (the parity oracle), shared by the tests."""
+from __future__ import annotations
+
+import torch
+
+_BASE = dict(num_attention_heads=2, attention_head_dim=16, num_layers=2, time_embed_dim=24, text_embed_dim=12,
+             max_text_seq_length=5, sample_frames=9, sample_height=8, sample_width=12, in_channels=4, out_channels=4)
+
+FAMILIES = {
+    # 2B: Conv2d patches, 3D sin-cos absolute positions
+    "sincos-2b": dict(_BASE, use_rotary_positional_embeddings=False),
+    # 5B: 3D RoPE
+    "rope-5b": dict(_BASE, use_rotary_positional_embeddings=True),
+    # 5B-I2V: 32-channel style input (noisy ‖ image latent) + learned positions
+    "i2v-5b": dict(_BASE, in_channels=8, use_rotary_positional_embeddings=True,
+                   use_learned_positional_embeddings=True),
+    # 1.5: p_t = 2 Linear patches, no conv bias
+    "v15-5b": dict(_BASE, patch_size_t=2, patch_bias=False, use_rotary_positional_embeddings=True),
+    # 1.5-I2V: p_t = 2, 2x channels and the ofs embedding
+    "v15-i2v": dict(_BASE, patch_size_t=2, patch_bias=False, in_channels=8, ofs_embed_dim=24,
+                    use_rotary_positional_embeddings=True),
+}
+
+
+def make_diffusers_model(family: str, seed: int = 0):
+    from diffusers import CogVideoXTransformer3DModel
+
+    torch.manual_seed(seed)
+    model = CogVideoXTransformer3DModel(**FAMILIES[family]).eval()
+    with torch.no_grad():  # randomise every tensor (diffusers zero-inits some) so each one matters
+        for name, param in model.named_parameters():
+            param.normal_(0.0, 0.3 if "norm" not in name else 1.0)
+        if FAMILIES[family].get("use_learned_positional_embeddings"):
+            model.patch_embed.pos_embedding.normal_(0.0, 0.5)
+    return model
