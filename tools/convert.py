@@ -353,3 +353,50 @@ def write_diffusers_folder(state: dict[str, Tensor], model: ModelConfig, path: s
 
 
 ConverterFn = Callable[[dict[str, Tensor], ModelConfig], dict[str, Tensor]]
+
+
+def expected_shapes(model: ModelConfig) -> dict[str, torch.Size]:
+    """Shape of every tensor of a project state dict for `model`, without building the model."""
+    hidden, time_dim = model.hidden_size, model.time_embed_dim
+    ffn = model.ffn_hidden_size or 4 * hidden
+    patch_volume = model.patch_size**2 * (model.patch_size_t or 1)
+    shapes = {
+        "patch_embed.text_proj.weight": (hidden, model.text_embed_dim), "patch_embed.text_proj.bias": (hidden,),
+        "patch_embed.proj.bias": (hidden,),
+        "time_embedding.linear_1.weight": (time_dim, hidden), "time_embedding.linear_1.bias": (time_dim,),
+        "time_embedding.linear_2.weight": (time_dim, time_dim), "time_embedding.linear_2.bias": (time_dim,),
+        "decoder.final_layernorm.weight": (hidden,), "decoder.final_layernorm.bias": (hidden,),
+        "output_norm_linear.weight": (2 * hidden, time_dim), "output_norm_linear.bias": (2 * hidden,),
+        "output_norm.weight": (hidden,), "output_norm.bias": (hidden,),
+        "output_proj.weight": (patch_volume * model.out_channels, hidden),
+        "output_proj.bias": (patch_volume * model.out_channels,),
+    }
+    if model.patch_size_t is None:
+        shapes["patch_embed.proj.weight"] = (hidden, model.in_channels, model.patch_size, model.patch_size)
+    else:
+        shapes["patch_embed.proj.weight"] = (hidden, model.in_channels * patch_volume)
+    if model.positional_embedding == "rope+learned":
+        frames = (model.sample_frames - 1) // model.temporal_compression_ratio + 1
+        tokens = frames * (model.sample_height // model.patch_size) * (model.sample_width // model.patch_size)
+        shapes["patch_embed.pos_embedding"] = (1, model.max_text_seq_length + tokens, hidden)
+    if model.ofs_embed_dim:
+        ofs = model.ofs_embed_dim
+        shapes.update({"ofs_embedding.linear_1.weight": (ofs, ofs), "ofs_embedding.linear_1.bias": (ofs,),
+                       "ofs_embedding.linear_2.weight": (ofs, ofs), "ofs_embedding.linear_2.bias": (ofs,)})
+    per_layer = {
+        "input_layernorm.weight": (hidden,), "input_layernorm.bias": (hidden,),
+        "pre_mlp_layernorm.weight": (hidden,), "pre_mlp_layernorm.bias": (hidden,),
+        "adaln_modulation.linear.weight": (12 * hidden, time_dim), "adaln_modulation.linear.bias": (12 * hidden,),
+        "self_attention.linear_qkv.weight": (3 * hidden, hidden), "self_attention.linear_qkv.bias": (3 * hidden,),
+        "self_attention.q_layernorm.weight": (model.attention_head_dim,),
+        "self_attention.q_layernorm.bias": (model.attention_head_dim,),
+        "self_attention.k_layernorm.weight": (model.attention_head_dim,),
+        "self_attention.k_layernorm.bias": (model.attention_head_dim,),
+        "self_attention.linear_proj.weight": (hidden, hidden), "self_attention.linear_proj.bias": (hidden,),
+        "mlp.linear_fc1.weight": (ffn, hidden), "mlp.linear_fc1.bias": (ffn,),
+        "mlp.linear_fc2.weight": (hidden, ffn), "mlp.linear_fc2.bias": (hidden,),
+    }
+    for i in range(model.num_layers):
+        shapes.update({f"decoder.layers.{i}.{k}": v for k, v in per_layer.items()})
+    keys = project_keys(model)
+    return {k: torch.Size(v) for k, v in shapes.items() if k in keys}

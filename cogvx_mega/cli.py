@@ -1,0 +1,203 @@
+"""The `cogvx` command.
+
+    cogvx train --preset tiny --data synthetic --steps 100 --run-dir runs/x [section.field=value ...]
+    cogvx demo [--run-dir runs/demo] [--steps 300]
+    cogvx convert diffusers-to-project SRC DST
+    cogvx convert project-to-diffusers SRC DST
+    cogvx convert sat-to-project SRC DST --preset NAME [--config FILE] [overrides]
+
+Errors a user can cause print one line, `cogvx: error: ...`, and exit with status 2 before anything is written.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Optional, Sequence
+
+logger = logging.getLogger("cogvx_mega")
+
+EXIT_USER_ERROR = 2
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser, with_training: bool = True) -> None:
+    parser.add_argument("--preset", help="named preset (tiny, cogvideox-2b, cogvideox-5b, ...)")
+    parser.add_argument("--config", dest="config_file", help="YAML/TOML config file applied over the preset")
+    parser.add_argument("overrides", nargs="*", metavar="section.field=value", help="config overrides")
+    if not with_training:
+        return
+    parser.add_argument("--run-dir", help="where metrics, the resolved config and checkpoints go")
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--micro-batch", type=int, help="samples per data-parallel rank per step")
+    parser.add_argument("--data", help="'synthetic' or a latent folder")
+    parser.add_argument("--device", choices=("cpu", "cuda"))
+    parser.add_argument("--tp", type=int, help="tensor-parallel size")
+    parser.add_argument("--pp", type=int, help="pipeline-parallel size")
+    parser.add_argument("--vpp", type=int, help="virtual pipeline stages per pipeline rank")
+    parser.add_argument("--cp", type=int, help="context-parallel size")
+    parser.add_argument("--resume", help="'auto' (newest complete checkpoint of the run) or a checkpoint folder")
+
+
+def _flag_overrides(args: argparse.Namespace) -> list[str]:
+    mapping = {"run_dir": "training.run_dir", "steps": "training.steps", "seed": "training.seed",
+               "micro_batch": "training.micro_batch_size", "data": "data.source", "device": "training.device",
+               "tp": "parallel.tensor_model_parallel_size", "pp": "parallel.pipeline_model_parallel_size",
+               "vpp": "parallel.virtual_pipeline_model_parallel_size", "cp": "parallel.context_parallel_size"}
+    out = []
+    for attribute, key in mapping.items():
+        value = getattr(args, attribute, None)
+        if value is not None:
+            out.append(f"{key}={value!s}" if attribute not in ("run_dir", "data") else f"{key}='{value}'")
+    return out
+
+
+def resolve_config(args: argparse.Namespace):
+    from .config import load_config
+
+    return load_config(args.preset, args.config_file, [*args.overrides, *_flag_overrides(args)])
+
+
+def _check_layout_is_built(config) -> None:
+    from .config.schema import ConfigError
+
+    p = config.parallel
+    for name, value in (("--tp", p.tensor_model_parallel_size), ("--pp", p.pipeline_model_parallel_size),
+                        ("--cp", p.context_parallel_size)):
+        if value != 1:
+            raise ConfigError(name, value, "tensor, pipeline and context parallel training are not built yet "
+                                           "(issue #3); run with 1 and scale with data parallel (torchrun)")
+
+
+def find_resume_checkpoint(resume: Optional[str], run_dir: str) -> Optional[str]:
+    from .config.schema import ConfigError
+    from .training import checkpoint as ckpt
+
+    if resume is None:
+        return None
+    if resume == "auto":
+        found = ckpt.list_checkpoints(run_dir)
+        return str(found[-1]) if found else None
+    if not ckpt.is_project_checkpoint(resume):
+        raise ConfigError("--resume", resume, "no complete cogvx-mega checkpoint there; pass 'auto' or a "
+                                              "checkpoints/step_* folder")
+    return resume
+
+
+def run_training(config, resume: Optional[str] = None) -> list[dict]:
+    from .config import write_resolved_config
+    from .data.latent_dataset import load_dataset
+    from .model.transformer import build_model
+    from .parallel.state import initialize_parallel
+    from .training.trainer import Trainer
+
+    _check_layout_is_built(config)
+    resume_path = find_resume_checkpoint(resume, config.training.run_dir)
+    device = config.training.device
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            from .config.schema import ConfigError
+
+            raise ConfigError("--device", "cuda", "no CUDA device is visible; pass --device cpu")
+    dataset = load_dataset(config)
+    dims = initialize_parallel(config.parallel, device=device, seed=config.training.seed)
+    if dims.is_logging_rank:
+        write_resolved_config(config, config.training.run_dir)
+    model = build_model(config.model, config.parallel, device=device)
+    trainer = Trainer(config, dims, model, dataset)
+    if resume_path:
+        trainer.load(resume_path)
+        if dims.is_logging_rank:
+            logger.info("resumed from %s at step %d", resume_path, trainer.step)
+    return trainer.fit()
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    config = resolve_config(args)
+    run_training(config, resume=args.resume)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(run_dir=args.run_dir, steps=args.steps)
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .config.schema import ConfigError
+    from .tools import convert
+    from .training.checkpoint import is_project_checkpoint, read_project_checkpoint, save_project_checkpoint
+
+    if not os.path.exists(args.source):
+        raise ConfigError("SOURCE", args.source, "no such file or folder")
+    if os.path.exists(args.destination) and not args.overwrite:
+        raise ConfigError("DESTINATION", args.destination, "already exists; pass --overwrite or another path")
+    if args.direction == "diffusers-to-project":
+        if is_project_checkpoint(args.source):
+            raise ConfigError("SOURCE", args.source, "is a cogvx-mega checkpoint; use project-to-diffusers")
+        model, state = convert.read_diffusers_folder(args.source)
+        ours = convert.diffusers_to_project(state, model)
+        convert.check_project_state(ours, model, reference=convert.expected_shapes(model))
+        save_project_checkpoint(args.destination, model, ours, extra={"converted_from": "diffusers"})
+    elif args.direction == "project-to-diffusers":
+        model, state, _ = read_project_checkpoint(args.source)
+        convert.check_project_state(state, model, reference=convert.expected_shapes(model))
+        convert.write_diffusers_folder(state, model, args.destination)
+    else:  # sat-to-project
+        if not (args.preset or args.config_file):
+            raise ConfigError("--preset", None, "SAT checkpoints carry no config: name the model with --preset "
+                                                "(and --config / overrides for custom sizes)")
+        from .config import load_config
+
+        model = load_config(args.preset, args.config_file, args.overrides).model
+        ours = convert.sat_to_project(convert.read_sat_state(args.source), model)
+        convert.check_project_state(ours, model, reference=convert.expected_shapes(model))
+        save_project_checkpoint(args.destination, model, ours, extra={"converted_from": "sat"})
+    print(f"wrote {args.destination}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cogvx", description="CogVideoX training on megatron-core")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train (single process or under torchrun)")
+    _add_config_arguments(train)
+    train.set_defaults(func=cmd_train)
+
+    demo = sub.add_parser("demo", help="train the tiny preset on generated data on CPU, convert, plot")
+    demo.add_argument("--run-dir", default="runs/demo")
+    demo.add_argument("--steps", type=int, default=300)
+    demo.set_defaults(func=cmd_demo)
+
+    convert = sub.add_parser("convert", help="convert checkpoints between diffusers, SAT and cogvx-mega")
+    convert.add_argument("direction", choices=("diffusers-to-project", "project-to-diffusers", "sat-to-project"))
+    convert.add_argument("source")
+    convert.add_argument("destination")
+    convert.add_argument("--overwrite", action="store_true")
+    _add_config_arguments(convert, with_training=False)
+    convert.set_defaults(func=cmd_convert)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from .config.schema import ConfigError
+    from .tools.convert import ConversionError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    try:
+        return args.func(args)
+    except (ConfigError, ConversionError, FileNotFoundError) as error:
+        print(f"cogvx: error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Cached training inputs (latents already scaled, text embeddings) and the deterministic sampler.
+
+On disk, a latent folder holds `latents.safetensors` (tensors `latents` [N, T, C, H, W] and
+`text_embeds` [N, L, D]), `captions.jsonl` and `meta.json`. The sampler is a pure function of
+(seed, step, data-parallel rank), so resuming needs only the step and a data-parallel run sees
+exactly the samples a single process with the whole global batch would see.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+LATENTS_FILE = "latents.safetensors"
+META_FILE = "meta.json"
+CAPTIONS_FILE = "captions.jsonl"
+
+
+class LatentDataset:
+    def __init__(self, latents: Tensor, text_embeds: Tensor, captions: Optional[list[str]] = None):
+        if latents.shape[0] != text_embeds.shape[0]:
+            raise ValueError(f"{latents.shape[0]} latent clips but {text_embeds.shape[0]} text embeddings")
+        self.latents = latents
+        self.text_embeds = text_embeds
+        self.captions = captions or [""] * latents.shape[0]
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+    @classmethod
+    def load(cls, folder: str) -> "LatentDataset":
+        from safetensors.torch import load_file
+
+        path = Path(folder)
+        if not (path / LATENTS_FILE).is_file():
+            raise FileNotFoundError(f"--data {folder}: no {LATENTS_FILE} there; pass a latent folder written by "
+                                    f"`cogvx demo` / `write_latent_folder`, or --data synthetic")
+        tensors = load_file(str(path / LATENTS_FILE))
+        captions_path = path / CAPTIONS_FILE
+        captions = ([json.loads(line)["caption"] for line in captions_path.read_text().splitlines()]
+                    if captions_path.is_file() else None)
+        return cls(tensors["latents"], tensors["text_embeds"], captions)
+
+    def save(self, folder: str) -> Path:
+        from safetensors.torch import save_file
+
+        from cogvx_mega.training.checkpoint import atomic_directory
+
+        with atomic_directory(folder) as tmp:
+            save_file({"latents": self.latents.contiguous(), "text_embeds": self.text_embeds.contiguous()},
+                      str(tmp / LATENTS_FILE))
+            (tmp / CAPTIONS_FILE).write_text("".join(json.dumps({"caption": c}) + "\n" for c in self.captions))
+            (tmp / META_FILE).write_text(json.dumps({"clips": len(self), "latent_shape": list(self.latents.shape[1:]),
+                                                     "text_shape": list(self.text_embeds.shape[1:])}))
+        return Path(folder)
+
+
+def global_sample_indices(step: int, global_batch: int, num_samples: int, seed: int) -> Tensor:
+    """Indices of the global batch of `step`: a fresh permutation per epoch, a pure function of its inputs."""
+    positions = torch.arange(step * global_batch, (step + 1) * global_batch)
+    epochs = positions // num_samples
+    out = torch.empty(global_batch, dtype=torch.long)
+    for epoch in epochs.unique().tolist():
+        permutation = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+        chosen = epochs == epoch
+        out[chosen] = permutation[positions[chosen] % num_samples]
+    return out
+
+
+def rank_batch(dataset: LatentDataset, step: int, micro_batch_size: int, data_parallel_rank: int,
+               data_parallel_size: int, seed: int) -> dict[str, Tensor]:
+    """This rank's slice of the global batch of `step` (rank r holds samples r*mb .. (r+1)*mb-1)."""
+    indices = global_sample_indices(step, micro_batch_size * data_parallel_size, len(dataset), seed)
+    mine = indices[data_parallel_rank * micro_batch_size:(data_parallel_rank + 1) * micro_batch_size]
+    return {"latents": dataset.latents[mine], "text_embeds": dataset.text_embeds[mine]}
+
+
+def synthetic_dataset_for(config) -> LatentDataset:
+    """The synthetic moving-shapes dataset at the config's resolution and model widths."""
+    from .synthetic import generate_synthetic_dataset
+
+    data, model = config.data, config.model
+    latents, texts, captions = generate_synthetic_dataset(
+        data.num_synthetic_clips, data.num_frames, data.height, data.width, model.in_channels,
+        model.text_embed_dim, model.max_text_seq_length, seed=config.training.seed)
+    return LatentDataset(latents, texts, captions)
+
+
+def load_dataset(config) -> LatentDataset:
+    source = config.data.source
+    if source == "synthetic":
+        return synthetic_dataset_for(config)
+    if not os.path.isdir(source):
+        raise FileNotFoundError(f"--data {source}: no such folder; pass a latent folder or 'synthetic'")
+    dataset = LatentDataset.load(source)
+    expected = (config.data.latent_shape(config.model), config.model.in_channels)
+    t, c, h, w = dataset.latents.shape[1:]
+    if ((t, h, w), c) != expected:
+        from cogvx_mega.config.schema import ConfigError
+
+        raise ConfigError("--data", source, f"latents are [T={t}, C={c}, H={h}, W={w}] but the config expects "
+                         f"[T={expected[0][0]}, C={expected[1]}, H={expected[0][1]}, W={expected[0][2]}]; "
+                         f"set data.num_frames/height/width to match")
+    return dataset

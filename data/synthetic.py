@@ -1,0 +1,128 @@
+"""A synthetic text-to-video dataset: coloured shapes moving across a dark frame, with matching captions.
+
+Clips are rendered in pixels ([3, T, H, W] in [-1, 1]), then turned into training inputs by two
+small fixed random encoders standing in for the VAE and T5:
+- `ToyVideoEncoder`: 4x temporal / 8x spatial compression laid out like the CogVideoX VAE
+  (latent frame 0 <- frame 0, latent frame k <- frames 4k-3..4k), then a fixed random 1x1 mix
+  to the latent channels;
+- `ToyTextEncoder`: a fixed random embedding per caption word plus a position code, padded with
+  zeros to the model's text length.
+Everything is a pure function of the seed, so two processes generate the same dataset.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+COLOURS = {"red": (1.0, -0.8, -0.8), "green": (-0.8, 1.0, -0.8), "blue": (-0.8, -0.8, 1.0),
+           "yellow": (1.0, 1.0, -0.8), "white": (1.0, 1.0, 1.0)}
+SHAPES = ("square", "circle", "bar")
+DIRECTIONS = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}
+SPEEDS = {"slowly": 0.5, "quickly": 1.0}
+VOCABULARY = ("<pad>", "a", "moving", *COLOURS, *SHAPES, *DIRECTIONS, *SPEEDS)
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    colour: str
+    shape: str
+    direction: str
+    speed: str
+    start_row: float
+    start_col: float
+
+    @property
+    def caption(self) -> str:
+        return f"a {self.colour} {self.shape} moving {self.speed} {self.direction}"
+
+
+def random_clip_spec(generator: torch.Generator) -> ClipSpec:
+    def pick(options):
+        options = list(options)
+        return options[int(torch.randint(len(options), (1,), generator=generator))]
+
+    start = torch.rand(2, generator=generator)
+    return ClipSpec(pick(COLOURS), pick(SHAPES), pick(DIRECTIONS), pick(SPEEDS), float(start[0]), float(start[1]))
+
+
+def render_clip(spec: ClipSpec, frames: int, height: int, width: int) -> Tensor:
+    """[3, frames, height, width] in [-1, 1]."""
+    rows = torch.arange(height, dtype=torch.float32)[:, None]
+    cols = torch.arange(width, dtype=torch.float32)[None, :]
+    size = 0.18 * min(height, width)
+    d_row, d_col = DIRECTIONS[spec.direction]
+    step = SPEEDS[spec.speed] * min(height, width) / max(frames, 1)
+    colour = torch.tensor(COLOURS[spec.colour])[:, None, None]
+    video = torch.full((3, frames, height, width), -0.9)
+    for t in range(frames):
+        centre_row = (spec.start_row * height + d_row * step * t) % height
+        centre_col = (spec.start_col * width + d_col * step * t) % width
+        dr, dc = rows - centre_row, cols - centre_col
+        if spec.shape == "square":
+            inside = (dr.abs() <= size) & (dc.abs() <= size)
+        elif spec.shape == "circle":
+            inside = dr**2 + dc**2 <= size**2
+        else:
+            inside = (dr.abs() <= size * 0.4) & (dc.abs() <= size * 1.6)
+        video[:, t] = torch.where(inside[None], colour, video[:, t])
+    return video
+
+
+class ToyVideoEncoder:
+    """Fixed random stand-in for the VAE encoder: [3, T, H, W] -> latents [T', C, H/8, W/8]."""
+
+    def __init__(self, latent_channels: int, temporal: int = 4, spatial: int = 8, seed: int = 0):
+        generator = torch.Generator().manual_seed(seed)
+        self.temporal, self.spatial = temporal, spatial
+        self.mix = torch.randn(latent_channels, 3, generator=generator) / math.sqrt(3)
+        self.bias = 0.1 * torch.randn(latent_channels, generator=generator)
+
+    def __call__(self, video: Tensor) -> Tensor:
+        c, t, h, w = video.shape
+        groups = [video[:, :1]] + [video[:, 1 + k * self.temporal: 1 + (k + 1) * self.temporal]
+                                   for k in range((t - 1) // self.temporal)]
+        pooled_time = torch.stack([g.mean(dim=1) for g in groups], dim=0)  # [T', 3, H, W]
+        pooled = torch.nn.functional.avg_pool2d(pooled_time, self.spatial)  # [T', 3, H/8, W/8]
+        latents = torch.einsum("oc,tchw->tohw", self.mix, pooled) + self.bias[None, :, None, None]
+        return latents.contiguous()
+
+
+class ToyTextEncoder:
+    """Fixed random stand-in for T5: caption -> [text_length, dim], zero rows after the caption."""
+
+    def __init__(self, dim: int, text_length: int, seed: int = 0):
+        generator = torch.Generator().manual_seed(seed + 1)
+        self.text_length = text_length
+        self.word_table = torch.randn(len(VOCABULARY), dim, generator=generator)
+        self.position_table = 0.3 * torch.randn(text_length, dim, generator=generator)
+        self.index = {word: i for i, word in enumerate(VOCABULARY)}
+
+    def __call__(self, caption: str) -> Tensor:
+        words = caption.split()[: self.text_length]
+        unknown = [w for w in words if w not in self.index]
+        if unknown:
+            raise ValueError(f"caption words {unknown} are not in the synthetic vocabulary")
+        out = torch.zeros(self.text_length, self.word_table.shape[1])
+        ids = torch.tensor([self.index[w] for w in words])
+        out[: len(words)] = self.word_table[ids] + self.position_table[: len(words)]
+        return out
+
+
+def generate_synthetic_dataset(num_clips: int, frames: int, height: int, width: int, latent_channels: int,
+                               text_dim: int, text_length: int, seed: int = 0):
+    """(latents [N, T', C, h, w], text_embeds [N, L, D], captions) — deterministic in the seed."""
+    generator = torch.Generator().manual_seed(seed)
+    video_encoder = ToyVideoEncoder(latent_channels, seed=seed)
+    text_encoder = ToyTextEncoder(text_dim, text_length, seed=seed)
+    latents, texts, captions = [], [], []
+    for _ in range(num_clips):
+        spec = random_clip_spec(generator)
+        latents.append(video_encoder(render_clip(spec, frames, height, width)))
+        texts.append(text_encoder(spec.caption))
+        captions.append(spec.caption)
+    latents = torch.stack(latents)
+    latents = (latents - latents.mean()) / latents.std()  # unit scale, as the VAE latent scale intends
+    return latents, torch.stack(texts), captions
