@@ -202,8 +202,8 @@ def project_to_diffusers(state: dict[str, Tensor], model: ModelConfig) -> dict[s
 
 
 def check_project_state(state: dict[str, Tensor], model: ModelConfig,
-                        reference: Optional[dict[str, Tensor]] = None) -> None:
-    """Strict check of a project state dict: keys, and shapes against `reference` (a freshly built model)."""
+                        reference: Optional[dict] = None) -> None:
+    """Strict check of a project state dict: keys, and shapes against `reference` (tensors or torch.Size)."""
     expected = project_keys(model)
     present = {k for k in state if not k.endswith("_extra_state")}
     missing, unexpected = sorted(expected - present), sorted(present - expected)
@@ -212,9 +212,10 @@ def check_project_state(state: dict[str, Tensor], model: ModelConfig,
                               f"({len(missing)}), unexpected {unexpected[:3]} ({len(unexpected)})")
     if reference is not None:
         for key in expected:
-            if tuple(state[key].shape) != tuple(reference[key].shape):
+            wanted = tuple(getattr(reference[key], "shape", reference[key]))
+            if tuple(state[key].shape) != wanted:
                 raise ConversionError(f"{key}: checkpoint shape {tuple(state[key].shape)} != model shape "
-                                      f"{tuple(reference[key].shape)}; the weights are from another model size")
+                                      f"{wanted}; the weights are from another model size")
 
 
 # --- SAT -> project --------------------------------------------------------------------------------------

@@ -93,6 +93,11 @@ def coerce(value: Any, annotation: Any, path: str) -> Any:
             raise ConfigError(path, value, "use an integer")
         return value
     if target is float:
+        if isinstance(value, str):  # YAML 1.1 reads 3e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise ConfigError(path, value, "use a number") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(path, value, "use a number")
         return float(value)
