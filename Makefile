@@ -1,0 +1,24 @@
+# The two commands of the README. Both create .venv at the repository root and install into it.
+PYTHON ?= python3.11
+VENV := .venv
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: demo test install
+
+install: $(STAMP)
+
+$(STAMP): setup.py
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	# torch first: on the CPU machines this resolves to the local CPU build instead of a CUDA download
+	$(VENV)/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(VENV)/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/cogvx demo --run-dir runs/demo
+
+# Two pytest processes: the distributed tier forks gloo ranks from a parent that must not hold a
+# process group, while the unit tier creates a single-process one.
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest tests/unit tests/gpu
+	$(VENV)/bin/python -m pytest tests/distributed

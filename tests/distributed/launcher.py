@@ -1,0 +1,60 @@
+"""Run a function on N gloo ranks forked from the test process (which has already imported torch and megatron).
+
+Forking skips the per-rank interpreter start-up (seconds per rank on 2 cores). The parent must not
+have created a process group itself; the distributed tier therefore runs in its own pytest process.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import socket
+import traceback
+from typing import Any, Callable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, world_size: int, port: int, fn: Callable, args: tuple, results) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank))
+    try:
+        value = fn(rank, world_size, *args)
+        results.put((rank, "ok", value))
+    except BaseException:  # report any failure to the parent rather than hanging it
+        results.put((rank, "error", traceback.format_exc()))
+    finally:
+        from cogvx_mega.parallel.state import shutdown
+
+        try:
+            shutdown()
+        except Exception:
+            pass
+        os._exit(0)
+
+
+def run_ranks(world_size: int, fn: Callable, *args, timeout: float = 120.0) -> list[Any]:
+    """fn(rank, world_size, *args) on each rank; returns the values by rank or raises with the failing traceback."""
+    context = mp.get_context("fork")
+    results = context.Queue()
+    port = free_port()
+    processes = [context.Process(target=_rank_main, args=(r, world_size, port, fn, args, results))
+                 for r in range(world_size)]
+    for p in processes:
+        p.start()
+    values: dict[int, Any] = {}
+    try:
+        for _ in range(world_size):
+            rank, status, value = results.get(timeout=timeout)
+            if status != "ok":
+                raise AssertionError(f"rank {rank} failed:\n{value}")
+            values[rank] = value
+    finally:
+        for p in processes:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+    return [values[r] for r in range(world_size)]

@@ -1,0 +1,112 @@
+"""Bad input: one clear error line naming the value and the fix, exit status 2, nothing written."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from cogvx_mega.cli import EXIT_USER_ERROR, main
+from cogvx_mega.config import ConfigError, load_config
+
+
+@pytest.mark.parametrize("preset, overrides, field, hint", [
+    ("tiny", ["parallel.tensor_model_parallel_size=3"], "parallel.tensor_model_parallel_size", "num_attention_heads=4"),
+    ("tiny", ["data.num_frames=10"], "data.num_frames", "1+4k"),
+    ("tiny", ["model.sample_frames=8"], "model.sample_frames", "1+4k"),
+    ("tiny", ["data.height=72"], "data.height", "patch_size=2"),
+    ("tiny", ["model.sample_width=9"], "model.sample_width", "patch_size=2"),
+    ("nonexistent-model", [], "preset", "cogvideox-5b"),
+    ("tiny", ["model.positional_embedding=alibi"], "model.positional_embedding", "rope"),
+    ("tiny", ["training.micro_batch_size=0"], "training.micro_batch_size", "positive"),
+    ("tiny", ["model.num_heads=4"], "model.num_heads", "unknown field"),
+    ("tiny", ["training.lr=fast"], "training.lr", "number"),
+    ("cogvideox1.5-5b", ["data.num_frames=73"], "data.num_frames", "patch_size_t=2"),
+    ("tiny", ["parallel.pipeline_model_parallel_size=3"], "parallel.pipeline_model_parallel_size", "num_layers=4"),
+])
+def test_invalid_config_values_name_field_and_fix(preset, overrides, field, hint):
+    with pytest.raises(ConfigError) as error:
+        load_config(preset, overrides=overrides)
+    assert error.value.field_name == field
+    assert hint in str(error.value)
+
+
+def test_config_file_values_and_overrides(tmp_path):
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(yaml.safe_dump({"preset": "tiny", "model": {"num_layers": 2},
+                                           "training": {"lr": 5.0e-4}}))
+    config = load_config(config_file=str(config_file), overrides=["training.lr=1e-3"])
+    assert config.preset == "tiny" and config.model.num_layers == 2 and config.training.lr == 1e-3
+    toml_file = tmp_path / "run.toml"
+    toml_file.write_text('preset = "cogvideox-5b"\n[parallel]\ntensor_model_parallel_size = 4\n')
+    assert load_config(config_file=str(toml_file)).parallel.tensor_model_parallel_size == 4
+
+
+def run_cli(args, capsys):
+    status = main(args)
+    return status, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["train", "--preset", "tiny", "--tp", "3"], "tensor_model_parallel_size=3"),
+    (["train", "--preset", "tiny", "data.num_frames=10"], "1+4k"),
+    (["train", "--preset", "tiny", "data.height=72"], "patch_size"),
+    (["train", "--preset", "no-such-preset"], "unknown preset"),
+    (["train", "--preset", "tiny", "--resume", "/no/such/checkpoint"], "--resume"),
+    (["train", "--preset", "tiny", "--data", "/no/such/folder"], "/no/such/folder"),
+    (["train", "--preset", "tiny", "--tp", "2"], "issue #3"),
+])
+def test_train_rejects_bad_input_before_writing(args, needle, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    status, lines = run_cli([*args, "--run-dir", str(run_dir), "--steps", "1"], capsys)
+    assert status == EXIT_USER_ERROR
+    assert len(lines) == 1 and lines[0].startswith("cogvx: error:") and needle in lines[0]
+    assert not run_dir.exists()
+
+
+def test_convert_rejects_missing_and_wrong_family(tmp_path, capsys):
+    from families import make_diffusers_model
+    from test_parity_diffusers import sat_state_from_diffusers
+    import torch
+
+    status, lines = run_cli(["convert", "project-to-diffusers", str(tmp_path / "missing"), str(tmp_path / "out")],
+                            capsys)
+    assert status == EXIT_USER_ERROR and "missing" in lines[0] and len(lines) == 1
+
+    # A diffusers folder fed to the project reader
+    diffusers_dir = tmp_path / "diffusers"
+    make_diffusers_model("rope-5b").save_pretrained(diffusers_dir)
+    status, lines = run_cli(["convert", "project-to-diffusers", str(diffusers_dir), str(tmp_path / "out")], capsys)
+    assert status == EXIT_USER_ERROR and "cogvx_checkpoint.json" in lines[0]
+
+    # A SAT checkpoint of the 2B (sin-cos) family converted as the 1.5 family (Linear patches, other shapes)
+    sat_file = tmp_path / "sat.pt"
+    torch.save({"module": sat_state_from_diffusers(make_diffusers_model("sincos-2b"))}, sat_file)
+    config_file = tmp_path / "family.yaml"
+    config_file.write_text(yaml.safe_dump({"model": {"num_layers": 2, "num_attention_heads": 2,
+                                                     "attention_head_dim": 16, "in_channels": 4, "out_channels": 4,
+                                                     "time_embed_dim": 24, "text_embed_dim": 12,
+                                                     "max_text_seq_length": 5, "sample_height": 8,
+                                                     "sample_width": 12, "sample_frames": 9}}))
+    status, lines = run_cli(["convert", "sat-to-project", str(sat_file), str(tmp_path / "out"), "--preset",
+                             "cogvideox1.5-5b", "--config", str(config_file), "data.height=64", "data.width=96",
+                             "data.num_frames=13"], capsys)
+    assert status == EXIT_USER_ERROR and len(lines) == 1 and "shape" in lines[0]
+    # and the right family converts
+    status, _ = run_cli(["convert", "sat-to-project", str(sat_file), str(tmp_path / "good"), "--preset",
+                         "cogvideox-2b", "--config", str(config_file), "data.height=64", "data.width=96"], capsys)
+    assert status == 0
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary leftovers
+
+
+def test_console_script_exit_status(tmp_path):
+    """The installed `cogvx` entry point exits non-zero with one error line."""
+    result = subprocess.run([sys.executable, "-m", "cogvx_mega.cli", "train", "--preset", "tiny",
+                             "data.num_frames=10", "--run-dir", str(tmp_path / "r")],
+                            capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert result.returncode == EXIT_USER_ERROR
+    assert result.stderr.strip().splitlines()[-1].startswith("cogvx: error: data.num_frames=10")
+    assert not (tmp_path / "r").exists()
