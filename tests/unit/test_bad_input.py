@@ -110,3 +110,13 @@ def test_console_script_exit_status(tmp_path):
     assert result.returncode == EXIT_USER_ERROR
     assert result.stderr.strip().splitlines()[-1].startswith("cogvx: error: data.num_frames=10")
     assert not (tmp_path / "r").exists()
+
+
+def test_from_pretrained_missing_path_is_a_clear_error(tmp_path):
+    import cogvx_mega
+
+    with pytest.raises(ConfigError, match="no such file or folder"):
+        cogvx_mega.from_pretrained(str(tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(Exception, match="config.json"):
+        cogvx_mega.from_pretrained(str(tmp_path / "empty"))

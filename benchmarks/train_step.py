@@ -1,0 +1,70 @@
+"""Training-step throughput of one process: forward + backward + AdamW on random latents.
+
+    python benchmarks/train_step.py --preset tiny --device cpu
+    python benchmarks/train_step.py --preset cogvideox-5b --device cuda model.num_layers=4 --micro-batch 1
+
+Prints the device, the shape, mean step time and tokens/s over the timed steps (after warm-up),
+and the peak GPU memory on CUDA. Numbers go to docs/performance.md with the command and device.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--micro-batch", type=int, default=None)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+
+    from cogvx_mega.config import load_config
+    from cogvx_mega.model.transformer import build_model
+    from cogvx_mega.parallel.state import initialize_parallel
+    from cogvx_mega.training.trainer import Trainer
+
+    overrides = [f"training.device={args.device}", "training.run_dir='/tmp/cogvx-bench'", *args.overrides]
+    if args.micro_batch:
+        overrides.append(f"training.micro_batch_size={args.micro_batch}")
+    config = load_config(args.preset, overrides=overrides)
+    dims = initialize_parallel(config.parallel, device=args.device)
+    dtype = torch.bfloat16 if args.device == "cuda" and config.training.bf16 else torch.float32
+    model = build_model(config.model, config.parallel, device=args.device)
+    trainer = Trainer(config, dims, model)
+    frames, height, width = config.data.latent_shape(config.model)
+    batch_size = config.training.micro_batch_size
+    batch = {"latents": torch.randn(batch_size, frames, config.model.in_channels, height, width),
+             "text_embeds": torch.randn(batch_size, config.model.max_text_seq_length, config.model.text_embed_dim)}
+    times = []
+    for step in range(args.warmup + args.steps):
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        trainer.train_step(batch)
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        if step >= args.warmup:
+            times.append(time.perf_counter() - started)
+    step_s = statistics.mean(times)
+    tokens = batch_size * trainer.tokens_per_sample()
+    device = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or 'cpu'}, " \
+                                                                          f"{torch.get_num_threads()} threads"
+    print(f"device: {device}; torch {torch.__version__}; compute dtype {dtype}")
+    print(f"preset {config.preset}: {config.model.num_layers} layers, hidden {config.model.hidden_size}, "
+          f"{tokens // batch_size} tokens/sample, micro-batch {batch_size}")
+    print(f"step: {step_s * 1e3:.1f} ms (mean of {len(times)}, min {min(times) * 1e3:.1f}); "
+          f"{tokens / step_s:,.0f} tokens/s")
+    if args.device == "cuda":
+        print(f"peak memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+
+
+if __name__ == "__main__":
+    main()
