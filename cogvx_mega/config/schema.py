@@ -76,12 +76,10 @@ class ModelConfig:
         return self.positional_embedding in ("rope", "rope+learned")
 
     def validate(self) -> None:
-        for name in ("num_layers", "num_attention_heads", "attention_head_dim", "in_channels",
-                     "out_channels", "time_embed_dim", "text_embed_dim", "max_text_seq_length",
-                     "patch_size", "sample_height", "sample_width"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"model.{name}", value, "must be a positive integer")
+        require_positive_integers(self, "model", ("num_layers", "num_attention_heads", "attention_head_dim",
+                                                  "in_channels", "out_channels", "time_embed_dim", "text_embed_dim",
+                                                  "max_text_seq_length", "patch_size", "sample_height",
+                                                  "sample_width"))
         if self.positional_embedding not in POSITIONAL_EMBEDDINGS:
             raise ConfigError("model.positional_embedding", self.positional_embedding,
                               f"choose one of {', '.join(POSITIONAL_EMBEDDINGS)}")
@@ -121,10 +119,8 @@ class ParallelConfig:
         return self.tensor_model_parallel_size * self.pipeline_model_parallel_size * self.context_parallel_size
 
     def validate(self, model: ModelConfig) -> None:
-        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"parallel.{name}", value, "must be a positive integer")
+        require_positive_integers(self, "parallel", ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+                                                     "context_parallel_size"))
         tp = self.tensor_model_parallel_size
         if model.num_attention_heads % tp:
             raise ConfigError("parallel.tensor_model_parallel_size", tp,
@@ -250,10 +246,7 @@ class TrainingConfig:
     run_dir: str = "runs/default"
 
     def validate(self) -> None:
-        for name in ("steps", "micro_batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"training.{name}", value, "must be a positive integer")
+        require_positive_integers(self, "training", ("steps", "micro_batch_size"))
         if self.device not in ("cpu", "cuda"):
             raise ConfigError("training.device", self.device, "use 'cpu' or 'cuda'")
         if self.lr <= 0:
@@ -288,6 +281,13 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def require_positive_integers(section, section_name: str, names) -> None:
+    for name in names:
+        value = getattr(section, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{section_name}.{name}", value, "must be a positive integer")
 
 
 def check_frame_count(field_name: str, frames, temporal_compression_ratio: int) -> None:

@@ -47,9 +47,7 @@ class CudaToCpuMode(TorchFunctionMode):
             return args[0]
         if "device" in kwargs and _is_cuda_device(kwargs["device"]):
             kwargs["device"] = "cpu"
-        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]) and not isinstance(args[1], int):
-            args = (args[0], "cpu", *args[2:])
-        elif func is torch.Tensor.to and len(args) > 1 and isinstance(args[1], int) and not isinstance(args[1], bool):
+        if func is torch.Tensor.to and len(args) > 1 and not isinstance(args[1], bool) and _is_cuda_device(args[1]):
             args = (args[0], "cpu", *args[2:])
         if kwargs.get("pin_memory"):
             kwargs["pin_memory"] = False
@@ -103,6 +101,8 @@ def _patch_cuda_namespace() -> None:
     cuda = torch.cuda
     cuda.get_rng_state = lambda device=None: torch.get_rng_state()
     cuda.set_rng_state = lambda state, device=None: torch.set_rng_state(state)
+    cuda.random.get_rng_state = cuda.get_rng_state  # megatron reaches it through torch.cuda.random
+    cuda.random.set_rng_state = cuda.set_rng_state
     # megatron seeds and snapshots "the CUDA generator"; on CPU that is the CPU generator
     # (the RNG tracker restores the previous state after each add/fork, as on GPU).
     # (torch.manual_seed itself calls cuda.manual_seed_all: seed the CPU generator directly.)
@@ -127,9 +127,13 @@ def _patch_megatron() -> None:
     # torch.cuda.{get,set}_rng_state, which now act on the CPU generator.
     from megatron.core.tensor_parallel import random as mp_random
 
+    def _get_cuda_rng_state(device="cuda", clone: bool = False, graph_safe: bool = False):
+        return torch.get_rng_state()
+
     def _set_cuda_rng_state(new_state, device=-1, graph_safe: bool = False):
         torch.set_rng_state(new_state)
 
+    mp_random._get_cuda_rng_state = _get_cuda_rng_state
     mp_random._set_cuda_rng_state = _set_cuda_rng_state
 
 
