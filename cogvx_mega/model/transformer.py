@@ -111,6 +111,9 @@ class CogVideoXTransformer(MegatronModule):
     def __init__(self, model: ModelConfig, transformer_config, pre_process: bool = True, post_process: bool = True,
                  vp_stage: Optional[int] = None):
         super().__init__(config=transformer_config)
+        from megatron.core.enums import ModelType
+
+        self.model_type = ModelType.encoder_or_decoder  # read by megatron's pipeline schedules
         self.model_config = model
         self.pre_process = pre_process
         self.post_process = post_process

@@ -8,7 +8,9 @@ Applied once per process by `enable()`, and only when the run's device is CPU. W
 - `torch.cuda.current_device()`, `synchronize`, streams and events are used as plain bookkeeping
   in p2p, DDP and checkpoint code: they become CPU no-ops;
 - function bodies create tensors with `device="cuda"` or call `.cuda()`: a process-wide
-  `TorchFunctionMode` rewrites CUDA devices to CPU on factory calls and `Tensor.to/.cuda`.
+  `TorchFunctionMode` rewrites CUDA devices to CPU on factory calls and `Tensor.to/.cuda`;
+- the optimizer asserts `tensor.type() == 'torch.cuda.FloatTensor'`: a bare `type()` answers
+  with the CUDA name of the CPU type.
 """
 from __future__ import annotations
 
@@ -41,6 +43,9 @@ class CudaToCpuMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # megatron's optimizer and grad-norm code compare type() with 'torch.cuda.*Tensor' strings
+            return func(*args).replace("torch.", "torch.cuda.", 1)
         if func is torch.Tensor.cuda:
             return args[0]
         if func is torch.Tensor.pin_memory:

@@ -37,17 +37,32 @@ def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, lr: float, 
     return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
-def build_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases, norms and position tables."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (no_decay if param.dim() < 2 or "norm" in name or "pos_embedding" in name else decay).append(param)
+def build_optimizer(ddp_model, config: Config):
+    """megatron's optimizer (Adam with decoupled weight decay; no decay on biases and norms).
+
+    It clips and reports the gradient norm across the model-parallel groups, so sharded and
+    replicated parameters are counted exactly once at any layout.
+    """
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
     t = config.training
-    return torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}],
-                             lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
+    optimizer_config = OptimizerConfig(optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
+                                       adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=t.adam_eps,
+                                       clip_grad=t.grad_clip, bf16=False, fp16=False, params_dtype=torch.float32,
+                                       use_distributed_optimizer=False)
+    return get_megatron_optimizer(optimizer_config, [ddp_model])
+
+
+def wrap_data_parallel(model: torch.nn.Module):
+    """megatron DDP: gradients reduced (averaged) over the data-parallel group into fp32 buffers."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                               use_distributed_optimizer=False)
+    ddp_model = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
+    model.config.finalize_model_grads_func = finalize_model_grads  # the schedules call it after backward
+    ddp_model.broadcast_params()  # every replica starts from the first replica's weights
+    return ddp_model
 
 
 class Trainer:
@@ -56,34 +71,19 @@ class Trainer:
         self.config = config
         self.dims = dims
         self.model = model
+        self.ddp_model = wrap_data_parallel(model)
         self.dataset = dataset
         self.run_dir = Path(run_dir or config.training.run_dir)
         self.device = torch.device(config.training.device)
-        self.optimizer = build_optimizer(model, config)
+        self.optimizer = build_optimizer(self.ddp_model, config)
         self.alphas_cumprod = schedule_from_config(config.diffusion)
         self.step = 0
-        self._broadcast_parameters()
 
-    # --- distributed helpers -----------------------------------------------------------------------
-    def _broadcast_parameters(self) -> None:
-        """Every data-parallel replica starts from rank 0's weights."""
-        if self.dims.data_parallel_size == 1:
-            return
-        group = data_parallel_group()
-        source = dist.get_global_rank(group, 0)
-        for tensor in list(self.model.parameters()) + list(self.model.buffers()):
-            dist.broadcast(tensor.data, src=source, group=group)
-
-    def _average_over_data_parallel(self, tensors: list[torch.Tensor]) -> None:
-        if self.dims.data_parallel_size == 1 or not tensors:
-            return
-        flat = torch.cat([t.reshape(-1) for t in tensors])
-        dist.all_reduce(flat, group=data_parallel_group())
-        flat /= self.dims.data_parallel_size
-        offset = 0
-        for t in tensors:
-            t.copy_(flat[offset: offset + t.numel()].view_as(t))
-            offset += t.numel()
+    def _average_over_data_parallel(self, value: torch.Tensor) -> torch.Tensor:
+        if self.dims.data_parallel_size > 1:
+            dist.all_reduce(value, group=data_parallel_group())
+            value /= self.dims.data_parallel_size
+        return value
 
     # --- one step ----------------------------------------------------------------------------------
     def step_randomness(self, batch_size: int, latent_shape: torch.Size, step: int) -> dict[str, torch.Tensor]:
@@ -97,8 +97,23 @@ class Trainer:
         drop = torch.rand(batch_size, generator=step_generator(seed, step, rank, _TEXT_DROP_STREAM))
         return {"noise": noise, "timesteps": timesteps, "text_drop_mask": drop < diffusion.text_dropout}
 
+    def _forward_step(self, data_iterator, model):
+        """megatron schedule callback: one micro-batch forward, and the loss function for its output."""
+        noised = next(data_iterator)
+        use_bf16 = self.device.type == "cuda" and self.config.training.bf16
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
+            prediction = model(noised.noisy_latents, noised.text_embeds, noised.timesteps)
+
+        def loss_func(output: torch.Tensor):
+            loss = v_prediction_loss(output, noised.target)
+            return loss, {"loss": loss.detach()}
+
+        return prediction, loss_func
+
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         """One optimizer step on this rank's micro-batch. `batch` may carry its own noise/timesteps/text_drop_mask."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
         t = self.config.training
         latents = batch["latents"]
         randomness = self.step_randomness(latents.shape[0], latents.shape, self.step)
@@ -110,19 +125,15 @@ class Trainer:
         lr = warmup_cosine(self.step, warmup_steps=t.warmup_steps, total_steps=t.steps, lr=t.lr, min_lr=t.min_lr)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self.model.train()
-        self.optimizer.zero_grad(set_to_none=False)
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda" and t.bf16)
-        with autocast:
-            prediction = self.model(noised.noisy_latents, noised.text_embeds, noised.timesteps)
-        loss = v_prediction_loss(prediction, noised.target)
-        loss.backward()
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        self._average_over_data_parallel(grads)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
-        self.optimizer.step()
-        reported = loss.detach().float().reshape(1)
-        self._average_over_data_parallel([reported])
+        self.ddp_model.train()
+        self.ddp_model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        losses = get_forward_backward_func()(
+            forward_step_func=self._forward_step, data_iterator=iter([noised]), model=[self.ddp_model],
+            num_microbatches=1, seq_length=self.tokens_per_sample(), micro_batch_size=latents.shape[0],
+            forward_only=False)
+        _, grad_norm, _ = self.optimizer.step()
+        reported = self._average_over_data_parallel(torch.stack([m["loss"] for m in losses]).mean().float().reshape(1))
         self.step += 1
         return {"loss": reported.item(), "grad_norm": float(grad_norm), "lr": lr}
 

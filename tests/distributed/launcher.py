@@ -18,7 +18,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank: int, world_size: int, port: int, fn: Callable, args: tuple, results) -> None:
+def _rank_main(rank: int, world_size: int, port: int, fn: Callable, args: tuple, results, timeout: float) -> None:
+    import faulthandler
+
+    faulthandler.dump_traceback_later(max(1.0, timeout - 5), exit=True)  # a hung rank shows where it hangs
+    # One intra-op thread per rank: the parent's OpenMP pool does not survive fork (a child entering a
+    # parallel region, e.g. a large torch.zeros, deadlocks once the parent has run threaded ops), and
+    # ranks share the machine's cores anyway.
+    import torch
+
+    torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank))
     try:
@@ -27,12 +36,19 @@ def _rank_main(rank: int, world_size: int, port: int, fn: Callable, args: tuple,
     except BaseException:  # report any failure to the parent rather than hanging it
         results.put((rank, "error", traceback.format_exc()))
     finally:
+        import torch.distributed as dist
+
         from cogvx_mega.parallel.state import shutdown
 
         try:
+            if dist.is_initialized():
+                dist.barrier()  # rank 0 hosts the store: nobody leaves while a peer still needs it
             shutdown()
         except Exception:
             pass
+        # flush the result to the parent before the hard exit: os._exit skips the queue's feeder thread
+        results.close()
+        results.join_thread()
         os._exit(0)
 
 
@@ -41,7 +57,7 @@ def run_ranks(world_size: int, fn: Callable, *args, timeout: float = 120.0) -> l
     context = mp.get_context("fork")
     results = context.Queue()
     port = free_port()
-    processes = [context.Process(target=_rank_main, args=(r, world_size, port, fn, args, results))
+    processes = [context.Process(target=_rank_main, args=(r, world_size, port, fn, args, results, timeout))
                  for r in range(world_size)]
     for p in processes:
         p.start()

@@ -18,6 +18,7 @@ def test_cuda_device_arguments_become_cpu():
     x = torch.arange(3.0)
     assert x.cuda() is x and x.to("cuda").device.type == "cpu" and x.to(0).device.type == "cpu"
     assert x.to(torch.float64).dtype == torch.float64  # dtype conversions untouched
+    assert x.type() == "torch.cuda.FloatTensor" and x.type(torch.float64).dtype == torch.float64
     torch.cuda.synchronize()
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
