@@ -66,8 +66,9 @@ def _check_layout_is_built(config) -> None:
     for name, value in (("--tp", p.tensor_model_parallel_size), ("--pp", p.pipeline_model_parallel_size),
                         ("--cp", p.context_parallel_size)):
         if value != 1:
-            raise ConfigError(name, value, "tensor, pipeline and context parallel training are not built yet "
-                                           "(issue #3); run with 1 and scale with data parallel (torchrun)")
+            raise ConfigError(name, value, "model-parallel runs from the command line wait for sharded checkpoints "
+                                           "and pipeline/context parallel (issue #3); run with 1 and scale with "
+                                           "data parallel (torchrun)")
 
 
 def find_resume_checkpoint(resume: Optional[str], run_dir: str) -> Optional[str]:

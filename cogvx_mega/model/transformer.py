@@ -13,6 +13,8 @@ from megatron.core.transformer.transformer_block import TransformerBlock, Transf
 from torch import Tensor, nn
 
 from ..config.schema import ModelConfig
+from ..parallel.sequence import (check_sequence_divides, gather_tokens, local_tokens, mark_sequence_parallel,
+                                 scatter_tokens)
 from .layer import LayerNorm
 from .layer_spec import layer_spec_for
 from .positions import rope_3d_angles, sincos_3d, timestep_sinusoid
@@ -138,6 +140,11 @@ class CogVideoXTransformer(MegatronModule):
             self.output_norm = nn.LayerNorm(hidden, eps=model.norm_eps, elementwise_affine=True)
             patch_volume = model.patch_size**2 * (model.patch_size_t or 1)
             self.output_proj = nn.Linear(hidden, patch_volume * model.out_channels)
+        # Under sequence parallel the conditioning and the head act on each rank's token shard, so
+        # their gradients are partial sums over the TP group (reduced by finalize_model_grads).
+        for name in ("time_embedding", "ofs_embedding", "output_norm_linear", "output_norm", "output_proj"):
+            if getattr(self, name, None) is not None:
+                mark_sequence_parallel(getattr(self, name), transformer_config)
 
     # --- pipeline-parallel hook (megatron schedules call it on every stage) ---
     def set_input_tensor(self, input_tensor) -> None:
@@ -182,22 +189,26 @@ class CogVideoXTransformer(MegatronModule):
         timesteps = torch.as_tensor(timesteps, device=latents.device).reshape(-1).expand(b)
         emb = self.conditioning(timesteps, ofs, latents.dtype)  # [b, E]
         text_length = text_embeds.shape[1]
+        seq = text_length + (t // (m.patch_size_t or 1)) * (h // m.patch_size) * (w // m.patch_size)
+        check_sequence_divides(seq, self.config)
         if self.pre_process:
             hidden = self.patch_embed(text_embeds, latents).transpose(0, 1).contiguous()  # [s, b, h]
+            hidden = scatter_tokens(hidden, self.config)  # [s/tp, b, h] under sequence parallel
         else:
             hidden = None  # comes from the previous pipeline stage via set_input_tensor
-        seq = text_length + (t // (m.patch_size_t or 1)) * (h // m.patch_size) * (w // m.patch_size)
         text_token_mask = torch.zeros(seq, b, dtype=torch.bool, device=latents.device)
-        text_token_mask[:text_length] = True  # [s, b]
-        rope = self.rotary_table(t, h, w, text_length, latents.device)
+        text_token_mask[:text_length] = True
+        text_token_mask = local_tokens(text_token_mask, self.config)  # [s(/tp), b], sliced like hidden
+        rope = self.rotary_table(t, h, w, text_length, latents.device)  # full length: attention sees all tokens
         hidden = self.decoder(hidden, attention_mask=None, context=emb, context_mask=text_token_mask,
-                              rotary_pos_emb=rope)  # [s, b, h]
+                              rotary_pos_emb=rope)  # [s(/tp), b, h]
         if not self.post_process:
             return hidden
-        video = hidden[text_length:].transpose(0, 1)  # [b, N, h]
-        shift, scale = self.output_norm_linear(torch.nn.functional.silu(emb)).chunk(2, dim=1)
-        video = self.output_norm(video) * (1 + scale)[:, None, :] + shift[:, None, :]
-        video = self.output_proj(video)  # [b, N, C_out*pt*p*p]
+        # The head is per token: run it on this rank's tokens (text rows too, discarded below), then gather.
+        shift, scale = self.output_norm_linear(torch.nn.functional.silu(emb)).chunk(2, dim=1)  # [b, h] each
+        tokens = self.output_norm(hidden) * (1 + scale)[None] + shift[None]
+        tokens = gather_tokens(self.output_proj(tokens), self.config)  # [s, b, C_out*pt*p*p]
+        video = tokens[text_length:].transpose(0, 1)  # [b, N, C_out*pt*p*p]
         return unpatchify(video, t, h, w, m.patch_size, m.patch_size_t)  # [B, T, C_out, H, W]
 
 

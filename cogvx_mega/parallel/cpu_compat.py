@@ -113,7 +113,9 @@ def _patch_cuda_namespace() -> None:
     # (torch.manual_seed itself calls cuda.manual_seed_all: seed the CPU generator directly.)
     cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
     cuda.manual_seed_all = lambda seed: None
-    cuda.current_device = lambda: 0
+    # megatron passes current_device() as the `device` of allocations, also inside autograd backward,
+    # where torch-function modes are not active: answer with the CPU device itself.
+    cuda.current_device = lambda: torch.device("cpu")
     cuda.device_count = lambda: 0
     cuda.synchronize = lambda device=None: None
     cuda.Stream = _NullStream

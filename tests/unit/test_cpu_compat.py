@@ -15,6 +15,19 @@ def test_cuda_device_arguments_become_cpu():
     assert torch.zeros(2, device="cuda").device.type == "cpu"
     assert torch.ones(2, device=torch.device("cuda", 0)).device.type == "cpu"
     assert torch.empty(3, device=torch.cuda.current_device()).device.type == "cpu"
+
+    class AllocatesInBackward(torch.autograd.Function):  # torch-function modes are off in backward
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, grad):
+            return torch.full(grad.shape, 2.0, device=torch.cuda.current_device()) * grad
+
+    leaf = torch.ones(3, requires_grad=True)
+    AllocatesInBackward.apply(leaf).sum().backward()
+    assert torch.equal(leaf.grad, torch.full((3,), 2.0))
     x = torch.arange(3.0)
     assert x.cuda() is x and x.to("cuda").device.type == "cpu" and x.to(0).device.type == "cpu"
     assert x.to(torch.float64).dtype == torch.float64  # dtype conversions untouched

@@ -1,0 +1,55 @@
+"""Sequence-parallel glue: split the [s, b, h] token sequence over the tensor-parallel group and gather it back.
+
+Both functions are identities when `config.sequence_parallel` is off, so the model calls them unconditionally.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _tp_group_size_and_rank():
+    from megatron.core import parallel_state
+
+    return (parallel_state.get_tensor_model_parallel_world_size(),
+            parallel_state.get_tensor_model_parallel_rank())
+
+
+def check_sequence_divides(seq_length: int, config) -> None:
+    if config.sequence_parallel and seq_length % config.tensor_model_parallel_size:
+        raise ValueError(f"sequence parallel splits the {seq_length} tokens (text + video) over "
+                         f"tensor_model_parallel_size={config.tensor_model_parallel_size}: pick a text length or "
+                         f"resolution whose token count divides it")
+
+
+def scatter_tokens(hidden: Tensor, config) -> Tensor:
+    """[s, b, h] -> this TP rank's [s/tp, b, h] (backward: all-gather)."""
+    if not config.sequence_parallel:
+        return hidden
+    from megatron.core import tensor_parallel
+
+    return tensor_parallel.scatter_to_sequence_parallel_region(hidden)
+
+
+def local_tokens(tensor: Tensor, config) -> Tensor:
+    """This TP rank's rows of a non-differentiable per-token tensor (e.g. the text-token mask)."""
+    if not config.sequence_parallel:
+        return tensor
+    size, rank = _tp_group_size_and_rank()
+    chunk = tensor.shape[0] // size
+    return tensor[rank * chunk:(rank + 1) * chunk]
+
+
+def gather_tokens(hidden: Tensor, config) -> Tensor:
+    """[s/tp, b, h] -> [s, b, h]. Backward keeps this rank's slice (the consumers are replicated per rank)."""
+    if not config.sequence_parallel:
+        return hidden
+    from megatron.core import tensor_parallel
+
+    return tensor_parallel.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
+
+
+def mark_sequence_parallel(module: torch.nn.Module, config) -> None:
+    """Parameters applied per token on a sequence shard: their gradients are summed over the TP group."""
+    for param in module.parameters():
+        param.sequence_parallel = bool(config.sequence_parallel)
