@@ -27,8 +27,9 @@ class CogVideoXTransformerConfig(TransformerConfig):
 
 def build_transformer_config(model: ModelConfig, parallel: Optional[ParallelConfig] = None,
                              params_dtype: torch.dtype = torch.float32,
-                             use_cpu_initialization: bool = True) -> CogVideoXTransformerConfig:
+                             device: str = "cpu") -> CogVideoXTransformerConfig:
     parallel = parallel or ParallelConfig()
+    on_cpu = device == "cpu"
     return CogVideoXTransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -59,6 +60,9 @@ def build_transformer_config(model: ModelConfig, parallel: Optional[ParallelConf
         sequence_parallel=parallel.sequence_parallel,
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,
-        use_cpu_initialization=use_cpu_initialization,
+        use_cpu_initialization=on_cpu,
+        # gloo mis-orders batched isend/irecv in the interleaved schedule (silently wrong losses): use
+        # separate p2p ops on CPU; NCCL batches them correctly.
+        batch_p2p_comm=not on_cpu,
         init_method_std=0.02,
     )

@@ -50,10 +50,10 @@ def cogvideox15_5b_i2v() -> Config:
 
 
 def tiny() -> Config:
-    """A 5B-shaped model small enough for CPU tests and the demo; admits TP/PP/CP of 2 and 4."""
+    """A 5B-shaped model small enough for CPU tests and the demo; admits TP/CP of 2 and 4, PP 4 x VPP 2."""
     return Config(
         preset="tiny",
-        model=ModelConfig(num_layers=4, num_attention_heads=4, attention_head_dim=16, in_channels=4,
+        model=ModelConfig(num_layers=8, num_attention_heads=4, attention_head_dim=16, in_channels=4,
                           out_channels=4, time_embed_dim=32, text_embed_dim=32, max_text_seq_length=16,
                           sample_frames=9, sample_height=8, sample_width=8, positional_embedding="rope",
                           latent_scale=1.0),

@@ -227,6 +227,9 @@ class TrainingConfig:
 
     steps: int = 1000
     micro_batch_size: int = 1
+    global_batch_size: Optional[int] = None
+    """Samples per optimizer step over all data-parallel ranks; a multiple of micro_batch_size x DP (the
+    quotient is the number of accumulated micro-batches). None: micro_batch_size x DP."""
     lr: float = 1e-4
     min_lr: float = 0.0
     warmup_steps: int = 100
@@ -245,8 +248,19 @@ class TrainingConfig:
     keep_checkpoints: int = 2
     run_dir: str = "runs/default"
 
+    def micro_batches_per_step(self, data_parallel_size: int) -> int:
+        per_pass = self.micro_batch_size * data_parallel_size
+        if self.global_batch_size is None:
+            return 1
+        if self.global_batch_size % per_pass:
+            raise ConfigError("training.global_batch_size", self.global_batch_size,
+                              f"must be a multiple of micro_batch_size x data-parallel size = {per_pass}")
+        return self.global_batch_size // per_pass
+
     def validate(self) -> None:
         require_positive_integers(self, "training", ("steps", "micro_batch_size"))
+        if self.global_batch_size is not None and self.global_batch_size < 1:
+            raise ConfigError("training.global_batch_size", self.global_batch_size, "must be positive (or null)")
         if self.device not in ("cpu", "cuda"):
             raise ConfigError("training.device", self.device, "use 'cpu' or 'cuda'")
         if self.lr <= 0:

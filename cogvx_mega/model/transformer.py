@@ -9,7 +9,8 @@ from typing import Optional
 
 import torch
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
+from megatron.core.transformer.transformer_block import (TransformerBlock, TransformerBlockSubmodules,
+                                                         get_num_layers_to_build)
 from torch import Tensor, nn
 
 from ..config.schema import ModelConfig
@@ -116,6 +117,7 @@ class CogVideoXTransformer(MegatronModule):
         from megatron.core.enums import ModelType
 
         self.model_type = ModelType.encoder_or_decoder  # read by megatron's pipeline schedules
+        self.share_embeddings_and_output_weights = False  # read by finalize_model_grads: nothing is tied
         self.model_config = model
         self.pre_process = pre_process
         self.post_process = post_process
@@ -127,9 +129,10 @@ class CogVideoXTransformer(MegatronModule):
         if pre_process:
             self.patch_embed = PatchEmbedding(model)
         spec = layer_spec_for(model.backend)
+        layers_here = get_num_layers_to_build(transformer_config, vp_stage=vp_stage)  # this pipeline chunk's share
         self.decoder = TransformerBlock(
             config=transformer_config,
-            spec=TransformerBlockSubmodules(layer_specs=[spec] * transformer_config.num_layers, layer_norm=LayerNorm),
+            spec=TransformerBlockSubmodules(layer_specs=[spec] * layers_here, layer_norm=LayerNorm),
             post_layer_norm=post_process,
             pre_process=pre_process,
             post_process=post_process,
@@ -212,12 +215,27 @@ class CogVideoXTransformer(MegatronModule):
         return unpatchify(video, t, h, w, m.patch_size, m.patch_size_t)  # [B, T, C_out, H, W]
 
 
-def build_model(model: ModelConfig, parallel=None, device: str = "cpu",
-                params_dtype: torch.dtype = torch.float32) -> CogVideoXTransformer:
-    """Build the model for the current process groups (call `initialize_parallel` first)."""
-    from ..config.megatron import build_transformer_config
+def build_model_chunks(model: ModelConfig, parallel=None, device: str = "cpu",
+                       params_dtype: torch.dtype = torch.float32, seed: int = 1234) -> list[CogVideoXTransformer]:
+    """This rank's model chunks (one per virtual pipeline stage), initialised independently of the layout.
 
-    transformer_config = build_transformer_config(model, parallel, params_dtype=params_dtype,
-                                                  use_cpu_initialization=(device == "cpu"))
-    module = CogVideoXTransformer(model, transformer_config)
-    return module.to(device=device)
+    Call `initialize_parallel` first: the chunks follow megatron's pipeline and tensor-parallel groups.
+    """
+    from ..config.megatron import build_transformer_config
+    from ..parallel.pipeline import build_model_chunks as build_stage_chunks
+    from .init import initialize_weights
+
+    transformer_config = build_transformer_config(model, parallel, params_dtype=params_dtype, device=device)
+    chunks = build_stage_chunks(lambda pre, post, vp_stage: CogVideoXTransformer(
+        model, transformer_config, pre_process=pre, post_process=post, vp_stage=vp_stage))
+    initialize_weights(chunks, seed)
+    return [chunk.to(device=device) for chunk in chunks]
+
+
+def build_model(model: ModelConfig, parallel=None, device: str = "cpu",
+                params_dtype: torch.dtype = torch.float32, seed: int = 1234) -> CogVideoXTransformer:
+    """The whole model on this rank (no pipeline split)."""
+    chunks = build_model_chunks(model, parallel, device, params_dtype, seed)
+    if len(chunks) != 1 or not (chunks[0].pre_process and chunks[0].post_process):
+        raise ValueError("build_model builds one whole model; use build_model_chunks under pipeline parallel")
+    return chunks[0]

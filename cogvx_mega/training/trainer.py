@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from ..config.schema import Config
-from ..diffusion.loss import make_training_batch, v_prediction_loss
+from ..diffusion.loss import NoisedBatch, make_training_batch, v_prediction_loss
 from ..diffusion.schedule import schedule_from_config
 from ..diffusion.timesteps import sample_timesteps, step_generator
 from ..parallel.state import ParallelDims, data_parallel_group
@@ -25,6 +25,7 @@ from . import checkpoint as ckpt
 
 logger = logging.getLogger(__name__)
 
+NOISED_FIELDS = ("noisy_latents", "target", "text_embeds", "timesteps")
 _NOISE_STREAM = 0x4E01
 _TEXT_DROP_STREAM = 0x7D02
 
@@ -37,7 +38,7 @@ def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, lr: float, 
     return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
-def build_optimizer(ddp_model, config: Config):
+def build_optimizer(ddp_chunks: list, config: Config):
     """megatron's optimizer (Adam with decoupled weight decay; no decay on biases and norms).
 
     It clips and reports the gradient norm across the model-parallel groups, so sharded and
@@ -50,32 +51,42 @@ def build_optimizer(ddp_model, config: Config):
                                        adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=t.adam_eps,
                                        clip_grad=t.grad_clip, bf16=False, fp16=False, params_dtype=torch.float32,
                                        use_distributed_optimizer=False)
-    return get_megatron_optimizer(optimizer_config, [ddp_model])
+    return get_megatron_optimizer(optimizer_config, ddp_chunks)
 
 
-def wrap_data_parallel(model: torch.nn.Module):
-    """megatron DDP: gradients reduced (averaged) over the data-parallel group into fp32 buffers."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+def wrap_data_parallel(model_chunks: list[torch.nn.Module]) -> list[torch.nn.Module]:
+    """megatron DDP per model chunk: gradients averaged over the data-parallel group into fp32 buffers."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    from ..parallel.pipeline import finalize_gradients, mark_replicated_copies, synchronize_replicated_parameters
 
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                                use_distributed_optimizer=False)
-    ddp_model = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
-    model.config.finalize_model_grads_func = finalize_model_grads  # the schedules call it after backward
-    ddp_model.broadcast_params()  # every replica starts from the first replica's weights
-    return ddp_model
+    wrapped = []
+    for index, chunk in enumerate(model_chunks):
+        chunk.config.finalize_model_grads_func = finalize_gradients  # the schedules call it after backward
+        ddp = DistributedDataParallel(config=chunk.config, ddp_config=ddp_config, module=chunk,
+                                      disable_bucketing=index > 0)
+        ddp.broadcast_params()  # every data-parallel replica starts from the first replica's weights
+        wrapped.append(ddp)
+    synchronize_replicated_parameters(model_chunks)
+    mark_replicated_copies(model_chunks)
+    return wrapped
 
 
 class Trainer:
-    def __init__(self, config: Config, dims: ParallelDims, model: torch.nn.Module, dataset=None,
-                 run_dir: Optional[str] = None):
+    def __init__(self, config: Config, dims: ParallelDims, model, dataset=None, run_dir: Optional[str] = None):
+        """`model`: the whole model, or this rank's pipeline chunks (`build_model_chunks`)."""
         self.config = config
         self.dims = dims
-        self.model = model
-        self.ddp_model = wrap_data_parallel(model)
+        self.model_chunks = list(model) if isinstance(model, (list, tuple)) else [model]
+        self.model = self.model_chunks[0]
+        self.ddp_chunks = wrap_data_parallel(self.model_chunks)
         self.dataset = dataset
         self.run_dir = Path(run_dir or config.training.run_dir)
         self.device = torch.device(config.training.device)
-        self.optimizer = build_optimizer(self.ddp_model, config)
+        self.micro_batches = config.training.micro_batches_per_step(dims.data_parallel_size)
+        self.optimizer = build_optimizer(self.ddp_chunks, config)
         self.alphas_cumprod = schedule_from_config(config.diffusion)
         self.step = 0
 
@@ -106,34 +117,64 @@ class Trainer:
 
         def loss_func(output: torch.Tensor):
             loss = v_prediction_loss(output, noised.target)
-            return loss, {"loss": loss.detach()}
+            return loss, {"loss": loss.detach().clone()}  # megatron divides `loss` in place afterwards
 
         return prediction, loss_func
 
+    @property
+    def samples_per_rank(self) -> int:
+        """Samples of one optimizer step on this data-parallel rank (all accumulated micro-batches)."""
+        return self.config.training.micro_batch_size * self.micro_batches
+
+    def _pipeline_loss(self, losses: list[dict]) -> torch.Tensor:
+        """Mean micro-batch loss, computed on the last pipeline stage and sent to every stage."""
+        from megatron.core import parallel_state
+
+        loss = torch.zeros(1, dtype=torch.float32, device=self.device)
+        if losses:  # only the last stage gets loss dicts back
+            loss = torch.stack([m["loss"].float() for m in losses]).mean().reshape(1)
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            group = parallel_state.get_pipeline_model_parallel_group()
+            dist.broadcast(loss, src=dist.get_global_rank(group, group.size() - 1), group=group)
+        return loss
+
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        """One optimizer step on this rank's micro-batch. `batch` may carry its own noise/timesteps/text_drop_mask."""
+        """One optimizer step on this rank's samples (`samples_per_rank` of them, split into micro-batches).
+
+        `batch` may carry its own noise/timesteps/text_drop_mask (tests fix them).
+        """
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         t = self.config.training
         latents = batch["latents"]
+        if latents.shape[0] != self.samples_per_rank:
+            raise ValueError(f"train_step got {latents.shape[0]} samples; this rank takes {self.samples_per_rank} "
+                             f"({self.micro_batches} micro-batches of {t.micro_batch_size})")
         randomness = self.step_randomness(latents.shape[0], latents.shape, self.step)
         randomness.update({k: batch[k] for k in ("noise", "timesteps", "text_drop_mask") if k in batch})
         to_device = lambda x: x.to(self.device, non_blocking=True)  # noqa: E731
         noised = make_training_batch(to_device(latents), to_device(batch["text_embeds"]), to_device(randomness["noise"]),
                                      to_device(randomness["timesteps"]), self.alphas_cumprod,
                                      to_device(randomness["text_drop_mask"]))
+        micro = t.micro_batch_size
+        micro_batches = [NoisedBatch(*(getattr(noised, f)[i * micro:(i + 1) * micro] for f in NOISED_FIELDS))
+                         for i in range(self.micro_batches)]
+        # every virtual chunk walks the same micro-batches
+        iterators = [iter(micro_batches) for _ in self.ddp_chunks]
         lr = warmup_cosine(self.step, warmup_steps=t.warmup_steps, total_steps=t.steps, lr=t.lr, min_lr=t.min_lr)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self.ddp_model.train()
-        self.ddp_model.zero_grad_buffer()
+        for chunk in self.ddp_chunks:
+            chunk.train()
+            chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         losses = get_forward_backward_func()(
-            forward_step_func=self._forward_step, data_iterator=iter([noised]), model=[self.ddp_model],
-            num_microbatches=1, seq_length=self.tokens_per_sample(), micro_batch_size=latents.shape[0],
-            forward_only=False)
+            forward_step_func=self._forward_step,
+            data_iterator=iterators if len(iterators) > 1 else iterators[0],
+            model=self.ddp_chunks, num_microbatches=self.micro_batches, seq_length=self.tokens_per_sample(),
+            micro_batch_size=micro, forward_only=False)
         _, grad_norm, _ = self.optimizer.step()
-        reported = self._average_over_data_parallel(torch.stack([m["loss"] for m in losses]).mean().float().reshape(1))
+        reported = self._average_over_data_parallel(self._pipeline_loss(losses))
         self.step += 1
         return {"loss": reported.item(), "grad_norm": float(grad_norm), "lr": lr}
 
@@ -156,9 +197,9 @@ class Trainer:
 
             self.run_dir.mkdir(parents=True, exist_ok=True)
             progress = tqdm(total=t.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
-        global_batch = t.micro_batch_size * self.dims.data_parallel_size
+        global_batch = self.samples_per_rank * self.dims.data_parallel_size
         while self.step < t.steps:
-            batch = rank_batch(self.dataset, self.step, t.micro_batch_size, self.dims.data_parallel_rank,
+            batch = rank_batch(self.dataset, self.step, self.samples_per_rank, self.dims.data_parallel_rank,
                                self.dims.data_parallel_size, t.seed)
             started = time.perf_counter()
             metrics = self.train_step(batch)

@@ -24,7 +24,7 @@ from cogvx_mega.config import ConfigError, load_config
     ("tiny", ["model.num_heads=4"], "model.num_heads", "unknown field"),
     ("tiny", ["training.lr=fast"], "training.lr", "number"),
     ("cogvideox1.5-5b", ["data.num_frames=73"], "data.num_frames", "patch_size_t=2"),
-    ("tiny", ["parallel.pipeline_model_parallel_size=3"], "parallel.pipeline_model_parallel_size", "num_layers=4"),
+    ("tiny", ["parallel.pipeline_model_parallel_size=3"], "parallel.pipeline_model_parallel_size", "num_layers=8"),
 ])
 def test_invalid_config_values_name_field_and_fix(preset, overrides, field, hint):
     with pytest.raises(ConfigError) as error:

@@ -27,6 +27,7 @@ def make_trainer(config, seed=0):
 
 def test_tiny_model_overfits_one_batch(tmp_path):
     config = tiny_config(tmp_path, "training.steps=150", "training.lr=3e-3", "training.warmup_steps=10",
+                         "training.micro_batch_size=2",
                          "diffusion.text_dropout=0.0")
     trainer = make_trainer(config)
     batch = {"latents": trainer.dataset.latents[:2], "text_embeds": trainer.dataset.text_embeds[:2],
