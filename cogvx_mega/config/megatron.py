@@ -57,6 +57,7 @@ def build_transformer_config(model: ModelConfig, parallel: Optional[ParallelConf
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
         context_parallel_size=parallel.context_parallel_size,
+        cp_comm_type=parallel.context_parallel_attention if parallel.context_parallel_size > 1 else None,
         sequence_parallel=parallel.sequence_parallel,
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,

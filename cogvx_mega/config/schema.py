@@ -112,6 +112,9 @@ class ParallelConfig:
     pipeline_model_parallel_size: int = 1
     virtual_pipeline_model_parallel_size: Optional[int] = None
     context_parallel_size: int = 1
+    context_parallel_attention: str = "a2a"
+    """How attention spans the CP group: 'a2a' (Ulysses all-to-all over heads) or 'all_gather' (K/V gathered;
+    any head count) on the local backend; 'p2p', 'all_gather', 'a2a' or 'a2a+p2p' with Transformer Engine."""
     sequence_parallel: bool = False
 
     @property
@@ -126,6 +129,15 @@ class ParallelConfig:
             raise ConfigError("parallel.tensor_model_parallel_size", tp,
                               f"model.num_attention_heads={model.num_attention_heads} is not divisible by it; "
                               f"choose a divisor of the head count")
+        cp = self.context_parallel_size
+        kinds = ("a2a", "all_gather") if model.backend == "local" else ("p2p", "all_gather", "a2a", "a2a+p2p")
+        if self.context_parallel_attention not in kinds:
+            raise ConfigError("parallel.context_parallel_attention", self.context_parallel_attention,
+                              f"the {model.backend} backend offers {', '.join(kinds)}")
+        if cp > 1 and self.context_parallel_attention.startswith("a2a") and (model.num_attention_heads // tp) % cp:
+            raise ConfigError("parallel.context_parallel_size", cp,
+                              f"Ulysses (a2a) splits the {model.num_attention_heads // tp} heads of each TP rank over "
+                              f"CP: use a CP size dividing them, or parallel.context_parallel_attention=all_gather")
         if self.sequence_parallel and tp == 1:
             raise ConfigError("parallel.sequence_parallel", True, "sequence parallel needs tensor_model_parallel_size > 1")
         vpp = self.virtual_pipeline_model_parallel_size

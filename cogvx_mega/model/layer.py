@@ -71,15 +71,20 @@ class SDPACoreAttention(MegatronModule):
                  attention_type: str = "self", attention_dropout: Optional[float] = None,
                  softmax_scale: Optional[float] = None, cp_comm_type: Optional[str] = None, pg_collection=None):
         super().__init__(config=config)
-        if config.context_parallel_size > 1:
-            raise NotImplementedError("context parallel attention on the local backend is not built yet")
         self.softmax_scale = softmax_scale
+        self.context_parallel = config.context_parallel_size > 1
+        self.context_parallel_kind = config.cp_comm_type if isinstance(config.cp_comm_type, str) else "a2a"
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor] = None,
                 attn_mask_type=None, attention_bias=None, packed_seq_params=None) -> Tensor:
         if packed_seq_params is not None:
             raise NotImplementedError("packed sequences need the te backend or the packing attention (not built yet)")
         seq, batch, heads, head_dim = query.shape
+        if self.context_parallel:  # q/k/v hold this CP rank's tokens
+            from ..parallel.context import context_parallel_attention
+
+            out = context_parallel_attention(query, key, value, self.context_parallel_kind, self.softmax_scale)
+            return out.reshape(seq, batch, heads * head_dim)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=self.softmax_scale)
         return out.permute(2, 0, 1, 3).reshape(seq, batch, heads * head_dim)  # [s, b, h]

@@ -14,6 +14,7 @@ from megatron.core.transformer.transformer_block import (TransformerBlock, Trans
 from torch import Tensor, nn
 
 from ..config.schema import ModelConfig
+from ..parallel.context import check_sequence_splits, gather_sequence, split_sequence
 from ..parallel.sequence import (check_sequence_divides, gather_tokens, local_tokens, mark_sequence_parallel,
                                  scatter_tokens)
 from .layer import LayerNorm
@@ -184,7 +185,15 @@ class CogVideoXTransformer(MegatronModule):
         table = torch.cat([video.new_zeros(text_length, m.attention_head_dim), video])
         return table[:, None, None, :].to(device)
 
-    def forward(self, latents: Tensor, text_embeds: Tensor, timesteps: Tensor, ofs: Optional[Tensor] = None) -> Tensor:
+    def sequence_length(self, latent_frames: int, latent_height: int, latent_width: int, text_length: int) -> int:
+        m = self.model_config
+        return text_length + (latent_frames // (m.patch_size_t or 1)) * (latent_height // m.patch_size) * (
+            latent_width // m.patch_size)
+
+    def forward(self, latents: Tensor, text_embeds: Tensor, timesteps: Tensor, ofs: Optional[Tensor] = None,
+                return_tokens: bool = False) -> Tensor:
+        """v_pred [B, T, C_out, H, W]; with `return_tokens`, this context-parallel rank's output tokens
+        [s/cp, b, C_out*pt*p*p] over [text ; video] (what training computes its loss on)."""
         b, t, c, h, w = latents.shape
         m = self.model_config
         if c != m.in_channels:
@@ -192,17 +201,22 @@ class CogVideoXTransformer(MegatronModule):
         timesteps = torch.as_tensor(timesteps, device=latents.device).reshape(-1).expand(b)
         emb = self.conditioning(timesteps, ofs, latents.dtype)  # [b, E]
         text_length = text_embeds.shape[1]
-        seq = text_length + (t // (m.patch_size_t or 1)) * (h // m.patch_size) * (w // m.patch_size)
+        seq = self.sequence_length(t, h, w, text_length)
         check_sequence_divides(seq, self.config)
+        check_sequence_splits(seq, self.config.context_parallel_size, self.config.tensor_model_parallel_size,
+                              self.config.sequence_parallel)
         if self.pre_process:
             hidden = self.patch_embed(text_embeds, latents).transpose(0, 1).contiguous()  # [s, b, h]
-            hidden = scatter_tokens(hidden, self.config)  # [s/tp, b, h] under sequence parallel
+            hidden = split_sequence(hidden, seq)  # [s/cp, b, h]: this context-parallel rank's tokens
+            hidden = scatter_tokens(hidden, self.config)  # [s/cp/tp, b, h] under sequence parallel
         else:
             hidden = None  # comes from the previous pipeline stage via set_input_tensor
         text_token_mask = torch.zeros(seq, b, dtype=torch.bool, device=latents.device)
         text_token_mask[:text_length] = True
-        text_token_mask = local_tokens(text_token_mask, self.config)  # [s(/tp), b], sliced like hidden
-        rope = self.rotary_table(t, h, w, text_length, latents.device)  # full length: attention sees all tokens
+        text_token_mask = local_tokens(split_sequence(text_token_mask, seq), self.config)  # sliced like hidden
+        rope = self.rotary_table(t, h, w, text_length, latents.device)  # [s, 1, 1, d]
+        if rope is not None:  # this CP rank's rows; q/k cover the whole CP shard even under sequence parallel
+            rope = split_sequence(rope, seq)
         hidden = self.decoder(hidden, attention_mask=None, context=emb, context_mask=text_token_mask,
                               rotary_pos_emb=rope)  # [s(/tp), b, h]
         if not self.post_process:
@@ -210,7 +224,10 @@ class CogVideoXTransformer(MegatronModule):
         # The head is per token: run it on this rank's tokens (text rows too, discarded below), then gather.
         shift, scale = self.output_norm_linear(torch.nn.functional.silu(emb)).chunk(2, dim=1)  # [b, h] each
         tokens = self.output_norm(hidden) * (1 + scale)[None] + shift[None]
-        tokens = gather_tokens(self.output_proj(tokens), self.config)  # [s, b, C_out*pt*p*p]
+        tokens = gather_tokens(self.output_proj(tokens), self.config)  # [s/cp, b, C_out*pt*p*p]
+        if return_tokens:
+            return tokens
+        tokens = gather_sequence(tokens, seq)  # [s, b, C_out*pt*p*p]
         video = tokens[text_length:].transpose(0, 1)  # [b, N, C_out*pt*p*p]
         return unpatchify(video, t, h, w, m.patch_size, m.patch_size_t)  # [B, T, C_out, H, W]
 

@@ -17,7 +17,8 @@ import torch
 import torch.distributed as dist
 
 from ..config.schema import Config
-from ..diffusion.loss import NoisedBatch, make_training_batch, v_prediction_loss
+from ..diffusion.loss import NoisedBatch, make_training_batch
+from .objective import v_prediction_token_loss
 from ..diffusion.schedule import schedule_from_config
 from ..diffusion.timesteps import sample_timesteps, step_generator
 from ..parallel.state import ParallelDims, data_parallel_group
@@ -113,10 +114,12 @@ class Trainer:
         noised = next(data_iterator)
         use_bf16 = self.device.type == "cuda" and self.config.training.bf16
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
-            prediction = model(noised.noisy_latents, noised.text_embeds, noised.timesteps)
+            prediction = model(noised.noisy_latents, noised.text_embeds, noised.timesteps, return_tokens=True)
+        m = self.config.model
 
         def loss_func(output: torch.Tensor):
-            loss = v_prediction_loss(output, noised.target)
+            loss = v_prediction_token_loss(output, noised.target, noised.text_embeds.shape[1], m.patch_size,
+                                           m.patch_size_t)
             return loss, {"loss": loss.detach().clone()}  # megatron divides `loss` in place afterwards
 
         return prediction, loss_func
@@ -133,6 +136,8 @@ class Trainer:
         loss = torch.zeros(1, dtype=torch.float32, device=self.device)
         if losses:  # only the last stage gets loss dicts back
             loss = torch.stack([m["loss"].float() for m in losses]).mean().reshape(1)
+            if parallel_state.get_context_parallel_world_size() > 1:  # each CP rank holds its share of the mean
+                dist.all_reduce(loss, group=parallel_state.get_context_parallel_group())
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
             group = parallel_state.get_pipeline_model_parallel_group()
             dist.broadcast(loss, src=dist.get_global_rank(group, group.size() - 1), group=group)

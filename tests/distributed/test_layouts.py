@@ -24,11 +24,15 @@ LAYOUTS = {
     "pp2-vpp2": dict(pp=2, vpp=2, world=2),
     "pp4-vpp2": dict(pp=4, vpp=2, world=4),
     "tp2-pp2": dict(tp=2, pp=2, world=4),
+    "cp2-ulysses": dict(cp=2, cp_kind="a2a", world=2),
+    "cp2-allgather": dict(cp=2, cp_kind="all_gather", world=2),
+    "tp2-cp2": dict(tp=2, cp=2, world=4),
+    "pp2-cp2-dp2": dict(pp=2, cp=2, world=8),
 }
 
 
 def train_layout(rank: int, world_size: int, tp: int = 1, sp: bool = False, pp: int = 1,
-                 vpp: int | None = None) -> dict:
+                 vpp: int | None = None, cp: int = 1, cp_kind: str = "a2a") -> dict:
     from cogvx_mega.config import load_config
     from cogvx_mega.data.latent_dataset import rank_batch, synthetic_dataset_for
     from cogvx_mega.model.transformer import build_model_chunks
@@ -39,7 +43,8 @@ def train_layout(rank: int, world_size: int, tp: int = 1, sp: bool = False, pp: 
         "data.num_synthetic_clips=8", "training.micro_batch_size=1", f"training.global_batch_size={GLOBAL_BATCH}",
         f"parallel.tensor_model_parallel_size={tp}", f"parallel.sequence_parallel={str(sp).lower()}",
         f"parallel.pipeline_model_parallel_size={pp}",
-        f"parallel.virtual_pipeline_model_parallel_size={vpp if vpp else 'null'}"])
+        f"parallel.virtual_pipeline_model_parallel_size={vpp if vpp else 'null'}",
+        f"parallel.context_parallel_size={cp}", f"parallel.context_parallel_attention={cp_kind}"])
     dims = initialize_parallel(config.parallel, device="cpu", seed=config.training.seed)
     chunks = build_model_chunks(config.model, config.parallel, device="cpu", seed=config.training.seed)
     trainer = Trainer(config, dims, chunks, synthetic_dataset_for(config), run_dir="/tmp/cogvx-layout-test")

@@ -1,0 +1,129 @@
+"""Context parallel for the 3D full attention over the joint [text ; video] sequence (local backend).
+
+The sequence is split over the CP group in megatron's load-balanced order (rank r holds chunks r and
+2cp-1-r of 2cp equal chunks); megatron slices RoPE tables the same way. Attention has no mask, so
+the order of keys does not matter and gathered keys need no reordering. Two ways to attend:
+
+- 'a2a' (Ulysses): all-to-all turns [s/cp, heads] into [s, heads/cp], full attention per head group,
+  and all-to-all back. Needs the heads of a TP rank divisible by CP.
+- 'all_gather': every rank gathers K and V of the whole sequence and attends with its own queries.
+  Works for any head count; K/V memory grows to the whole sequence.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+CP_ATTENTION_KINDS = ("a2a", "all_gather")
+
+
+def _cp_group_size_rank():
+    from megatron.core import parallel_state
+
+    return (parallel_state.get_context_parallel_group(), parallel_state.get_context_parallel_world_size(),
+            parallel_state.get_context_parallel_rank())
+
+
+def check_sequence_splits(seq_length: int, cp_size: int, tp_size: int, sequence_parallel: bool) -> None:
+    unit = 2 * cp_size * (tp_size if sequence_parallel else 1)
+    if cp_size > 1 and seq_length % unit:
+        raise ValueError(f"context parallel needs the {seq_length}-token sequence (text + video) in {unit} equal "
+                         f"parts (2 x CP{' x TP (sequence parallel)' if sequence_parallel else ''}); "
+                         f"choose a resolution / frame count / text length whose token count divides it")
+
+
+def local_token_indices(seq_length: int, cp_size: int, cp_rank: int, device=None) -> Tensor:
+    """Positions of this CP rank's tokens: chunks r and 2cp-1-r of 2cp equal chunks."""
+    chunk = seq_length // (2 * cp_size)
+    first = torch.arange(cp_rank * chunk, (cp_rank + 1) * chunk, device=device)
+    second = torch.arange((2 * cp_size - 1 - cp_rank) * chunk, (2 * cp_size - cp_rank) * chunk, device=device)
+    return torch.cat([first, second])
+
+
+def split_sequence(tensor: Tensor, seq_length: int) -> Tensor:
+    """This CP rank's tokens of a [s, ...] tensor (differentiable; identity without CP)."""
+    _, size, rank = _cp_group_size_rank()
+    if size == 1:
+        return tensor
+    return tensor.index_select(0, local_token_indices(seq_length, size, rank, tensor.device))
+
+
+def _all_gather_dim0(tensor: Tensor, group) -> Tensor:
+    size = dist.get_world_size(group)
+    out = torch.empty((size * tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+    dist.all_gather_into_tensor(out, tensor.contiguous(), group=group)
+    return out
+
+
+class _GatherSequence(torch.autograd.Function):
+    """All-gather along dim 0; backward sums the gradient of this rank's slice over the group."""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor, group) -> Tensor:
+        ctx.group = group
+        return _all_gather_dim0(tensor, group)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        size, rank = dist.get_world_size(ctx.group), dist.get_rank(ctx.group)
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)  # gloo has no reduce-scatter; same sum on NCCL
+        return grad.chunk(size, dim=0)[rank].contiguous(), None
+
+
+class _AllToAll(torch.autograd.Function):
+    """Send chunk j of `scatter_dim` to rank j, receive each rank's chunk stacked along `gather_dim`."""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor, group, scatter_dim: int, gather_dim: int) -> Tensor:
+        ctx.group, ctx.scatter_dim, ctx.gather_dim = group, scatter_dim, gather_dim
+        return _all_to_all(tensor, group, scatter_dim, gather_dim)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return _all_to_all(grad, ctx.group, ctx.gather_dim, ctx.scatter_dim), None, None, None
+
+
+def _all_to_all(tensor: Tensor, group, scatter_dim: int, gather_dim: int) -> Tensor:
+    size = dist.get_world_size(group)
+    inputs = [t.contiguous() for t in tensor.chunk(size, dim=scatter_dim)]
+    outputs = [torch.empty_like(t) for t in inputs]
+    dist.all_to_all(outputs, inputs, group=group)
+    return torch.cat(outputs, dim=gather_dim)
+
+
+def gather_sequence(tensor: Tensor, seq_length: int) -> Tensor:
+    """Inverse of `split_sequence`: every rank gets the whole [s, ...] tensor in natural order."""
+    group, size, _ = _cp_group_size_rank()
+    if size == 1:
+        return tensor
+    gathered = _GatherSequence.apply(tensor, group)  # rank-major, each rank's chunks in its own order
+    order = torch.cat([local_token_indices(seq_length, size, r, tensor.device) for r in range(size)])
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(seq_length, device=tensor.device)
+    return gathered.index_select(0, inverse)
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, scale) -> Tensor:
+    """[s, b, h, d] x3 -> [s, b, h, d]."""
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3), scale=scale)
+    return out.permute(2, 0, 1, 3)
+
+
+def context_parallel_attention(query: Tensor, key: Tensor, value: Tensor, kind: str, scale) -> Tensor:
+    """q/k/v [s/cp, b, heads, d] of this CP rank -> attention output [s/cp, b, heads, d]."""
+    group, size, _ = _cp_group_size_rank()
+    if kind == "a2a":
+        heads = query.shape[2]
+        if heads % size:
+            raise ValueError(f"Ulysses context parallel splits the {heads} attention heads of a tensor-parallel rank "
+                             f"over CP={size}: use parallel.context_parallel_attention=all_gather, or a CP size "
+                             f"dividing the heads per TP rank")
+        q, k, v = (_AllToAll.apply(t, group, 2, 0) for t in (query, key, value))  # [s, b, heads/cp, d]
+        return _AllToAll.apply(_sdpa(q, k, v, scale), group, 0, 2)  # [s/cp, b, heads, d]
+    if kind == "all_gather":
+        k, v = (_GatherSequence.apply(t, group) for t in (key, value))  # [s, b, heads, d]
+        return _sdpa(query, k, v, scale)
+    raise ValueError(f"parallel.context_parallel_attention={kind!r}: choose one of {', '.join(CP_ATTENTION_KINDS)}")
