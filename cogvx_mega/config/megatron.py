@@ -25,9 +25,18 @@ class CogVideoXTransformerConfig(TransformerConfig):
     """QK-LayerNorm eps (the block LayerNorms use `layernorm_epsilon`)."""
 
 
+def recompute_settings(recompute: str, recompute_num_layers: int) -> dict:
+    """megatron's recomputation fields for 'none', 'selective' (attention core) or 'full' (whole layers)."""
+    if recompute == "full":
+        return dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=recompute_num_layers)
+    if recompute == "selective":
+        return dict(recompute_granularity="selective", recompute_modules=["core_attn"])
+    return {}
+
+
 def build_transformer_config(model: ModelConfig, parallel: Optional[ParallelConfig] = None,
-                             params_dtype: torch.dtype = torch.float32,
-                             device: str = "cpu") -> CogVideoXTransformerConfig:
+                             params_dtype: torch.dtype = torch.float32, device: str = "cpu",
+                             recompute: str = "none", recompute_num_layers: int = 1) -> CogVideoXTransformerConfig:
     parallel = parallel or ParallelConfig()
     on_cpu = device == "cpu"
     return CogVideoXTransformerConfig(
@@ -59,6 +68,8 @@ def build_transformer_config(model: ModelConfig, parallel: Optional[ParallelConf
         context_parallel_size=parallel.context_parallel_size,
         cp_comm_type=parallel.context_parallel_attention if parallel.context_parallel_size > 1 else None,
         sequence_parallel=parallel.sequence_parallel,
+        num_layers_in_first_pipeline_stage=parallel.num_layers_in_first_pipeline_stage,
+        num_layers_in_last_pipeline_stage=parallel.num_layers_in_last_pipeline_stage,
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,
         use_cpu_initialization=on_cpu,
@@ -66,4 +77,5 @@ def build_transformer_config(model: ModelConfig, parallel: Optional[ParallelConf
         # separate p2p ops on CPU; NCCL batches them correctly.
         batch_p2p_comm=not on_cpu,
         init_method_std=0.02,
+        **recompute_settings(recompute, recompute_num_layers),
     )

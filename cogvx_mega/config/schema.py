@@ -116,6 +116,16 @@ class ParallelConfig:
     """How attention spans the CP group: 'a2a' (Ulysses all-to-all over heads) or 'all_gather' (K/V gathered;
     any head count) on the local backend; 'p2p', 'all_gather', 'a2a' or 'a2a+p2p' with Transformer Engine."""
     sequence_parallel: bool = False
+    use_distributed_optimizer: bool = False
+    """Shard the optimizer state (and fp32 master weights) over data-parallel ranks (ZeRO-1)."""
+    overlap_grad_reduce: bool = False
+    """Overlap the data-parallel gradient reduction with the backward pass."""
+    overlap_param_gather: bool = False
+    """With the distributed optimizer: overlap the parameter all-gather with the next forward pass."""
+    num_layers_in_first_pipeline_stage: Optional[int] = None
+    """Uneven pipeline split: layers on the first stage (the rest are spread evenly)."""
+    num_layers_in_last_pipeline_stage: Optional[int] = None
+    """Uneven pipeline split: layers on the last stage."""
 
     @property
     def model_parallel_size(self) -> int:
@@ -145,6 +155,19 @@ class ParallelConfig:
             if vpp < 1 or self.pipeline_model_parallel_size == 1:
                 raise ConfigError("parallel.virtual_pipeline_model_parallel_size", vpp,
                                   "virtual stages need pipeline_model_parallel_size > 1 and a positive count")
+        if self.overlap_param_gather and not self.use_distributed_optimizer:
+            raise ConfigError("parallel.overlap_param_gather", True, "needs parallel.use_distributed_optimizer=true")
+        first, last = self.num_layers_in_first_pipeline_stage, self.num_layers_in_last_pipeline_stage
+        if first is not None or last is not None:
+            pp = self.pipeline_model_parallel_size
+            middle_stages = pp - (first is not None) - (last is not None)
+            rest = model.num_layers - (first or 0) - (last or 0)
+            if pp == 1 or rest < 0 or (middle_stages and rest % (middle_stages * (vpp or 1))) or \
+                    (not middle_stages and rest):
+                raise ConfigError("parallel.num_layers_in_first_pipeline_stage", first,
+                                  f"with last={last}, the {model.num_layers} layers do not split over {pp} stages "
+                                  f"(the middle stages share the rest evenly)")
+            return
         stages = self.pipeline_model_parallel_size * (vpp or 1)
         if model.num_layers % stages:
             raise ConfigError("parallel.pipeline_model_parallel_size", self.pipeline_model_parallel_size,
@@ -254,6 +277,10 @@ class TrainingConfig:
     device: str = "cuda"
     bf16: bool = True
     """bf16 autocast on GPU (CPU runs in fp32)."""
+    recompute: str = "none"
+    """Activation recomputation: 'none', 'selective' (attention core) or 'full' (whole layers)."""
+    recompute_num_layers: int = 1
+    """With recompute=full: layers per recomputed group (megatron's uniform method)."""
     log_interval: int = 1
     save_interval: int = 0
     """Save a checkpoint every N steps (0: only at the end)."""
@@ -270,7 +297,9 @@ class TrainingConfig:
         return self.global_batch_size // per_pass
 
     def validate(self) -> None:
-        require_positive_integers(self, "training", ("steps", "micro_batch_size"))
+        require_positive_integers(self, "training", ("steps", "micro_batch_size", "recompute_num_layers"))
+        if self.recompute not in ("none", "selective", "full"):
+            raise ConfigError("training.recompute", self.recompute, "choose none, selective or full")
         if self.global_batch_size is not None and self.global_batch_size < 1:
             raise ConfigError("training.global_batch_size", self.global_batch_size, "must be positive (or null)")
         if self.device not in ("cpu", "cuda"):

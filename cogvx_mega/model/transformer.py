@@ -233,7 +233,8 @@ class CogVideoXTransformer(MegatronModule):
 
 
 def build_model_chunks(model: ModelConfig, parallel=None, device: str = "cpu",
-                       params_dtype: torch.dtype = torch.float32, seed: int = 1234) -> list[CogVideoXTransformer]:
+                       params_dtype: torch.dtype = torch.float32, seed: int = 1234, recompute: str = "none",
+                       recompute_num_layers: int = 1) -> list[CogVideoXTransformer]:
     """This rank's model chunks (one per virtual pipeline stage), initialised independently of the layout.
 
     Call `initialize_parallel` first: the chunks follow megatron's pipeline and tensor-parallel groups.
@@ -242,7 +243,8 @@ def build_model_chunks(model: ModelConfig, parallel=None, device: str = "cpu",
     from ..parallel.pipeline import build_model_chunks as build_stage_chunks
     from .init import initialize_weights
 
-    transformer_config = build_transformer_config(model, parallel, params_dtype=params_dtype, device=device)
+    transformer_config = build_transformer_config(model, parallel, params_dtype=params_dtype, device=device,
+                                                  recompute=recompute, recompute_num_layers=recompute_num_layers)
     chunks = build_stage_chunks(lambda pre, post, vp_stage: CogVideoXTransformer(
         model, transformer_config, pre_process=pre, post_process=post, vp_stage=vp_stage))
     initialize_weights(chunks, seed)

@@ -51,18 +51,21 @@ def build_optimizer(ddp_chunks: list, config: Config):
     optimizer_config = OptimizerConfig(optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
                                        adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=t.adam_eps,
                                        clip_grad=t.grad_clip, bf16=False, fp16=False, params_dtype=torch.float32,
-                                       use_distributed_optimizer=False)
+                                       use_distributed_optimizer=config.parallel.use_distributed_optimizer,
+                                       overlap_param_gather=config.parallel.overlap_param_gather)
     return get_megatron_optimizer(optimizer_config, ddp_chunks)
 
 
-def wrap_data_parallel(model_chunks: list[torch.nn.Module]) -> list[torch.nn.Module]:
+def wrap_data_parallel(model_chunks: list[torch.nn.Module], config: Config) -> list[torch.nn.Module]:
     """megatron DDP per model chunk: gradients averaged over the data-parallel group into fp32 buffers."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     from ..parallel.pipeline import finalize_gradients, mark_replicated_copies, synchronize_replicated_parameters
 
-    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                               use_distributed_optimizer=False)
+    p = config.parallel
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=p.overlap_grad_reduce,
+                                               overlap_param_gather=p.overlap_param_gather,
+                                               use_distributed_optimizer=p.use_distributed_optimizer)
     wrapped = []
     for index, chunk in enumerate(model_chunks):
         chunk.config.finalize_model_grads_func = finalize_gradients  # the schedules call it after backward
@@ -70,6 +73,14 @@ def wrap_data_parallel(model_chunks: list[torch.nn.Module]) -> list[torch.nn.Mod
                                       disable_bucketing=index > 0)
         ddp.broadcast_params()  # every data-parallel replica starts from the first replica's weights
         wrapped.append(ddp)
+    # megatron's hooks for overlapped communication (as its own training loop registers them)
+    first = model_chunks[0].config
+    pick = (lambda fns: fns[0] if len(fns) == 1 else fns)  # noqa: E731
+    if p.overlap_grad_reduce:
+        first.no_sync_func = pick([ddp.no_sync for ddp in wrapped])  # reduce once, after the last micro-batch
+        first.grad_sync_func = pick([ddp.start_grad_sync for ddp in wrapped])
+    if p.overlap_param_gather:
+        first.param_sync_func = pick([ddp.start_param_sync for ddp in wrapped])
     synchronize_replicated_parameters(model_chunks)
     mark_replicated_copies(model_chunks)
     return wrapped
@@ -82,7 +93,7 @@ class Trainer:
         self.dims = dims
         self.model_chunks = list(model) if isinstance(model, (list, tuple)) else [model]
         self.model = self.model_chunks[0]
-        self.ddp_chunks = wrap_data_parallel(self.model_chunks)
+        self.ddp_chunks = wrap_data_parallel(self.model_chunks, config)
         self.dataset = dataset
         self.run_dir = Path(run_dir or config.training.run_dir)
         self.device = torch.device(config.training.device)
@@ -183,6 +194,12 @@ class Trainer:
         self.step += 1
         return {"loss": reported.item(), "grad_norm": float(grad_norm), "lr": lr}
 
+    def finish_parameter_sync(self) -> None:
+        """Complete the deferred parameter all-gather of overlap_param_gather (before saving or evaluating)."""
+        if self.config.parallel.overlap_param_gather:
+            for ddp in self.ddp_chunks:
+                ddp.start_param_sync(force_sync=True)
+
     def tokens_per_sample(self) -> int:
         m, d = self.config.model, self.config.data
         frames, height, width = d.latent_shape(m)
@@ -233,6 +250,7 @@ class Trainer:
     def save(self) -> Optional[Path]:
         """Rank 0 writes step_<N>/ atomically (DP replicas are identical); old ones beyond the retention go."""
         path = None
+        self.finish_parameter_sync()
         if self.dims.is_logging_rank:
             path = ckpt.step_folder(self.run_dir, self.step)
             ckpt.save_project_checkpoint(path, self.config.model, self.model.state_dict(), step=self.step,

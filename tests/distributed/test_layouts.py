@@ -15,38 +15,49 @@ from test_data_parallel import fixed_randomness
 STEPS = 3
 GLOBAL_BATCH = 4
 
+def layout(world: int, tp: int = 1, pp: int = 1, cp: int = 1, *extra: str) -> dict:
+    return {"world": world, "overrides": [f"parallel.tensor_model_parallel_size={tp}",
+                                          f"parallel.pipeline_model_parallel_size={pp}",
+                                          f"parallel.context_parallel_size={cp}", *extra]}
+
+
 LAYOUTS = {
-    "tp2": dict(tp=2, world=2),
-    "tp2-sp": dict(tp=2, world=2, sp=True),
-    "tp2-dp2": dict(tp=2, world=4),
-    "tp2-sp-dp2": dict(tp=2, world=4, sp=True),
-    "pp2": dict(pp=2, world=2),
-    "pp2-vpp2": dict(pp=2, vpp=2, world=2),
-    "pp4-vpp2": dict(pp=4, vpp=2, world=4),
-    "tp2-pp2": dict(tp=2, pp=2, world=4),
-    "cp2-ulysses": dict(cp=2, cp_kind="a2a", world=2),
-    "cp2-allgather": dict(cp=2, cp_kind="all_gather", world=2),
-    "tp2-cp2": dict(tp=2, cp=2, world=4),
-    "pp2-cp2-dp2": dict(pp=2, cp=2, world=8),
+    "tp2": layout(2, tp=2),
+    "tp2-sp": layout(2, 2, 1, 1, "parallel.sequence_parallel=true"),
+    "tp2-dp2": layout(4, tp=2),
+    "tp2-sp-dp2": layout(4, 2, 1, 1, "parallel.sequence_parallel=true"),
+    "pp2": layout(2, pp=2),
+    "pp2-vpp2": layout(2, 1, 2, 1, "parallel.virtual_pipeline_model_parallel_size=2"),
+    "pp4-vpp2": layout(4, 1, 4, 1, "parallel.virtual_pipeline_model_parallel_size=2"),
+    "pp4-uneven": layout(4, 1, 4, 1, "parallel.num_layers_in_first_pipeline_stage=1",
+                         "parallel.num_layers_in_last_pipeline_stage=1"),
+    "tp2-pp2": layout(4, tp=2, pp=2),
+    "cp2-ulysses": layout(2, 1, 1, 2, "parallel.context_parallel_attention=a2a"),
+    "cp2-allgather": layout(2, 1, 1, 2, "parallel.context_parallel_attention=all_gather"),
+    "tp2-cp2": layout(4, tp=2, cp=2),
+    "pp2-cp2-dp2": layout(8, pp=2, cp=2),
+    "dp2-distributed-optimizer": layout(2, 1, 1, 1, "parallel.use_distributed_optimizer=true"),
+    "dp2-distributed-optimizer-overlap": layout(2, 1, 1, 1, "parallel.use_distributed_optimizer=true",
+                                                "parallel.overlap_grad_reduce=true",
+                                                "parallel.overlap_param_gather=true"),
+    "tp2-recompute-full": layout(2, 2, 1, 1, "training.recompute=full", "training.recompute_num_layers=2"),
+    "pp2-recompute-selective": layout(2, 1, 2, 1, "training.recompute=selective"),
 }
 
 
-def train_layout(rank: int, world_size: int, tp: int = 1, sp: bool = False, pp: int = 1,
-                 vpp: int | None = None, cp: int = 1, cp_kind: str = "a2a") -> dict:
+def train_layout(rank: int, world_size: int, overrides: tuple = ()) -> dict:
     from cogvx_mega.config import load_config
     from cogvx_mega.data.latent_dataset import rank_batch, synthetic_dataset_for
     from cogvx_mega.model.transformer import build_model_chunks
     from cogvx_mega.parallel.state import initialize_parallel
     from cogvx_mega.training.trainer import Trainer
 
-    config = load_config("tiny", overrides=[
-        "data.num_synthetic_clips=8", "training.micro_batch_size=1", f"training.global_batch_size={GLOBAL_BATCH}",
-        f"parallel.tensor_model_parallel_size={tp}", f"parallel.sequence_parallel={str(sp).lower()}",
-        f"parallel.pipeline_model_parallel_size={pp}",
-        f"parallel.virtual_pipeline_model_parallel_size={vpp if vpp else 'null'}",
-        f"parallel.context_parallel_size={cp}", f"parallel.context_parallel_attention={cp_kind}"])
+    config = load_config("tiny", overrides=["data.num_synthetic_clips=8", "training.micro_batch_size=1",
+                                            f"training.global_batch_size={GLOBAL_BATCH}", *overrides])
     dims = initialize_parallel(config.parallel, device="cpu", seed=config.training.seed)
-    chunks = build_model_chunks(config.model, config.parallel, device="cpu", seed=config.training.seed)
+    chunks = build_model_chunks(config.model, config.parallel, device="cpu", seed=config.training.seed,
+                                recompute=config.training.recompute,
+                                recompute_num_layers=config.training.recompute_num_layers)
     trainer = Trainer(config, dims, chunks, synthetic_dataset_for(config), run_dir="/tmp/cogvx-layout-test")
     samples = trainer.samples_per_rank
     history = []
@@ -58,6 +69,7 @@ def train_layout(rank: int, world_size: int, tp: int = 1, sp: bool = False, pp: 
         batch.update({k: v[mine] for k, v in fixed.items()})
         metrics = trainer.train_step(batch)
         history.append((metrics["loss"], metrics["grad_norm"]))
+    trainer.finish_parameter_sync()
     # The timestep embedding is replicated on every pipeline chunk; its copies must all follow the
     # single-process weights (Adam moves them by ~lr per step, so a wrong gradient shows at once).
     conditioning = [torch.cat([p.detach().reshape(-1) for p in chunk.time_embedding.parameters()])
@@ -74,9 +86,8 @@ def single_process():
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_layout_matches_single_process(layout, single_process):
     spec = LAYOUTS[layout]
-    options = {k: v for k, v in spec.items() if k != "world"}
     reference = single_process["conditioning"][0]
-    for rank, result in enumerate(run_ranks(spec["world"], lambda r, w: train_layout(r, w, **options))):
+    for rank, result in enumerate(run_ranks(spec["world"], train_layout, tuple(spec["overrides"]))):
         for copy in result["conditioning"]:
             assert torch.allclose(copy, reference, rtol=1e-5, atol=1e-7), f"{layout} rank {rank} conditioning"
         for step, ((loss, norm), (ref_loss, ref_norm)) in enumerate(zip(result["history"], single_process["history"])):
