@@ -120,6 +120,7 @@ class CogVideoXTransformer(MegatronModule):
         self.model_type = ModelType.encoder_or_decoder  # read by megatron's pipeline schedules
         self.share_embeddings_and_output_weights = False  # read by finalize_model_grads: nothing is tied
         self.model_config = model
+        self.vp_stage = vp_stage
         self.pre_process = pre_process
         self.post_process = post_process
         hidden = model.hidden_size
@@ -149,6 +150,18 @@ class CogVideoXTransformer(MegatronModule):
         for name in ("time_embedding", "ofs_embedding", "output_norm_linear", "output_norm", "output_proj"):
             if getattr(self, name, None) is not None:
                 mark_sequence_parallel(getattr(self, name), transformer_config)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+        """megatron's sharded state; the conditioning copies past the first pipeline chunk are non-main replicas."""
+        from megatron.core import parallel_state
+
+        state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        if parallel_state.get_pipeline_model_parallel_rank() != 0 or (self.vp_stage or 0) != 0:
+            replicated = tuple(f"{prefix}{name}." for name in ("time_embedding", "ofs_embedding"))
+            for key, tensor in state.items():
+                if key.startswith(replicated):
+                    tensor.replica_id = (1, *tensor.replica_id[1:])
+        return state
 
     # --- pipeline-parallel hook (megatron schedules call it on every stage) ---
     def set_input_tensor(self, input_tensor) -> None:

@@ -10,7 +10,8 @@ Applied once per process by `enable()`, and only when the run's device is CPU. W
 - function bodies create tensors with `device="cuda"` or call `.cuda()`: a process-wide
   `TorchFunctionMode` rewrites CUDA devices to CPU on factory calls and `Tensor.to/.cuda`;
 - the optimizer asserts `tensor.type() == 'torch.cuda.FloatTensor'`: a bare `type()` answers
-  with the CUDA name of the CPU type.
+  with the CUDA name of the CPU type;
+- the torch_dist checkpoint writer's spawn-context Manager queue becomes a fork-context queue.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 _ENABLED = False
 _MODE: "CudaToCpuMode | None" = None
+_CHECKPOINT_MANAGER = None
 
 
 def _is_cuda_device(device) -> bool:
@@ -143,6 +145,22 @@ def _patch_megatron() -> None:
     mp_random._get_cuda_rng_state = _get_cuda_rng_state
     mp_random._set_cuda_rng_state = _set_cuda_rng_state
 
+    # The torch_dist writer collects results from forked writer processes through a queue that megatron
+    # creates with a spawn-context Manager (a fresh interpreter per rank: seconds on 2 cores, and it fails
+    # under forked test ranks). A fork-context Manager serves the same synchronous queue at once.
+    import multiprocessing
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    def _fork_results_queue():
+        global _CHECKPOINT_MANAGER
+        if filesystem_async._results_queue is None:
+            _CHECKPOINT_MANAGER = multiprocessing.get_context("fork").Manager()
+            filesystem_async._results_queue = _CHECKPOINT_MANAGER.Queue()
+        return filesystem_async._results_queue
+
+    filesystem_async._get_write_results_queue = _fork_results_queue
+
 
 def enable() -> None:
     """Apply the CPU compatibility layer (idempotent). Call only when running without CUDA."""
@@ -157,6 +175,17 @@ def enable() -> None:
     _MODE.__enter__()
     _ENABLED = True
     logger.debug("megatron-core CPU compatibility layer enabled")
+
+
+def release_checkpoint_queue() -> None:
+    """Stop the checkpoint writer's queue server (a process that exits via os._exit must call this)."""
+    global _CHECKPOINT_MANAGER
+    if _CHECKPOINT_MANAGER is not None:
+        from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+        _CHECKPOINT_MANAGER.shutdown()
+        _CHECKPOINT_MANAGER = None
+        filesystem_async._results_queue = None
 
 
 def is_enabled() -> bool:

@@ -76,9 +76,24 @@ def read_project_checkpoint(path: str | os.PathLike) -> tuple[ModelConfig, dict,
         raise ConfigError("checkpoint", str(path), f"no {META_FILE} there; pass a cogvx-mega checkpoint folder "
                                                    f"(or a diffusers transformer folder)")
     meta = json.loads(meta_file.read_text())
+    if meta.get("format") == SHARDED_FORMAT:
+        return _gather_sharded_model(folder, meta)
     if meta.get("format") != FORMAT:
         raise ConfigError("checkpoint", str(path), f"format {meta.get('format')!r} is not {FORMAT!r}")
     return model_config_from_dict(meta["model"]), load_file(str(folder / MODEL_FILE)), meta
+
+
+def _gather_sharded_model(folder: Path, meta: dict) -> tuple[ModelConfig, dict, dict]:
+    """The whole model of a torch_dist checkpoint, loaded into one process (any saved layout)."""
+    from ..model.transformer import build_model
+    from ..parallel.state import initialize_parallel
+
+    model_config = model_config_from_dict(meta["model"])
+    initialize_parallel(device="cpu")
+    model = build_model(model_config, device="cpu")
+    load_sharded_checkpoint(folder, [model])
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    return model_config, state, meta
 
 
 def read_trainer_state(path: str | os.PathLike) -> Optional[dict]:
@@ -102,3 +117,93 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
 def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> None:
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+# --- sharded training checkpoints (megatron dist_checkpointing, torch_dist) ------------------------------
+
+SHARDED_FORMAT = "cogvx-mega/torch-dist-v1"
+# Optimizer state saved so that it reloads at any TP/PP/CP/DP layout (megatron's default for the
+# distributed optimizer in 0.16.1 raises "flattened_range is not supported").
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+def _model_sharded_state(model_chunks) -> dict:
+    """{'model': ...} for one chunk, {'model0': ..., 'model1': ...} for virtual pipeline chunks.
+
+    Tensors are keyed by their global names, so the nesting does not tie a checkpoint to a layout.
+    """
+    chunks = [getattr(chunk, "module", chunk) for chunk in model_chunks]
+    if len(chunks) == 1:
+        return {"model": chunks[0].sharded_state_dict()}
+    return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def save_sharded_checkpoint(path: str | os.PathLike, model_chunks, optimizer, step: int, model_config: ModelConfig,
+                            extra: Optional[dict] = None) -> Path:
+    """Every rank writes its shards into a hidden temporary folder; rank 0 then adds the metadata (which
+    marks the checkpoint complete) and renames it into place. A run killed mid-save leaves only the
+    temporary folder, which no reader lists and the next save of that step replaces."""
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    final = Path(path)
+    tmp = final.parent / f".{final.name}.tmp"
+    is_writer = not dist.is_initialized() or dist.get_rank() == 0
+    if is_writer:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    model_state = _model_sharded_state(model_chunks)
+    state = {**model_state, "step": step,
+             "optimizer": optimizer.sharded_state_dict(model_state, is_loading=False, metadata=OPTIMIZER_METADATA)}
+    dist_checkpointing.save(state, str(tmp))
+    _barrier()
+    if is_writer:
+        meta = {"format": SHARDED_FORMAT, "step": step, "model": dataclasses.asdict(model_config), **(extra or {})}
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    _barrier()
+    return final
+
+
+def check_same_model(meta: dict, model_config: ModelConfig, path) -> None:
+    saved = model_config_from_dict(meta["model"])
+    mine = dataclasses.replace(model_config, backend=saved.backend)
+    if saved != mine:
+        differing = [f.name for f in dataclasses.fields(ModelConfig) if getattr(saved, f.name) != getattr(mine, f.name)]
+        raise ConfigError("checkpoint", str(path), f"it holds another model (differs in {', '.join(differing)}); "
+                                                   f"resume with the config it was trained with")
+
+
+def load_sharded_checkpoint(path: str | os.PathLike, model_chunks, optimizer=None) -> dict:
+    """Load a torch_dist checkpoint into this rank's chunks (and optimizer) at the current layout."""
+    from megatron.core import dist_checkpointing
+
+    meta = json.loads((Path(path) / META_FILE).read_text())
+    model_state = _model_sharded_state(model_chunks)
+    state = dict(model_state)
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=True, metadata=OPTIMIZER_METADATA)
+    loaded = dist_checkpointing.load(state, str(path))
+    chunks = [getattr(chunk, "module", chunk) for chunk in model_chunks]
+    for key, chunk in zip(model_state, chunks):
+        chunk.load_state_dict(loaded[key], strict=True)
+    if optimizer is not None:
+        optimizer.load_state_dict(loaded["optimizer"])
+    return meta
+
+
+def read_checkpoint_meta(path: str | os.PathLike) -> dict:
+    meta_file = Path(path) / META_FILE
+    if not meta_file.is_file():
+        raise ConfigError("checkpoint", str(path), f"no {META_FILE} there; pass a complete cogvx-mega checkpoint")
+    return json.loads(meta_file.read_text())

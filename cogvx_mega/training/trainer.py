@@ -16,7 +16,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from ..config.schema import Config
+from ..config.schema import Config, ConfigError
 from ..diffusion.loss import NoisedBatch, make_training_batch
 from .objective import v_prediction_token_loss
 from ..diffusion.schedule import schedule_from_config
@@ -247,26 +247,30 @@ class Trainer:
         return history
 
     # --- checkpoints -------------------------------------------------------------------------------
-    def save(self) -> Optional[Path]:
-        """Rank 0 writes step_<N>/ atomically (DP replicas are identical); old ones beyond the retention go."""
-        path = None
+    def save(self) -> Path:
+        """A sharded checkpoint of model, optimizer and step at run_dir/checkpoints/step_<N>/ (all ranks take part)."""
         self.finish_parameter_sync()
+        path = ckpt.save_sharded_checkpoint(ckpt.step_folder(self.run_dir, self.step), self.ddp_chunks, self.optimizer,
+                                            self.step, self.config.model, extra={"preset": self.config.preset})
         if self.dims.is_logging_rank:
-            path = ckpt.step_folder(self.run_dir, self.step)
-            ckpt.save_project_checkpoint(path, self.config.model, self.model.state_dict(), step=self.step,
-                                         trainer_state={"optimizer": self.optimizer.state_dict(), "step": self.step},
-                                         extra={"preset": self.config.preset})
             ckpt.prune_checkpoints(self.run_dir, self.config.training.keep_checkpoints)
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.barrier()
         return path
 
     def load(self, path: str) -> None:
-        from ..api import load_state_into
+        """Resume from a checkpoint saved at any layout; a single-file checkpoint (e.g. converted from
+        diffusers) gives the weights only and starts at its step with a fresh optimizer."""
+        meta = ckpt.read_checkpoint_meta(path)
+        ckpt.check_same_model(meta, self.config.model, path)
+        if meta.get("format") == ckpt.SHARDED_FORMAT:
+            ckpt.load_sharded_checkpoint(path, self.ddp_chunks, self.optimizer)
+        else:
+            from ..api import load_state_into
 
-        model_config, state, meta = ckpt.read_project_checkpoint(path)
-        load_state_into(self.model, state, self.config.model)
-        trainer_state = ckpt.read_trainer_state(path)
-        if trainer_state is not None:
-            self.optimizer.load_state_dict(trainer_state["optimizer"])
+            if len(self.model_chunks) != 1 or self.config.parallel.model_parallel_size != 1:
+                raise ConfigError("--resume", path, "a single-file checkpoint loads only without TP/PP/CP; convert it "
+                                                    "by loading once at TP=PP=CP=1 and saving")
+            _, state, _ = ckpt.read_project_checkpoint(path)
+            load_state_into(self.model, state, self.config.model)
         self.step = int(meta.get("step", 0))

@@ -44,6 +44,9 @@ def _rank_main(rank: int, world_size: int, port: int, fn: Callable, args: tuple,
             if dist.is_initialized():
                 dist.barrier()  # rank 0 hosts the store: nobody leaves while a peer still needs it
             shutdown()
+            from cogvx_mega.parallel import cpu_compat
+
+            cpu_compat.release_checkpoint_queue()
         except Exception:
             pass
         # flush the result to the parent before the hard exit: os._exit skips the queue's feeder thread

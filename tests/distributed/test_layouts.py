@@ -45,7 +45,9 @@ LAYOUTS = {
 }
 
 
-def train_layout(rank: int, world_size: int, overrides: tuple = ()) -> dict:
+def train_layout(rank: int, world_size: int, overrides: tuple = (), steps: range = range(STEPS),
+                 resume_from: str | None = None, save_to: str | None = None) -> dict:
+    """Train `steps` at the layout given by `overrides`, optionally resuming from / saving a checkpoint."""
     from cogvx_mega.config import load_config
     from cogvx_mega.data.latent_dataset import rank_batch, synthetic_dataset_for
     from cogvx_mega.model.transformer import build_model_chunks
@@ -58,10 +60,13 @@ def train_layout(rank: int, world_size: int, overrides: tuple = ()) -> dict:
     chunks = build_model_chunks(config.model, config.parallel, device="cpu", seed=config.training.seed,
                                 recompute=config.training.recompute,
                                 recompute_num_layers=config.training.recompute_num_layers)
-    trainer = Trainer(config, dims, chunks, synthetic_dataset_for(config), run_dir="/tmp/cogvx-layout-test")
+    trainer = Trainer(config, dims, chunks, synthetic_dataset_for(config), run_dir=save_to or "/tmp/cogvx-layout-test")
+    if resume_from:
+        trainer.load(resume_from)
+        assert trainer.step == steps.start
     samples = trainer.samples_per_rank
     history = []
-    for step in range(STEPS):
+    for step in steps:
         batch = rank_batch(trainer.dataset, step, samples, dims.data_parallel_rank, dims.data_parallel_size,
                            config.training.seed)
         fixed = fixed_randomness(GLOBAL_BATCH, trainer.dataset.latents.shape[1:], step)
@@ -69,6 +74,8 @@ def train_layout(rank: int, world_size: int, overrides: tuple = ()) -> dict:
         batch.update({k: v[mine] for k, v in fixed.items()})
         metrics = trainer.train_step(batch)
         history.append((metrics["loss"], metrics["grad_norm"]))
+    if save_to:
+        trainer.save()
     trainer.finish_parameter_sync()
     # The timestep embedding is replicated on every pipeline chunk; its copies must all follow the
     # single-process weights (Adam moves them by ~lr per step, so a wrong gradient shows at once).

@@ -1,0 +1,36 @@
+"""Resume: 3 steps, a sharded checkpoint, 3 resumed steps give exactly the losses of 6 uninterrupted steps,
+at the same layout and after changing TP, PP or DP (the checkpoint reshards)."""
+from __future__ import annotations
+
+import pytest
+
+from launcher import run_ranks
+from test_layouts import LAYOUTS, train_layout
+
+SINGLE = ("parallel.tensor_model_parallel_size=1",)
+
+RESUMES = {
+    "tp2-same-layout": (LAYOUTS["tp2"], LAYOUTS["tp2"]),
+    "tp2-to-tp1": (LAYOUTS["tp2"], {"world": 1, "overrides": list(SINGLE)}),
+    "pp2-to-pp1": (LAYOUTS["pp2"], {"world": 1, "overrides": list(SINGLE)}),
+    "dp2-to-dp1": ({"world": 2, "overrides": list(SINGLE)}, {"world": 1, "overrides": list(SINGLE)}),
+    "pp2-vpp2-to-tp2": (LAYOUTS["pp2-vpp2"], LAYOUTS["tp2"]),
+}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted():
+    return run_ranks(1, train_layout, SINGLE, range(6))[0]["history"]
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("case", sorted(RESUMES))
+def test_resume_matches_uninterrupted_run(case, uninterrupted, tmp_path):
+    before, after = RESUMES[case]
+    run_ranks(before["world"], train_layout, tuple(before["overrides"]), range(3), None, str(tmp_path))
+    checkpoint = str(tmp_path / "checkpoints" / "step_00000003")
+    resumed = run_ranks(after["world"], train_layout, tuple(after["overrides"]), range(3, 6), checkpoint)
+    for rank, result in enumerate(resumed):
+        losses = [loss for loss, _ in result["history"]]
+        expected = [loss for loss, _ in uninterrupted[3:]]
+        assert losses == pytest.approx(expected, rel=1e-5), f"{case} rank {rank}"
