@@ -38,6 +38,9 @@ def _add_config_arguments(parser: argparse.ArgumentParser, with_training: bool =
     parser.add_argument("--vpp", type=int, help="virtual pipeline stages per pipeline rank")
     parser.add_argument("--cp", type=int, help="context-parallel size")
     parser.add_argument("--resume", help="'auto' (newest complete checkpoint of the run) or a checkpoint folder")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the layout, each pipeline rank's layers and parameter counts; do not train")
+    parser.add_argument("--world-size", type=int, help="with --dry-run: the world size to plan for")
 
 
 def _flag_overrides(args: argparse.Namespace) -> list[str]:
@@ -59,18 +62,6 @@ def resolve_config(args: argparse.Namespace):
     return load_config(args.preset, args.config_file, [*args.overrides, *_flag_overrides(args)])
 
 
-def _check_layout_is_built(config) -> None:
-    from .config.schema import ConfigError
-
-    p = config.parallel
-    for name, value in (("--tp", p.tensor_model_parallel_size), ("--pp", p.pipeline_model_parallel_size),
-                        ("--cp", p.context_parallel_size)):
-        if value != 1:
-            raise ConfigError(name, value, "model-parallel runs from the command line wait for sharded checkpoints "
-                                           "and pipeline/context parallel (issue #3); run with 1 and scale with "
-                                           "data parallel (torchrun)")
-
-
 def find_resume_checkpoint(resume: Optional[str], run_dir: str) -> Optional[str]:
     from .config.schema import ConfigError
     from .training import checkpoint as ckpt
@@ -89,12 +80,15 @@ def find_resume_checkpoint(resume: Optional[str], run_dir: str) -> Optional[str]
 def run_training(config, resume: Optional[str] = None) -> list[dict]:
     from .config import write_resolved_config
     from .data.latent_dataset import load_dataset
-    from .model.transformer import build_model
+    from .model.transformer import build_model_chunks
     from .parallel.state import initialize_parallel
     from .training.trainer import Trainer
 
-    _check_layout_is_built(config)
     resume_path = find_resume_checkpoint(resume, config.training.run_dir)
+    if resume_path:  # another model's checkpoint is refused before anything is written
+        from .training.checkpoint import check_same_model, read_checkpoint_meta
+
+        check_same_model(read_checkpoint_meta(resume_path), config.model, resume_path)
     device = config.training.device
     if device == "cuda":
         import torch
@@ -107,8 +101,11 @@ def run_training(config, resume: Optional[str] = None) -> list[dict]:
     dims = initialize_parallel(config.parallel, device=device, seed=config.training.seed)
     if dims.is_logging_rank:
         write_resolved_config(config, config.training.run_dir)
-    model = build_model(config.model, config.parallel, device=device)
-    trainer = Trainer(config, dims, model, dataset)
+    config.training.micro_batches_per_step(dims.data_parallel_size)  # a clear error before building anything
+    chunks = build_model_chunks(config.model, config.parallel, device=device, seed=config.training.seed,
+                                recompute=config.training.recompute,
+                                recompute_num_layers=config.training.recompute_num_layers)
+    trainer = Trainer(config, dims, chunks, dataset)
     if resume_path:
         trainer.load(resume_path)
         if dims.is_logging_rank:
@@ -118,6 +115,12 @@ def run_training(config, resume: Optional[str] = None) -> list[dict]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     config = resolve_config(args)
+    if args.dry_run:
+        from .parallel.plan import describe_layout
+
+        world = args.world_size or int(os.environ.get("WORLD_SIZE", config.parallel.model_parallel_size))
+        print(describe_layout(config, world))
+        return 0
     run_training(config, resume=args.resume)
     return 0
 

@@ -81,7 +81,14 @@ def train_layout(rank: int, world_size: int, overrides: tuple = (), steps: range
     # single-process weights (Adam moves them by ~lr per step, so a wrong gradient shows at once).
     conditioning = [torch.cat([p.detach().reshape(-1) for p in chunk.time_embedding.parameters()])
                     for chunk in chunks]
-    return {"history": history, "conditioning": conditioning}
+    # what `cogvx train --dry-run` promises for this rank
+    from cogvx_mega.parallel.plan import plan_layout
+    from megatron.core import parallel_state
+
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    planned = sum(plan.parameters_per_tp_rank for plan in plan_layout(config) if plan.pipeline_rank == pp_rank)
+    actual = sum(p.numel() for chunk in chunks for p in chunk.parameters())
+    return {"history": history, "conditioning": conditioning, "planned": planned, "actual": actual}
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +102,7 @@ def test_layout_matches_single_process(layout, single_process):
     spec = LAYOUTS[layout]
     reference = single_process["conditioning"][0]
     for rank, result in enumerate(run_ranks(spec["world"], train_layout, tuple(spec["overrides"]))):
+        assert result["planned"] == result["actual"], f"{layout} rank {rank}: dry-run parameter count"
         for copy in result["conditioning"]:
             assert torch.allclose(copy, reference, rtol=1e-5, atol=1e-7), f"{layout} rank {rank} conditioning"
         for step, ((loss, norm), (ref_loss, ref_norm)) in enumerate(zip(result["history"], single_process["history"])):

@@ -56,7 +56,10 @@ def run_cli(args, capsys):
     (["train", "--preset", "no-such-preset"], "unknown preset"),
     (["train", "--preset", "tiny", "--resume", "/no/such/checkpoint"], "--resume"),
     (["train", "--preset", "tiny", "--data", "/no/such/folder"], "/no/such/folder"),
-    (["train", "--preset", "tiny", "--tp", "2"], "issue #3"),
+    (["train", "--preset", "tiny", "--tp", "4", "--cp", "2"], "Ulysses"),
+    (["train", "--preset", "tiny", "--tp", "2", "--dry-run", "--world-size", "3"], "not divisible by TPxPPxCP=2"),
+    (["train", "--preset", "tiny", "parallel.use_distributed_optimizer=false",
+      "parallel.overlap_param_gather=true"], "use_distributed_optimizer"),
 ])
 def test_train_rejects_bad_input_before_writing(args, needle, tmp_path, capsys):
     run_dir = tmp_path / "run"
@@ -120,3 +123,14 @@ def test_from_pretrained_missing_path_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(Exception, match="config.json"):
         cogvx_mega.from_pretrained(str(tmp_path / "empty"))
+
+
+def test_resume_from_another_model_is_refused_before_writing(tmp_path, capsys):
+    status, _ = run_cli(["train", "--preset", "tiny", "--run-dir", str(tmp_path / "a"), "--steps", "1",
+                         "data.num_synthetic_clips=4"], capsys)
+    assert status == 0
+    checkpoint = tmp_path / "a" / "checkpoints" / "step_00000001"
+    status, lines = run_cli(["train", "--preset", "tiny", "model.num_layers=4", "--run-dir", str(tmp_path / "b"),
+                             "--resume", str(checkpoint), "--steps", "2"], capsys)
+    assert status == EXIT_USER_ERROR and len(lines) == 1 and "num_layers" in lines[0]
+    assert not (tmp_path / "b").exists()
