@@ -184,6 +184,69 @@ def check_same_model(meta: dict, model_config: ModelConfig, path) -> None:
                                                    f"resume with the config it was trained with")
 
 
+def _torch_optimizers(optimizer) -> list:
+    """The torch optimizers inside a megatron (possibly chained) optimizer."""
+    if hasattr(optimizer, "chained_optimizers"):
+        return [inner for chained in optimizer.chained_optimizers for inner in _torch_optimizers(chained)]
+    return [optimizer.optimizer]
+
+
+@torch.no_grad()
+def _materialise_adam_state(optimizer) -> None:
+    """Give every parameter an Adam state (zero moments, step 0) before the first step.
+
+    megatron builds the optimizer's load-time sharded state from the existing state, which torch's
+    Adam creates only in its first step; the distributed optimizer asserts on the empty state.
+    """
+    for inner in _torch_optimizers(optimizer):
+        for group in inner.param_groups:
+            for param in group["params"]:
+                if not inner.state[param]:
+                    inner.state[param] = {"step": torch.zeros((), dtype=torch.float32),
+                                          "exp_avg": torch.zeros_like(param), "exp_avg_sq": torch.zeros_like(param)}
+
+
+@torch.no_grad()
+def _unshare_adam_steps(optimizer) -> None:
+    """megatron's distributed-optimizer load puts ONE step tensor in every parameter's state; torch's Adam
+    increments it in place once per parameter, corrupting the bias correction. Give each its own copy."""
+    for inner in _torch_optimizers(optimizer):
+        for state in inner.state.values():
+            if "step" in state and torch.is_tensor(state["step"]):
+                state["step"] = state["step"].detach().clone()
+
+
+def _distributed_optimizers(optimizer) -> list:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    members = getattr(optimizer, "chained_optimizers", [optimizer])
+    return [member for member in members if isinstance(member, DistributedOptimizer)]
+
+
+def _tolerate_missing_step(distributed) -> None:
+    """megatron 0.16.1, fully-reshardable load with torch's Adam: the per-parameter copy walks the live
+    state (which has `step`, set a moment earlier from the param groups) but the checkpoint tensors
+    carry no `step` -> KeyError. Copy only what the checkpoint carries; `step` is already in place."""
+    if getattr(distributed, "_cogvx_tolerant_step", False):
+        return
+    copy_states = distributed._set_main_param_and_optimizer_states
+
+    def copy_present_states(model_param, tensors):
+        group_index, group_order = distributed.model_param_group_index_map[model_param]
+        main_param = distributed.optimizer.param_groups[group_index]["params"][group_order]
+        missing = [key for key in distributed.optimizer.state[main_param] if key not in tensors]
+        if not missing or distributed.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            return copy_states(model_param, tensors)
+        with torch.no_grad():
+            main_param.copy_(tensors["param"])
+            for key, value in distributed.optimizer.state[main_param].items():
+                if key in tensors:
+                    value.copy_(tensors[key])
+
+    distributed._set_main_param_and_optimizer_states = copy_present_states
+    distributed._cogvx_tolerant_step = True
+
+
 def load_sharded_checkpoint(path: str | os.PathLike, model_chunks, optimizer=None) -> dict:
     """Load a torch_dist checkpoint into this rank's chunks (and optimizer) at the current layout."""
     from megatron.core import dist_checkpointing
@@ -192,13 +255,17 @@ def load_sharded_checkpoint(path: str | os.PathLike, model_chunks, optimizer=Non
     model_state = _model_sharded_state(model_chunks)
     state = dict(model_state)
     if optimizer is not None:
+        _materialise_adam_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=True, metadata=OPTIMIZER_METADATA)
     loaded = dist_checkpointing.load(state, str(path))
     chunks = [getattr(chunk, "module", chunk) for chunk in model_chunks]
     for key, chunk in zip(model_state, chunks):
         chunk.load_state_dict(loaded[key], strict=True)
     if optimizer is not None:
+        for distributed in _distributed_optimizers(optimizer):
+            _tolerate_missing_step(distributed)
         optimizer.load_state_dict(loaded["optimizer"])
+        _unshare_adam_steps(optimizer)
     return meta
 
 

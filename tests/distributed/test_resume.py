@@ -15,6 +15,12 @@ RESUMES = {
     "pp2-to-pp1": (LAYOUTS["pp2"], {"world": 1, "overrides": list(SINGLE)}),
     "dp2-to-dp1": ({"world": 2, "overrides": list(SINGLE)}, {"world": 1, "overrides": list(SINGLE)}),
     "pp2-vpp2-to-tp2": (LAYOUTS["pp2-vpp2"], LAYOUTS["tp2"]),
+    "dp2-distributed-optimizer-to-dp1": (
+        LAYOUTS["dp2-distributed-optimizer"],
+        {"world": 1, "overrides": [*SINGLE, "parallel.use_distributed_optimizer=true"]}),
+    "tp2-dp2-distributed-optimizer-to-tp1-dp2": (
+        {"world": 4, "overrides": ["parallel.tensor_model_parallel_size=2", "parallel.use_distributed_optimizer=true"]},
+        {"world": 2, "overrides": [*SINGLE, "parallel.use_distributed_optimizer=true"]}),
 }
 
 
