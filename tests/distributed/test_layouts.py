@@ -10,10 +10,17 @@ import pytest
 import torch
 
 from launcher import run_ranks
-from test_data_parallel import fixed_randomness
 
 STEPS = 3
 GLOBAL_BATCH = 4
+
+
+def fixed_randomness(global_batch: int, latent_shape, step: int) -> dict:
+    """Noise, timesteps and text dropout of the whole global batch at `step`, fixed by the test."""
+    generator = torch.Generator().manual_seed(1000 + step)
+    return {"noise": torch.randn(global_batch, *latent_shape, generator=generator),
+            "timesteps": torch.randint(0, 1000, (global_batch,), generator=generator),
+            "text_drop_mask": torch.rand(global_batch, generator=generator) < 0.3}
 
 def layout(world: int, tp: int = 1, pp: int = 1, cp: int = 1, *extra: str) -> dict:
     return {"world": world, "overrides": [f"parallel.tensor_model_parallel_size={tp}",
