@@ -80,14 +80,15 @@ class SDPACoreAttention(MegatronModule):
         if packed_seq_params is not None:
             raise NotImplementedError("packed sequences need the te backend or the packing attention (not built yet)")
         seq, batch, heads, head_dim = query.shape
-        if self.context_parallel:  # q/k/v hold this CP rank's tokens
-            from ..parallel.context import context_parallel_attention
+        from ..parallel.context import context_parallel_attention, sdpa
 
-            out = context_parallel_attention(query, key, value, self.context_parallel_kind, self.softmax_scale)
-            return out.reshape(seq, batch, heads * head_dim)
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
-        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=self.softmax_scale)
-        return out.permute(2, 0, 1, 3).reshape(seq, batch, heads * head_dim)  # [s, b, h]
+        # attention_mask: None, or key_valid [s] (True on real tokens, False on sequence padding)
+        if self.context_parallel:  # q/k/v hold this CP rank's tokens
+            out = context_parallel_attention(query, key, value, self.context_parallel_kind, self.softmax_scale,
+                                             attention_mask)
+        else:
+            out = sdpa(query, key, value, self.softmax_scale, attention_mask)
+        return out.reshape(seq, batch, heads * head_dim)  # [s, b, h]
 
 
 @dataclass
@@ -133,14 +134,15 @@ class ExpertAdaLNLayer(MegatronModule):
     def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None,
                 context: Optional[Tensor] = None, context_mask: Optional[Tensor] = None,
                 rotary_pos_emb: Optional[Tensor] = None, packed_seq_params=None, **unused):
-        # hidden_states [s, b, h]; context = emb [b, E]; context_mask = text_token_mask [s, b]
+        # hidden_states [s, b, h]; context = emb [b, E]; context_mask = text_token_mask [s, b];
+        # attention_mask = None or key_valid [s_cp] (False on padding; the attention sees the CP-local sequence)
         if context is None or context_mask is None:
             raise ValueError("ExpertAdaLNLayer needs context=emb [b, E] and context_mask=text_token_mask [s, b]")
         modulation = self.adaln_modulation(context).chunk(12, dim=-1)
         is_text = context_mask.unsqueeze(-1)  # [s, b, 1]
         hidden_states = self._modulated_residual_branch(
             hidden_states, is_text, self.input_layernorm, self.self_attention, modulation[:6],
-            attention_mask=None, rotary_pos_emb=rotary_pos_emb, packed_seq_params=packed_seq_params)
+            attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb, packed_seq_params=packed_seq_params)
         hidden_states = self._modulated_residual_branch(
             hidden_states, is_text, self.pre_mlp_layernorm, self.mlp, modulation[6:])
         output = make_viewless_tensor(inp=hidden_states, requires_grad=hidden_states.requires_grad, keep_graph=True)

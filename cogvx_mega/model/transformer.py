@@ -14,9 +14,8 @@ from megatron.core.transformer.transformer_block import (TransformerBlock, Trans
 from torch import Tensor, nn
 
 from ..config.schema import ModelConfig
-from ..parallel.context import check_sequence_splits, gather_sequence, split_sequence
-from ..parallel.sequence import (check_sequence_divides, gather_tokens, local_tokens, mark_sequence_parallel,
-                                 scatter_tokens)
+from ..parallel.context import gather_sequence, padded_sequence_length, split_sequence
+from ..parallel.sequence import gather_tokens, local_tokens, mark_sequence_parallel, scatter_tokens
 from .layer import LayerNorm
 from .layer_spec import layer_spec_for
 from .positions import rope_3d_angles, sincos_3d, timestep_sinusoid
@@ -206,7 +205,7 @@ class CogVideoXTransformer(MegatronModule):
     def forward(self, latents: Tensor, text_embeds: Tensor, timesteps: Tensor, ofs: Optional[Tensor] = None,
                 return_tokens: bool = False) -> Tensor:
         """v_pred [B, T, C_out, H, W]; with `return_tokens`, this context-parallel rank's output tokens
-        [s/cp, b, C_out*pt*p*p] over [text ; video] (what training computes its loss on)."""
+        [S/cp, b, C_out*pt*p*p] over [text ; video ; pad] (what training computes its loss on)."""
         b, t, c, h, w = latents.shape
         m = self.model_config
         if c != m.in_channels:
@@ -215,33 +214,35 @@ class CogVideoXTransformer(MegatronModule):
         emb = self.conditioning(timesteps, ofs, latents.dtype)  # [b, E]
         text_length = text_embeds.shape[1]
         seq = self.sequence_length(t, h, w, text_length)
-        check_sequence_divides(seq, self.config)
-        check_sequence_splits(seq, self.config.context_parallel_size, self.config.tensor_model_parallel_size,
-                              self.config.sequence_parallel)
+        padded = padded_sequence_length(seq, self.config)  # CP / SP split evenly; the pad is masked everywhere
         if self.pre_process:
-            hidden = self.patch_embed(text_embeds, latents).transpose(0, 1).contiguous()  # [s, b, h]
-            hidden = split_sequence(hidden, seq)  # [s/cp, b, h]: this context-parallel rank's tokens
-            hidden = scatter_tokens(hidden, self.config)  # [s/cp/tp, b, h] under sequence parallel
+            hidden = self.patch_embed(text_embeds, latents).transpose(0, 1)  # [s, b, h]
+            hidden = torch.nn.functional.pad(hidden, (0, 0, 0, 0, 0, padded - seq)).contiguous()  # [S, b, h]
+            hidden = split_sequence(hidden, padded)  # [S/cp, b, h]: this context-parallel rank's tokens
+            hidden = scatter_tokens(hidden, self.config)  # [S/cp/tp, b, h] under sequence parallel
         else:
             hidden = None  # comes from the previous pipeline stage via set_input_tensor
-        text_token_mask = torch.zeros(seq, b, dtype=torch.bool, device=latents.device)
+        text_token_mask = torch.zeros(padded, b, dtype=torch.bool, device=latents.device)
         text_token_mask[:text_length] = True
-        text_token_mask = local_tokens(split_sequence(text_token_mask, seq), self.config)  # sliced like hidden
+        text_token_mask = local_tokens(split_sequence(text_token_mask, padded), self.config)  # sliced like hidden
+        key_valid = None
+        if padded != seq:  # the attention sees this CP rank's whole shard (SP gathers it before QKV)
+            key_valid = split_sequence(torch.arange(padded, device=latents.device) < seq, padded)
         rope = self.rotary_table(t, h, w, text_length, latents.device)  # [s, 1, 1, d]
         if rope is not None:  # this CP rank's rows; q/k cover the whole CP shard even under sequence parallel
-            rope = split_sequence(rope, seq)
-        hidden = self.decoder(hidden, attention_mask=None, context=emb, context_mask=text_token_mask,
-                              rotary_pos_emb=rope)  # [s(/tp), b, h]
+            rope = split_sequence(torch.nn.functional.pad(rope, (0, 0, 0, 0, 0, 0, 0, padded - seq)), padded)
+        hidden = self.decoder(hidden, attention_mask=key_valid, context=emb, context_mask=text_token_mask,
+                              rotary_pos_emb=rope)  # [S/cp(/tp), b, h]
         if not self.post_process:
             return hidden
         # The head is per token: run it on this rank's tokens (text rows too, discarded below), then gather.
         shift, scale = self.output_norm_linear(torch.nn.functional.silu(emb)).chunk(2, dim=1)  # [b, h] each
         tokens = self.output_norm(hidden) * (1 + scale)[None] + shift[None]
-        tokens = gather_tokens(self.output_proj(tokens), self.config)  # [s/cp, b, C_out*pt*p*p]
+        tokens = gather_tokens(self.output_proj(tokens), self.config)  # [S/cp, b, C_out*pt*p*p]
         if return_tokens:
             return tokens
-        tokens = gather_sequence(tokens, seq)  # [s, b, C_out*pt*p*p]
-        video = tokens[text_length:].transpose(0, 1)  # [b, N, C_out*pt*p*p]
+        tokens = gather_sequence(tokens, padded)  # [S, b, C_out*pt*p*p]
+        video = tokens[text_length:seq].transpose(0, 1)  # [b, N, C_out*pt*p*p]
         return unpatchify(video, t, h, w, m.patch_size, m.patch_size_t)  # [B, T, C_out, H, W]
 
 

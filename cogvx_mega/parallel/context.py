@@ -25,12 +25,14 @@ def _cp_group_size_rank():
             parallel_state.get_context_parallel_rank())
 
 
-def check_sequence_splits(seq_length: int, cp_size: int, tp_size: int, sequence_parallel: bool) -> None:
-    unit = 2 * cp_size * (tp_size if sequence_parallel else 1)
-    if cp_size > 1 and seq_length % unit:
-        raise ValueError(f"context parallel needs the {seq_length}-token sequence (text + video) in {unit} equal "
-                         f"parts (2 x CP{' x TP (sequence parallel)' if sequence_parallel else ''}); "
-                         f"choose a resolution / frame count / text length whose token count divides it")
+def padded_sequence_length(seq_length: int, config) -> int:
+    """The sequence length after padding to a multiple of 2 x CP (x TP under sequence parallel).
+
+    Sequences that do not split evenly are padded at the end; the pad tokens are masked out of every
+    attention as keys and out of the loss, so the result equals the unpadded computation."""
+    unit = (2 * config.context_parallel_size if config.context_parallel_size > 1 else 1) * (
+        config.tensor_model_parallel_size if config.sequence_parallel else 1)
+    return -(-seq_length // unit) * unit
 
 
 def local_token_indices(seq_length: int, cp_size: int, cp_rank: int, device=None) -> Tensor:
@@ -105,16 +107,23 @@ def gather_sequence(tensor: Tensor, seq_length: int) -> Tensor:
     return gathered.index_select(0, inverse)
 
 
-def _sdpa(q: Tensor, k: Tensor, v: Tensor, scale) -> Tensor:
-    """[s, b, h, d] x3 -> [s, b, h, d]."""
+def sdpa(q: Tensor, k: Tensor, v: Tensor, scale, key_valid: Tensor | None = None) -> Tensor:
+    """[s, b, h, d] x3 -> [s, b, h, d]; key_valid [s_k] bool masks padded keys out."""
+    mask = None if key_valid is None else key_valid[None, None, None, :]
     out = torch.nn.functional.scaled_dot_product_attention(
-        q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3), scale=scale)
+        q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3), attn_mask=mask, scale=scale)
     return out.permute(2, 0, 1, 3)
 
 
-def context_parallel_attention(query: Tensor, key: Tensor, value: Tensor, kind: str, scale) -> Tensor:
-    """q/k/v [s/cp, b, heads, d] of this CP rank -> attention output [s/cp, b, heads, d]."""
+def context_parallel_attention(query: Tensor, key: Tensor, value: Tensor, kind: str, scale,
+                               key_valid: Tensor | None = None) -> Tensor:
+    """q/k/v [s/cp, b, heads, d] of this CP rank -> attention output [s/cp, b, heads, d].
+
+    key_valid [s/cp] marks this rank's real (non-pad) tokens; both kinds see the keys in rank-major
+    order, so the gathered mask lines up with them."""
     group, size, _ = _cp_group_size_rank()
+    if key_valid is not None:
+        key_valid = _all_gather_dim0(key_valid.to(torch.uint8), group).bool()
     if kind == "a2a":
         heads = query.shape[2]
         if heads % size:
@@ -122,8 +131,8 @@ def context_parallel_attention(query: Tensor, key: Tensor, value: Tensor, kind: 
                              f"over CP={size}: use parallel.context_parallel_attention=all_gather, or a CP size "
                              f"dividing the heads per TP rank")
         q, k, v = (_AllToAll.apply(t, group, 2, 0) for t in (query, key, value))  # [s, b, heads/cp, d]
-        return _AllToAll.apply(_sdpa(q, k, v, scale), group, 0, 2)  # [s/cp, b, heads, d]
+        return _AllToAll.apply(sdpa(q, k, v, scale, key_valid), group, 0, 2)  # [s/cp, b, heads, d]
     if kind == "all_gather":
         k, v = (_GatherSequence.apply(t, group) for t in (key, value))  # [s, b, heads, d]
-        return _sdpa(query, k, v, scale)
+        return sdpa(query, k, v, scale, key_valid)
     raise ValueError(f"parallel.context_parallel_attention={kind!r}: choose one of {', '.join(CP_ATTENTION_KINDS)}")

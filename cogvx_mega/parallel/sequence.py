@@ -15,13 +15,6 @@ def _tp_group_size_and_rank():
             parallel_state.get_tensor_model_parallel_rank())
 
 
-def check_sequence_divides(seq_length: int, config) -> None:
-    if config.sequence_parallel and seq_length % config.tensor_model_parallel_size:
-        raise ValueError(f"sequence parallel splits the {seq_length} tokens (text + video) over "
-                         f"tensor_model_parallel_size={config.tensor_model_parallel_size}: pick a text length or "
-                         f"resolution whose token count divides it")
-
-
 def scatter_tokens(hidden: Tensor, config) -> Tensor:
     """[s, b, h] -> this TP rank's [s/tp, b, h] (backward: all-gather)."""
     if not config.sequence_parallel:

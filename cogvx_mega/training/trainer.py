@@ -127,10 +127,11 @@ class Trainer:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
             prediction = model(noised.noisy_latents, noised.text_embeds, noised.timesteps, return_tokens=True)
         m = self.config.model
+        padded = self.padded_tokens_per_sample()
 
         def loss_func(output: torch.Tensor):
             loss = v_prediction_token_loss(output, noised.target, noised.text_embeds.shape[1], m.patch_size,
-                                           m.patch_size_t)
+                                           m.patch_size_t, padded)
             return loss, {"loss": loss.detach().clone()}  # megatron divides `loss` in place afterwards
 
         return prediction, loss_func
@@ -187,7 +188,7 @@ class Trainer:
         losses = get_forward_backward_func()(
             forward_step_func=self._forward_step,
             data_iterator=iterators if len(iterators) > 1 else iterators[0],
-            model=self.ddp_chunks, num_microbatches=self.micro_batches, seq_length=self.tokens_per_sample(),
+            model=self.ddp_chunks, num_microbatches=self.micro_batches, seq_length=self.padded_tokens_per_sample(),
             micro_batch_size=micro, forward_only=False)
         _, grad_norm, _ = self.optimizer.step()
         reported = self._average_over_data_parallel(self._pipeline_loss(losses))
@@ -199,6 +200,12 @@ class Trainer:
         if self.config.parallel.overlap_param_gather:
             for ddp in self.ddp_chunks:
                 ddp.start_param_sync(force_sync=True)
+
+    def padded_tokens_per_sample(self) -> int:
+        """The sequence the model runs on: padded to split evenly over CP (and TP under sequence parallel)."""
+        from ..parallel.context import padded_sequence_length
+
+        return padded_sequence_length(self.tokens_per_sample(), self.model.config)
 
     def tokens_per_sample(self) -> int:
         m, d = self.config.model, self.config.data

@@ -53,7 +53,7 @@ LAYOUTS = {
 
 
 def train_layout(rank: int, world_size: int, overrides: tuple = (), steps: range = range(STEPS),
-                 resume_from: str | None = None, save_to: str | None = None) -> dict:
+                 resume_from: str | None = None, save_to: str | None = None, matrix_scale: float = 1.0) -> dict:
     """Train `steps` at the layout given by `overrides`, optionally resuming from / saving a checkpoint."""
     from cogvx_mega.config import load_config
     from cogvx_mega.data.latent_dataset import rank_batch, synthetic_dataset_for
@@ -67,6 +67,12 @@ def train_layout(rank: int, world_size: int, overrides: tuple = (), steps: range
     chunks = build_model_chunks(config.model, config.parallel, device="cpu", seed=config.training.seed,
                                 recompute=config.training.recompute,
                                 recompute_num_layers=config.training.recompute_num_layers)
+    if matrix_scale != 1.0:  # larger weights make attention dominate (same transform at every layout)
+        with torch.no_grad():
+            for chunk in chunks:
+                for param in chunk.parameters():
+                    if param.dim() >= 2:
+                        param.mul_(matrix_scale)
     trainer = Trainer(config, dims, chunks, synthetic_dataset_for(config), run_dir=save_to or "/tmp/cogvx-layout-test")
     if resume_from:
         trainer.load(resume_from)
@@ -115,3 +121,36 @@ def test_layout_matches_single_process(layout, single_process):
         for step, ((loss, norm), (ref_loss, ref_norm)) in enumerate(zip(result["history"], single_process["history"])):
             assert loss == pytest.approx(ref_loss, rel=1e-5), f"{layout} rank {rank} step {step} loss"
             assert norm == pytest.approx(ref_norm, rel=1e-5), f"{layout} rank {rank} step {step} grad norm"
+
+
+# A 15-token text makes 63 tokens, which do not split into 2 x CP or over TP under sequence parallel:
+# the model pads to 64 and masks the pad as attention keys and in the loss.
+ODD_TEXT = "model.max_text_seq_length=15"
+PADDED_LAYOUTS = {
+    "cp2-ulysses-padded": layout(2, 1, 1, 2, ODD_TEXT),
+    "cp2-allgather-padded": layout(2, 1, 1, 2, ODD_TEXT, "parallel.context_parallel_attention=all_gather"),
+    "tp2-sp-padded": layout(2, 2, 1, 1, ODD_TEXT, "parallel.sequence_parallel=true"),
+    "pp2-cp2-padded": layout(4, 1, 2, 2, ODD_TEXT),
+}
+
+
+# At the default init (std 0.02) the gated attention branch barely moves the loss, so an unmasked pad
+# key would hide under the tolerance; std 0.2 matrices make attention matter.
+MATRIX_SCALE = 10.0
+
+
+@pytest.fixture(scope="module")
+def single_process_odd_text():
+    return run_ranks(1, train_layout, (ODD_TEXT,), range(STEPS), None, None, MATRIX_SCALE)[0]
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("layout_name", sorted(PADDED_LAYOUTS))
+def test_padded_layout_matches_single_process(layout_name, single_process_odd_text):
+    spec = PADDED_LAYOUTS[layout_name]
+    results = run_ranks(spec["world"], train_layout, tuple(spec["overrides"]), range(STEPS), None, None, MATRIX_SCALE)
+    for rank, result in enumerate(results):
+        for step, ((loss, norm), (ref_loss, ref_norm)) in enumerate(
+                zip(result["history"], single_process_odd_text["history"])):
+            assert loss == pytest.approx(ref_loss, rel=1e-5), f"{layout_name} rank {rank} step {step} loss"
+            assert norm == pytest.approx(ref_norm, rel=1e-5), f"{layout_name} rank {rank} step {step} grad norm"
