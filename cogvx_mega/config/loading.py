@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import tomllib
 import typing
@@ -114,7 +113,3 @@ def write_resolved_config(config: Config, run_dir: str) -> Path:
     tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     os.replace(tmp, path)
     return path
-
-
-def config_to_json(config: Config) -> str:
-    return json.dumps(config.to_dict(), indent=2)

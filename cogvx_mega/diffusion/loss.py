@@ -39,8 +39,3 @@ def make_training_batch(latents: Tensor, text_embeds: Tensor, noise: Tensor, tim
     if text_drop_mask is not None:
         text_embeds = drop_text(text_embeds, text_drop_mask.to(text_embeds.device))
     return NoisedBatch(noisy, target, text_embeds, timesteps)
-
-
-def v_prediction_loss(prediction: Tensor, target: Tensor) -> Tensor:
-    """mean((v̂ - v)²) in fp32."""
-    return torch.mean((prediction.float() - target.float()) ** 2)

@@ -1,5 +1,6 @@
-"""Project checkpoints: a folder with `cogvx_checkpoint.json` (format, model config, step) and
-`model.safetensors` (megatron parameter names, unsharded), plus optimizer/trainer state for training.
+"""Project checkpoints: a folder with `cogvx_checkpoint.json` (format, model config, step) and either
+`model.safetensors` (format single-v1: megatron parameter names, unsharded; what the converters write)
+or megatron torch_dist shards of model and optimizer (format torch-dist-v1: what training writes).
 
 Every folder is written into a temporary sibling and renamed into place, so a reader never sees a
 half-written checkpoint and a run killed mid-save keeps its previous one.
@@ -22,7 +23,6 @@ from ..config.schema import ConfigError, ModelConfig, model_config_from_dict
 FORMAT = "cogvx-mega/single-v1"
 META_FILE = "cogvx_checkpoint.json"
 MODEL_FILE = "model.safetensors"
-TRAINER_FILE = "trainer_state.pt"
 STEP_PREFIX = "step_"
 
 
@@ -52,7 +52,7 @@ def is_project_checkpoint(path: str | os.PathLike) -> bool:
 
 
 def save_project_checkpoint(path: str | os.PathLike, model_config: ModelConfig, state: dict,
-                            step: int = 0, trainer_state: Optional[dict] = None, extra: Optional[dict] = None) -> Path:
+                            step: int = 0, extra: Optional[dict] = None) -> Path:
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()
@@ -60,8 +60,6 @@ def save_project_checkpoint(path: str | os.PathLike, model_config: ModelConfig, 
     meta = {"format": FORMAT, "step": step, "model": dataclasses.asdict(model_config), **(extra or {})}
     with atomic_directory(path) as tmp:
         save_file(tensors, str(tmp / MODEL_FILE))
-        if trainer_state is not None:
-            torch.save(trainer_state, tmp / TRAINER_FILE)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))  # written last: marks the folder complete
     return Path(path)
 
@@ -94,11 +92,6 @@ def _gather_sharded_model(folder: Path, meta: dict) -> tuple[ModelConfig, dict, 
     load_sharded_checkpoint(folder, [model])
     state = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
     return model_config, state, meta
-
-
-def read_trainer_state(path: str | os.PathLike) -> Optional[dict]:
-    file = Path(path) / TRAINER_FILE
-    return torch.load(file, map_location="cpu", weights_only=False) if file.is_file() else None
 
 
 def step_folder(run_dir: str | os.PathLike, step: int) -> Path:
