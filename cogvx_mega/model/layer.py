@@ -22,6 +22,8 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 from megatron.core.utils import make_viewless_tensor
 from torch import Tensor, nn
 
+from ..parallel.context import context_parallel_attention, sdpa
+
 # Order of the 12 modulation chunks of one layer: the attention half, then the FFN half
 # (the same order as diffusers' norm1.linear followed by norm2.linear).
 MODULATION_NAMES = ("shift", "scale", "gate", "text_shift", "text_scale", "text_gate")
@@ -80,8 +82,6 @@ class SDPACoreAttention(MegatronModule):
         if packed_seq_params is not None:
             raise NotImplementedError("packed sequences need the te backend or the packing attention (not built yet)")
         seq, batch, heads, head_dim = query.shape
-        from ..parallel.context import context_parallel_attention, sdpa
-
         # attention_mask: None, or key_valid [s] (True on real tokens, False on sequence padding)
         if self.context_parallel:  # q/k/v hold this CP rank's tokens
             out = context_parallel_attention(query, key, value, self.context_parallel_kind, self.softmax_scale,

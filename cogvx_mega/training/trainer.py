@@ -6,6 +6,7 @@ single process holding the whole global batch.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -18,15 +19,14 @@ import torch.distributed as dist
 
 from ..config.schema import Config, ConfigError
 from ..diffusion.loss import NoisedBatch, make_training_batch
-from .objective import v_prediction_token_loss
 from ..diffusion.schedule import schedule_from_config
 from ..diffusion.timesteps import sample_timesteps, step_generator
 from ..parallel.state import ParallelDims, data_parallel_group
 from . import checkpoint as ckpt
+from .objective import v_prediction_token_loss
 
 logger = logging.getLogger(__name__)
 
-NOISED_FIELDS = ("noisy_latents", "target", "text_embeds", "timesteps")
 _NOISE_STREAM = 0x4E01
 _TEXT_DROP_STREAM = 0x7D02
 
@@ -174,7 +174,8 @@ class Trainer:
                                      to_device(randomness["timesteps"]), self.alphas_cumprod,
                                      to_device(randomness["text_drop_mask"]))
         micro = t.micro_batch_size
-        micro_batches = [NoisedBatch(*(getattr(noised, f)[i * micro:(i + 1) * micro] for f in NOISED_FIELDS))
+        micro_batches = [NoisedBatch(**{f.name: getattr(noised, f.name)[i * micro:(i + 1) * micro]
+                                        for f in dataclasses.fields(NoisedBatch)})
                          for i in range(self.micro_batches)]
         # every virtual chunk walks the same micro-batches
         iterators = [iter(micro_batches) for _ in self.ddp_chunks]
@@ -259,10 +260,8 @@ class Trainer:
         self.finish_parameter_sync()
         path = ckpt.save_sharded_checkpoint(ckpt.step_folder(self.run_dir, self.step), self.ddp_chunks, self.optimizer,
                                             self.step, self.config.model, extra={"preset": self.config.preset})
-        if self.dims.is_logging_rank:
+        if self.dims.is_logging_rank:  # the save ended with a barrier: every rank is past the old checkpoints
             ckpt.prune_checkpoints(self.run_dir, self.config.training.keep_checkpoints)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.barrier()
         return path
 
     def load(self, path: str) -> None:
