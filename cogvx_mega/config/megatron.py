@@ -67,6 +67,7 @@ def build_transformer_config(model: ModelConfig, parallel: Optional[ParallelConf
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
         context_parallel_size=parallel.context_parallel_size,
         cp_comm_type=parallel.context_parallel_attention if parallel.context_parallel_size > 1 else None,
+        hierarchical_context_parallel_sizes=parallel.hierarchical_context_parallel_sizes,
         sequence_parallel=parallel.sequence_parallel,
         num_layers_in_first_pipeline_stage=parallel.num_layers_in_first_pipeline_stage,
         num_layers_in_last_pipeline_stage=parallel.num_layers_in_last_pipeline_stage,

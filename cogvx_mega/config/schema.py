@@ -115,6 +115,9 @@ class ParallelConfig:
     context_parallel_attention: str = "a2a"
     """How attention spans the CP group: 'a2a' (Ulysses all-to-all over heads) or 'all_gather' (K/V gathered;
     any head count) on the local backend; 'p2p', 'all_gather', 'a2a' or 'a2a+p2p' with Transformer Engine."""
+    hierarchical_context_parallel_sizes: Optional[list[int]] = None
+    """For 'a2a+p2p': [a2a size, p2p size] with a product equal to context_parallel_size (e.g. [8, 2]: a2a
+    inside a node, p2p between nodes)."""
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False
     """Shard the optimizer state (and fp32 master weights) over data-parallel ranks (ZeRO-1)."""
@@ -144,10 +147,24 @@ class ParallelConfig:
         if self.context_parallel_attention not in kinds:
             raise ConfigError("parallel.context_parallel_attention", self.context_parallel_attention,
                               f"the {model.backend} backend offers {', '.join(kinds)}")
-        if cp > 1 and self.context_parallel_attention.startswith("a2a") and (model.num_attention_heads // tp) % cp:
+        if cp > 1 and self.context_parallel_attention == "a2a" and (model.num_attention_heads // tp) % cp:
             raise ConfigError("parallel.context_parallel_size", cp,
                               f"Ulysses (a2a) splits the {model.num_attention_heads // tp} heads of each TP rank over "
                               f"CP: use a CP size dividing them, or parallel.context_parallel_attention=all_gather")
+        hierarchy = self.hierarchical_context_parallel_sizes
+        if cp > 1 and self.context_parallel_attention == "a2a+p2p":
+            if (not isinstance(hierarchy, list) or len(hierarchy) != 2
+                    or not all(isinstance(n, int) and n > 0 for n in hierarchy) or hierarchy[0] * hierarchy[1] != cp):
+                raise ConfigError("parallel.hierarchical_context_parallel_sizes", hierarchy,
+                                  f"a2a+p2p needs [a2a size, p2p size] with product context_parallel_size={cp}, "
+                                  f"e.g. [{cp // 2 if cp % 2 == 0 else 1}, {2 if cp % 2 == 0 else cp}]")
+            if (model.num_attention_heads // tp) % hierarchy[0]:
+                raise ConfigError("parallel.hierarchical_context_parallel_sizes", hierarchy,
+                                  f"the a2a level splits the {model.num_attention_heads // tp} heads of each TP rank: "
+                                  f"its size {hierarchy[0]} must divide them")
+        elif hierarchy is not None:
+            raise ConfigError("parallel.hierarchical_context_parallel_sizes", hierarchy,
+                              "only parallel.context_parallel_attention=a2a+p2p with CP > 1 uses it; remove it")
         if self.sequence_parallel and tp == 1:
             raise ConfigError("parallel.sequence_parallel", True, "sequence parallel needs tensor_model_parallel_size > 1")
         vpp = self.virtual_pipeline_model_parallel_size
@@ -285,6 +302,9 @@ class TrainingConfig:
     save_interval: int = 0
     """Save a checkpoint every N steps (0: only at the end)."""
     keep_checkpoints: int = 2
+    async_save: bool = False
+    """Write checkpoints in a background process (megatron's async torch_dist save): training goes on
+    while the shards are written; the checkpoint is renamed into place when every rank has finished."""
     run_dir: str = "runs/default"
 
     def micro_batches_per_step(self, data_parallel_size: int) -> int:

@@ -14,7 +14,7 @@ from megatron.core.transformer.transformer_block import (TransformerBlock, Trans
 from torch import Tensor, nn
 
 from ..config.schema import ModelConfig
-from ..parallel.context import gather_sequence, padded_sequence_length, split_sequence
+from ..parallel.context import gather_sequence, padded_sequence_length, sequence_split_unit, split_sequence
 from ..parallel.sequence import gather_tokens, local_tokens, mark_sequence_parallel, scatter_tokens
 from .layer import LayerNorm
 from .layer_spec import layer_spec_for
@@ -215,6 +215,10 @@ class CogVideoXTransformer(MegatronModule):
         text_length = text_embeds.shape[1]
         seq = self.sequence_length(t, h, w, text_length)
         padded = padded_sequence_length(seq, self.config)  # CP / SP split evenly; the pad is masked everywhere
+        if padded != seq and self.model_config.backend == "te":
+            raise ValueError(f"model.backend=te: the joint sequence has {seq} tokens ({text_length} text), not a "
+                             f"multiple of {sequence_split_unit(self.config)} as the CP/SP split needs; change the "
+                             f"text length or latent size, or use model.backend=local (which pads and masks)")
         if self.pre_process:
             hidden = self.patch_embed(text_embeds, latents).transpose(0, 1)  # [s, b, h]
             hidden = torch.nn.functional.pad(hidden, (0, 0, 0, 0, 0, padded - seq)).contiguous()  # [S, b, h]

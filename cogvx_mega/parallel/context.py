@@ -30,9 +30,14 @@ def padded_sequence_length(seq_length: int, config) -> int:
 
     Sequences that do not split evenly are padded at the end; the pad tokens are masked out of every
     attention as keys and out of the loss, so the result equals the unpadded computation."""
-    unit = (2 * config.context_parallel_size if config.context_parallel_size > 1 else 1) * (
-        config.tensor_model_parallel_size if config.sequence_parallel else 1)
+    unit = sequence_split_unit(config)
     return -(-seq_length // unit) * unit
+
+
+def sequence_split_unit(config) -> int:
+    """The sequence length must be a multiple of this to split over CP (load-balanced) and SP."""
+    return (2 * config.context_parallel_size if config.context_parallel_size > 1 else 1) * (
+        config.tensor_model_parallel_size if config.sequence_parallel else 1)
 
 
 def local_token_indices(seq_length: int, cp_size: int, cp_rank: int, device=None) -> Tensor:

@@ -80,6 +80,7 @@ def initialize_parallel(parallel: Optional[ParallelConfig] = None, device: str =
             pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
             virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
             context_parallel_size=parallel.context_parallel_size,
+            hierarchical_context_parallel_sizes=parallel.hierarchical_context_parallel_sizes,
         )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     torch.manual_seed(seed)

@@ -14,7 +14,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -139,10 +139,16 @@ def _barrier() -> None:
 
 
 def save_sharded_checkpoint(path: str | os.PathLike, model_chunks, optimizer, step: int, model_config: ModelConfig,
-                            extra: Optional[dict] = None) -> Path:
+                            extra: Optional[dict] = None, async_queue=None,
+                            on_complete: Optional[Callable[[], None]] = None) -> Path:
     """Every rank writes its shards into a hidden temporary folder; rank 0 then adds the metadata (which
     marks the checkpoint complete) and renames it into place. A run killed mid-save leaves only the
-    temporary folder, which no reader lists and the next save of that step replaces."""
+    temporary folder, which no reader lists and the next save of that step replaces.
+
+    With `async_queue` (megatron's `AsyncCallsQueue`) the state is snapshotted now, the shards are written
+    by a background process and the metadata + rename (then `on_complete`) run when the queue finalizes
+    the request on every rank; until then the checkpoint does not exist for readers.
+    """
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
@@ -156,15 +162,26 @@ def save_sharded_checkpoint(path: str | os.PathLike, model_chunks, optimizer, st
     model_state = _model_sharded_state(model_chunks)
     state = {**model_state, "step": step,
              "optimizer": optimizer.sharded_state_dict(model_state, is_loading=False, metadata=OPTIMIZER_METADATA)}
-    dist_checkpointing.save(state, str(tmp))
-    _barrier()
-    if is_writer:
-        meta = {"format": SHARDED_FORMAT, "step": step, "model": dataclasses.asdict(model_config), **(extra or {})}
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    _barrier()
+
+    def complete() -> None:
+        _barrier()
+        if is_writer:
+            meta = {"format": SHARDED_FORMAT, "step": step, "model": dataclasses.asdict(model_config), **(extra or {})}
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        _barrier()
+        if on_complete is not None:
+            on_complete()
+
+    if async_queue is None:
+        dist_checkpointing.save(state, str(tmp))
+        complete()
+    else:
+        request = dist_checkpointing.save(state, str(tmp), async_sharded_save=True)
+        request.add_finalize_fn(complete)
+        async_queue.schedule_async_request(request)
     return final
 
 

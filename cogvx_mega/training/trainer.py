@@ -101,6 +101,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.ddp_chunks, config)
         self.alphas_cumprod = schedule_from_config(config.diffusion)
         self.step = 0
+        self._async_saves = None  # megatron AsyncCallsQueue, created by the first async save
 
     def _average_over_data_parallel(self, value: torch.Tensor) -> torch.Tensor:
         if self.dims.data_parallel_size > 1:
@@ -249,20 +250,42 @@ class Trainer:
                 on_step(metrics)
             if t.save_interval and self.step % t.save_interval == 0 and self.step < t.steps:
                 self.save()
+            self.finalize_saves()
         if progress is not None:
             progress.close()
         self.save()
+        self.finalize_saves(blocking=True)
         return history
 
     # --- checkpoints -------------------------------------------------------------------------------
     def save(self) -> Path:
-        """A sharded checkpoint of model, optimizer and step at run_dir/checkpoints/step_<N>/ (all ranks take part)."""
+        """A sharded checkpoint of model, optimizer and step at run_dir/checkpoints/step_<N>/ (all ranks take part).
+
+        With training.async_save the shards are written in the background and the folder appears when the
+        save is finalized (`finalize_saves`, called every step and at the end of `fit`). One save is in
+        flight at a time: a new save first waits for the previous one.
+        """
         self.finish_parameter_sync()
-        path = ckpt.save_sharded_checkpoint(ckpt.step_folder(self.run_dir, self.step), self.ddp_chunks, self.optimizer,
-                                            self.step, self.config.model, extra={"preset": self.config.preset})
-        if self.dims.is_logging_rank:  # the save ended with a barrier: every rank is past the old checkpoints
+        queue = None
+        if self.config.training.async_save:
+            self.finalize_saves(blocking=True)
+            if self._async_saves is None:
+                from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+                self._async_saves = AsyncCallsQueue()
+            queue = self._async_saves
+        return ckpt.save_sharded_checkpoint(ckpt.step_folder(self.run_dir, self.step), self.ddp_chunks, self.optimizer,
+                                            self.step, self.config.model, extra={"preset": self.config.preset},
+                                            async_queue=queue, on_complete=self._prune_checkpoints)
+
+    def _prune_checkpoints(self) -> None:
+        if self.dims.is_logging_rank:  # runs after the save's closing barrier: every rank is past the old ones
             ckpt.prune_checkpoints(self.run_dir, self.config.training.keep_checkpoints)
-        return path
+
+    def finalize_saves(self, blocking: bool = False) -> None:
+        """Complete the asynchronous saves whose shards are written on every rank (all ranks call this)."""
+        if self._async_saves is not None:
+            self._async_saves.maybe_finalize_async_calls(blocking=blocking)
 
     def load(self, path: str) -> None:
         """Resume from a checkpoint saved at any layout; a single-file checkpoint (e.g. converted from

@@ -53,8 +53,10 @@ LAYOUTS = {
 
 
 def train_layout(rank: int, world_size: int, overrides: tuple = (), steps: range = range(STEPS),
-                 resume_from: str | None = None, save_to: str | None = None, matrix_scale: float = 1.0) -> dict:
-    """Train `steps` at the layout given by `overrides`, optionally resuming from / saving a checkpoint."""
+                 resume_from: str | None = None, save_to: str | None = None, matrix_scale: float = 1.0,
+                 save_at: int | None = None) -> dict:
+    """Train `steps` at the layout given by `overrides`, optionally resuming from / saving a checkpoint
+    (at the end, or when the trainer reaches step `save_at`; an async save is finalized at the end)."""
     from cogvx_mega.config import load_config
     from cogvx_mega.data.latent_dataset import rank_batch, synthetic_dataset_for
     from cogvx_mega.model.transformer import build_model_chunks
@@ -79,6 +81,7 @@ def train_layout(rank: int, world_size: int, overrides: tuple = (), steps: range
         assert trainer.step == steps.start
     samples = trainer.samples_per_rank
     history = []
+    visible_before_finalize = None  # whether the saved folder existed before the (async) save was finalized
     for step in steps:
         batch = rank_batch(trainer.dataset, step, samples, dims.data_parallel_rank, dims.data_parallel_size,
                            config.training.seed)
@@ -87,8 +90,11 @@ def train_layout(rank: int, world_size: int, overrides: tuple = (), steps: range
         batch.update({k: v[mine] for k, v in fixed.items()})
         metrics = trainer.train_step(batch)
         history.append((metrics["loss"], metrics["grad_norm"]))
-    if save_to:
-        trainer.save()
+        if save_to and trainer.step == save_at:
+            visible_before_finalize = trainer.save().exists()
+    if save_to and save_at is None:
+        visible_before_finalize = trainer.save().exists()
+    trainer.finalize_saves(blocking=True)
     trainer.finish_parameter_sync()
     # The timestep embedding is replicated on every pipeline chunk; its copies must all follow the
     # single-process weights (Adam moves them by ~lr per step, so a wrong gradient shows at once).
@@ -101,7 +107,8 @@ def train_layout(rank: int, world_size: int, overrides: tuple = (), steps: range
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     planned = sum(plan.parameters_per_tp_rank for plan in plan_layout(config) if plan.pipeline_rank == pp_rank)
     actual = sum(p.numel() for chunk in chunks for p in chunk.parameters())
-    return {"history": history, "conditioning": conditioning, "planned": planned, "actual": actual}
+    return {"history": history, "conditioning": conditioning, "planned": planned, "actual": actual,
+            "visible_before_finalize": visible_before_finalize}
 
 
 @pytest.fixture(scope="module")

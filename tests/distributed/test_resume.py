@@ -21,6 +21,10 @@ RESUMES = {
     "tp2-dp2-distributed-optimizer-to-tp1-dp2": (
         {"world": 4, "overrides": ["parallel.tensor_model_parallel_size=2", "parallel.use_distributed_optimizer=true"]},
         {"world": 2, "overrides": [*SINGLE, "parallel.use_distributed_optimizer=true"]}),
+    # The async save snapshots step 3 and the run trains a 4th step while the shards are written.
+    "tp2-async-save-to-tp1": (
+        {**LAYOUTS["tp2"], "overrides": [*LAYOUTS["tp2"]["overrides"], "training.async_save=true"], "steps": 4},
+        {"world": 1, "overrides": list(SINGLE)}),
 }
 
 
@@ -33,7 +37,11 @@ def uninterrupted():
 @pytest.mark.parametrize("case", sorted(RESUMES))
 def test_resume_matches_uninterrupted_run(case, uninterrupted, tmp_path):
     before, after = RESUMES[case]
-    run_ranks(before["world"], train_layout, tuple(before["overrides"]), range(3), None, str(tmp_path))
+    saved = run_ranks(before["world"], train_layout, tuple(before["overrides"]), range(before.get("steps", 3)), None,
+                      str(tmp_path), 1.0, 3)
+    is_async = "training.async_save=true" in before["overrides"]
+    # an async checkpoint appears only when finalized; a synchronous one as soon as save() returns
+    assert all(rank["visible_before_finalize"] is not is_async for rank in saved), case
     checkpoint = str(tmp_path / "checkpoints" / "step_00000003")
     resumed = run_ranks(after["world"], train_layout, tuple(after["overrides"]), range(3, 6), checkpoint)
     for rank, result in enumerate(resumed):

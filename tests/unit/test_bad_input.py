@@ -25,6 +25,10 @@ from cogvx_mega.config import ConfigError, load_config
     ("tiny", ["training.lr=fast"], "training.lr", "number"),
     ("cogvideox1.5-5b", ["data.num_frames=73"], "data.num_frames", "patch_size_t=2"),
     ("tiny", ["parallel.pipeline_model_parallel_size=3"], "parallel.pipeline_model_parallel_size", "num_layers=8"),
+    ("tiny", ["training.device=cuda", "model.backend=te", "parallel.context_parallel_size=4",
+              "parallel.context_parallel_attention=a2a+p2p"], "parallel.hierarchical_context_parallel_sizes", "[2, 2]"),
+    ("tiny", ["parallel.hierarchical_context_parallel_sizes=[2, 2]"], "parallel.hierarchical_context_parallel_sizes",
+     "a2a+p2p"),
 ])
 def test_invalid_config_values_name_field_and_fix(preset, overrides, field, hint):
     with pytest.raises(ConfigError) as error:
