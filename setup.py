@@ -15,11 +15,14 @@ packages = [
     "cogvx_mega.parallel",
     "cogvx_mega.diffusion",
     "cogvx_mega.training",
+    "cogvx_mega.vae",
 ]
 package_dir = {"cogvx_mega": "cogvx_mega"}
 for name, folder in TOP_LEVEL_SUBPACKAGES.items():
     packages.append(f"cogvx_mega.{name}")
     package_dir[f"cogvx_mega.{name}"] = folder
+packages.append("cogvx_mega.kernels.causal_pad")
+package_dir["cogvx_mega.kernels.causal_pad"] = "kernels/causal_pad"
 
 setup(
     name="cogvx-mega",
@@ -42,7 +45,9 @@ setup(
     extras_require={
         "gpu": ["transformer-engine[pytorch]", "nvidia-dali-cuda130", "pynvml"],
         "flash": ["flash-attn"],
-        "test": ["pytest", "pytest-timeout", "diffusers==0.42.1", "transformers", "sentencepiece"],
+        "video": ["av"],  # `cogvx vae encode|decode` reads and writes video files with PyAV
+        "triton": ["triton"],  # the Triton kernels on CPU (TRITON_INTERPRET=1); CUDA torch wheels bring it
+        "test": ["pytest", "pytest-timeout", "diffusers==0.42.1", "transformers", "sentencepiece", "av", "triton"],
     },
     entry_points={"console_scripts": ["cogvx = cogvx_mega.cli:main"]},
 )

@@ -1,0 +1,8 @@
+"""Boundary input of a causal temporal convolution: [k-1 halo frames ; the first frames of the shard].
+
+`ref.py` is the torch reference, `triton.py` the kernel, `op.py` the custom op with autograd and the one
+place that picks between them. Used by the context-parallel and chunked VAE (`cogvx_mega.vae`).
+"""
+from .op import causal_boundary_input
+
+__all__ = ["causal_boundary_input"]
