@@ -14,4 +14,13 @@ def from_pretrained(path, device="cpu", dtype=None, backend="local"):
     return _from_pretrained(path, device=device, dtype=dtype or torch.float32, backend=backend)
 
 
-__all__ = ["from_pretrained", "__version__"]
+def load_vae(path, device="cpu", dtype=None):
+    """See `cogvx_mega.api.load_vae`."""
+    import torch
+
+    from .api import load_vae as _load_vae
+
+    return _load_vae(path, device=device, dtype=dtype or torch.float32)
+
+
+__all__ = ["from_pretrained", "load_vae", "__version__"]

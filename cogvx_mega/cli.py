@@ -5,6 +5,11 @@
     cogvx convert diffusers-to-project SRC DST
     cogvx convert project-to-diffusers SRC DST
     cogvx convert sat-to-project SRC DST --preset NAME [--config FILE] [overrides]
+    cogvx convert vae-diffusers-to-project | vae-project-to-diffusers SRC DST
+    cogvx convert vae-sat-to-project SRC DST [--preset NAME]
+    cogvx vae encode VIDEO LATENTS --vae PATH [--frames N] [--sample] [--chunk-frames N]
+    cogvx vae decode LATENTS VIDEO --vae PATH [--chunk-frames N] [--fps F]
+    (under torchrun, `cogvx vae` splits time over all ranks: context parallel)
 
 Errors a user can cause print one line, `cogvx: error: ...`, and exit with status 2 before anything is written.
 """
@@ -141,6 +146,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise ConfigError("SOURCE", args.source, "no such file or folder")
     if os.path.exists(args.destination) and not args.overwrite:
         raise ConfigError("DESTINATION", args.destination, "already exists; pass --overwrite or another path")
+    if args.direction.startswith("vae-"):
+        return _convert_vae(args)
     if args.direction == "diffusers-to-project":
         if is_project_checkpoint(args.source):
             raise ConfigError("SOURCE", args.source, "is a cogvx-mega checkpoint; use project-to-diffusers")
@@ -166,6 +173,82 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert_vae(args: argparse.Namespace) -> int:
+    from .config.schema import ConfigError
+    from .tools import convert
+    from .training.checkpoint import is_project_checkpoint
+    from .vae import vae_preset
+
+    if args.direction == "vae-diffusers-to-project":
+        if is_project_checkpoint(args.source):
+            raise ConfigError("SOURCE", args.source, "is a cogvx-mega checkpoint; use vae-project-to-diffusers")
+        config, state = convert.read_diffusers_vae_folder(args.source)
+        convert.save_vae_checkpoint(args.destination, state, config, extra={"converted_from": "diffusers"})
+    elif args.direction == "vae-project-to-diffusers":
+        config, state = convert.read_vae_checkpoint(args.source)
+        convert.write_diffusers_vae_folder(state, config, args.destination)
+    else:  # vae-sat-to-project: SAT VAE checkpoints carry no config; the architecture is CogVideoX's
+        config = vae_preset(args.preset or "cogvideox-2b")
+        state = convert.sat_vae_to_project(convert.read_sat_state(args.source), config)
+        convert.save_vae_checkpoint(args.destination, state, config, extra={"converted_from": "sat"})
+    print(f"wrote {args.destination}")
+    return 0
+
+
+def cmd_vae(args: argparse.Namespace) -> int:
+    """Encode a video file to a latent file or back; context parallel over all ranks under torchrun."""
+    import torch
+
+    from .api import load_vae
+    from .config.schema import ConfigError
+    from .vae import io
+
+    if os.path.exists(args.output) and not args.overwrite:
+        raise ConfigError("OUTPUT", args.output, "already exists; pass --overwrite or another path")
+    if args.chunk_frames is not None and args.chunk_frames < 1:
+        raise ConfigError("--chunk-frames", args.chunk_frames, "use a positive number of latent frames")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    group = _vae_process_group(device)
+    if group is not None and args.chunk_frames is not None:
+        raise ConfigError("--chunk-frames", args.chunk_frames, "chunked mode is for one process; under torchrun "
+                                                               "time is split over the ranks instead")
+    vae = load_vae(args.vae, device=device)
+    is_writer = group is None or torch.distributed.get_rank() == 0
+    with torch.no_grad():
+        if args.action == "encode":
+            video, fps = io.read_video(args.input, args.frames)
+            latents = vae.encode(video.to(device), sample=args.sample, chunk_frames=args.chunk_frames,
+                                 group=group, gather=True,
+                                 generator=torch.Generator(device).manual_seed(args.seed) if args.sample else None)
+            if is_writer:
+                io.save_latents(args.output, latents, {"fps": fps, "frames": video.shape[2],
+                                                       "scaling_factor": vae.config.scaling_factor,
+                                                       "scaled": False, "vae": os.path.abspath(args.vae)})
+        else:
+            latents, metadata = io.load_latents(args.input)
+            video = vae.decode(latents.to(device=device, dtype=torch.float32), chunk_frames=args.chunk_frames,
+                               group=group, gather=True)
+            if is_writer:
+                io.write_video(args.output, video.cpu(), fps=args.fps or metadata.get("fps", 8.0))
+    if is_writer:
+        print(f"wrote {args.output}")
+    return 0
+
+
+def _vae_process_group(device: str):
+    """The world group when launched by torchrun with more than one rank (all ranks split time)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        if device == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    return dist.group.WORLD
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cogvx", description="CogVideoX training on megatron-core")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -181,18 +264,36 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     convert = sub.add_parser("convert", help="convert checkpoints between diffusers, SAT and cogvx-mega")
-    convert.add_argument("direction", choices=("diffusers-to-project", "project-to-diffusers", "sat-to-project"))
+    convert.add_argument("direction", choices=("diffusers-to-project", "project-to-diffusers", "sat-to-project",
+                                               "vae-diffusers-to-project", "vae-project-to-diffusers",
+                                               "vae-sat-to-project"))
     convert.add_argument("source")
     convert.add_argument("destination")
     convert.add_argument("--overwrite", action="store_true")
     _add_config_arguments(convert, with_training=False)
     convert.set_defaults(func=cmd_convert)
+
+    vae = sub.add_parser("vae", help="encode a video to latents or decode latents to a video with the 3D VAE")
+    vae.add_argument("action", choices=("encode", "decode"))
+    vae.add_argument("input", help="encode: a video file; decode: a latent file (.safetensors)")
+    vae.add_argument("output", help="encode: the latent file to write; decode: the video file (.mp4)")
+    vae.add_argument("--vae", required=True, help="diffusers AutoencoderKLCogVideoX folder or cogvx-mega VAE checkpoint")
+    vae.add_argument("--frames", type=int, default=None, help="encode only the first N frames (N = 1 + 4k)")
+    vae.add_argument("--sample", action="store_true", help="draw from the posterior instead of its mean")
+    vae.add_argument("--seed", type=int, default=0)
+    vae.add_argument("--chunk-frames", type=int, default=None,
+                     help="one process: walk time N latent frames at a time (long clips on one GPU)")
+    vae.add_argument("--fps", type=float, default=None)
+    vae.add_argument("--device", choices=("cpu", "cuda"), default=None)
+    vae.add_argument("--overwrite", action="store_true")
+    vae.set_defaults(func=cmd_vae)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from .config.schema import ConfigError
     from .tools.convert import ConversionError
+    from .vae.time_split import VAEInputError
 
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -210,7 +311,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logger.propagate = False
     try:
         return args.func(args)
-    except (ConfigError, ConversionError, FileNotFoundError) as error:
+    except (ConfigError, ConversionError, FileNotFoundError, VAEInputError) as error:
         print(f"cogvx: error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import VAEConfig
-from .time_split import ChunkedTime, ContextParallelTime, TimeSplit, gather_time, shard_sizes
+from .time_split import ChunkedTime, ContextParallelTime, TimeSplit, VAEInputError, gather_time, shard_sizes
 
 
 class CausalConv3d(nn.Module):
@@ -89,7 +89,7 @@ class Downsample3D(nn.Module):
             keep_first = split.keeps_first_frame()
             body = x[:, :, 1:] if keep_first else x
             if body.shape[2] % 2:
-                raise ValueError(f"temporal downsampling got {body.shape[2]} frames to pool in pairs; the clip "
+                raise VAEInputError(f"temporal downsampling got {body.shape[2]} frames to pool in pairs; the clip "
                                  f"needs 1 + 4k frames")
             b, c, t, h, w = body.shape
             pooled = body.reshape(b, c, t // 2, 2, h, w).mean(dim=3) if t else body
@@ -291,20 +291,20 @@ class CogVideoXVAE(nn.Module):
     def _check_video(self, video: torch.Tensor) -> None:
         c = self.config
         if video.dim() != 5 or video.shape[1] != c.in_channels:
-            raise ValueError(f"video of shape {tuple(video.shape)}: expected [B, {c.in_channels}, T, H, W]")
+            raise VAEInputError(f"video of shape {tuple(video.shape)}: expected [B, {c.in_channels}, T, H, W]")
         frames, ratio = video.shape[2], c.temporal_compression_ratio
         if (frames - 1) % ratio:
-            raise ValueError(f"video has {frames} frames: the causal VAE needs 1 + {ratio}k frames "
+            raise VAEInputError(f"video has {frames} frames: the causal VAE needs 1 + {ratio}k frames "
                              f"(e.g. {1 + ratio * ((frames - 1) // ratio)} or {1 + ratio * ((frames - 1) // ratio + 1)})")
         factor = c.spatial_compression_ratio
         if video.shape[3] % factor or video.shape[4] % factor:
-            raise ValueError(f"video of {video.shape[3]}x{video.shape[4]} pixels: height and width must be multiples "
+            raise VAEInputError(f"video of {video.shape[3]}x{video.shape[4]} pixels: height and width must be multiples "
                              f"of {factor}")
 
     def _check_latents(self, latents: torch.Tensor) -> None:
         c = self.config
         if latents.dim() != 5 or latents.shape[1] != c.latent_channels:
-            raise ValueError(f"latents of shape {tuple(latents.shape)}: expected [B, {c.latent_channels}, T, H, W]")
+            raise VAEInputError(f"latents of shape {tuple(latents.shape)}: expected [B, {c.latent_channels}, T, H, W]")
 
 
 def posterior(moments: torch.Tensor, sample: bool = False, generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -321,7 +321,7 @@ def posterior(moments: torch.Tensor, sample: bool = False, generator: Optional[t
 def _chunks(frames: int, chunk: int) -> list[tuple[int, int]]:
     """diffusers' frame batches: the first chunk takes the remainder (frame 0 of a 1 + 4k clip, or more)."""
     if chunk < 1:
-        raise ValueError(f"chunk_frames={chunk}: use a positive number of latent frames per chunk")
+        raise VAEInputError(f"chunk_frames={chunk}: use a positive number of latent frames per chunk")
     batches = max(frames // chunk, 1)
     remainder = frames % chunk
     bounds = []

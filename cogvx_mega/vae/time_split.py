@@ -26,6 +26,10 @@ import torch.nn.functional as F
 from ..kernels.causal_pad import causal_boundary_input
 
 
+class VAEInputError(ValueError):
+    """Input the VAE cannot process (frame count, size, CP layout); the message names the value and the fix."""
+
+
 def conv_with_halo(conv: torch.nn.Conv3d, x: torch.Tensor, halo: Optional[torch.Tensor], pad: int,
                    spatial_pad: int, interior: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Causal conv of x [B, C, T, H, W] given the `pad` frames before it (None: copies of frame 0).
@@ -209,7 +213,7 @@ class ContextParallelTime(TimeSplit):
         if self.size == 1:
             return self._conv(conv, x, None, pad, spatial_pad)
         if x.shape[2] < pad:
-            raise ValueError(f"a context-parallel shard of {x.shape[2]} frames is shorter than the causal halo "
+            raise VAEInputError(f"a context-parallel shard of {x.shape[2]} frames is shorter than the causal halo "
                              f"({pad} frames): use fewer CP ranks for this clip")
         exchange = _Exchange(self.group, self._global(self.rank - 1) if self.rank > 0 else None,
                              self._global(self.rank + 1) if self.rank < self.size - 1 else None, pad)
@@ -299,7 +303,7 @@ def shard_sizes(latent_frames: int, ranks: int) -> list[int]:
     sizes[0] += first
     if min(sizes) < 2:
         most = max(1, (latent_frames - first) // 2)
-        raise ValueError(f"{latent_frames} latent frames do not fit context parallel size {ranks}: every rank "
+        raise VAEInputError(f"{latent_frames} latent frames do not fit context parallel size {ranks}: every rank "
                          f"needs at least 2 latent frames (8 video frames); use a CP size of at most {most}")
     return sizes
 

@@ -1,0 +1,90 @@
+"""Video files <-> [B, 3, T, H, W] tensors in [-1, 1] (PyAV), and latent files (safetensors), for `cogvx vae`."""
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..config.schema import ConfigError
+
+
+def _import_av():
+    try:
+        import av
+    except ImportError as error:  # pragma: no cover - depends on the extra
+        raise ConfigError("video file", None, "reading and writing video needs PyAV: pip install -e .[video]") from error
+    return av
+
+
+def read_video(path: str, frames: Optional[int] = None) -> tuple[torch.Tensor, float]:
+    """The first `frames` frames (all by default) as [1, 3, T, H, W] in [-1, 1], and the frame rate."""
+    av = _import_av()
+    if not Path(path).is_file():
+        raise ConfigError("VIDEO", path, "no such file")
+    decoded = []
+    try:
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            rate = float(stream.average_rate or 8)
+            for frame in container.decode(stream):
+                decoded.append(torch.from_numpy(frame.to_ndarray(format="rgb24")))
+                if frames is not None and len(decoded) == frames:
+                    break
+    except av.error.FFmpegError as error:
+        raise ConfigError("VIDEO", path, f"cannot be decoded ({error}); pass an mp4/mkv/webm video") from None
+    if not decoded or (frames is not None and len(decoded) < frames):
+        raise ConfigError("VIDEO", path, f"has {len(decoded)} frames, fewer than the {frames} asked for")
+    video = torch.stack(decoded).permute(3, 0, 1, 2)[None].float()  # [1, 3, T, H, W]
+    return video / 127.5 - 1.0, rate
+
+
+def write_video(path: str, video: torch.Tensor, fps: float = 8.0) -> None:
+    """Write [1, 3, T, H, W] in [-1, 1] as H.264 (yuv420p needs even sizes; odd ones are cropped by one)."""
+    av = _import_av()
+    frames = ((video[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()
+    height, width = frames.shape[1] - frames.shape[1] % 2, frames.shape[2] - frames.shape[2] % 2
+    target = Path(path)
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}{target.suffix}"
+    try:
+        with av.open(str(tmp), mode="w") as container:
+            stream = container.add_stream("libx264", rate=max(1, round(fps)))
+            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            stream.options = {"crf": "12"}
+            for array in frames:
+                frame = av.VideoFrame.from_ndarray(array[:height, :width].copy(), format="rgb24")
+                container.mux(stream.encode(frame))
+            container.mux(stream.encode())
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_latents(path: str, latents: torch.Tensor, metadata: dict) -> None:
+    from safetensors.torch import save_file
+
+    target = Path(path)
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        save_file({"latents": latents.detach().contiguous().cpu()}, str(tmp),
+                  metadata={"cogvx": json.dumps(metadata)})
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_latents(path: str) -> tuple[torch.Tensor, dict]:
+    from safetensors import safe_open
+
+    if not Path(path).is_file():
+        raise ConfigError("LATENTS", path, "no such file")
+    try:
+        with safe_open(path, framework="pt") as handle:
+            latents = handle.get_tensor("latents")
+            metadata = json.loads((handle.metadata() or {}).get("cogvx", "{}"))
+    except Exception as error:  # safetensors raises several types for a foreign file
+        raise ConfigError("LATENTS", path, f"is not a latent file written by `cogvx vae encode` ({error})") from None
+    return latents, metadata
