@@ -69,11 +69,21 @@ class ResnetBlock3D(nn.Module):
         return norm(x, zq, split) if self.spatial else split.group_norm(norm, x)
 
     def forward(self, x: torch.Tensor, split: TimeSplit, zq: Optional[torch.Tensor] = None) -> torch.Tensor:
-        h = self.conv1(F.silu(self._norm(self.norm1, x, zq, split)), split)
-        h = self.conv2(self.dropout(F.silu(self._norm(self.norm2, h, zq, split))), split)
+        # One statement per step so each intermediate is released as soon as the next exists (peak memory).
+        h = self._norm(self.norm1, x, zq, split)
+        h = _silu(h)
+        h = self.conv1(h, split)
+        h = self._norm(self.norm2, h, zq, split)
+        h = self.dropout(_silu(h))
+        h = self.conv2(h, split)
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
-        return h + x
+        return h.add_(x) if not torch.is_grad_enabled() and h.is_contiguous() else h + x
+
+
+def _silu(x: torch.Tensor) -> torch.Tensor:
+    """SiLU, in place without autograd (a norm's fresh output, used once): one activation less at the peak."""
+    return F.silu(x, inplace=not torch.is_grad_enabled())
 
 
 class Downsample3D(nn.Module):
@@ -191,7 +201,8 @@ class Encoder3D(nn.Module):
         for block in self.down_blocks:
             x = block(x, split)
         x = self.mid_block(x, split)
-        return self.conv_out(F.silu(split.group_norm(self.norm_out, x)), split)
+        x = split.group_norm(self.norm_out, x)
+        return self.conv_out(_silu(x), split)
 
 
 class Decoder3D(nn.Module):
@@ -216,7 +227,8 @@ class Decoder3D(nn.Module):
         x = self.mid_block(x, split, z)
         for block in self.up_blocks:
             x = block(x, split, z)
-        return self.conv_out(F.silu(self.norm_out(x, z, split)), split)
+        x = self.norm_out(x, z, split)
+        return self.conv_out(_silu(x), split)
 
 
 class CogVideoXVAE(nn.Module):

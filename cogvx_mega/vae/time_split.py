@@ -90,6 +90,8 @@ class TimeSplit:
         return None
 
     def group_norm(self, norm: torch.nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_contiguous():  # a causal conv's output view: normalise in place of a contiguous copy
+            return DistributedGroupNorm.apply(x, norm.weight, norm.bias, norm.num_groups, norm.eps, None)
         return F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
 
 
@@ -236,7 +238,8 @@ class ContextParallelTime(TimeSplit):
 
 class DistributedGroupNorm(torch.autograd.Function):
     """GroupNorm whose statistics cover the frames of every rank in `group` (exactly the whole-clip
-    statistics: per-rank mean and M2 combined with Chan's formula in fp64), forward and backward."""
+    statistics: per-rank mean and M2 combined with Chan's formula in fp64), forward and backward.
+    With group None it is a plain GroupNorm that reads strided input without a contiguous copy."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, groups: int, eps: float, group):
@@ -247,8 +250,10 @@ class DistributedGroupNorm(torch.autograd.Function):
         count = grouped[0, 0].numel()
         stats = torch.stack([torch.full_like(mean, count, dtype=torch.float64), mean.double(),
                              var.double() * count], dim=-1)  # [B, G, 3]: n, mean, M2
-        gathered = [torch.empty_like(stats) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(gathered, stats, group=group)
+        gathered = [stats]
+        if group is not None and dist.get_world_size(group) > 1:
+            gathered = [torch.empty_like(stats) for _ in range(dist.get_world_size(group))]
+            dist.all_gather(gathered, stats, group=group)
         stats = torch.stack(gathered)  # [R, B, G, 3]
         n = stats[..., 0]
         total = n.sum(0)
@@ -275,7 +280,8 @@ class DistributedGroupNorm(torch.autograd.Function):
         dims = tuple(range(2, x.dim()))
         # per-channel sums of g*x and g over this rank's frames, then over the group
         sums = torch.stack([(grad * x).sum(dim=dims), grad.sum(dim=dims)])  # [2, B, C]
-        dist.all_reduce(sums, group=group)
+        if group is not None and dist.get_world_size(group) > 1:
+            dist.all_reduce(sums, group=group)
         ds, db = sums[0], sums[1]
         gamma = weight if weight is not None else torch.ones(c, dtype=x.dtype, device=x.device)
         ds_g = (ds * gamma).unflatten(1, (groups, per_channel)).sum(-1)  # [B, G]
