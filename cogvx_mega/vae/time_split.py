@@ -279,7 +279,8 @@ class DistributedGroupNorm(torch.autograd.Function):
         per_channel = c // groups
         dims = tuple(range(2, x.dim()))
         # per-channel sums of g*x and g over this rank's frames, then over the group
-        sums = torch.stack([(grad * x).sum(dim=dims), grad.sum(dim=dims)])  # [2, B, C]
+        local = torch.stack([(grad * x).sum(dim=dims), grad.sum(dim=dims)])  # [2, B, C]
+        sums = local.clone()
         if group is not None and dist.get_world_size(group) > 1:
             dist.all_reduce(sums, group=group)
         ds, db = sums[0], sums[1]
@@ -295,8 +296,10 @@ class DistributedGroupNorm(torch.autograd.Function):
             + c3.repeat_interleave(per_channel, dim=1).view(view)
         mean_c = mean.repeat_interleave(per_channel, dim=1)
         rstd_c = rstd.repeat_interleave(per_channel, dim=1)
-        grad_weight = ((ds - mean_c * db) * rstd_c).sum(0) if weight is not None else None
-        grad_bias = db.sum(0) if ctx.has_bias else None
+        # parameter gradients from this rank's frames only, like every other parameter's: the sum over
+        # the CP group (the data-parallel x context-parallel gradient reduction) is the whole-clip gradient
+        grad_weight = ((local[0] - mean_c * local[1]) * rstd_c).sum(0) if weight is not None else None
+        grad_bias = local[1].sum(0) if ctx.has_bias else None
         return grad_x, grad_weight, grad_bias, None, None, None
 
 

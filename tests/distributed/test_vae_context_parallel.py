@@ -3,7 +3,8 @@
 Each rank holds a contiguous block of frames (rank 0 also frame 0), exchanges causal-conv halos with its
 neighbours and reduces GroupNorm statistics over the group. Outputs are compared frame by frame with one
 process running the whole clip; input gradients (of a fixed random projection of the outputs) are
-summed over ranks, since each rank's gradient covers only its own frames.
+summed over ranks, since each rank's gradient covers only its own frames; so are parameter gradients
+(what the data-parallel x context-parallel gradient reduction of VAE training will sum).
 """
 from __future__ import annotations
 
@@ -56,7 +57,8 @@ def run_vae(rank: int, world_size: int, frames: int, latent_frames: int, paralle
     w_d = torch.randn(decoded_full.shape, generator=generator)[:, :, start_d:start_d + decoded.shape[2]]
     ((encoded * w_e).sum() + (decoded * w_d).sum()).backward()
     return {"encoded": encoded_full, "decoded": decoded_full, "video_grad": video.grad,
-            "latents_grad": latents_in.grad, "local_frames": (encoded.shape[2], decoded.shape[2])}
+            "latents_grad": latents_in.grad, "local_frames": (encoded.shape[2], decoded.shape[2]),
+            "parameter_grads": {name: p.grad for name, p in model.named_parameters()}}
 
 
 def _offset(local_frames: int, group) -> int:
@@ -85,3 +87,8 @@ def test_time_split_vae_matches_whole_clip(case):
         summed = sum(result[key] for result in split)
         diff = (summed - whole[key]).abs().max().item()
         assert diff <= TOLERANCE * max(1.0, whole[key].abs().max().item()), f"{case} {key}: max abs diff {diff}"
+    # parameter gradients are per rank (its frames); their sum over CP is the whole-clip gradient
+    for name, expected in whole["parameter_grads"].items():
+        summed = sum(result["parameter_grads"][name] for result in split)
+        diff = (summed - expected).abs().max().item()
+        assert diff <= TOLERANCE * max(1.0, expected.abs().max().item()), f"{case} {name}: max abs diff {diff}"
