@@ -105,10 +105,7 @@ class Downsample3D(nn.Module):
             pooled = body.reshape(b, c, t // 2, 2, h, w).mean(dim=3) if t else body
             x = torch.cat([x[:, :, :1], pooled], dim=2) if keep_first else pooled
             split.frames = (split.frames + 1) // 2
-        x = F.pad(x, (0, 1, 0, 1))
-        b, c, t, h, w = x.shape
-        x = self.conv(x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w))
-        return x.reshape(b, t, *x.shape[1:]).permute(0, 2, 1, 3, 4)
+        return _per_frame(self.conv, F.pad(x, (0, 1, 0, 1)))
 
 
 class Upsample3D(nn.Module):
@@ -132,9 +129,14 @@ class Upsample3D(nn.Module):
         else:  # space only
             x = F.interpolate(x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w), scale_factor=2.0)
             x = x.reshape(b, t, c, *x.shape[-2:]).permute(0, 2, 1, 3, 4)
-        b, c, t, h, w = x.shape
-        x = self.conv(x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w))
-        return x.reshape(b, t, *x.shape[1:]).permute(0, 2, 1, 3, 4)
+        return _per_frame(self.conv, x)
+
+
+def _per_frame(conv2d: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """A 2D convolution applied to every frame of x [B, C, T, H, W]."""
+    b, c, t, h, w = x.shape
+    x = conv2d(x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w))
+    return x.reshape(b, t, *x.shape[1:]).permute(0, 2, 1, 3, 4)
 
 
 class DownBlock3D(nn.Module):

@@ -5,11 +5,14 @@ have created a process group itself; the distributed tier therefore runs in its 
 """
 from __future__ import annotations
 
+import io
 import multiprocessing as mp
 import os
 import socket
 import traceback
 from typing import Any, Callable
+
+import torch
 
 
 def free_port() -> int:
@@ -32,7 +35,11 @@ def _rank_main(rank: int, world_size: int, port: int, fn: Callable, args: tuple,
                       LOCAL_RANK=str(rank))
     try:
         value = fn(rank, world_size, *args)
-        results.put((rank, "ok", value))
+        # by value: a pickled tensor would otherwise travel as a shared-memory handle that the parent
+        # fetches from this process, which may already have exited
+        buffer = io.BytesIO()
+        torch.save(value, buffer)
+        results.put((rank, "ok", buffer.getvalue()))
     except BaseException:  # report any failure to the parent rather than hanging it
         results.put((rank, "error", traceback.format_exc()))
     finally:
@@ -70,7 +77,7 @@ def run_ranks(world_size: int, fn: Callable, *args, timeout: float = 120.0) -> l
             rank, status, value = results.get(timeout=timeout)
             if status != "ok":
                 raise AssertionError(f"rank {rank} failed:\n{value}")
-            values[rank] = value
+            values[rank] = torch.load(io.BytesIO(value), weights_only=False)
     finally:
         for p in processes:
             p.join(timeout=5)
