@@ -317,8 +317,6 @@ def read_sat_state(path: str) -> dict[str, Tensor]:
 # --- diffusers folders ------------------------------------------------------------------------------------
 
 def read_diffusers_folder(path: str) -> tuple[ModelConfig, dict[str, Tensor]]:
-    from safetensors.torch import load_file
-
     folder = Path(path)
     if (folder / "transformer" / "config.json").is_file():
         folder = folder / "transformer"  # a whole pipeline folder
@@ -326,6 +324,13 @@ def read_diffusers_folder(path: str) -> tuple[ModelConfig, dict[str, Tensor]]:
     if not config_file.is_file():
         raise ConversionError(f"{path}: no config.json; pass a diffusers transformer folder")
     model = model_config_from_diffusers(json.loads(config_file.read_text()))
+    return model, read_diffusers_weights(folder)
+
+
+def read_diffusers_weights(folder: Path) -> dict[str, Tensor]:
+    """A diffusers model folder's weights: sharded or single safetensors, or a .bin."""
+    from safetensors.torch import load_file
+
     state: dict[str, Tensor] = {}
     index = folder / "diffusion_pytorch_model.safetensors.index.json"
     if index.is_file():
@@ -337,7 +342,7 @@ def read_diffusers_folder(path: str) -> tuple[ModelConfig, dict[str, Tensor]]:
         state = torch.load(folder / "diffusion_pytorch_model.bin", map_location="cpu", weights_only=True)
     else:
         raise ConversionError(f"{folder}: no diffusion_pytorch_model weights found")
-    return model, state
+    return state
 
 
 def write_diffusers_folder(state: dict[str, Tensor], model: ModelConfig, path: str) -> Path:
@@ -467,8 +472,6 @@ def sat_vae_to_project(state: dict[str, Tensor], config) -> dict[str, Tensor]:
 
 def read_diffusers_vae_folder(path: str):
     """(VAEConfig, state) from a diffusers `AutoencoderKLCogVideoX` folder or a pipeline folder with vae/."""
-    from safetensors.torch import load_file
-
     from cogvx_mega.vae import vae_config_from_diffusers
 
     folder = Path(path)
@@ -481,13 +484,7 @@ def read_diffusers_vae_folder(path: str):
     if raw.get("_class_name", "AutoencoderKLCogVideoX") != "AutoencoderKLCogVideoX":
         raise ConversionError(f"{path}: config is a {raw['_class_name']}, not an AutoencoderKLCogVideoX")
     config = vae_config_from_diffusers(raw)
-    weights = folder / "diffusion_pytorch_model.safetensors"
-    if weights.is_file():
-        state = load_file(str(weights))
-    elif (folder / "diffusion_pytorch_model.bin").is_file():
-        state = torch.load(folder / "diffusion_pytorch_model.bin", map_location="cpu", weights_only=True)
-    else:
-        raise ConversionError(f"{folder}: no diffusion_pytorch_model weights found")
+    state = read_diffusers_weights(folder)
     check_vae_state(state, config)
     return config, state
 
@@ -509,31 +506,23 @@ def save_vae_checkpoint(path: str, state: dict[str, Tensor], config, extra: Opti
     """A project VAE checkpoint: model.safetensors + cogvx_checkpoint.json (format vae-single-v1), atomic."""
     import dataclasses
 
-    from safetensors.torch import save_file
-
-    from cogvx_mega.training.checkpoint import META_FILE, MODEL_FILE, atomic_directory
+    from cogvx_mega.training.checkpoint import write_single_file_checkpoint
 
     check_vae_state(state, config)
-    meta = {"format": VAE_FORMAT, "vae": dataclasses.asdict(config), **(extra or {})}
-    with atomic_directory(path) as tmp:
-        save_file({k: v.detach().contiguous() for k, v in state.items()}, str(tmp / MODEL_FILE))
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
-    return Path(path)
+    return write_single_file_checkpoint(path, state, {"format": VAE_FORMAT, "vae": dataclasses.asdict(config),
+                                                      **(extra or {})})
 
 
 def read_vae_checkpoint(path: str):
     from safetensors.torch import load_file
 
-    from cogvx_mega.training.checkpoint import META_FILE, MODEL_FILE
-    from cogvx_mega.vae import VAEConfig
+    from cogvx_mega.training.checkpoint import MODEL_FILE, read_checkpoint_meta
+    from cogvx_mega.vae.config import vae_config_from_dict
 
-    folder = Path(path)
-    meta = json.loads((folder / META_FILE).read_text())
+    meta = read_checkpoint_meta(path)
     if meta.get("format") != VAE_FORMAT:
         raise ConversionError(f"{path}: a {meta.get('format')} checkpoint, not a VAE ({VAE_FORMAT})")
-    values = dict(meta["vae"])
-    values["block_out_channels"] = tuple(values["block_out_channels"])
-    config = VAEConfig(**values).validate()
-    state = load_file(str(folder / MODEL_FILE))
+    config = vae_config_from_dict(meta["vae"])
+    state = load_file(str(Path(path) / MODEL_FILE))
     check_vae_state(state, config)
     return config, state

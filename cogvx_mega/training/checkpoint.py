@@ -53,14 +53,18 @@ def is_project_checkpoint(path: str | os.PathLike) -> bool:
 
 def save_project_checkpoint(path: str | os.PathLike, model_config: ModelConfig, state: dict,
                             step: int = 0, extra: Optional[dict] = None) -> Path:
+    tensors = {k: v for k, v in state.items() if not k.endswith("_extra_state") and isinstance(v, torch.Tensor)}
+    meta = {"format": FORMAT, "step": step, "model": dataclasses.asdict(model_config), **(extra or {})}
+    return write_single_file_checkpoint(path, tensors, meta)
+
+
+def write_single_file_checkpoint(path: str | os.PathLike, tensors: dict, meta: dict) -> Path:
+    """model.safetensors + cogvx_checkpoint.json, atomically (the metadata is written last)."""
     from safetensors.torch import save_file
 
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()
-               if not k.endswith("_extra_state") and isinstance(v, torch.Tensor)}
-    meta = {"format": FORMAT, "step": step, "model": dataclasses.asdict(model_config), **(extra or {})}
     with atomic_directory(path) as tmp:
-        save_file(tensors, str(tmp / MODEL_FILE))
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))  # written last: marks the folder complete
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp / MODEL_FILE))
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
     return Path(path)
 
 

@@ -71,11 +71,16 @@ def vae_config_from_diffusers(config: dict) -> VAEConfig:
         values = value if isinstance(value, (list, tuple)) else [value]
         if any(v != expected for v in values):
             raise ConfigError(f"vae config {key}", value, f"only {expected!r} is supported")
+    return vae_config_from_dict(config)
+
+
+def vae_config_from_dict(values: dict) -> VAEConfig:
+    """A validated VAEConfig from JSON values (unknown keys, e.g. diffusers' bookkeeping, are ignored)."""
     fields = {f.name for f in dataclasses.fields(VAEConfig)}
-    values = {k: v for k, v in config.items() if k in fields}
+    values = {k: v for k, v in values.items() if k in fields}
     if "block_out_channels" in values:
         values["block_out_channels"] = tuple(values["block_out_channels"])
-    if "temporal_compression_ratio" in values:
+    if "temporal_compression_ratio" in values:  # diffusers stores it as a float
         values["temporal_compression_ratio"] = int(values["temporal_compression_ratio"])
     return VAEConfig(**values).validate()
 

@@ -100,12 +100,13 @@ class Downsample3D(nn.Module):
             body = x[:, :, 1:] if keep_first else x
             if body.shape[2] % 2:
                 raise VAEInputError(f"temporal downsampling got {body.shape[2]} frames to pool in pairs; the clip "
-                                 f"needs 1 + 4k frames")
+                                    f"needs 1 + 4k frames")
             b, c, t, h, w = body.shape
             pooled = body.reshape(b, c, t // 2, 2, h, w).mean(dim=3) if t else body
             x = torch.cat([x[:, :, :1], pooled], dim=2) if keep_first else pooled
             split.frames = (split.frames + 1) // 2
-        return _per_frame(self.conv, F.pad(x, (0, 1, 0, 1)))
+        x = F.pad(x, (0, 1, 0, 1))  # rebinding x releases the unpadded tensor before the conv (peak memory)
+        return per_frame(self.conv, x)
 
 
 class Upsample3D(nn.Module):
@@ -117,25 +118,23 @@ class Upsample3D(nn.Module):
         self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=1, padding=1)
 
     def forward(self, x: torch.Tensor, split: TimeSplit) -> torch.Tensor:
-        b, c, t, h, w = x.shape
         if self.compress_time and split.frames > 1:
             if split.keeps_first_frame():
                 first = F.interpolate(x[:, :, 0], scale_factor=2.0)[:, :, None]
-                x = torch.cat([first, F.interpolate(x[:, :, 1:], scale_factor=2.0)], dim=2) if t > 1 else first
+                x = torch.cat([first, F.interpolate(x[:, :, 1:], scale_factor=2.0)], dim=2) if x.shape[2] > 1 else first
                 split.frames = 1 + 2 * (split.frames - 1)
             else:
                 x = F.interpolate(x, scale_factor=2.0)
                 split.frames = 2 * split.frames
         else:  # space only
-            x = F.interpolate(x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w), scale_factor=2.0)
-            x = x.reshape(b, t, c, *x.shape[-2:]).permute(0, 2, 1, 3, 4)
-        return _per_frame(self.conv, x)
+            x = per_frame(lambda frames: F.interpolate(frames, scale_factor=2.0), x)
+        return per_frame(self.conv, x)
 
 
-def _per_frame(conv2d: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """A 2D convolution applied to every frame of x [B, C, T, H, W]."""
+def per_frame(fn, x: torch.Tensor) -> torch.Tensor:
+    """A 2D operation ([N, C, H, W] -> [N, C', H', W']) applied to every frame of x [B, C, T, H, W]."""
     b, c, t, h, w = x.shape
-    x = conv2d(x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w))
+    x = fn(x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w))
     return x.reshape(b, t, *x.shape[1:]).permute(0, 2, 1, 3, 4)
 
 

@@ -79,14 +79,16 @@ class TimeSplit:
     def causal_conv(self, conv: torch.nn.Conv3d, x: torch.Tensor, pad: int, spatial_pad: int) -> torch.Tensor:
         if pad == 0:
             return F.conv3d(x, conv.weight, conv.bias, padding=(0, spatial_pad, spatial_pad))
-        return self._conv(conv, x, self.halo_for(conv, x, pad), pad, spatial_pad)
+        return self._causal_conv(conv, x, pad, spatial_pad)
 
-    def _conv(self, conv, x, halo, pad, spatial_pad):
+    def _causal_conv(self, conv, x, pad, spatial_pad):
+        halo = self.halo_for(conv, x, pad)
         if self.conv_impl == "naive":
             return naive_causal_conv(conv, x, halo, pad, spatial_pad)
         return conv_with_halo(conv, x, halo, pad, spatial_pad)
 
     def halo_for(self, conv: torch.nn.Conv3d, x: torch.Tensor, pad: int) -> Optional[torch.Tensor]:
+        """The `pad` frames before x (None: x starts the clip, copies of its first frame)."""
         return None
 
     def group_norm(self, norm: torch.nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
@@ -125,12 +127,12 @@ class _Exchange:
         self.halo: Optional[torch.Tensor] = None
         self.grad_tail: Optional[torch.Tensor] = None
         self.backward_requests: Optional[list] = None
+        self._sent: Optional[torch.Tensor] = None  # kept alive until its isend completes
 
     def start_forward(self, x: torch.Tensor) -> None:
         if self.following is not None:
-            tail = x[:, :, -self.pad:].detach().contiguous()
-            self.requests.append(dist.isend(tail, self.following, group=self.group))
-            self._keep = tail  # alive until the send completes
+            self._sent = x[:, :, -self.pad:].detach().contiguous()
+            self.requests.append(dist.isend(self._sent, self.following, group=self.group))
         if self.previous is not None:
             b, c, _, h, w = x.shape
             self.halo = x.new_empty(b, c, self.pad, h, w)
@@ -139,14 +141,13 @@ class _Exchange:
     def finish_forward(self) -> None:
         for request in self.requests:
             request.wait()
-        self.requests = []
-        self._keep = None
+        self.requests, self._sent = [], None
 
     def start_backward(self, grad_halo: Optional[torch.Tensor], like: torch.Tensor) -> None:
         self.backward_requests = []
         if grad_halo is not None and self.previous is not None:
-            self._grad_halo = grad_halo.contiguous()
-            self.backward_requests.append(dist.isend(self._grad_halo, self.previous, group=self.group))
+            self._sent = grad_halo.contiguous()
+            self.backward_requests.append(dist.isend(self._sent, self.previous, group=self.group))
         if self.following is not None:
             b, c, _, h, w = like.shape
             self.grad_tail = like.new_empty(b, c, self.pad, h, w)
@@ -157,7 +158,7 @@ class _Exchange:
             self.start_backward(None, like)
         for request in self.backward_requests:
             request.wait()
-        self.backward_requests, self._grad_halo = None, None
+        self.backward_requests, self._sent = None, None
         return self.grad_tail
 
 
@@ -209,28 +210,25 @@ class ContextParallelTime(TimeSplit):
     def _global(self, group_rank: int) -> int:
         return dist.get_global_rank(self.group, group_rank) if self.group is not None else group_rank
 
-    def causal_conv(self, conv, x, pad, spatial_pad):
-        if pad == 0:
-            return F.conv3d(x, conv.weight, conv.bias, padding=(0, spatial_pad, spatial_pad))
+    def _causal_conv(self, conv, x, pad, spatial_pad):
         if self.size == 1:
-            return self._conv(conv, x, None, pad, spatial_pad)
+            return super()._causal_conv(conv, x, pad, spatial_pad)
         if x.shape[2] < pad:
             raise VAEInputError(f"a context-parallel shard of {x.shape[2]} frames is shorter than the causal halo "
-                             f"({pad} frames): use fewer CP ranks for this clip")
+                                f"({pad} frames): use fewer CP ranks for this clip")
         exchange = _Exchange(self.group, self._global(self.rank - 1) if self.rank > 0 else None,
                              self._global(self.rank + 1) if self.rank < self.size - 1 else None, pad)
         x = _StartExchange.apply(x, exchange)
-        if self.conv_impl == "naive":  # wait first, then pad and concatenate
-            halo = _FinishExchange.apply(x, exchange) if self.rank > 0 else self._finish_without_halo(exchange)
+        # the halo path convolves the shard while the halo is in flight; pad-and-concatenate waits first
+        interior = zero_halo_conv(conv, x, pad, spatial_pad) if self.conv_impl == "halo" else None
+        if self.rank > 0:
+            halo = _FinishExchange.apply(x, exchange)
+        else:  # the clip's first shard: only its own send to wait for
+            exchange.finish_forward()
+            halo = None
+        if interior is None:
             return naive_causal_conv(conv, x, halo, pad, spatial_pad)
-        interior = zero_halo_conv(conv, x, pad, spatial_pad)  # overlaps the halo's flight
-        halo = _FinishExchange.apply(x, exchange) if self.rank > 0 else self._finish_without_halo(exchange)
         return conv_with_halo(conv, x, halo, pad, spatial_pad, interior=interior)
-
-    @staticmethod
-    def _finish_without_halo(exchange: _Exchange) -> None:
-        exchange.finish_forward()
-        return None
 
     def group_norm(self, norm, x):
         return DistributedGroupNorm.apply(x, norm.weight, norm.bias, norm.num_groups, norm.eps, self.group)
@@ -291,11 +289,8 @@ class DistributedGroupNorm(torch.autograd.Function):
         c2 = (db_g * mean - ds_g) * rstd ** 3 / count
         c3 = -c2 * mean - db_g * rstd / count
         view = (b, c) + (1,) * (x.dim() - 2)
-        a = (rstd.repeat_interleave(per_channel, dim=1) * gamma).view(view)
-        grad_x = grad * a + x * c2.repeat_interleave(per_channel, dim=1).view(view) \
-            + c3.repeat_interleave(per_channel, dim=1).view(view)
-        mean_c = mean.repeat_interleave(per_channel, dim=1)
-        rstd_c = rstd.repeat_interleave(per_channel, dim=1)
+        mean_c, rstd_c, c2, c3 = (t.repeat_interleave(per_channel, dim=1) for t in (mean, rstd, c2, c3))  # [B, C]
+        grad_x = grad * (rstd_c * gamma).view(view) + x * c2.view(view) + c3.view(view)
         # parameter gradients from this rank's frames only, like every other parameter's: the sum over
         # the CP group (the data-parallel x context-parallel gradient reduction) is the whole-clip gradient
         grad_weight = ((local[0] - mean_c * local[1]) * rstd_c).sum(0) if weight is not None else None
