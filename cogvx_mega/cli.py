@@ -239,13 +239,11 @@ def _vae_process_group(device: str):
     """The world group when launched by torchrun with more than one rank (all ranks split time)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
-    import torch
     import torch.distributed as dist
 
-    if not dist.is_initialized():
-        if device == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    from .parallel.state import init_torch_distributed
+
+    init_torch_distributed(device)
     return dist.group.WORLD
 
 

@@ -82,7 +82,7 @@ class SDPACoreAttention(MegatronModule):
         if packed_seq_params is not None:
             raise NotImplementedError("packed sequences need the te backend or the packing attention (not built yet)")
         seq, batch, heads, head_dim = query.shape
-        # attention_mask: None, or key_valid [s] (True on real tokens, False on sequence padding)
+        # attention_mask: None, or key_valid [s] (True on real keys, False on padding; rank-major under CP)
         if self.context_parallel:  # q/k/v hold this CP rank's tokens
             out = context_parallel_attention(query, key, value, self.context_parallel_kind, self.softmax_scale,
                                              attention_mask)
@@ -135,7 +135,7 @@ class ExpertAdaLNLayer(MegatronModule):
                 context: Optional[Tensor] = None, context_mask: Optional[Tensor] = None,
                 rotary_pos_emb: Optional[Tensor] = None, packed_seq_params=None, **unused):
         # hidden_states [s, b, h]; context = emb [b, E]; context_mask = text_token_mask [s, b];
-        # attention_mask = None or key_valid [s_cp] (False on padding; the attention sees the CP-local sequence)
+        # attention_mask = None or key_valid [s] over all keys in rank-major order (False on sequence padding)
         if context is None or context_mask is None:
             raise ValueError("ExpertAdaLNLayer needs context=emb [b, E] and context_mask=text_token_mask [s, b]")
         modulation = self.adaln_modulation(context).chunk(12, dim=-1)

@@ -14,7 +14,9 @@ from megatron.core.transformer.transformer_block import (TransformerBlock, Trans
 from torch import Tensor, nn
 
 from ..config.schema import ModelConfig
-from ..parallel.context import gather_sequence, padded_sequence_length, sequence_split_unit, split_sequence
+from ..parallel.context import (gather_sequence, padded_sequence_length, rank_major_positions,
+                                sequence_split_unit, split_sequence)
+from ..parallel.pipeline import REPLICATED_MODULES
 from ..parallel.sequence import gather_tokens, local_tokens, mark_sequence_parallel, scatter_tokens
 from .layer import LayerNorm
 from .layer_spec import layer_spec_for
@@ -156,7 +158,7 @@ class CogVideoXTransformer(MegatronModule):
 
         state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
         if parallel_state.get_pipeline_model_parallel_rank() != 0 or (self.vp_stage or 0) != 0:
-            replicated = tuple(f"{prefix}{name}." for name in ("time_embedding", "ofs_embedding"))
+            replicated = tuple(f"{prefix}{name}." for name in REPLICATED_MODULES)
             for key, tensor in state.items():
                 if key.startswith(replicated):
                     tensor.replica_id = (1, *tensor.replica_id[1:])
@@ -198,9 +200,7 @@ class CogVideoXTransformer(MegatronModule):
         return table[:, None, None, :].to(device)
 
     def sequence_length(self, latent_frames: int, latent_height: int, latent_width: int, text_length: int) -> int:
-        m = self.model_config
-        return text_length + (latent_frames // (m.patch_size_t or 1)) * (latent_height // m.patch_size) * (
-            latent_width // m.patch_size)
+        return sequence_length(self.model_config, latent_frames, latent_height, latent_width, text_length)
 
     def forward(self, latents: Tensor, text_embeds: Tensor, timesteps: Tensor, ofs: Optional[Tensor] = None,
                 return_tokens: bool = False) -> Tensor:
@@ -229,9 +229,9 @@ class CogVideoXTransformer(MegatronModule):
         text_token_mask = torch.zeros(padded, b, dtype=torch.bool, device=latents.device)
         text_token_mask[:text_length] = True
         text_token_mask = local_tokens(split_sequence(text_token_mask, padded), self.config)  # sliced like hidden
-        key_valid = None
-        if padded != seq:  # the attention sees this CP rank's whole shard (SP gathers it before QKV)
-            key_valid = split_sequence(torch.arange(padded, device=latents.device) < seq, padded)
+        key_valid = None  # [S]: real keys, in the order the attention sees them (rank-major under CP)
+        if padded != seq:
+            key_valid = rank_major_positions(padded, latents.device) < seq
         rope = self.rotary_table(t, h, w, text_length, latents.device)  # [s, 1, 1, d]
         if rope is not None:  # this CP rank's rows; q/k cover the whole CP shard even under sequence parallel
             rope = split_sequence(torch.nn.functional.pad(rope, (0, 0, 0, 0, 0, 0, 0, padded - seq)), padded)
@@ -248,6 +248,13 @@ class CogVideoXTransformer(MegatronModule):
         tokens = gather_sequence(tokens, padded)  # [S, b, C_out*pt*p*p]
         video = tokens[text_length:seq].transpose(0, 1)  # [b, N, C_out*pt*p*p]
         return unpatchify(video, t, h, w, m.patch_size, m.patch_size_t)  # [B, T, C_out, H, W]
+
+
+def sequence_length(model: ModelConfig, latent_frames: int, latent_height: int, latent_width: int,
+                    text_length: int) -> int:
+    """Tokens of the joint sequence: text plus video patches (before any CP/SP padding)."""
+    return text_length + (latent_frames // (model.patch_size_t or 1)) * (latent_height // model.patch_size) * (
+        latent_width // model.patch_size)
 
 
 def build_model_chunks(model: ModelConfig, parallel=None, device: str = "cpu",

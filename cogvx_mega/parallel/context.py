@@ -106,10 +106,17 @@ def gather_sequence(tensor: Tensor, seq_length: int) -> Tensor:
     if size == 1:
         return tensor
     gathered = _GatherSequence.apply(tensor, group)  # rank-major, each rank's chunks in its own order
-    order = torch.cat([local_token_indices(seq_length, size, r, tensor.device) for r in range(size)])
+    order = rank_major_positions(seq_length, tensor.device)
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(seq_length, device=tensor.device)
     return gathered.index_select(0, inverse)
+
+
+def rank_major_positions(seq_length: int, device=None) -> Tensor:
+    """Sequence positions in the order the CP ranks hold them, concatenated rank by rank: the order of
+    gathered keys (all_gather) and of the sequence after Ulysses' all-to-all. Natural order at CP=1."""
+    _, size, _ = _cp_group_size_rank()
+    return torch.cat([local_token_indices(seq_length, size, r, device) for r in range(size)])
 
 
 def sdpa(q: Tensor, k: Tensor, v: Tensor, scale, key_valid: Tensor | None = None) -> Tensor:
@@ -124,11 +131,9 @@ def context_parallel_attention(query: Tensor, key: Tensor, value: Tensor, kind: 
                                key_valid: Tensor | None = None) -> Tensor:
     """q/k/v [s/cp, b, heads, d] of this CP rank -> attention output [s/cp, b, heads, d].
 
-    key_valid [s/cp] marks this rank's real (non-pad) tokens; both kinds see the keys in rank-major
-    order, so the gathered mask lines up with them."""
+    key_valid [s] marks the real (non-pad) keys in rank-major order (`rank_major_positions`), the order
+    in which both kinds see the keys; the model builds it once per forward."""
     group, size, _ = _cp_group_size_rank()
-    if key_valid is not None:
-        key_valid = _all_gather_dim0(key_valid.to(torch.uint8), group).bool()
     if kind == "a2a":
         heads = query.shape[2]
         if heads % size:

@@ -38,7 +38,9 @@ class ParallelDims:
         return self.rank == 0
 
 
-def _init_torch_distributed(device: str) -> None:
+def init_torch_distributed(device: str) -> None:
+    """The default process group (NCCL on CUDA, gloo on CPU): from torchrun's environment, or a private
+    single-process store."""
     if dist.is_initialized():
         return
     backend = "nccl" if device == "cuda" else "gloo"
@@ -55,6 +57,10 @@ def _init_torch_distributed(device: str) -> None:
         dist.init_process_group(backend=backend, store=store, rank=0, world_size=1, timeout=timeout)
 
 
+# the layout (TP, PP, CP, VPP, hierarchical CP) megatron's current groups were built for
+_BUILT_LAYOUT: Optional[tuple] = None
+
+
 def initialize_parallel(parallel: Optional[ParallelConfig] = None, device: str = "cpu",
                         seed: int = 1234) -> ParallelDims:
     """Create (or reuse) the process groups for `parallel` and seed megatron's RNG tracker."""
@@ -63,17 +69,15 @@ def initialize_parallel(parallel: Optional[ParallelConfig] = None, device: str =
     parallel = parallel or ParallelConfig()
     if device == "cpu":
         cpu_compat.enable()
-    _init_torch_distributed(device)
+    init_torch_distributed(device)
     world_size = dist.get_world_size()
     data_parallel_size = parallel.data_parallel_size(world_size)
-    if parallel_state.model_parallel_is_initialized():
-        current = (parallel_state.get_tensor_model_parallel_world_size(),
-                   parallel_state.get_pipeline_model_parallel_world_size(),
-                   parallel_state.get_context_parallel_world_size())
-        wanted = (parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
-                  parallel.context_parallel_size)
-        if current != wanted:
-            parallel_state.destroy_model_parallel()
+    global _BUILT_LAYOUT
+    wanted = (parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
+              parallel.context_parallel_size, parallel.virtual_pipeline_model_parallel_size,
+              parallel.hierarchical_context_parallel_sizes)
+    if parallel_state.model_parallel_is_initialized() and _BUILT_LAYOUT != wanted:
+        parallel_state.destroy_model_parallel()
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=parallel.tensor_model_parallel_size,
@@ -82,6 +86,7 @@ def initialize_parallel(parallel: Optional[ParallelConfig] = None, device: str =
             context_parallel_size=parallel.context_parallel_size,
             hierarchical_context_parallel_sizes=parallel.hierarchical_context_parallel_sizes,
         )
+        _BUILT_LAYOUT = wanted
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     torch.manual_seed(seed)
     return ParallelDims(
@@ -105,6 +110,8 @@ def shutdown() -> None:
     """Tear down process groups (tests and the end of `cogvx train`)."""
     from megatron.core import parallel_state
 
+    global _BUILT_LAYOUT
+    _BUILT_LAYOUT = None
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():

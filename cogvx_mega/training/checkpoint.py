@@ -35,16 +35,22 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-        if final.exists():
-            old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        swap_into_place(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def swap_into_place(tmp: Path, final: Path) -> None:
+    """Rename `tmp` to `final`; an existing `final` is moved aside first and removed only afterwards, so
+    a process killed at any point leaves one complete folder under `final`'s name or its hidden twin."""
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
 
 
 def is_project_checkpoint(path: str | os.PathLike) -> bool:
@@ -172,9 +178,7 @@ def save_sharded_checkpoint(path: str | os.PathLike, model_chunks, optimizer, st
         if is_writer:
             meta = {"format": SHARDED_FORMAT, "step": step, "model": dataclasses.asdict(model_config), **(extra or {})}
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            swap_into_place(tmp, final)
         _barrier()
         if on_complete is not None:
             on_complete()

@@ -210,9 +210,10 @@ class Trainer:
         return padded_sequence_length(self.tokens_per_sample(), self.model.config)
 
     def tokens_per_sample(self) -> int:
-        m, d = self.config.model, self.config.data
-        frames, height, width = d.latent_shape(m)
-        return m.max_text_seq_length + (frames // (m.patch_size_t or 1)) * (height // m.patch_size) * (width // m.patch_size)
+        from ..model.transformer import sequence_length
+
+        m = self.config.model
+        return sequence_length(m, *self.config.data.latent_shape(m), m.max_text_seq_length)
 
     # --- the loop ----------------------------------------------------------------------------------
     def fit(self, on_step: Optional[Callable[[dict], None]] = None) -> list[dict]:
