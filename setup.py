@@ -16,6 +16,7 @@ packages = [
     "cogvx_mega.diffusion",
     "cogvx_mega.training",
     "cogvx_mega.vae",
+    "cogvx_mega.checkpoint",
 ]
 package_dir = {"cogvx_mega": "cogvx_mega"}
 for name, folder in TOP_LEVEL_SUBPACKAGES.items():

@@ -27,7 +27,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from cogvx_mega.config import load_config
-    from cogvx_mega.model.transformer import build_model
+    from cogvx_mega.model.transformer import build_model_chunks
     from cogvx_mega.parallel.state import initialize_parallel
     from cogvx_mega.training.trainer import Trainer
 
@@ -37,8 +37,8 @@ def main() -> None:
     config = load_config(args.preset, overrides=overrides)
     dims = initialize_parallel(config.parallel, device=args.device)
     dtype = torch.bfloat16 if args.device == "cuda" and config.training.bf16 else torch.float32
-    model = build_model(config.model, config.parallel, device=args.device)
-    trainer = Trainer(config, dims, model)
+    chunks = build_model_chunks(config.model, config.parallel, device=args.device, seed=config.training.seed)
+    trainer = Trainer(config, dims, chunks)
     frames, height, width = config.data.latent_shape(config.model)
     batch_size = config.training.micro_batch_size
     batch = {"latents": torch.randn(batch_size, frames, config.model.in_channels, height, width),

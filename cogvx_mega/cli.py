@@ -1,6 +1,8 @@
 """The `cogvx` command.
 
     cogvx train --preset tiny --data synthetic --steps 100 --run-dir runs/x [section.field=value ...]
+    cogvx train ... --resume auto|CKPT       continue a run (model, optimizer, step) at any layout
+    cogvx train ... --init-from PATH        start from weights (diffusers folder or cogvx-mega checkpoint)
     cogvx demo [--run-dir runs/demo] [--steps 300]
     cogvx convert diffusers-to-project SRC DST
     cogvx convert project-to-diffusers SRC DST
@@ -16,6 +18,7 @@ Errors a user can cause print one line, `cogvx: error: ...`, and exit with statu
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -43,6 +46,9 @@ def _add_config_arguments(parser: argparse.ArgumentParser, with_training: bool =
     parser.add_argument("--vpp", type=int, help="virtual pipeline stages per pipeline rank")
     parser.add_argument("--cp", type=int, help="context-parallel size")
     parser.add_argument("--resume", help="'auto' (newest complete checkpoint of the run) or a checkpoint folder")
+    parser.add_argument("--init-from", metavar="PATH",
+                        help="start from these weights (diffusers transformer or pipeline folder, single-file or "
+                             "sharded cogvx-mega checkpoint) at step 0 with a fresh optimizer")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the layout, each pipeline rank's layers and parameter counts; do not train")
     parser.add_argument("--world-size", type=int, help="with --dry-run: the world size to plan for")
@@ -67,66 +73,91 @@ def resolve_config(args: argparse.Namespace):
     return load_config(args.preset, args.config_file, [*args.overrides, *_flag_overrides(args)])
 
 
-def find_resume_checkpoint(resume: Optional[str], run_dir: str) -> Optional[str]:
-    from .config.schema import ConfigError
-    from .training import checkpoint as ckpt
+def run_training(config, resume: Optional[str] = None, init_from: Optional[str] = None) -> list[dict]:
+    """`cogvx train`: every check that can fail runs before anything is written (one clear error), then
+    the resolved config is written, the weights come from `--resume` (model, optimizer, step) or
+    `--init-from` (weights only, step 0), and the run trains. With both, an existing checkpoint of the run
+    wins (a requeued fine-tuning job continues), otherwise the run starts from the `--init-from` weights."""
+    import torch.distributed as dist
 
-    if resume is None:
-        return None
-    if resume == "auto":
-        found = ckpt.list_checkpoints(run_dir)
-        return str(found[-1]) if found else None
-    if not ckpt.is_project_checkpoint(resume):
-        raise ConfigError("--resume", resume, "no complete cogvx-mega checkpoint there; pass 'auto' or a "
-                                              "checkpoints/step_* folder")
-    return resume
-
-
-def run_training(config, resume: Optional[str] = None) -> list[dict]:
+    from .checkpoint.meta import SHARDED_FORMAT, read_checkpoint_meta
     from .config import write_resolved_config
+    from .config.schema import ConfigError
     from .data.latent_dataset import load_dataset
     from .model.transformer import build_model_chunks
     from .parallel.state import initialize_parallel
+    from .training import checkpoint as ckpt
+    from .training.pretrained import load_pretrained_weights
     from .training.trainer import Trainer
 
-    resume_path = find_resume_checkpoint(resume, config.training.run_dir)
-    if resume_path:  # another model's checkpoint is refused before anything is written
-        from .training.checkpoint import check_same_model, read_checkpoint_meta
-
-        check_same_model(read_checkpoint_meta(resume_path), config.model, resume_path)
+    run_dir = config.training.run_dir
     device = config.training.device
     if device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
-            from .config.schema import ConfigError
-
             raise ConfigError("--device", "cuda", "no CUDA device is visible; pass --device cpu")
-    dataset = load_dataset(config)
     dims = initialize_parallel(config.parallel, device=device, seed=config.training.seed)
+    global_batch = config.check_world(dims.data_parallel_size)
     if dims.is_logging_rank:
-        write_resolved_config(config, config.training.run_dir)
-    config.training.micro_batches_per_step(dims.data_parallel_size)  # a clear error before building anything
+        ckpt.repair_checkpoints(run_dir)  # a replacement killed between its two renames
+    if dist.is_initialized():
+        dist.barrier()
+    resume_path = ckpt.find_resume_checkpoint(resume, run_dir)
+    changes: list[str] = []
+    if resume_path is not None:
+        meta = read_checkpoint_meta(resume_path)
+        if meta["format"] != SHARDED_FORMAT:
+            raise ConfigError("--resume", str(resume_path), "holds weights only (no optimizer state or step); "
+                                                            "start a run from it with --init-from instead")
+        ckpt.check_same_model(meta, config.model, resume_path)
+        changes = ckpt.check_resume_config(meta, config, global_batch, resume_path)
+    else:
+        existing = ckpt.list_checkpoints(run_dir)
+        if existing:
+            raise ConfigError("--run-dir", run_dir, f"already holds checkpoints of a run (newest {existing[-1].name}); "
+                                                    f"pass --resume auto to continue it, or use another --run-dir")
+        if init_from is not None:
+            from .checkpoint.reader import open_transformer_weights
+
+            ckpt.check_same_model({"model": dataclasses.asdict(open_transformer_weights(init_from).model)},
+                                  config.model, init_from)
+    dataset = load_dataset(config)
+    ckpt.check_shared_filesystem(run_dir)
+    if dims.is_logging_rank:
+        if resume_path is not None:
+            moved = ckpt.abandon_newer_checkpoints(run_dir, int(meta["step"]))
+            if moved is not None:
+                logger.warning("resuming from step %d: the run's later checkpoints belong to another line now and "
+                               "were moved to %s", int(meta["step"]), moved)
+            if changes:
+                logger.info("resume changes %s", "; ".join(changes))
+        write_resolved_config(config, run_dir)
     chunks = build_model_chunks(config.model, config.parallel, device=device, seed=config.training.seed,
                                 recompute=config.training.recompute,
                                 recompute_num_layers=config.training.recompute_num_layers)
-    trainer = Trainer(config, dims, chunks, dataset)
-    if resume_path:
-        trainer.load(resume_path)
+    if resume_path is None and init_from is not None:
+        load_pretrained_weights(chunks, init_from, config.model)
         if dims.is_logging_rank:
-            logger.info("resumed from %s at step %d", resume_path, trainer.step)
+            logger.info("initialised the weights from %s", init_from)
+    trainer = Trainer(config, dims, chunks, dataset)
+    if resume_path is not None:
+        trainer.load(str(resume_path))
+        if dims.is_logging_rank:
+            logger.info("resumed from %s at step %d%s", resume_path, trainer.step,
+                        " (--init-from ignored: the run has a checkpoint)" if init_from else "")
     return trainer.fit()
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     config = resolve_config(args)
     if args.dry_run:
-        from .parallel.plan import describe_layout
+        from .tools.plan import describe_layout
 
         world = args.world_size or int(os.environ.get("WORLD_SIZE", config.parallel.model_parallel_size))
         print(describe_layout(config, world))
         return 0
-    run_training(config, resume=args.resume)
+    run_training(config, resume=args.resume, init_from=args.init_from)
     return 0
 
 
@@ -139,58 +170,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from .config.schema import ConfigError
-    from .tools import convert
-    from .training.checkpoint import is_project_checkpoint, read_project_checkpoint, save_project_checkpoint
 
     if not os.path.exists(args.source):
         raise ConfigError("SOURCE", args.source, "no such file or folder")
     if os.path.exists(args.destination) and not args.overwrite:
         raise ConfigError("DESTINATION", args.destination, "already exists; pass --overwrite or another path")
     if args.direction.startswith("vae-"):
-        return _convert_vae(args)
-    if args.direction == "diffusers-to-project":
-        if is_project_checkpoint(args.source):
-            raise ConfigError("SOURCE", args.source, "is a cogvx-mega checkpoint; use project-to-diffusers")
-        model, state = convert.read_diffusers_folder(args.source)
-        ours = convert.diffusers_to_project(state, model)
-        convert.check_project_state(ours, model, reference=convert.expected_shapes(model))
-        save_project_checkpoint(args.destination, model, ours, extra={"converted_from": "diffusers"})
-    elif args.direction == "project-to-diffusers":
-        model, state, _ = read_project_checkpoint(args.source)
-        convert.check_project_state(state, model, reference=convert.expected_shapes(model))
-        convert.write_diffusers_folder(state, model, args.destination)
-    else:  # sat-to-project
-        if not (args.preset or args.config_file):
-            raise ConfigError("--preset", None, "SAT checkpoints carry no config: name the model with --preset "
-                                                "(and --config / overrides for custom sizes)")
-        from .config import load_config
+        from .tools.convert_vae import convert_vae
 
-        model = load_config(args.preset, args.config_file, args.overrides).model
-        ours = convert.sat_to_project(convert.read_sat_state(args.source), model)
-        convert.check_project_state(ours, model, reference=convert.expected_shapes(model))
-        save_project_checkpoint(args.destination, model, ours, extra={"converted_from": "sat"})
-    print(f"wrote {args.destination}")
-    return 0
+        convert_vae(args.direction, args.source, args.destination, preset=args.preset)
+    else:
+        from .tools.convert_transformer import convert_transformer
 
-
-def _convert_vae(args: argparse.Namespace) -> int:
-    from .config.schema import ConfigError
-    from .tools import convert
-    from .training.checkpoint import is_project_checkpoint
-    from .vae import vae_preset
-
-    if args.direction == "vae-diffusers-to-project":
-        if is_project_checkpoint(args.source):
-            raise ConfigError("SOURCE", args.source, "is a cogvx-mega checkpoint; use vae-project-to-diffusers")
-        config, state = convert.read_diffusers_vae_folder(args.source)
-        convert.save_vae_checkpoint(args.destination, state, config, extra={"converted_from": "diffusers"})
-    elif args.direction == "vae-project-to-diffusers":
-        config, state = convert.read_vae_checkpoint(args.source)
-        convert.write_diffusers_vae_folder(state, config, args.destination)
-    else:  # vae-sat-to-project: SAT VAE checkpoints carry no config; the architecture is CogVideoX's
-        config = vae_preset(args.preset or "cogvideox-2b")
-        state = convert.sat_vae_to_project(convert.read_sat_state(args.source), config)
-        convert.save_vae_checkpoint(args.destination, state, config, extra={"converted_from": "sat"})
+        convert_transformer(args.direction, args.source, args.destination, preset=args.preset,
+                            config_file=args.config_file, overrides=args.overrides)
     print(f"wrote {args.destination}")
     return 0
 
@@ -247,21 +240,35 @@ def _vae_process_group(device: str):
     return dist.group.WORLD
 
 
+def quiet_libraries() -> None:
+    """Keep megatron's import-time and construction-time notices (no Transformer Engine, no Apex, deprecated
+    config scopes) out of the command's output; `-v` shows them. Errors still come through."""
+    import warnings
+
+    warnings.filterwarnings("ignore", module=r"megatron(\.|$)")
+    warnings.filterwarnings("ignore", module=r"transformer_engine(\.|$)")
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed is disabled, unavailable or uninitialized")
+    logging.getLogger("megatron").setLevel(logging.ERROR)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cogvx", description="CogVideoX training on megatron-core")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
+    verbose_too = argparse.ArgumentParser(add_help=False)  # `-v` also after the subcommand
+    verbose_too.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                             help="debug logging and library notices")
 
-    train = sub.add_parser("train", help="train (single process or under torchrun)")
+    train = sub.add_parser("train", parents=[verbose_too], help="train (single process or under torchrun)")
     _add_config_arguments(train)
     train.set_defaults(func=cmd_train)
 
-    demo = sub.add_parser("demo", help="train the tiny preset on generated data on CPU, convert, plot")
+    demo = sub.add_parser("demo", parents=[verbose_too], help="train the tiny preset on generated data on CPU, convert, plot")
     demo.add_argument("--run-dir", default="runs/demo")
     demo.add_argument("--steps", type=int, default=300)
     demo.set_defaults(func=cmd_demo)
 
-    convert = sub.add_parser("convert", help="convert checkpoints between diffusers, SAT and cogvx-mega")
+    convert = sub.add_parser("convert", parents=[verbose_too], help="convert checkpoints between diffusers, SAT and cogvx-mega")
     convert.add_argument("direction", choices=("diffusers-to-project", "project-to-diffusers", "sat-to-project",
                                                "vae-diffusers-to-project", "vae-project-to-diffusers",
                                                "vae-sat-to-project"))
@@ -271,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(convert, with_training=False)
     convert.set_defaults(func=cmd_convert)
 
-    vae = sub.add_parser("vae", help="encode a video to latents or decode latents to a video with the 3D VAE")
+    vae = sub.add_parser("vae", parents=[verbose_too], help="encode a video to latents or decode latents to a video with the 3D VAE")
     vae.add_argument("action", choices=("encode", "decode"))
     vae.add_argument("input", help="encode: a video file; decode: a latent file (.safetensors)")
     vae.add_argument("output", help="encode: the latent file to write; decode: the video file (.mp4)")
@@ -289,8 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from .checkpoint.meta import ConversionError
     from .config.schema import ConfigError
-    from .tools.convert import ConversionError
     from .vae.time_split import VAEInputError
 
     parser = build_parser()
@@ -301,7 +308,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
-    # Configure our own logger only: megatron and other libraries keep their defaults.
+    if not args.verbose:
+        quiet_libraries()
+    # Configure our own logger; other libraries keep theirs (megatron's is only quietened, above).
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger.addHandler(handler)

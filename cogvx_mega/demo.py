@@ -67,9 +67,9 @@ def check_with_diffusers(diffusers_dir: Path, model, config) -> float | None:
 def run_demo(run_dir: str = "runs/demo", steps: int = 300) -> dict:
     from .config import load_config, write_resolved_config
     from .data.latent_dataset import LatentDataset, synthetic_dataset_for
-    from .model.transformer import build_model
+    from .model.transformer import build_model_chunks
     from .parallel.state import initialize_parallel
-    from .tools.convert import write_diffusers_folder
+    from .checkpoint.transformer import write_diffusers_folder
     from .training.trainer import Trainer
 
     run = Path(run_dir)
@@ -88,8 +88,8 @@ def run_demo(run_dir: str = "runs/demo", steps: int = 300) -> dict:
 
     print(f"[2/4] training preset 'tiny' for {steps} steps on CPU")
     dims = initialize_parallel(config.parallel, device="cpu", seed=config.training.seed)
-    model = build_model(config.model, config.parallel, device="cpu")
-    trainer = Trainer(config, dims, model, dataset, run_dir=str(run))
+    (model,) = build_model_chunks(config.model, config.parallel, device="cpu", seed=config.training.seed)
+    trainer = Trainer(config, dims, [model], dataset, run_dir=str(run))
     history = trainer.fit()
     checkpoint = sorted((run / "checkpoints").glob("step_*"))[-1]
 

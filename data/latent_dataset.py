@@ -1,9 +1,10 @@
 """Cached training inputs (latents already scaled, text embeddings) and the deterministic sampler.
 
 On disk, a latent folder holds `latents.safetensors` (tensors `latents` [N, T, C, H, W] and
-`text_embeds` [N, L, D]), `captions.jsonl` and `meta.json`. The sampler is a pure function of
-(seed, step, data-parallel rank), so resuming needs only the step and a data-parallel run sees
-exactly the samples a single process with the whole global batch would see.
+`text_embeds` [N, L, D]), `captions.jsonl` and `meta.json`. The sampler maps (seed, global sample
+position) to a sample index: global sample slot j of step s is position s*G + j of a stream of epochs,
+each a fresh permutation. Resuming needs only the step (and the unchanged global batch G), and any
+data-parallel split of the slots sees exactly the samples one process would.
 """
 from __future__ import annotations
 
@@ -45,10 +46,15 @@ class LatentDataset:
                     if captions_path.is_file() else None)
         return cls(tensors["latents"], tensors["text_embeds"], captions)
 
+    def step_batch(self, step: int, slots: range, global_batch: int, seed: int) -> dict[str, Tensor]:
+        """The samples of global slots `slots` of step `step` (what a data-parallel rank trains on)."""
+        mine = global_sample_indices(step, global_batch, len(self), seed)[slots.start:slots.stop]
+        return {"latents": self.latents[mine], "text_embeds": self.text_embeds[mine]}
+
     def save(self, folder: str) -> Path:
         from safetensors.torch import save_file
 
-        from cogvx_mega.training.checkpoint import atomic_directory
+        from ..checkpoint.atomic import atomic_directory
 
         with atomic_directory(folder) as tmp:
             save_file({"latents": self.latents.contiguous(), "text_embeds": self.text_embeds.contiguous()},
@@ -71,12 +77,16 @@ def global_sample_indices(step: int, global_batch: int, num_samples: int, seed: 
     return out
 
 
-def rank_batch(dataset: LatentDataset, step: int, micro_batch_size: int, data_parallel_rank: int,
+def rank_slots(samples_per_rank: int, data_parallel_rank: int) -> range:
+    """The global sample slots of a data-parallel rank: a contiguous block of the step's global batch."""
+    return range(data_parallel_rank * samples_per_rank, (data_parallel_rank + 1) * samples_per_rank)
+
+
+def rank_batch(dataset: LatentDataset, step: int, samples_per_rank: int, data_parallel_rank: int,
                data_parallel_size: int, seed: int) -> dict[str, Tensor]:
-    """This rank's slice of the global batch of `step` (rank r holds samples r*mb .. (r+1)*mb-1)."""
-    indices = global_sample_indices(step, micro_batch_size * data_parallel_size, len(dataset), seed)
-    mine = indices[data_parallel_rank * micro_batch_size:(data_parallel_rank + 1) * micro_batch_size]
-    return {"latents": dataset.latents[mine], "text_embeds": dataset.text_embeds[mine]}
+    """This rank's slice of the global batch of `step` (rank r holds slots r*n .. (r+1)*n-1)."""
+    return dataset.step_batch(step, rank_slots(samples_per_rank, data_parallel_rank),
+                              samples_per_rank * data_parallel_size, seed)
 
 
 def synthetic_dataset_for(config) -> LatentDataset:
@@ -91,6 +101,8 @@ def synthetic_dataset_for(config) -> LatentDataset:
 
 
 def load_dataset(config) -> LatentDataset:
+    from ..config.schema import ConfigError
+
     source = config.data.source
     if source == "synthetic":
         return synthetic_dataset_for(config)
@@ -100,9 +112,13 @@ def load_dataset(config) -> LatentDataset:
     expected = (config.data.latent_shape(config.model), config.model.in_channels)
     t, c, h, w = dataset.latents.shape[1:]
     if ((t, h, w), c) != expected:
-        from cogvx_mega.config.schema import ConfigError
-
         raise ConfigError("--data", source, f"latents are [T={t}, C={c}, H={h}, W={w}] but the config expects "
                          f"[T={expected[0][0]}, C={expected[1]}, H={expected[0][1]}, W={expected[0][2]}]; "
                          f"set data.num_frames/height/width to match")
+    text_length, text_width = dataset.text_embeds.shape[1:]
+    m = config.model
+    if (text_length, text_width) != (m.max_text_seq_length, m.text_embed_dim):
+        raise ConfigError("--data", source, f"text embeddings are [L={text_length}, D={text_width}] but the model "
+                         f"takes [L=model.max_text_seq_length={m.max_text_seq_length}, D=model.text_embed_dim="
+                         f"{m.text_embed_dim}]; re-encode the captions at that length or set the model fields")
     return dataset

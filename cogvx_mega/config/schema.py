@@ -125,6 +125,9 @@ class ParallelConfig:
     """Overlap the data-parallel gradient reduction with the backward pass."""
     overlap_param_gather: bool = False
     """With the distributed optimizer: overlap the parameter all-gather with the next forward pass."""
+    ddp_bucket_size: Optional[int] = None
+    """Parameters per gradient-reduction bucket with overlap_grad_reduce (megatron's --ddp-bucket-size;
+    None: megatron's default, max(40M, 1M x DP))."""
     num_layers_in_first_pipeline_stage: Optional[int] = None
     """Uneven pipeline split: layers on the first stage (the rest are spread evenly)."""
     num_layers_in_last_pipeline_stage: Optional[int] = None
@@ -172,6 +175,9 @@ class ParallelConfig:
             if vpp < 1 or self.pipeline_model_parallel_size == 1:
                 raise ConfigError("parallel.virtual_pipeline_model_parallel_size", vpp,
                                   "virtual stages need pipeline_model_parallel_size > 1 and a positive count")
+        if self.ddp_bucket_size is not None and (self.ddp_bucket_size < 1 or not self.overlap_grad_reduce):
+            raise ConfigError("parallel.ddp_bucket_size", self.ddp_bucket_size,
+                              "buckets exist only with parallel.overlap_grad_reduce=true; use a positive size")
         if self.overlap_param_gather and not self.use_distributed_optimizer:
             raise ConfigError("parallel.overlap_param_gather", True, "needs parallel.use_distributed_optimizer=true")
         first, last = self.num_layers_in_first_pipeline_stage, self.num_layers_in_last_pipeline_stage
@@ -307,6 +313,10 @@ class TrainingConfig:
     while the shards are written; the checkpoint is renamed into place when every rank has finished."""
     run_dir: str = "runs/default"
 
+    def global_batch(self, data_parallel_size: int) -> int:
+        """Samples per optimizer step over all data-parallel ranks (the global sample slots of a step)."""
+        return self.micro_batch_size * data_parallel_size * self.micro_batches_per_step(data_parallel_size)
+
     def micro_batches_per_step(self, data_parallel_size: int) -> int:
         per_pass = self.micro_batch_size * data_parallel_size
         if self.global_batch_size is None:
@@ -353,6 +363,17 @@ class Config:
             raise ConfigError("model.backend", "te", "Transformer Engine runs on GPU only: use model.backend=local "
                                                      "with --device cpu")
         return self
+
+    def check_world(self, data_parallel_size: int) -> int:
+        """Checks that need the data-parallel size (clear errors before anything is built); returns the
+        global batch."""
+        global_batch = self.training.global_batch(data_parallel_size)
+        if self.diffusion.timestep_sampling == "explicit_uniform" and global_batch > self.diffusion.num_train_timesteps:
+            raise ConfigError("training.global_batch_size", global_batch,
+                              f"explicit uniform sampling gives each sample of a step its own stratum of the "
+                              f"{self.diffusion.num_train_timesteps} timesteps: use a global batch of at most "
+                              f"{self.diffusion.num_train_timesteps}, or diffusion.timestep_sampling=uniform")
+        return global_batch
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

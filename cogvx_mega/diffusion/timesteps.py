@@ -1,21 +1,39 @@
-"""Diffusion timestep sampling.
+"""Diffusion timestep sampling, keyed on the global sample slot (see `randomness.py`).
 
-Explicit uniform sampling (CogVideoX paper): with n data-parallel ranks, 0..T-1 is split into n
-contiguous intervals that cover it exactly (sizes differ by at most one) and data-parallel rank r
-draws only from interval r. The pooled draws of one step are then stratified, which lowers the
-variance of the loss estimate. Draws depend only on (seed, step, data-parallel rank), so every
-rank of one model-parallel group (TP/PP/CP) draws the same timesteps.
+Explicit uniform sampling (CogVideoX paper): with a global batch of G samples, 0..T-1 is split into G
+contiguous strata covering it exactly (sizes differ by at most one) and slot j draws uniformly inside
+stratum j. Data-parallel rank r holds a contiguous block of slots, so its draws fall exactly inside
+interval r of the data-parallel split (`rank_interval`), as the paper asks; one process holding the
+whole global batch draws the same stratified timesteps. The pooled draws of a step are stratified,
+which lowers the variance of the loss estimate.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
-# Keeps the timestep stream independent of every other stream seeded from the same run seed.
-_TIMESTEP_STREAM = 0x7153
+from .randomness import Stream, slot_generator
+
+
+def stratum(slot: int, global_batch: int, num_train_timesteps: int = 1000) -> tuple[int, int]:
+    """[low, high) of the timesteps slot `slot` of a global batch of `global_batch` draws from."""
+    check_strata(global_batch, num_train_timesteps)
+    if not 0 <= slot < global_batch:
+        raise ValueError(f"slot={slot} is outside the global batch 0..{global_batch - 1}")
+    return slot * num_train_timesteps // global_batch, (slot + 1) * num_train_timesteps // global_batch
+
+
+def check_strata(global_batch: int, num_train_timesteps: int = 1000) -> None:
+    if not 1 <= global_batch <= num_train_timesteps:
+        raise ValueError(f"global batch {global_batch}: explicit uniform sampling gives each sample of the global "
+                         f"batch its own non-empty stratum of the {num_train_timesteps} timesteps, so it needs "
+                         f"1..{num_train_timesteps} samples per step; use diffusion.timestep_sampling=uniform or a "
+                         f"smaller global batch")
 
 
 def rank_interval(data_parallel_rank: int, data_parallel_size: int, num_train_timesteps: int = 1000) -> tuple[int, int]:
-    """[low, high) of the timesteps this data-parallel rank draws from."""
+    """[low, high) of the timesteps data-parallel rank r's slots draw from: the union of its strata."""
     if not 1 <= data_parallel_size <= num_train_timesteps:
         raise ValueError(f"data_parallel_size={data_parallel_size}: explicit uniform sampling needs 1..{num_train_timesteps} "
                          f"ranks (one non-empty interval each); use diffusion.timestep_sampling=uniform beyond that")
@@ -26,31 +44,30 @@ def rank_interval(data_parallel_rank: int, data_parallel_size: int, num_train_ti
     return low, high
 
 
-def step_generator(seed: int, step: int, data_parallel_rank: int, stream: int) -> torch.Generator:
-    """A CPU generator keyed on (seed, step, data-parallel rank, stream)."""
-    key = (((seed * 1_000_003 + step) * 10_007 + data_parallel_rank) * 65_537 + stream) % (2**63 - 1)
-    return torch.Generator(device="cpu").manual_seed(key)
+def explicit_uniform_timesteps(slots: Sequence[int], *, global_batch: int, seed: int, step: int,
+                               num_train_timesteps: int = 1000) -> torch.Tensor:
+    """[len(slots)] int64: slot j uniform in its stratum."""
+    draws = []
+    for slot in slots:
+        low, high = stratum(slot, global_batch, num_train_timesteps)
+        draws.append(torch.randint(low, high, (1,), generator=slot_generator(seed, step, slot, Stream.TIMESTEP)))
+    return torch.cat(draws) if draws else torch.empty(0, dtype=torch.long)
 
 
-def explicit_uniform_timesteps(batch_size: int, *, seed: int, step: int, data_parallel_rank: int,
-                               data_parallel_size: int, num_train_timesteps: int = 1000) -> torch.Tensor:
-    low, high = rank_interval(data_parallel_rank, data_parallel_size, num_train_timesteps)
-    generator = step_generator(seed, step, data_parallel_rank, _TIMESTEP_STREAM)
-    return torch.randint(low, high, (batch_size,), generator=generator)
-
-
-def uniform_timesteps(batch_size: int, *, seed: int, step: int, data_parallel_rank: int,
-                      data_parallel_size: int, num_train_timesteps: int = 1000) -> torch.Tensor:
-    generator = step_generator(seed, step, data_parallel_rank, _TIMESTEP_STREAM)
-    return torch.randint(0, num_train_timesteps, (batch_size,), generator=generator)
+def uniform_timesteps(slots: Sequence[int], *, global_batch: int, seed: int, step: int,
+                      num_train_timesteps: int = 1000) -> torch.Tensor:
+    """[len(slots)] int64: every slot uniform in 0..T-1."""
+    draws = [torch.randint(0, num_train_timesteps, (1,), generator=slot_generator(seed, step, slot, Stream.TIMESTEP))
+             for slot in slots]
+    return torch.cat(draws) if draws else torch.empty(0, dtype=torch.long)
 
 
 SAMPLERS = {"explicit_uniform": explicit_uniform_timesteps, "uniform": uniform_timesteps}
 
 
-def sample_timesteps(method: str, batch_size: int, **kwargs) -> torch.Tensor:
+def sample_timesteps(method: str, slots: Sequence[int], **kwargs) -> torch.Tensor:
     try:
         sampler = SAMPLERS[method]
     except KeyError:
         raise ValueError(f"diffusion.timestep_sampling={method!r}: choose one of {', '.join(SAMPLERS)}") from None
-    return sampler(batch_size, **kwargs)
+    return sampler(slots, **kwargs)

@@ -38,11 +38,10 @@ def _full_value(global_name: str, shape: torch.Size, seed: int) -> torch.Tensor:
 @torch.no_grad()
 def initialize_weights(model_chunks, seed: int) -> None:
     """Overwrite every parameter (except learned position tables, which keep their sin-cos start)."""
-    from megatron.core import parallel_state
+    from megatron.core.utils import get_pg_rank, get_pg_size
 
-    tp_size = parallel_state.get_tensor_model_parallel_world_size()
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
     for chunk in model_chunks:
+        tp_size, tp_rank = get_pg_size(chunk.tp_group), get_pg_rank(chunk.tp_group)
         for name, param in chunk.named_parameters():
             if name.endswith("pos_embedding"):
                 continue

@@ -19,10 +19,10 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
-from megatron.core.utils import make_viewless_tensor
+from megatron.core.utils import get_pg_rank, get_pg_size, make_viewless_tensor
 from torch import Tensor, nn
 
-from ..parallel.context import context_parallel_attention, sdpa
+from ..parallel.context import CP_ATTENTION_KINDS, context_parallel_attention, sdpa
 
 # Order of the 12 modulation chunks of one layer: the attention half, then the FFN half
 # (the same order as diffusers' norm1.linear followed by norm2.linear).
@@ -66,7 +66,8 @@ class SDPACoreAttention(MegatronModule):
     """Full (non-causal) attention with torch's scaled_dot_product_attention.
 
     Takes megatron's core-attention call: q/k/v [s, b, heads, head_dim] -> [s, b, heads*head_dim].
-    Flash / memory-efficient kernels on GPU, math kernel on CPU.
+    Flash / memory-efficient kernels on GPU, math kernel on CPU. Under context parallel, `cp_comm_type`
+    (passed down by the layer, as megatron's TransformerLayer does) picks how attention spans the CP group.
     """
 
     def __init__(self, config, layer_number: int, attn_mask_type: AttnMaskType = AttnMaskType.no_mask,
@@ -74,8 +75,12 @@ class SDPACoreAttention(MegatronModule):
                  softmax_scale: Optional[float] = None, cp_comm_type: Optional[str] = None, pg_collection=None):
         super().__init__(config=config)
         self.softmax_scale = softmax_scale
-        self.context_parallel = config.context_parallel_size > 1
-        self.context_parallel_kind = config.cp_comm_type if isinstance(config.cp_comm_type, str) else "a2a"
+        self.cp_group = pg_collection.cp if pg_collection is not None else None
+        self.cp_comm_type = cp_comm_type
+        self.context_parallel = get_pg_size(self.cp_group) > 1
+        if self.context_parallel and cp_comm_type not in CP_ATTENTION_KINDS:
+            raise ValueError(f"cp_comm_type={cp_comm_type!r}: the local backend's context parallel attention "
+                             f"offers {', '.join(CP_ATTENTION_KINDS)}")
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor] = None,
                 attn_mask_type=None, attention_bias=None, packed_seq_params=None) -> Tensor:
@@ -84,11 +89,20 @@ class SDPACoreAttention(MegatronModule):
         seq, batch, heads, head_dim = query.shape
         # attention_mask: None, or key_valid [s] (True on real keys, False on padding; rank-major under CP)
         if self.context_parallel:  # q/k/v hold this CP rank's tokens
-            out = context_parallel_attention(query, key, value, self.context_parallel_kind, self.softmax_scale,
-                                             attention_mask)
+            out = context_parallel_attention(query, key, value, self.cp_comm_type, self.softmax_scale,
+                                             attention_mask, self.cp_group)
         else:
             out = sdpa(query, key, value, self.softmax_scale, attention_mask)
         return out.reshape(seq, batch, heads * head_dim)  # [s, b, h]
+
+
+def cp_comm_type_of_layer(config, layer_number: int) -> Optional[str]:
+    """The context-parallel attention kind of layer `layer_number` (1-based, global): megatron allows one
+    kind for all layers or a list with one per layer. None without context parallel."""
+    kind = config.cp_comm_type
+    if config.context_parallel_size == 1 or kind is None:
+        return None
+    return kind[layer_number - 1] if isinstance(kind, list) else kind
 
 
 @dataclass
@@ -106,15 +120,22 @@ class ExpertAdaLNLayer(MegatronModule):
     def __init__(self, config, submodules: ExpertAdaLNLayerSubmodules, layer_number: int = 1,
                  hidden_dropout: Optional[float] = None, pg_collection=None, vp_stage: Optional[int] = None):
         super().__init__(config=config)
-        pp_rank = pg_collection.pp.rank() if pg_collection is not None and hasattr(pg_collection, "pp") else None
-        self.layer_number = layer_number + get_transformer_layer_offset(config, vp_stage, pp_rank)
+        if pg_collection is None:
+            from megatron.core.process_groups_config import ProcessGroupCollection
+
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups()
+        self.pg_collection = pg_collection
+        self.layer_number = layer_number + get_transformer_layer_offset(config, vp_stage, get_pg_rank(pg_collection.pp))
         self.input_layernorm = build_module(submodules.input_layernorm, config=config,
                                             hidden_size=config.hidden_size, eps=config.layernorm_epsilon)
         self.adaln_modulation = build_module(submodules.adaln_modulation, config=config)
-        self.self_attention = build_module(submodules.self_attention, config=config, layer_number=self.layer_number)
+        self.self_attention = build_module(submodules.self_attention, config=config, layer_number=self.layer_number,
+                                           cp_comm_type=cp_comm_type_of_layer(config, self.layer_number),
+                                           pg_collection=pg_collection)
         self.pre_mlp_layernorm = build_module(submodules.pre_mlp_layernorm, config=config,
                                               hidden_size=config.hidden_size, eps=config.layernorm_epsilon)
-        self.mlp = build_module(submodules.mlp, config=config)
+        self.mlp = build_module(submodules.mlp, config=config, ffn_hidden_size=config.ffn_hidden_size,
+                                tp_group=pg_collection.tp)
 
     @staticmethod
     def _per_token(is_text: Tensor, video_value: Tensor, text_value: Tensor) -> Tensor:

@@ -1,7 +1,9 @@
 """CogVideoX expert transformer: embed -> megatron TransformerBlock -> modulated head -> unpatchify.
 
-Single-device math; no communication code. Video tensors are [B, T, C, H, W] at the edges and
-megatron's [s, b, h] inside the block stack; patchify/unpatchify are the only conversions.
+Single-device math. The model holds no collective of its own: sequence/context parallelism enter through
+the split/gather glue of `cogvx_mega.parallel` (identities on one process) and the layer spec, with the
+process groups the model was built with (`pg_collection`). Video tensors are [B, T, C, H, W] at the edges
+and megatron's [s, b, h] inside the block stack; patchify/unpatchify are the only conversions.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import torch
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import (TransformerBlock, TransformerBlockSubmodules,
                                                          get_num_layers_to_build)
+from megatron.core.utils import get_pg_rank
 from torch import Tensor, nn
 
 from ..config.schema import ModelConfig
@@ -114,8 +117,15 @@ class CogVideoXTransformer(MegatronModule):
     """
 
     def __init__(self, model: ModelConfig, transformer_config, pre_process: bool = True, post_process: bool = True,
-                 vp_stage: Optional[int] = None):
+                 vp_stage: Optional[int] = None, pg_collection=None):
+        """`pg_collection`: the process groups the model runs on (`parallel.state.model_parallel_groups()` for
+        a training layout, `single_process_groups()` for a whole model in one process)."""
         super().__init__(config=transformer_config)
+        if pg_collection is None:
+            from ..parallel.state import model_parallel_groups
+
+            pg_collection = model_parallel_groups()
+        self.pg_collection = pg_collection
         from megatron.core.enums import ModelType
 
         self.model_type = ModelType.encoder_or_decoder  # read by megatron's pipeline schedules
@@ -132,13 +142,15 @@ class CogVideoXTransformer(MegatronModule):
         if pre_process:
             self.patch_embed = PatchEmbedding(model)
         spec = layer_spec_for(model.backend)
-        layers_here = get_num_layers_to_build(transformer_config, vp_stage=vp_stage)  # this pipeline chunk's share
+        layers_here = get_num_layers_to_build(transformer_config, vp_stage=vp_stage,
+                                              pp_rank=get_pg_rank(pg_collection.pp))  # this pipeline chunk's share
         self.decoder = TransformerBlock(
             config=transformer_config,
             spec=TransformerBlockSubmodules(layer_specs=[spec] * layers_here, layer_norm=LayerNorm),
             post_layer_norm=post_process,
             pre_process=pre_process,
             post_process=post_process,
+            pg_collection=pg_collection,
             vp_stage=vp_stage,
         )
         if post_process:
@@ -152,12 +164,19 @@ class CogVideoXTransformer(MegatronModule):
             if getattr(self, name, None) is not None:
                 mark_sequence_parallel(getattr(self, name), transformer_config)
 
+    @property
+    def cp_group(self):
+        """The context-parallel group (None for a single-process model)."""
+        return self.pg_collection.cp
+
+    @property
+    def tp_group(self):
+        return self.pg_collection.tp
+
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
         """megatron's sharded state; the conditioning copies past the first pipeline chunk are non-main replicas."""
-        from megatron.core import parallel_state
-
         state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
-        if parallel_state.get_pipeline_model_parallel_rank() != 0 or (self.vp_stage or 0) != 0:
+        if get_pg_rank(self.pg_collection.pp) != 0 or (self.vp_stage or 0) != 0:
             replicated = tuple(f"{prefix}{name}." for name in REPLICATED_MODULES)
             for key, tensor in state.items():
                 if key.startswith(replicated):
@@ -222,19 +241,21 @@ class CogVideoXTransformer(MegatronModule):
         if self.pre_process:
             hidden = self.patch_embed(text_embeds, latents).transpose(0, 1)  # [s, b, h]
             hidden = torch.nn.functional.pad(hidden, (0, 0, 0, 0, 0, padded - seq)).contiguous()  # [S, b, h]
-            hidden = split_sequence(hidden, padded)  # [S/cp, b, h]: this context-parallel rank's tokens
-            hidden = scatter_tokens(hidden, self.config)  # [S/cp/tp, b, h] under sequence parallel
+            hidden = split_sequence(hidden, padded, self.cp_group)  # [S/cp, b, h]: this context-parallel rank's tokens
+            hidden = scatter_tokens(hidden, self.config, self.tp_group)  # [S/cp/tp, b, h] under sequence parallel
         else:
             hidden = None  # comes from the previous pipeline stage via set_input_tensor
         text_token_mask = torch.zeros(padded, b, dtype=torch.bool, device=latents.device)
         text_token_mask[:text_length] = True
-        text_token_mask = local_tokens(split_sequence(text_token_mask, padded), self.config)  # sliced like hidden
+        text_token_mask = local_tokens(split_sequence(text_token_mask, padded, self.cp_group), self.config,
+                                       self.tp_group)  # sliced like hidden
         key_valid = None  # [S]: real keys, in the order the attention sees them (rank-major under CP)
         if padded != seq:
-            key_valid = rank_major_positions(padded, latents.device) < seq
+            key_valid = rank_major_positions(padded, self.cp_group, latents.device) < seq
         rope = self.rotary_table(t, h, w, text_length, latents.device)  # [s, 1, 1, d]
         if rope is not None:  # this CP rank's rows; q/k cover the whole CP shard even under sequence parallel
-            rope = split_sequence(torch.nn.functional.pad(rope, (0, 0, 0, 0, 0, 0, 0, padded - seq)), padded)
+            rope = split_sequence(torch.nn.functional.pad(rope, (0, 0, 0, 0, 0, 0, 0, padded - seq)), padded,
+                                  self.cp_group)
         hidden = self.decoder(hidden, attention_mask=key_valid, context=emb, context_mask=text_token_mask,
                               rotary_pos_emb=rope)  # [S/cp(/tp), b, h]
         if not self.post_process:
@@ -242,10 +263,10 @@ class CogVideoXTransformer(MegatronModule):
         # The head is per token: run it on this rank's tokens (text rows too, discarded below), then gather.
         shift, scale = self.output_norm_linear(torch.nn.functional.silu(emb)).chunk(2, dim=1)  # [b, h] each
         tokens = self.output_norm(hidden) * (1 + scale)[None] + shift[None]
-        tokens = gather_tokens(self.output_proj(tokens), self.config)  # [S/cp, b, C_out*pt*p*p]
+        tokens = gather_tokens(self.output_proj(tokens), self.config, self.tp_group)  # [S/cp, b, C_out*pt*p*p]
         if return_tokens:
             return tokens
-        tokens = gather_sequence(tokens, padded)  # [S, b, C_out*pt*p*p]
+        tokens = gather_sequence(tokens, padded, self.cp_group)  # [S, b, C_out*pt*p*p]
         video = tokens[text_length:seq].transpose(0, 1)  # [b, N, C_out*pt*p*p]
         return unpatchify(video, t, h, w, m.patch_size, m.patch_size_t)  # [B, T, C_out, H, W]
 
@@ -260,26 +281,31 @@ def sequence_length(model: ModelConfig, latent_frames: int, latent_height: int, 
 def build_model_chunks(model: ModelConfig, parallel=None, device: str = "cpu",
                        params_dtype: torch.dtype = torch.float32, seed: int = 1234, recompute: str = "none",
                        recompute_num_layers: int = 1) -> list[CogVideoXTransformer]:
-    """This rank's model chunks (one per virtual pipeline stage), initialised independently of the layout.
-
-    Call `initialize_parallel` first: the chunks follow megatron's pipeline and tensor-parallel groups.
-    """
+    """This rank's model chunks (one per virtual pipeline stage) at megatron's current layout, initialised
+    independently of the layout. Call `initialize_parallel` first."""
     from ..config.megatron import build_transformer_config
     from ..parallel.pipeline import build_model_chunks as build_stage_chunks
+    from ..parallel.state import model_parallel_groups
     from .init import initialize_weights
 
     transformer_config = build_transformer_config(model, parallel, params_dtype=params_dtype, device=device,
                                                   recompute=recompute, recompute_num_layers=recompute_num_layers)
+    groups = model_parallel_groups()
     chunks = build_stage_chunks(lambda pre, post, vp_stage: CogVideoXTransformer(
-        model, transformer_config, pre_process=pre, post_process=post, vp_stage=vp_stage))
+        model, transformer_config, pre_process=pre, post_process=post, vp_stage=vp_stage, pg_collection=groups))
     initialize_weights(chunks, seed)
     return [chunk.to(device=device) for chunk in chunks]
 
 
-def build_model(model: ModelConfig, parallel=None, device: str = "cpu",
-                params_dtype: torch.dtype = torch.float32, seed: int = 1234) -> CogVideoXTransformer:
-    """The whole model on this rank (no pipeline split)."""
-    chunks = build_model_chunks(model, parallel, device, params_dtype, seed)
-    if len(chunks) != 1 or not (chunks[0].pre_process and chunks[0].post_process):
-        raise ValueError("build_model builds one whole model; use build_model_chunks under pipeline parallel")
-    return chunks[0]
+def build_model(model: ModelConfig, device: str = "cpu", params_dtype: torch.dtype = torch.float32,
+                seed: int = 1234) -> CogVideoXTransformer:
+    """The whole model in this process, on its own (`single_process_groups`): it needs no process group,
+    creates none that involves another rank, and leaves a running job's groups alone."""
+    from ..config.megatron import build_transformer_config
+    from ..parallel.state import single_process_groups
+    from .init import initialize_weights
+
+    transformer_config = build_transformer_config(model, None, params_dtype=params_dtype, device="cpu")
+    chunk = CogVideoXTransformer(model, transformer_config, pg_collection=single_process_groups())
+    initialize_weights([chunk], seed)
+    return chunk.to(device=device)

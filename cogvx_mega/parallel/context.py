@@ -18,11 +18,11 @@ from torch import Tensor
 CP_ATTENTION_KINDS = ("a2a", "all_gather")
 
 
-def _cp_group_size_rank():
-    from megatron.core import parallel_state
+def _size_rank(group) -> tuple[int, int]:
+    """Size and rank of a process group; (1, 0) for None (a model built for one process)."""
+    from megatron.core.utils import get_pg_rank, get_pg_size
 
-    return (parallel_state.get_context_parallel_group(), parallel_state.get_context_parallel_world_size(),
-            parallel_state.get_context_parallel_rank())
+    return get_pg_size(group), get_pg_rank(group)
 
 
 def padded_sequence_length(seq_length: int, config) -> int:
@@ -48,9 +48,9 @@ def local_token_indices(seq_length: int, cp_size: int, cp_rank: int, device=None
     return torch.cat([first, second])
 
 
-def split_sequence(tensor: Tensor, seq_length: int) -> Tensor:
-    """This CP rank's tokens of a [s, ...] tensor (differentiable; identity without CP)."""
-    _, size, rank = _cp_group_size_rank()
+def split_sequence(tensor: Tensor, seq_length: int, group) -> Tensor:
+    """This CP rank's tokens of a [s, ...] tensor (differentiable; identity without CP). `group`: the CP group."""
+    size, rank = _size_rank(group)
     if size == 1:
         return tensor
     return tensor.index_select(0, local_token_indices(seq_length, size, rank, tensor.device))
@@ -100,22 +100,22 @@ def _all_to_all(tensor: Tensor, group, scatter_dim: int, gather_dim: int) -> Ten
     return torch.cat(outputs, dim=gather_dim)
 
 
-def gather_sequence(tensor: Tensor, seq_length: int) -> Tensor:
+def gather_sequence(tensor: Tensor, seq_length: int, group) -> Tensor:
     """Inverse of `split_sequence`: every rank gets the whole [s, ...] tensor in natural order."""
-    group, size, _ = _cp_group_size_rank()
+    size, _ = _size_rank(group)
     if size == 1:
         return tensor
     gathered = _GatherSequence.apply(tensor, group)  # rank-major, each rank's chunks in its own order
-    order = rank_major_positions(seq_length, tensor.device)
+    order = rank_major_positions(seq_length, group, tensor.device)
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(seq_length, device=tensor.device)
     return gathered.index_select(0, inverse)
 
 
-def rank_major_positions(seq_length: int, device=None) -> Tensor:
+def rank_major_positions(seq_length: int, group, device=None) -> Tensor:
     """Sequence positions in the order the CP ranks hold them, concatenated rank by rank: the order of
     gathered keys (all_gather) and of the sequence after Ulysses' all-to-all. Natural order at CP=1."""
-    _, size, _ = _cp_group_size_rank()
+    size, _ = _size_rank(group)
     return torch.cat([local_token_indices(seq_length, size, r, device) for r in range(size)])
 
 
@@ -128,12 +128,12 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, scale, key_valid: Tensor | None = None
 
 
 def context_parallel_attention(query: Tensor, key: Tensor, value: Tensor, kind: str, scale,
-                               key_valid: Tensor | None = None) -> Tensor:
+                               key_valid: Tensor | None, group) -> Tensor:
     """q/k/v [s/cp, b, heads, d] of this CP rank -> attention output [s/cp, b, heads, d].
 
     key_valid [s] marks the real (non-pad) keys in rank-major order (`rank_major_positions`), the order
-    in which both kinds see the keys; the model builds it once per forward."""
-    group, size, _ = _cp_group_size_rank()
+    in which both kinds see the keys; the model builds it once per forward. `group`: the CP group."""
+    size, _ = _size_rank(group)
     if kind == "a2a":
         heads = query.shape[2]
         if heads % size:

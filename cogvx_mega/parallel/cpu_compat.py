@@ -1,7 +1,10 @@
 """Let megatron-core 0.16.1 run on a CPU-only torch build (gloo), so one code path serves laptops, CI and GPUs.
 
-Applied once per process by `enable()`, and only when the run's device is CPU. What it covers
-(see ../shared/notes/megatron-core-on-cpu.md for the findings behind it):
+Applied once per process by `enable()`, and only when the run's device is CPU (training, the CPU test
+tier). It makes the whole process CPU-only, also on a machine with GPUs: `torch.cuda.is_available()` then
+answers False and CUDA is never initialised. Nothing that merely builds or reads a model needs it
+(`from_pretrained`, the converters and `cogvx vae` run without it). What it covers (see
+../shared/notes/megatron-core-on-cpu.md for the findings behind it):
 
 - the model-parallel RNG tracker calls `torch.cuda.{get,set}_rng_state` and `manual_seed`: on CPU
   these map to the CPU generator;
@@ -119,6 +122,7 @@ def _patch_cuda_namespace() -> None:
     # where torch-function modes are not active: answer with the CPU device itself.
     cuda.current_device = lambda: torch.device("cpu")
     cuda.device_count = lambda: 0
+    cuda.is_available = lambda: False  # the process is CPU-only from here on, GPUs present or not
     cuda.synchronize = lambda device=None: None
     cuda.Stream = _NullStream
     cuda.Event = _NullEvent
@@ -163,12 +167,16 @@ def _patch_megatron() -> None:
 
 
 def enable() -> None:
-    """Apply the CPU compatibility layer (idempotent). Call only when running without CUDA."""
+    """Apply the CPU compatibility layer (idempotent): this process runs megatron on the CPU from now on.
+
+    Never call it in a process that also uses CUDA (a GPU job, a notebook holding GPU tensors): it turns
+    torch.cuda into CPU stand-ins for the rest of the process."""
     global _ENABLED, _MODE
     if _ENABLED:
         return
-    if torch.cuda.is_available():
-        raise RuntimeError("cpu_compat.enable() is for CPU-only runs; CUDA is available here")
+    if torch.cuda.is_initialized():
+        raise RuntimeError("cpu_compat.enable(): CUDA is already in use in this process; a CPU run needs a process "
+                           "of its own (e.g. `cogvx train --device cpu`)")
     _patch_cuda_namespace()
     _patch_megatron()
     _MODE = CudaToCpuMode()

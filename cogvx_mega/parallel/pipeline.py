@@ -4,6 +4,12 @@ The timestep (and ofs) embedding feeds the modulations of every layer, so each p
 each virtual chunk holds a copy. The copies start equal, their gradients are summed over all copies
 (chunks on this rank, then the pipeline group) after the data-parallel reduction, so they stay equal.
 Only the first copy counts in the gradient norm (the others are marked `shared`).
+
+With the distributed optimizer the data-parallel reduction is a reduce-scatter: afterwards a rank holds
+the reduced gradient only on its own shard of each bucket, and the shards fall at different offsets of
+the conditioning on different stages. The copies' gradients are therefore first made whole on every
+data-parallel rank (each rank contributes its own shard, zeros elsewhere, summed over the reduce-scatter
+group) and only then summed over the copies.
 """
 from __future__ import annotations
 
@@ -68,6 +74,38 @@ def synchronize_replicated_parameters(model_chunks) -> None:
                 dist.broadcast(param.data, src=source_rank, group=group)
 
 
+def _reduce_scatter_shards(ddp_chunk) -> dict:
+    """param -> (reduce-scatter group, [(start, stop)] of its flattened elements this rank owns), for the
+    parameters of a megatron DDP chunk with the distributed optimizer (empty otherwise)."""
+    if not getattr(getattr(ddp_chunk, "ddp_config", None), "use_distributed_optimizer", False):
+        return {}
+    location = {}
+    for buffer in ddp_chunk.buffers:
+        location.update(buffer.param_index_map)  # param -> (start, end, bucket) in the buffer
+    owned = {}
+    for bucket_group in ddp_chunk.bucket_groups:
+        size = bucket_group.intra_distributed_optimizer_instance_size
+        rank = bucket_group.intra_distributed_optimizer_instance_rank
+        for bucket in bucket_group.buckets:
+            shard = bucket.grad_data.numel() // size
+            low, high = bucket.offset + rank * shard, bucket.offset + (rank + 1) * shard  # buffer coordinates
+            for param in bucket.params_list:
+                start, end, _ = location[param]
+                first, last = max(start, low), min(end, high)
+                ranges = [(first - start, last - start)] if first < last else []
+                owned[param] = (bucket_group.intra_distributed_optimizer_instance_group, ranges)
+    return owned
+
+
+def _whole_after_reduce_scatter(grad: torch.Tensor, group, ranges: list) -> None:
+    """In place: the data-parallel reduced gradient everywhere, from each rank's own reduced shard."""
+    mine = torch.zeros_like(grad).reshape(-1)
+    for start, stop in ranges:
+        mine[start:stop] = grad.reshape(-1)[start:stop]
+    dist.all_reduce(mine, group=group)
+    grad.copy_(mine.view_as(grad))
+
+
 def reduce_replicated_gradients(model_chunks) -> None:
     """Sum the conditioning gradients over all copies (this rank's chunks, then the pipeline group)."""
     from megatron.core import parallel_state
@@ -79,6 +117,11 @@ def reduce_replicated_gradients(model_chunks) -> None:
     if len(groups) == 1 and pp_size == 1:
         return
     grads = [[getattr(p, "main_grad", p.grad) for p in params] for params in groups]
+    for chunk, params, chunk_grads in zip(model_chunks, groups, grads):
+        shards = _reduce_scatter_shards(chunk)
+        for param, grad in zip(params, chunk_grads):
+            if param in shards:
+                _whole_after_reduce_scatter(grad, *shards[param])
     total = torch.cat([g.reshape(-1) for g in grads[0]]).clone()
     for chunk_grads in grads[1:]:
         total += torch.cat([g.reshape(-1) for g in chunk_grads])

@@ -1,6 +1,7 @@
 """Sequence-parallel glue: split the [s, b, h] token sequence over the tensor-parallel group and gather it back.
 
-Both functions are identities when `config.sequence_parallel` is off, so the model calls them unconditionally.
+All functions are identities when `config.sequence_parallel` is off, so the model calls them unconditionally.
+`group` is the tensor-parallel group the model was built with.
 """
 from __future__ import annotations
 
@@ -8,38 +9,33 @@ import torch
 from torch import Tensor
 
 
-def _tp_group_size_and_rank():
-    from megatron.core import parallel_state
-
-    return (parallel_state.get_tensor_model_parallel_world_size(),
-            parallel_state.get_tensor_model_parallel_rank())
-
-
-def scatter_tokens(hidden: Tensor, config) -> Tensor:
+def scatter_tokens(hidden: Tensor, config, group) -> Tensor:
     """[s, b, h] -> this TP rank's [s/tp, b, h] (backward: all-gather)."""
     if not config.sequence_parallel:
         return hidden
     from megatron.core import tensor_parallel
 
-    return tensor_parallel.scatter_to_sequence_parallel_region(hidden)
+    return tensor_parallel.scatter_to_sequence_parallel_region(hidden, group=group)
 
 
-def local_tokens(tensor: Tensor, config) -> Tensor:
+def local_tokens(tensor: Tensor, config, group) -> Tensor:
     """This TP rank's rows of a non-differentiable per-token tensor (e.g. the text-token mask)."""
     if not config.sequence_parallel:
         return tensor
-    size, rank = _tp_group_size_and_rank()
+    from megatron.core.utils import get_pg_rank, get_pg_size
+
+    size, rank = get_pg_size(group), get_pg_rank(group)
     chunk = tensor.shape[0] // size
     return tensor[rank * chunk:(rank + 1) * chunk]
 
 
-def gather_tokens(hidden: Tensor, config) -> Tensor:
+def gather_tokens(hidden: Tensor, config, group) -> Tensor:
     """[s/tp, b, h] -> [s, b, h]. Backward keeps this rank's slice (the consumers are replicated per rank)."""
     if not config.sequence_parallel:
         return hidden
     from megatron.core import tensor_parallel
 
-    return tensor_parallel.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
+    return tensor_parallel.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False, group=group)
 
 
 def mark_sequence_parallel(module: torch.nn.Module, config) -> None:

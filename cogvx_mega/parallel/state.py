@@ -100,6 +100,36 @@ def initialize_parallel(parallel: Optional[ParallelConfig] = None, device: str =
     )
 
 
+# the groups a model names: megatron's ProcessGroupCollection fields the model's modules read
+_MODEL_GROUPS = ("tp", "pp", "cp", "tp_cp", "mp", "hcp")
+_OWN_GROUP = None  # this process alone (a size-1 group), for single-process models inside a running job
+
+
+def model_parallel_groups():
+    """megatron's current model-parallel groups (after `initialize_parallel`), for a model built at this layout."""
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    return ProcessGroupCollection.use_mpu_process_groups(required_pgs=list(_MODEL_GROUPS))
+
+
+def single_process_groups():
+    """Groups for a model that runs whole in this process (`from_pretrained`, the tools), whatever groups
+    exist: none at all without torch.distributed, else a group of this process alone. Creating it involves
+    no other rank (local synchronization) and leaves every existing group as it is."""
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    global _OWN_GROUP
+    own = None
+    if dist.is_initialized():
+        if _OWN_GROUP is None:
+            _OWN_GROUP = dist.new_group([dist.get_rank()], use_local_synchronization=True)
+        own = _OWN_GROUP
+    groups = ProcessGroupCollection()
+    for name in _MODEL_GROUPS:
+        setattr(groups, name, None if name == "hcp" else own)
+    return groups
+
+
 def data_parallel_group():
     from megatron.core import parallel_state
 
@@ -110,8 +140,8 @@ def shutdown() -> None:
     """Tear down process groups (tests and the end of `cogvx train`)."""
     from megatron.core import parallel_state
 
-    global _BUILT_LAYOUT
-    _BUILT_LAYOUT = None
+    global _BUILT_LAYOUT, _OWN_GROUP
+    _BUILT_LAYOUT, _OWN_GROUP = None, None
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():

@@ -14,7 +14,7 @@ from ..parallel.context import split_sequence
 
 
 def target_tokens(target: Tensor, text_length: int, patch_size: int, patch_size_t,
-                  padded_length: int) -> tuple[Tensor, Tensor]:
+                  padded_length: int, cp_group) -> tuple[Tensor, Tensor]:
     """[B, T, C, H, W] -> (this CP rank's target tokens [S/cp, b, F], video-token mask [S/cp]) over the
     padded [text ; video ; pad] sequence."""
     tokens = patchify(target, patch_size, patch_size_t or 1)  # [b, N, F]
@@ -23,11 +23,12 @@ def target_tokens(target: Tensor, text_length: int, patch_size: int, patch_size_
     full = torch.cat([tokens.new_zeros(b, text_length, f), tokens, tokens.new_zeros(b, pad, f)], dim=1)
     positions = torch.arange(padded_length, device=target.device)
     is_video = (positions >= text_length) & (positions < text_length + n)
-    return split_sequence(full.transpose(0, 1), padded_length), split_sequence(is_video, padded_length)
+    return (split_sequence(full.transpose(0, 1), padded_length, cp_group),
+            split_sequence(is_video, padded_length, cp_group))
 
 
 def v_prediction_token_loss(prediction_tokens: Tensor, target: Tensor, text_length: int, patch_size: int,
-                            patch_size_t, padded_length: int) -> Tensor:
-    tokens, is_video = target_tokens(target, text_length, patch_size, patch_size_t, padded_length)
+                            patch_size_t, padded_length: int, cp_group) -> Tensor:
+    tokens, is_video = target_tokens(target, text_length, patch_size, patch_size_t, padded_length, cp_group)
     squared = (prediction_tokens.float() - tokens.float()) ** 2 * is_video[:, None, None]
     return squared.sum() / target.numel()

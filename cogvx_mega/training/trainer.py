@@ -1,8 +1,8 @@
 """The training loop: AdamW, warmup + cosine LR, gradient clipping, data parallel over gloo/NCCL.
 
-All randomness of a step (noise, timesteps, text dropout) is keyed on (seed, step, data-parallel
-rank), so a run is reproducible, resumable from the step alone, and a data-parallel run equals a
-single process holding the whole global batch.
+All randomness of a step (noise, timesteps, text dropout) and the data order are keyed on (seed, step,
+global sample slot), never on a rank (`cogvx_mega.diffusion.randomness`): a run is reproducible,
+resumable from the step alone, and gives the same losses at every layout and data-parallel size.
 """
 from __future__ import annotations
 
@@ -17,18 +17,18 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
+from ..checkpoint.meta import SHARDED_FORMAT, read_checkpoint_meta
+from ..checkpoint.sharded import load_sharded_checkpoint, save_sharded_checkpoint
 from ..config.schema import Config, ConfigError
 from ..diffusion.loss import NoisedBatch, make_training_batch
+from ..diffusion.randomness import Stream, slot_normal, slot_uniform
 from ..diffusion.schedule import schedule_from_config
-from ..diffusion.timesteps import sample_timesteps, step_generator
+from ..diffusion.timesteps import sample_timesteps
 from ..parallel.state import ParallelDims, data_parallel_group
 from . import checkpoint as ckpt
 from .objective import v_prediction_token_loss
 
 logger = logging.getLogger(__name__)
-
-_NOISE_STREAM = 0x4E01
-_TEXT_DROP_STREAM = 0x7D02
 
 
 def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, lr: float, min_lr: float) -> float:
@@ -65,7 +65,8 @@ def wrap_data_parallel(model_chunks: list[torch.nn.Module], config: Config) -> l
     p = config.parallel
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=p.overlap_grad_reduce,
                                                overlap_param_gather=p.overlap_param_gather,
-                                               use_distributed_optimizer=p.use_distributed_optimizer)
+                                               use_distributed_optimizer=p.use_distributed_optimizer,
+                                               bucket_size=p.ddp_bucket_size)
     wrapped = []
     for index, chunk in enumerate(model_chunks):
         chunk.config.finalize_model_grads_func = finalize_gradients  # the schedules call it after backward
@@ -88,7 +89,9 @@ def wrap_data_parallel(model_chunks: list[torch.nn.Module], config: Config) -> l
 
 class Trainer:
     def __init__(self, config: Config, dims: ParallelDims, model, dataset=None, run_dir: Optional[str] = None):
-        """`model`: the whole model, or this rank's pipeline chunks (`build_model_chunks`)."""
+        """`model`: this rank's chunks (`build_model_chunks`) or one model built at the current layout.
+        `dataset`: anything with `step_batch(step, slots, global_batch, seed) -> {"latents", "text_embeds"}`
+        (e.g. `cogvx_mega.data.latent_dataset.LatentDataset`); needed by `fit`."""
         self.config = config
         self.dims = dims
         self.model_chunks = list(model) if isinstance(model, (list, tuple)) else [model]
@@ -98,9 +101,14 @@ class Trainer:
         self.run_dir = Path(run_dir or config.training.run_dir)
         self.device = torch.device(config.training.device)
         self.micro_batches = config.training.micro_batches_per_step(dims.data_parallel_size)
+        self.global_batch = config.check_world(dims.data_parallel_size)
+        # this rank's global sample slots: a contiguous block of the step's global batch
+        self.slots = range(dims.data_parallel_rank * self.samples_per_rank,
+                           (dims.data_parallel_rank + 1) * self.samples_per_rank)
         self.optimizer = build_optimizer(self.ddp_chunks, config)
         self.alphas_cumprod = schedule_from_config(config.diffusion)
         self.step = 0
+        self._last_saved_step: Optional[int] = None  # the step of the newest checkpoint of this run (None: none)
         self._async_saves = None  # megatron AsyncCallsQueue, created by the first async save
 
     def _average_over_data_parallel(self, value: torch.Tensor) -> torch.Tensor:
@@ -110,15 +118,14 @@ class Trainer:
         return value
 
     # --- one step ----------------------------------------------------------------------------------
-    def step_randomness(self, batch_size: int, latent_shape: torch.Size, step: int) -> dict[str, torch.Tensor]:
-        """Noise, timesteps and text-drop mask of this rank at `step` (a pure function of seed/step/rank)."""
-        seed, rank = self.config.training.seed, self.dims.data_parallel_rank
-        diffusion = self.config.diffusion
-        timesteps = sample_timesteps(diffusion.timestep_sampling, batch_size, seed=seed, step=step,
-                                     data_parallel_rank=rank, data_parallel_size=self.dims.data_parallel_size,
-                                     num_train_timesteps=diffusion.num_train_timesteps)
-        noise = torch.randn(latent_shape, generator=step_generator(seed, step, rank, _NOISE_STREAM))
-        drop = torch.rand(batch_size, generator=step_generator(seed, step, rank, _TEXT_DROP_STREAM))
+    def step_randomness(self, step: int, slots: range, sample_shape) -> dict[str, torch.Tensor]:
+        """Noise [n, *sample_shape], timesteps [n] and text-drop mask [n] of global sample slots `slots` at
+        `step`: a pure function of (seed, step, slot), the same at every layout."""
+        seed, diffusion = self.config.training.seed, self.config.diffusion
+        timesteps = sample_timesteps(diffusion.timestep_sampling, slots, global_batch=self.global_batch, seed=seed,
+                                     step=step, num_train_timesteps=diffusion.num_train_timesteps)
+        noise = slot_normal(sample_shape, slots, seed=seed, step=step, stream=Stream.NOISE)
+        drop = slot_uniform(slots, seed=seed, step=step, stream=Stream.TEXT_DROP)
         return {"noise": noise, "timesteps": timesteps, "text_drop_mask": drop < diffusion.text_dropout}
 
     def _forward_step(self, data_iterator, model):
@@ -132,7 +139,7 @@ class Trainer:
 
         def loss_func(output: torch.Tensor):
             loss = v_prediction_token_loss(output, noised.target, noised.text_embeds.shape[1], m.patch_size,
-                                           m.patch_size_t, padded)
+                                           m.patch_size_t, padded, self.model.cp_group)
             return loss, {"loss": loss.detach().clone()}  # megatron divides `loss` in place afterwards
 
         return prediction, loss_func
@@ -157,7 +164,8 @@ class Trainer:
         return loss
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        """One optimizer step on this rank's samples (`samples_per_rank` of them, split into micro-batches).
+        """One optimizer step on this rank's samples (`samples_per_rank` of them, global slots `self.slots`,
+        split into micro-batches in order).
 
         `batch` may carry its own noise/timesteps/text_drop_mask (tests fix them).
         """
@@ -168,7 +176,7 @@ class Trainer:
         if latents.shape[0] != self.samples_per_rank:
             raise ValueError(f"train_step got {latents.shape[0]} samples; this rank takes {self.samples_per_rank} "
                              f"({self.micro_batches} micro-batches of {t.micro_batch_size})")
-        randomness = self.step_randomness(latents.shape[0], latents.shape, self.step)
+        randomness = self.step_randomness(self.step, self.slots, latents.shape[1:])
         randomness.update({k: batch[k] for k in ("noise", "timesteps", "text_drop_mask") if k in batch})
         to_device = lambda x: x.to(self.device, non_blocking=True)  # noqa: E731
         noised = make_training_batch(to_device(latents), to_device(batch["text_embeds"]), to_device(randomness["noise"]),
@@ -217,8 +225,8 @@ class Trainer:
 
     # --- the loop ----------------------------------------------------------------------------------
     def fit(self, on_step: Optional[Callable[[dict], None]] = None) -> list[dict]:
-        from cogvx_mega.data.latent_dataset import rank_batch
-
+        """Train until `training.steps`, saving every `save_interval` steps and at the end. A run that is
+        already at its last step (a finished run resumed) neither trains nor saves again."""
         t = self.config.training
         history: list[dict] = []
         is_logger = self.dims.is_logging_rank
@@ -229,10 +237,12 @@ class Trainer:
 
             self.run_dir.mkdir(parents=True, exist_ok=True)
             progress = tqdm(total=t.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
-        global_batch = self.samples_per_rank * self.dims.data_parallel_size
+        global_batch = self.global_batch
+        if self.step >= t.steps and is_logger:
+            logger.info("the run is already at step %d of training.steps=%d: nothing to train (raise "
+                        "training.steps to continue it)", self.step, t.steps)
         while self.step < t.steps:
-            batch = rank_batch(self.dataset, self.step, self.samples_per_rank, self.dims.data_parallel_rank,
-                               self.dims.data_parallel_size, t.seed)
+            batch = self.dataset.step_batch(self.step, self.slots, global_batch, t.seed)
             started = time.perf_counter()
             metrics = self.train_step(batch)
             if self.device.type == "cuda":
@@ -254,11 +264,25 @@ class Trainer:
             self.finalize_saves()
         if progress is not None:
             progress.close()
-        self.save()
+        if self._last_saved_step != self.step:
+            self.save()
         self.finalize_saves(blocking=True)
         return history
 
     # --- checkpoints -------------------------------------------------------------------------------
+    def checkpoint_meta(self) -> dict:
+        """What a checkpoint records beside the tensors: the model, the step, the position in the data
+        (a global sample index) and the training setup a resume is checked against."""
+        c = self.config
+        return {"step": self.step, "model": dataclasses.asdict(c.model), "preset": c.preset,
+                "global_batch": self.global_batch, "consumed_samples": self.step * self.global_batch,
+                "layout": {"tensor_model_parallel_size": self.dims.tensor_model_parallel_size,
+                           "pipeline_model_parallel_size": self.dims.pipeline_model_parallel_size,
+                           "context_parallel_size": self.dims.context_parallel_size,
+                           "data_parallel_size": self.dims.data_parallel_size},
+                "training": dataclasses.asdict(c.training), "diffusion": dataclasses.asdict(c.diffusion),
+                "data": dataclasses.asdict(c.data)}
+
     def save(self) -> Path:
         """A sharded checkpoint of model, optimizer and step at run_dir/checkpoints/step_<N>/ (all ranks take part).
 
@@ -275,9 +299,9 @@ class Trainer:
 
                 self._async_saves = AsyncCallsQueue()
             queue = self._async_saves
-        return ckpt.save_sharded_checkpoint(ckpt.step_folder(self.run_dir, self.step), self.ddp_chunks, self.optimizer,
-                                            self.step, self.config.model, extra={"preset": self.config.preset},
-                                            async_queue=queue, on_complete=self._prune_checkpoints)
+        self._last_saved_step = self.step
+        return save_sharded_checkpoint(ckpt.step_folder(self.run_dir, self.step), self.ddp_chunks, self.optimizer,
+                                       self.checkpoint_meta(), async_queue=queue, on_complete=self._prune_checkpoints)
 
     def _prune_checkpoints(self) -> None:
         if self.dims.is_logging_rank:  # runs after the save's closing barrier: every rank is past the old ones
@@ -289,18 +313,12 @@ class Trainer:
             self._async_saves.maybe_finalize_async_calls(blocking=blocking)
 
     def load(self, path: str) -> None:
-        """Resume from a checkpoint saved at any layout; a single-file checkpoint (e.g. converted from
-        diffusers) gives the weights only and starts at its step with a fresh optimizer."""
-        meta = ckpt.read_checkpoint_meta(path)
+        """Resume model, optimizer and step from a training checkpoint saved at any layout."""
+        meta = read_checkpoint_meta(path)
+        if meta.get("format") != SHARDED_FORMAT:
+            raise ConfigError("--resume", str(path), "holds weights only (no optimizer state or step); start a run "
+                                                     "from it with --init-from instead")
         ckpt.check_same_model(meta, self.config.model, path)
-        if meta.get("format") == ckpt.SHARDED_FORMAT:
-            ckpt.load_sharded_checkpoint(path, self.ddp_chunks, self.optimizer)
-        else:
-            from ..api import load_state_into
-
-            if len(self.model_chunks) != 1 or self.config.parallel.model_parallel_size != 1:
-                raise ConfigError("--resume", path, "a single-file checkpoint loads only without TP/PP/CP; convert it "
-                                                    "by loading once at TP=PP=CP=1 and saving")
-            _, state, _ = ckpt.read_project_checkpoint(path)
-            load_state_into(self.model, state, self.config.model)
+        load_sharded_checkpoint(path, self.ddp_chunks, self.optimizer)
         self.step = int(meta.get("step", 0))
+        self._last_saved_step = self.step

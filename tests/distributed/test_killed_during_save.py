@@ -15,7 +15,7 @@ STEPS = 4
 
 def train(rank: int, world_size: int, run_dir: str, resume: bool = False, stall_at_step: int | None = None,
           marker: str | None = None) -> list[float]:
-    from cogvx_mega.cli import find_resume_checkpoint
+    from cogvx_mega.training.checkpoint import find_resume_checkpoint
     from cogvx_mega.config import load_config
     from cogvx_mega.data.latent_dataset import synthetic_dataset_for
     from cogvx_mega.model.transformer import build_model_chunks

@@ -1,8 +1,9 @@
-"""Parallel layouts train exactly like one process: 3 steps of the tiny model, loss and grad norm within 1e-5 relative.
+"""Parallel layouts train exactly like one process: 4 steps of the tiny model, loss and grad norm within 1e-5 relative.
 
-Every layout takes the same 4 samples per step as 4 micro-batches of 1 (split over data-parallel
-ranks), so the single-process reference accumulates the same 4 micro-batches. Layouts land here as
-they are built (issue #3).
+Every layout takes the same 4 samples per step (the global batch) as micro-batches of 1 split over its
+data-parallel ranks, and the single-process reference accumulates the same 4 micro-batches. Nothing is
+fixed by hand: every layout draws its own noise, timesteps and text dropout, which are keyed on the global
+sample slot and so must come out the same at any data-parallel size.
 """
 from __future__ import annotations
 
@@ -11,16 +12,8 @@ import torch
 
 from launcher import run_ranks
 
-STEPS = 3
+STEPS = 4
 GLOBAL_BATCH = 4
-
-
-def fixed_randomness(global_batch: int, latent_shape, step: int) -> dict:
-    """Noise, timesteps and text dropout of the whole global batch at `step`, fixed by the test."""
-    generator = torch.Generator().manual_seed(1000 + step)
-    return {"noise": torch.randn(global_batch, *latent_shape, generator=generator),
-            "timesteps": torch.randint(0, 1000, (global_batch,), generator=generator),
-            "text_drop_mask": torch.rand(global_batch, generator=generator) < 0.3}
 
 def layout(world: int, tp: int = 1, pp: int = 1, cp: int = 1, *extra: str) -> dict:
     return {"world": world, "overrides": [f"parallel.tensor_model_parallel_size={tp}",
@@ -32,6 +25,15 @@ LAYOUTS = {
     "tp2": layout(2, tp=2),
     "tp2-sp": layout(2, 2, 1, 1, "parallel.sequence_parallel=true"),
     "tp2-dp2": layout(4, tp=2),
+    "pp2-dp2": layout(4, pp=2),
+    "pp2-vpp2-dp2-distributed-optimizer": layout(4, 1, 2, 1, "parallel.virtual_pipeline_model_parallel_size=2",
+                                                 "parallel.use_distributed_optimizer=true"),
+    "cp2-dp2": layout(4, cp=2),
+    # Buckets of ~1000 parameters split the replicated timestep embedding (3,136 parameters) over both
+    # data-parallel shards, at different offsets on the two stages.
+    "pp2-dp2-distributed-optimizer-small-buckets": layout(4, 1, 2, 1, "parallel.use_distributed_optimizer=true",
+                                                          "parallel.overlap_grad_reduce=true",
+                                                          "parallel.ddp_bucket_size=1000"),
     "tp2-sp-dp2": layout(4, 2, 1, 1, "parallel.sequence_parallel=true"),
     "pp2": layout(2, pp=2),
     "pp2-vpp2": layout(2, 1, 2, 1, "parallel.virtual_pipeline_model_parallel_size=2"),
@@ -58,13 +60,14 @@ def train_layout(rank: int, world_size: int, overrides: tuple = (), steps: range
     """Train `steps` at the layout given by `overrides`, optionally resuming from / saving a checkpoint
     (at the end, or when the trainer reaches step `save_at`; an async save is finalized at the end)."""
     from cogvx_mega.config import load_config
-    from cogvx_mega.data.latent_dataset import rank_batch, synthetic_dataset_for
+    from cogvx_mega.data.latent_dataset import synthetic_dataset_for
     from cogvx_mega.model.transformer import build_model_chunks
     from cogvx_mega.parallel.state import initialize_parallel
     from cogvx_mega.training.trainer import Trainer
 
     config = load_config("tiny", overrides=["data.num_synthetic_clips=8", "training.micro_batch_size=1",
-                                            f"training.global_batch_size={GLOBAL_BATCH}", *overrides])
+                                            f"training.global_batch_size={GLOBAL_BATCH}", "diffusion.text_dropout=0.3",
+                                            *overrides])
     dims = initialize_parallel(config.parallel, device="cpu", seed=config.training.seed)
     chunks = build_model_chunks(config.model, config.parallel, device="cpu", seed=config.training.seed,
                                 recompute=config.training.recompute,
@@ -79,16 +82,12 @@ def train_layout(rank: int, world_size: int, overrides: tuple = (), steps: range
     if resume_from:
         trainer.load(resume_from)
         assert trainer.step == steps.start
-    samples = trainer.samples_per_rank
     history = []
     visible_before_finalize = None  # whether the saved folder existed before the (async) save was finalized
     for step in steps:
-        batch = rank_batch(trainer.dataset, step, samples, dims.data_parallel_rank, dims.data_parallel_size,
-                           config.training.seed)
-        fixed = fixed_randomness(GLOBAL_BATCH, trainer.dataset.latents.shape[1:], step)
-        mine = slice(dims.data_parallel_rank * samples, (dims.data_parallel_rank + 1) * samples)
-        batch.update({k: v[mine] for k, v in fixed.items()})
-        metrics = trainer.train_step(batch)
+        assert trainer.step == step
+        metrics = trainer.train_step(trainer.dataset.step_batch(step, trainer.slots, trainer.global_batch,
+                                                                config.training.seed))
         history.append((metrics["loss"], metrics["grad_norm"]))
         if save_to and trainer.step == save_at:
             visible_before_finalize = trainer.save().exists()
@@ -101,7 +100,7 @@ def train_layout(rank: int, world_size: int, overrides: tuple = (), steps: range
     conditioning = [torch.cat([p.detach().reshape(-1) for p in chunk.time_embedding.parameters()])
                     for chunk in chunks]
     # what `cogvx train --dry-run` promises for this rank
-    from cogvx_mega.parallel.plan import plan_layout
+    from cogvx_mega.tools.plan import plan_layout
     from megatron.core import parallel_state
 
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()

@@ -48,3 +48,19 @@ def test_resume_matches_uninterrupted_run(case, uninterrupted, tmp_path):
         losses = [loss for loss, _ in result["history"]]
         expected = [loss for loss, _ in uninterrupted[3:]]
         assert losses == pytest.approx(expected, rel=1e-5), f"{case} rank {rank}"
+
+
+@pytest.mark.timeout(300)
+def test_resume_across_data_parallel_sizes_continues_the_same_run(uninterrupted, tmp_path):
+    """DP2 for 2 steps, then DP4 for 2, then DP1 for 2: the losses of one uninterrupted 6-step run."""
+    dp = {size: {"world": size, "overrides": list(SINGLE)} for size in (1, 2, 4)}
+    first = run_ranks(2, train_layout, tuple(dp[2]["overrides"]), range(0, 2), None, str(tmp_path / "a"), 1.0, 2)
+    second = run_ranks(4, train_layout, tuple(dp[4]["overrides"]), range(2, 4),
+                       str(tmp_path / "a" / "checkpoints" / "step_00000002"), str(tmp_path / "b"), 1.0, 4)
+    third = run_ranks(1, train_layout, tuple(dp[1]["overrides"]), range(4, 6),
+                      str(tmp_path / "b" / "checkpoints" / "step_00000004"))
+    losses = [first[0]["history"], second[0]["history"], third[0]["history"]]
+    assert [loss for phase in losses for loss, _ in phase] == pytest.approx([loss for loss, _ in uninterrupted],
+                                                                             rel=1e-5)
+    for phase in (first, second):
+        assert all(rank["history"] == phase[0]["history"] for rank in phase)

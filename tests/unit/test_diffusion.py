@@ -6,7 +6,9 @@ import torch
 
 from cogvx_mega.diffusion.loss import add_noise
 from cogvx_mega.diffusion.schedule import alphas_cumprod
-from cogvx_mega.diffusion.timesteps import explicit_uniform_timesteps, rank_interval, uniform_timesteps
+from cogvx_mega.config import ConfigError, load_config
+from cogvx_mega.diffusion.randomness import Stream, slot_normal, slot_uniform
+from cogvx_mega.diffusion.timesteps import explicit_uniform_timesteps, rank_interval, stratum, uniform_timesteps
 
 
 @pytest.mark.parametrize("shift", [1.0, 3.0])
@@ -45,6 +47,18 @@ def test_v_target_definition():
     assert torch.allclose(noisy[2], noise[2]) and torch.allclose(v[2], -x0[2])
 
 
+@pytest.mark.parametrize("global_batch", [1, 2, 3, 8, 48, 1000])
+def test_strata_partition_all_timesteps(global_batch):
+    covered = []
+    for slot in range(global_batch):
+        low, high = stratum(slot, global_batch)
+        assert high > low
+        covered.extend(range(low, high))
+    assert covered == list(range(1000))  # in order, exactly once each: no gap, no overlap
+    sizes = [stratum(j, global_batch)[1] - stratum(j, global_batch)[0] for j in range(global_batch)]
+    assert max(sizes) - min(sizes) <= 1
+
+
 @pytest.mark.parametrize("ranks", [1, 2, 3, 8, 48])
 def test_rank_intervals_partition_all_timesteps(ranks):
     covered = []
@@ -52,23 +66,41 @@ def test_rank_intervals_partition_all_timesteps(ranks):
         low, high = rank_interval(rank, ranks)
         assert high > low
         covered.extend(range(low, high))
-    assert covered == list(range(1000))  # in order, exactly once each: no gap, no overlap
-    sizes = [rank_interval(r, ranks)[1] - rank_interval(r, ranks)[0] for r in range(ranks)]
-    assert max(sizes) - min(sizes) <= 1
+    assert covered == list(range(1000))
 
 
-@pytest.mark.parametrize("ranks", [1, 2, 3, 8, 48])
-def test_each_rank_draws_inside_its_interval_deterministically(ranks):
+@pytest.mark.parametrize("ranks, per_rank", [(1, 16), (2, 3), (3, 5), (8, 2), (48, 1)])
+def test_each_rank_draws_inside_its_interval_deterministically(ranks, per_rank):
+    """A rank's contiguous block of slots draws exactly inside interval r of the data-parallel split."""
+    global_batch = ranks * per_rank
     for rank in range(ranks):
         low, high = rank_interval(rank, ranks)
+        slots = range(rank * per_rank, (rank + 1) * per_rank)
+        assert (stratum(slots[0], global_batch)[0], stratum(slots[-1], global_batch)[1]) == (low, high)
         for step in range(5):
-            draws = explicit_uniform_timesteps(16, seed=7, step=step, data_parallel_rank=rank, data_parallel_size=ranks)
+            draws = explicit_uniform_timesteps(slots, global_batch=global_batch, seed=7, step=step)
             assert draws.min() >= low and draws.max() < high
-            again = explicit_uniform_timesteps(16, seed=7, step=step, data_parallel_rank=rank, data_parallel_size=ranks)
+            again = explicit_uniform_timesteps(slots, global_batch=global_batch, seed=7, step=step)
             assert torch.equal(draws, again)
-    steps = [explicit_uniform_timesteps(16, seed=7, step=s, data_parallel_rank=0, data_parallel_size=ranks)
+    steps = [explicit_uniform_timesteps(range(global_batch), global_batch=global_batch, seed=7, step=s)
              for s in range(2)]
     assert not torch.equal(steps[0], steps[1])  # a new draw every step
+
+
+def test_draws_depend_on_the_slot_not_on_how_slots_are_split():
+    """One process holding all 8 slots draws what 2 or 4 data-parallel ranks draw for their blocks."""
+    whole = explicit_uniform_timesteps(range(8), global_batch=8, seed=3, step=5)
+    noise = slot_normal((2, 3), range(8), seed=3, step=5, stream=Stream.NOISE)
+    for ranks in (2, 4):
+        per_rank = 8 // ranks
+        blocks = [range(r * per_rank, (r + 1) * per_rank) for r in range(ranks)]
+        assert torch.equal(torch.cat([explicit_uniform_timesteps(b, global_batch=8, seed=3, step=5) for b in blocks]),
+                           whole)
+        assert torch.equal(torch.cat([slot_normal((2, 3), b, seed=3, step=5, stream=Stream.NOISE) for b in blocks]),
+                           noise)
+    # streams are independent: the same slot's noise and text-drop draws are not the same numbers
+    assert not torch.equal(slot_uniform(range(8), seed=3, step=5, stream=Stream.TEXT_DROP),
+                           slot_uniform(range(8), seed=3, step=5, stream=Stream.NOISE))
 
 
 def _kolmogorov_distance(samples: torch.Tensor) -> float:
@@ -81,24 +113,27 @@ def _kolmogorov_distance(samples: torch.Tensor) -> float:
     return max((upper - cdf).abs().max().item(), (cdf - lower).abs().max().item())
 
 
-@pytest.mark.parametrize("ranks", [8, 48])
-def test_pooled_draws_are_closer_to_uniform_than_independent_sampling(ranks):
+@pytest.mark.parametrize("global_batch", [8, 48])
+def test_pooled_draws_are_closer_to_uniform_than_independent_sampling(global_batch):
     """Stratified draws of one step deviate from uniform far less than independent draws (fixed seeds)."""
     explicit, independent = [], []
+    slots = range(global_batch)
     for step in range(200):
-        pooled = torch.cat([explicit_uniform_timesteps(1, seed=3, step=step, data_parallel_rank=r,
-                                                       data_parallel_size=ranks) for r in range(ranks)])
-        plain = torch.cat([uniform_timesteps(1, seed=3, step=step, data_parallel_rank=r, data_parallel_size=ranks)
-                           for r in range(ranks)])
-        explicit.append(_kolmogorov_distance(pooled))
-        independent.append(_kolmogorov_distance(plain))
+        explicit.append(_kolmogorov_distance(explicit_uniform_timesteps(slots, global_batch=global_batch, seed=3,
+                                                                        step=step)))
+        independent.append(_kolmogorov_distance(uniform_timesteps(slots, global_batch=global_batch, seed=3,
+                                                                  step=step)))
     mean_explicit, mean_independent = sum(explicit) / 200, sum(independent) / 200
-    # stratified: at most one interval width (1/ranks); independent: ~0.87/sqrt(ranks). So the gap
-    # grows like sqrt(ranks); demand at least half of it.
-    assert max(explicit) <= 1.0 / ranks + 1e-3
-    assert mean_explicit * (ranks**0.5 / 2) < mean_independent
+    # stratified: at most one stratum width (1/G); independent: ~0.87/sqrt(G). So the gap grows like
+    # sqrt(G); demand at least half of it.
+    assert max(explicit) <= 1.0 / global_batch + 1e-3
+    assert mean_explicit * (global_batch**0.5 / 2) < mean_independent
 
 
-def test_too_many_ranks_is_a_clear_error():
+def test_too_many_ranks_or_samples_is_a_clear_error():
     with pytest.raises(ValueError, match="data_parallel_size=1001"):
         rank_interval(0, 1001)
+    with pytest.raises(ValueError, match="global batch 1001"):
+        explicit_uniform_timesteps(range(2), global_batch=1001, seed=0, step=0)
+    with pytest.raises(ConfigError, match="at most 1000"):
+        load_config("tiny", overrides=["training.micro_batch_size=1", "training.global_batch_size=1024"]).check_world(4)

@@ -7,7 +7,7 @@ import torch
 from families import FAMILIES, make_diffusers_model
 
 import cogvx_mega
-from cogvx_mega.tools import convert
+from cogvx_mega.checkpoint import transformer as convert
 
 TOLERANCE = 1e-5
 

@@ -9,7 +9,7 @@ import torch
 import cogvx_mega
 from cogvx_mega.config import load_config
 from cogvx_mega.data.latent_dataset import synthetic_dataset_for
-from cogvx_mega.model.transformer import build_model
+from cogvx_mega.model.transformer import build_model_chunks
 from cogvx_mega.parallel.state import initialize_parallel
 from cogvx_mega.training.trainer import Trainer
 
@@ -20,9 +20,8 @@ def tiny_config(tmp_path, *overrides):
 
 def make_trainer(config, seed=0):
     dims = initialize_parallel(config.parallel, device="cpu", seed=seed)
-    torch.manual_seed(seed)
-    model = build_model(config.model, config.parallel, device="cpu")
-    return Trainer(config, dims, model, synthetic_dataset_for(config))
+    chunks = build_model_chunks(config.model, config.parallel, device="cpu", seed=seed)
+    return Trainer(config, dims, chunks, synthetic_dataset_for(config))
 
 
 def test_tiny_model_overfits_one_batch(tmp_path):
@@ -75,6 +74,6 @@ def test_training_checkpoint_loads_with_from_pretrained(tmp_path):
 
 
 def test_text_dropout_zeroes_whole_samples(tmp_path):
-    trainer = make_trainer(tiny_config(tmp_path, "diffusion.text_dropout=0.5"))
-    masks = torch.stack([trainer.step_randomness(64, torch.Size([64, 1]), step)["text_drop_mask"] for step in range(4)])
+    trainer = make_trainer(tiny_config(tmp_path, "diffusion.text_dropout=0.5", "training.micro_batch_size=64"))
+    masks = torch.stack([trainer.step_randomness(step, range(64), (1,))["text_drop_mask"] for step in range(4)])
     assert 0.35 < masks.float().mean().item() < 0.65

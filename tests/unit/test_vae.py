@@ -141,7 +141,8 @@ def test_load_vae_and_convert_round_trip(reference, tmp_path):
 def test_sat_vae_names(reference, ours):
     """SAT's names (from its released checkpoints): `down.i.block.j`, `mid.block_1`, decoder `up.i` numbered
     from the lowest resolution, `nin_shortcut`, `downsample` / `upsample`; training-loss tensors ignored."""
-    from cogvx_mega.tools.convert import ConversionError, sat_vae_to_project
+    from cogvx_mega.checkpoint.meta import ConversionError
+    from cogvx_mega.checkpoint.vae import sat_vae_to_project
 
     pairs = {
         "encoder.down_blocks.0.downsamplers.0.conv.weight": "encoder.down.0.downsample.conv.weight",
@@ -156,7 +157,7 @@ def test_sat_vae_names(reference, ours):
     }
     state = reference.state_dict()
     # a SAT checkpoint built from the documented names for the pairs above, the rest via the same rules
-    from cogvx_mega.tools.convert import vae_project_key_to_sat
+    from cogvx_mega.checkpoint.vae import vae_project_key_to_sat
 
     for ours_key, sat_key in pairs.items():
         assert vae_project_key_to_sat(ours_key, ours.config) == sat_key
@@ -195,7 +196,8 @@ def test_vae_cli_encode_decode(reference, ours, tmp_path):
 
 def test_bad_input_one_clear_error(ours, reference, tmp_path, capsys):
     from cogvx_mega.cli import main
-    from cogvx_mega.tools.convert import ConversionError, read_diffusers_vae_folder
+    from cogvx_mega.checkpoint.meta import ConversionError
+    from cogvx_mega.checkpoint.vae import read_diffusers_vae_folder
     from cogvx_mega.vae.time_split import shard_sizes
 
     with pytest.raises(VAEInputError, match=r"8 frames: the causal VAE needs 1 \+ 4k frames"):

@@ -27,7 +27,7 @@ def plan_layout(config: Config) -> list[StagePlan]:
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
     from ..config.megatron import build_transformer_config
-    from ..tools.convert import expected_shapes
+    from ..checkpoint.transformer import expected_shapes
 
     p = config.parallel
     transformer_config = build_transformer_config(config.model, p)

@@ -1,0 +1,90 @@
+"""Atomic folder writes: build in a hidden temporary sibling, then rename into place.
+
+A reader never sees a half-written folder, and a process killed at any moment leaves either the old
+folder, the new one, or (between the two renames of a replacement) the old one under a hidden name
+that `repair_interrupted_swap` puts back on the next start.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+logger = logging.getLogger(__name__)
+
+_OLD_MARK = ".old-"
+_TMP_MARK = ".tmp"
+
+
+def hidden_sibling(final: Path, kind: str) -> Path:
+    """`.NAME.tmp-xxxx` / `.NAME.old-xxxx` beside `final` (hidden, so no listing picks it up)."""
+    return final.parent / f".{final.name}{kind}{uuid.uuid4().hex[:8]}"
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder; on success it replaces `path` in one rename, on error it is removed."""
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    repair_interrupted_swap(final)
+    tmp = hidden_sibling(final, _TMP_MARK + "-")
+    tmp.mkdir()
+    try:
+        yield tmp
+        swap_into_place(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def swap_into_place(tmp: Path, final: Path) -> None:
+    """Rename `tmp` to `final`. An existing `final` is first moved aside to a hidden `.old-` twin, which is
+    removed only after the new folder is in place; a kill between the two renames leaves the complete old
+    folder under that twin, and `repair_interrupted_swap` restores it."""
+    if final.exists():
+        old = hidden_sibling(final, _OLD_MARK)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def interrupted_swaps(final: Path) -> list[Path]:
+    """The `.old-` twins of `final` that a replacement left behind."""
+    if not final.parent.is_dir():
+        return []
+    prefix = f".{final.name}{_OLD_MARK}"
+    return sorted(p for p in final.parent.iterdir() if p.name.startswith(prefix))
+
+
+def repair_interrupted_swap(final: str | os.PathLike) -> bool:
+    """Undo a replacement killed between its two renames: when `final` is missing and an `.old-` twin
+    exists, rename the twin back (the new folder had not been put in place, so the old one is the last
+    complete version). Twins beside an existing `final` are leftovers of a finished swap and are removed.
+    Returns whether a folder was restored."""
+    final = Path(final)
+    twins = interrupted_swaps(final)
+    restored = False
+    if twins and not final.exists():
+        os.replace(twins[-1], final)
+        logger.warning("restored %s from %s (a replacement was interrupted between its two renames)",
+                       final, twins[-1].name)
+        twins, restored = twins[:-1], True
+    for twin in twins:
+        shutil.rmtree(twin, ignore_errors=True)
+    return restored
+
+
+def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
+    """Write a small text file by writing a hidden temporary file and renaming it over `path`."""
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = hidden_sibling(final, _TMP_MARK + "-")
+    tmp.write_text(text)
+    os.replace(tmp, final)
+    return final

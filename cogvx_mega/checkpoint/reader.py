@@ -1,0 +1,75 @@
+"""One entry point for transformer weights in any format we accept: a diffusers transformer folder, a
+diffusers pipeline folder (its transformer/), a single-v1 or a torch-dist-v1 project checkpoint."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from torch import Tensor
+
+from ..config.schema import ConfigError, ModelConfig, model_config_from_dict
+from .meta import SHARDED_FORMAT, SINGLE_FORMAT, TRANSFORMER_FORMATS, is_project_checkpoint, read_checkpoint_meta
+from .single_file import open_single_file_checkpoint
+from .transformer import open_diffusers_transformer
+from .weights import TensorSource
+
+
+@dataclass
+class TransformerWeights:
+    """Where a checkpoint's transformer weights are and how to read them."""
+
+    path: Path
+    kind: str
+    """'diffusers', 'single' or 'sharded'."""
+    model: ModelConfig
+    meta: dict
+    source: Optional[TensorSource]
+    """Project-named tensors read lazily (diffusers and single); None for sharded checkpoints, which are
+    read through megatron (at a layout) or `read_sharded_model_state` (in one process)."""
+
+
+def open_transformer_weights(path: str | os.PathLike) -> TransformerWeights:
+    folder = Path(path)
+    if not folder.exists():
+        raise ConfigError("checkpoint", str(path), "no such file or folder; pass a diffusers transformer (or "
+                                                   "pipeline) folder or a cogvx-mega checkpoint folder")
+    if is_project_checkpoint(folder):
+        meta = read_checkpoint_meta(folder)
+        if meta["format"] not in TRANSFORMER_FORMATS:
+            raise ConfigError("checkpoint", str(path), f"format {meta['format']!r} is not a transformer checkpoint "
+                                                       f"({', '.join(TRANSFORMER_FORMATS)})")
+        if meta["format"] == SHARDED_FORMAT:
+            return TransformerWeights(folder, "sharded", model_config_from_dict(meta["model"]), meta, None)
+        assert meta["format"] == SINGLE_FORMAT
+        model, source = open_single_file_checkpoint(folder, meta)
+        return TransformerWeights(folder, "single", model, meta, source)
+    model, source = open_diffusers_transformer(folder)
+    return TransformerWeights(folder, "diffusers", model, {"format": "diffusers", "step": 0}, source)
+
+
+def read_transformer_checkpoint(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, Tensor], dict]:
+    """(model config, the whole project-named state, metadata) of any accepted format, in this process:
+    nothing is built, no process group is touched."""
+    from .sharded import read_sharded_model_state
+
+    weights = open_transformer_weights(path)
+    if weights.kind == "sharded":
+        model, state = read_sharded_model_state(weights.path, weights.meta)
+        return model, state, weights.meta
+    if weights.kind == "diffusers":
+        unused = weights.source.unused_source_keys()
+        if unused:
+            from .meta import ConversionError
+
+            raise ConversionError(f"diffusers checkpoint has {len(unused)} tensors this model family does not use, "
+                                  f"e.g. {unused[:3]}: check the config (layers, positions, ofs)")
+    return weights.model, weights.source.read_all(), weights.meta
+
+
+def read_project_checkpoint(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, Tensor], dict]:
+    """Like `read_transformer_checkpoint`, for project checkpoints only (single-v1 or torch-dist-v1)."""
+    if not is_project_checkpoint(path):
+        read_checkpoint_meta(path)  # raises the clear "no cogvx_checkpoint.json" error
+    return read_transformer_checkpoint(path)

@@ -1,0 +1,426 @@
+"""The transformer's formats: diffusers config <-> ModelConfig, the diffusers <-> project and SAT -> project
+key maps, strict checks, and diffusers transformer folders.
+
+Each direction is an exact, templated key map plus three special cases (REFERENCE §4):
+- QKV: diffusers keeps to_q / to_k / to_v; megatron's fused `linear_qkv` interleaves them per head
+  ([q_h; k_h; v_h] for each head h). SAT fuses them as [Q; K; V] blocks.
+- the two 6-way modulations of a diffusers block (norm1.linear, norm2.linear) are one 12-way
+  `adaln_modulation.linear` here; SAT stores one 12-way matrix in another chunk order.
+- learned positions exist only for the rope+learned family.
+`DiffusersAsProject` applies the map lazily over any `TensorSource`, so a tensor-parallel rank reads only
+the rows of to_q / to_k / to_v that make its own shard of `linear_qkv`.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..config.schema import ModelConfig
+from .atomic import atomic_directory
+from .meta import ConversionError
+from .weights import DictTensors, TensorSource, open_diffusers_weights
+
+# --- configs ---------------------------------------------------------------------------------------------
+
+
+def model_config_from_diffusers(cfg: dict) -> ModelConfig:
+    if cfg.get("_class_name") not in (None, "CogVideoXTransformer3DModel"):
+        raise ConversionError(f"config.json describes {cfg.get('_class_name')!r}, not a CogVideoXTransformer3DModel")
+    if cfg.get("use_rotary_positional_embeddings", False):
+        positional = "rope+learned" if cfg.get("use_learned_positional_embeddings", False) else "rope"
+    else:
+        positional = "sincos"
+    if cfg.get("activation_fn", "gelu-approximate") != "gelu-approximate":
+        raise ConversionError(f"activation_fn={cfg['activation_fn']!r} is not CogVideoX's gelu-approximate")
+    heads, head_dim = cfg.get("num_attention_heads", 30), cfg.get("attention_head_dim", 64)
+    return ModelConfig(
+        num_layers=cfg.get("num_layers", 30), num_attention_heads=heads, attention_head_dim=head_dim,
+        in_channels=cfg.get("in_channels", 16), out_channels=cfg.get("out_channels") or 16,
+        time_embed_dim=cfg.get("time_embed_dim", 512), ofs_embed_dim=cfg.get("ofs_embed_dim"),
+        text_embed_dim=cfg.get("text_embed_dim", 4096), max_text_seq_length=cfg.get("max_text_seq_length", 226),
+        patch_size=cfg.get("patch_size", 2), patch_size_t=cfg.get("patch_size_t"),
+        patch_bias=cfg.get("patch_bias", True), sample_frames=cfg.get("sample_frames", 49),
+        sample_height=cfg.get("sample_height", 60), sample_width=cfg.get("sample_width", 90),
+        temporal_compression_ratio=cfg.get("temporal_compression_ratio", 4), positional_embedding=positional,
+        spatial_interpolation_scale=cfg.get("spatial_interpolation_scale", 1.875),
+        temporal_interpolation_scale=cfg.get("temporal_interpolation_scale", 1.0),
+        norm_eps=cfg.get("norm_eps", 1e-5),
+    )
+
+
+def diffusers_config_from_model(model: ModelConfig) -> dict:
+    return {
+        "_class_name": "CogVideoXTransformer3DModel",
+        "_diffusers_version": "0.42.1",
+        "activation_fn": "gelu-approximate", "attention_bias": True,
+        "attention_head_dim": model.attention_head_dim, "dropout": 0.0, "flip_sin_to_cos": True, "freq_shift": 0,
+        "in_channels": model.in_channels, "max_text_seq_length": model.max_text_seq_length,
+        "norm_elementwise_affine": True, "norm_eps": model.norm_eps,
+        "num_attention_heads": model.num_attention_heads, "num_layers": model.num_layers,
+        "ofs_embed_dim": model.ofs_embed_dim, "out_channels": model.out_channels,
+        "patch_bias": model.patch_bias, "patch_size": model.patch_size, "patch_size_t": model.patch_size_t,
+        "sample_frames": model.sample_frames, "sample_height": model.sample_height,
+        "sample_width": model.sample_width,
+        "spatial_interpolation_scale": model.spatial_interpolation_scale,
+        "temporal_compression_ratio": model.temporal_compression_ratio,
+        "temporal_interpolation_scale": model.temporal_interpolation_scale,
+        "text_embed_dim": model.text_embed_dim, "time_embed_dim": model.time_embed_dim,
+        "timestep_activation_fn": "silu",
+        "use_learned_positional_embeddings": model.positional_embedding == "rope+learned",
+        "use_rotary_positional_embeddings": model.uses_rope,
+    }
+
+
+# --- the fused QKV layout --------------------------------------------------------------------------------
+
+def fuse_qkv_per_head(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
+    """[H*d, ...] x3 -> megatron's [H*(q_h, k_h, v_h), ...] (weights [out, in] or biases [out])."""
+    stacked = torch.stack([t.reshape(heads, -1, *t.shape[1:]) for t in (q, k, v)], dim=1)  # [H, 3, d, ...]
+    return stacked.reshape(-1, *q.shape[1:]).clone()
+
+
+def split_qkv_per_head(qkv: Tensor, heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    per_head = qkv.reshape(heads, 3, -1, *qkv.shape[1:])  # [H, 3, d, ...]
+    return tuple(per_head[:, i].reshape(-1, *qkv.shape[1:]).clone() for i in range(3))
+
+
+# --- diffusers <-> project key maps ---------------------------------------------------------------------
+
+# project key template -> diffusers key template; `{i}` is the layer index.
+_DIRECT_TOP = {
+    "patch_embed.proj.weight": "patch_embed.proj.weight",
+    "patch_embed.proj.bias": "patch_embed.proj.bias",
+    "patch_embed.text_proj.weight": "patch_embed.text_proj.weight",
+    "patch_embed.text_proj.bias": "patch_embed.text_proj.bias",
+    "patch_embed.pos_embedding": "patch_embed.pos_embedding",
+    "time_embedding.linear_1.weight": "time_embedding.linear_1.weight",
+    "time_embedding.linear_1.bias": "time_embedding.linear_1.bias",
+    "time_embedding.linear_2.weight": "time_embedding.linear_2.weight",
+    "time_embedding.linear_2.bias": "time_embedding.linear_2.bias",
+    "ofs_embedding.linear_1.weight": "ofs_embedding.linear_1.weight",
+    "ofs_embedding.linear_1.bias": "ofs_embedding.linear_1.bias",
+    "ofs_embedding.linear_2.weight": "ofs_embedding.linear_2.weight",
+    "ofs_embedding.linear_2.bias": "ofs_embedding.linear_2.bias",
+    "decoder.final_layernorm.weight": "norm_final.weight",
+    "decoder.final_layernorm.bias": "norm_final.bias",
+    "output_norm_linear.weight": "norm_out.linear.weight",
+    "output_norm_linear.bias": "norm_out.linear.bias",
+    "output_norm.weight": "norm_out.norm.weight",
+    "output_norm.bias": "norm_out.norm.bias",
+    "output_proj.weight": "proj_out.weight",
+    "output_proj.bias": "proj_out.bias",
+}
+_DIRECT_LAYER = {
+    "input_layernorm.{p}": "norm1.norm.{p}",
+    "pre_mlp_layernorm.{p}": "norm2.norm.{p}",
+    "self_attention.q_layernorm.{p}": "attn1.norm_q.{p}",
+    "self_attention.k_layernorm.{p}": "attn1.norm_k.{p}",
+    "self_attention.linear_proj.{p}": "attn1.to_out.0.{p}",
+    "mlp.linear_fc1.{p}": "ff.net.0.proj.{p}",
+    "mlp.linear_fc2.{p}": "ff.net.2.{p}",
+}
+PROJECT_LAYER = "decoder.layers.{i}."
+_DIFFUSERS_LAYER = "transformer_blocks.{i}."
+
+
+def project_keys(model: ModelConfig) -> set[str]:
+    """Exactly the tensors a project state dict of this config holds."""
+    keys = {k for k in _DIRECT_TOP if _top_key_applies(k, model)}
+    for i in range(model.num_layers):
+        prefix = PROJECT_LAYER.format(i=i)
+        for template in _DIRECT_LAYER:
+            keys.update(prefix + template.format(p=p) for p in ("weight", "bias"))
+        keys.update(prefix + f"self_attention.linear_qkv.{p}" for p in ("weight", "bias"))
+        keys.update(prefix + f"adaln_modulation.linear.{p}" for p in ("weight", "bias"))
+    return keys
+
+
+def _top_key_applies(key: str, model: ModelConfig) -> bool:
+    if key == "patch_embed.pos_embedding":
+        return model.positional_embedding == "rope+learned"
+    if key.startswith("ofs_embedding."):
+        return model.ofs_embed_dim is not None
+    if key == "patch_embed.proj.bias":
+        return model.patch_bias or model.patch_size_t is not None
+    return True
+
+
+def _diffusers_sources(model: ModelConfig) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """project key -> (how, diffusers keys): 'direct' (one key), 'qkv' (to_q, to_k, to_v) or 'concat'
+    (norm1.linear, norm2.linear)."""
+    plan = {ours: ("direct", (theirs,)) for ours, theirs in _DIRECT_TOP.items() if _top_key_applies(ours, model)}
+    for i in range(model.num_layers):
+        ours, theirs = PROJECT_LAYER.format(i=i), _DIFFUSERS_LAYER.format(i=i)
+        for p in ("weight", "bias"):
+            for our_t, their_t in _DIRECT_LAYER.items():
+                plan[ours + our_t.format(p=p)] = ("direct", (theirs + their_t.format(p=p),))
+            plan[f"{ours}self_attention.linear_qkv.{p}"] = ("qkv", tuple(f"{theirs}attn1.to_{n}.{p}" for n in "qkv"))
+            plan[f"{ours}adaln_modulation.linear.{p}"] = ("concat", (f"{theirs}norm1.linear.{p}",
+                                                                     f"{theirs}norm2.linear.{p}"))
+    return plan
+
+
+class DiffusersAsProject(TensorSource):
+    """Project-named tensors over a diffusers source, computed on read. A slice of `linear_qkv` rows that
+    covers whole heads (every tensor-parallel shard does) reads only those heads' rows of q, k and v."""
+
+    def __init__(self, source: TensorSource, model: ModelConfig):
+        self.source, self.model = source, model
+        self.plan = _diffusers_sources(model)
+        available = source.keys()
+        for how, names in self.plan.values():
+            for name in names:
+                if name not in available:
+                    raise ConversionError(f"diffusers checkpoint is missing {name!r}: it does not match this model "
+                                          f"family ({model.num_layers} layers, positions={model.positional_embedding})")
+
+    def unused_source_keys(self) -> list[str]:
+        used = {name for _, names in self.plan.values() for name in names}
+        return sorted(self.source.keys() - used)
+
+    def keys(self) -> set[str]:
+        return set(self.plan)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        how, names = self.plan[key]
+        first = self.source.shape(names[0])
+        if how == "direct":
+            return first
+        rows = sum(self.source.shape(name)[0] for name in names)
+        return (rows, *first[1:])
+
+    def read(self, key, dim=None, start=0, stop=None):
+        how, names = self.plan[key]
+        if how == "direct":
+            return self.source.read(names[0], dim, start, stop)
+        if how == "qkv":
+            heads = self.model.num_attention_heads
+            head_dim = self.source.shape(names[0])[0] // heads
+            rows_per_head = 3 * head_dim
+            stop = self.shape(key)[0] if dim == 0 and stop is None else stop
+            if dim == 0 and start % rows_per_head == 0 and stop % rows_per_head == 0:
+                first, last = start // rows_per_head, stop // rows_per_head  # whole heads [first, last)
+                q, k, v = (self.source.read(name, 0, first * head_dim, last * head_dim) for name in names)
+                return fuse_qkv_per_head(q, k, v, last - first)
+            full = fuse_qkv_per_head(*(self.source.read(name) for name in names), heads)
+        else:
+            full = torch.cat([self.source.read(name) for name in names], dim=0)
+        return full if dim is None else full.narrow(dim, start, (full.shape[dim] if stop is None else stop) - start)
+
+
+def diffusers_to_project(state: dict[str, Tensor], model: ModelConfig) -> dict[str, Tensor]:
+    view = DiffusersAsProject(DictTensors(state), model)
+    unused = view.unused_source_keys()
+    if unused:
+        raise ConversionError(f"diffusers checkpoint has {len(unused)} tensors this model family does not use, "
+                              f"e.g. {unused[:3]}: check the config (layers, positions, ofs)")
+    return view.read_all()
+
+
+def project_to_diffusers(state: dict[str, Tensor], model: ModelConfig) -> dict[str, Tensor]:
+    check_project_state(state, model)
+    out: dict[str, Tensor] = {}
+    hidden, heads = model.hidden_size, model.num_attention_heads
+    for ours, (how, names) in _diffusers_sources(model).items():
+        tensor = state[ours]
+        if how == "direct":
+            out[names[0]] = tensor.clone()
+        elif how == "qkv":
+            for name, part in zip(names, split_qkv_per_head(tensor, heads)):
+                out[name] = part
+        else:
+            out[names[0]], out[names[1]] = tensor[: 6 * hidden].clone(), tensor[6 * hidden:].clone()
+    return out
+
+
+def check_project_state(state: dict[str, Tensor], model: ModelConfig,
+                        reference: Optional[dict] = None) -> None:
+    """Strict check of a project state dict: keys, and shapes against `reference` (tensors or torch.Size)."""
+    expected = project_keys(model)
+    present = {k for k in state if not k.endswith("_extra_state")}
+    missing, unexpected = sorted(expected - present), sorted(present - expected)
+    if missing or unexpected:
+        raise ConversionError(f"project checkpoint does not match the model config: missing {missing[:3]} "
+                              f"({len(missing)}), unexpected {unexpected[:3]} ({len(unexpected)})")
+    if reference is not None:
+        for key in expected:
+            wanted = tuple(getattr(reference[key], "shape", reference[key]))
+            if tuple(state[key].shape) != wanted:
+                raise ConversionError(f"{key}: checkpoint shape {tuple(state[key].shape)} != model shape "
+                                      f"{wanted}; the weights are from another model size")
+
+
+def expected_shapes(model: ModelConfig) -> dict[str, torch.Size]:
+    """Shape of every tensor of a project state dict for `model`, without building the model."""
+    hidden, time_dim = model.hidden_size, model.time_embed_dim
+    ffn = model.ffn_hidden_size or 4 * hidden
+    patch_volume = model.patch_size**2 * (model.patch_size_t or 1)
+    shapes = {
+        "patch_embed.text_proj.weight": (hidden, model.text_embed_dim), "patch_embed.text_proj.bias": (hidden,),
+        "patch_embed.proj.bias": (hidden,),
+        "time_embedding.linear_1.weight": (time_dim, hidden), "time_embedding.linear_1.bias": (time_dim,),
+        "time_embedding.linear_2.weight": (time_dim, time_dim), "time_embedding.linear_2.bias": (time_dim,),
+        "decoder.final_layernorm.weight": (hidden,), "decoder.final_layernorm.bias": (hidden,),
+        "output_norm_linear.weight": (2 * hidden, time_dim), "output_norm_linear.bias": (2 * hidden,),
+        "output_norm.weight": (hidden,), "output_norm.bias": (hidden,),
+        "output_proj.weight": (patch_volume * model.out_channels, hidden),
+        "output_proj.bias": (patch_volume * model.out_channels,),
+    }
+    if model.patch_size_t is None:
+        shapes["patch_embed.proj.weight"] = (hidden, model.in_channels, model.patch_size, model.patch_size)
+    else:
+        shapes["patch_embed.proj.weight"] = (hidden, model.in_channels * patch_volume)
+    if model.positional_embedding == "rope+learned":
+        frames = (model.sample_frames - 1) // model.temporal_compression_ratio + 1
+        tokens = frames * (model.sample_height // model.patch_size) * (model.sample_width // model.patch_size)
+        shapes["patch_embed.pos_embedding"] = (1, model.max_text_seq_length + tokens, hidden)
+    if model.ofs_embed_dim:
+        ofs = model.ofs_embed_dim
+        shapes.update({"ofs_embedding.linear_1.weight": (ofs, ofs), "ofs_embedding.linear_1.bias": (ofs,),
+                       "ofs_embedding.linear_2.weight": (ofs, ofs), "ofs_embedding.linear_2.bias": (ofs,)})
+    per_layer = {
+        "input_layernorm.weight": (hidden,), "input_layernorm.bias": (hidden,),
+        "pre_mlp_layernorm.weight": (hidden,), "pre_mlp_layernorm.bias": (hidden,),
+        "adaln_modulation.linear.weight": (12 * hidden, time_dim), "adaln_modulation.linear.bias": (12 * hidden,),
+        "self_attention.linear_qkv.weight": (3 * hidden, hidden), "self_attention.linear_qkv.bias": (3 * hidden,),
+        "self_attention.q_layernorm.weight": (model.attention_head_dim,),
+        "self_attention.q_layernorm.bias": (model.attention_head_dim,),
+        "self_attention.k_layernorm.weight": (model.attention_head_dim,),
+        "self_attention.k_layernorm.bias": (model.attention_head_dim,),
+        "self_attention.linear_proj.weight": (hidden, hidden), "self_attention.linear_proj.bias": (hidden,),
+        "mlp.linear_fc1.weight": (ffn, hidden), "mlp.linear_fc1.bias": (ffn,),
+        "mlp.linear_fc2.weight": (hidden, ffn), "mlp.linear_fc2.bias": (hidden,),
+    }
+    for i in range(model.num_layers):
+        shapes.update({f"decoder.layers.{i}.{k}": v for k, v in per_layer.items()})
+    keys = project_keys(model)
+    return {k: torch.Size(v) for k, v in shapes.items() if k in keys}
+
+
+@torch.no_grad()
+def load_project_state(model: torch.nn.Module, state: dict[str, Tensor], model_config: ModelConfig) -> None:
+    """Strict copy of a whole-model project state dict into a single-process model (clear error on missing,
+    unexpected or mis-shaped tensors)."""
+    reference = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    check_project_state(state, model_config, reference=reference)
+    for key, value in state.items():
+        if not key.endswith("_extra_state"):
+            reference[key].copy_(value)
+
+
+# --- SAT -> project --------------------------------------------------------------------------------------
+
+SAT_PREFIX = "model.diffusion_model."
+# SAT state-dict entries that are not transformer weights: the VAE, the text encoder, and
+# position buffers that are recomputed here.
+_SAT_IGNORED = re.compile(r"^(first_stage_model\.|conditioner\.|model_ema\.|"
+                          r"model\.diffusion_model\.mixins\.pos_embed\.(freqs_sin|freqs_cos))")
+# SAT's 12 modulation chunks in diffusers' order (norm1 ‖ norm2), REFERENCE §4.
+_SAT_MODULATION_ORDER = (0, 1, 2, 6, 7, 8, 3, 4, 5, 9, 10, 11)
+_SAT_TOP = {
+    "patch_embed.proj.weight": "mixins.patch_embed.proj.weight",
+    "patch_embed.proj.bias": "mixins.patch_embed.proj.bias",
+    "patch_embed.text_proj.weight": "mixins.patch_embed.text_proj.weight",
+    "patch_embed.text_proj.bias": "mixins.patch_embed.text_proj.bias",
+    "patch_embed.pos_embedding": "mixins.pos_embed.pos_embedding",
+    "time_embedding.linear_1.weight": "time_embed.0.weight", "time_embedding.linear_1.bias": "time_embed.0.bias",
+    "time_embedding.linear_2.weight": "time_embed.2.weight", "time_embedding.linear_2.bias": "time_embed.2.bias",
+    "ofs_embedding.linear_1.weight": "ofs_embed.0.weight", "ofs_embedding.linear_1.bias": "ofs_embed.0.bias",
+    "ofs_embedding.linear_2.weight": "ofs_embed.2.weight", "ofs_embedding.linear_2.bias": "ofs_embed.2.bias",
+    "decoder.final_layernorm.weight": "transformer.final_layernorm.weight",
+    "decoder.final_layernorm.bias": "transformer.final_layernorm.bias",
+    "output_norm_linear.weight": "mixins.final_layer.adaLN_modulation.1.weight",
+    "output_norm_linear.bias": "mixins.final_layer.adaLN_modulation.1.bias",
+    "output_norm.weight": "mixins.final_layer.norm_final.weight",
+    "output_norm.bias": "mixins.final_layer.norm_final.bias",
+    "output_proj.weight": "mixins.final_layer.linear.weight",
+    "output_proj.bias": "mixins.final_layer.linear.bias",
+}
+_SAT_LAYER = {
+    "input_layernorm.{p}": "transformer.layers.{i}.input_layernorm.{p}",
+    "pre_mlp_layernorm.{p}": "transformer.layers.{i}.post_attention_layernorm.{p}",
+    "self_attention.q_layernorm.{p}": "mixins.adaln_layer.query_layernorm_list.{i}.{p}",
+    "self_attention.k_layernorm.{p}": "mixins.adaln_layer.key_layernorm_list.{i}.{p}",
+    "self_attention.linear_proj.{p}": "transformer.layers.{i}.attention.dense.{p}",
+    "mlp.linear_fc1.{p}": "transformer.layers.{i}.mlp.dense_h_to_4h.{p}",
+    "mlp.linear_fc2.{p}": "transformer.layers.{i}.mlp.dense_4h_to_h.{p}",
+}
+
+
+def sat_to_project(state: dict[str, Tensor], model: ModelConfig) -> dict[str, Tensor]:
+    source = {k: v for k, v in state.items() if not _SAT_IGNORED.match(k)}
+    if not any(k.startswith(SAT_PREFIX) for k in source):
+        raise ConversionError(f"no '{SAT_PREFIX}*' tensors: this is not a SAT CogVideoX transformer checkpoint")
+    if model.positional_embedding != "rope+learned":
+        source.pop(SAT_PREFIX + "mixins.pos_embed.pos_embedding", None)  # a fixed sin-cos buffer in SAT 2B
+
+    def take(key: str) -> Tensor:
+        try:
+            return source.pop(SAT_PREFIX + key)
+        except KeyError:
+            raise ConversionError(f"SAT checkpoint is missing {SAT_PREFIX + key!r}: it does not match this model "
+                                  f"family ({model.num_layers} layers, positions={model.positional_embedding})") from None
+
+    out: dict[str, Tensor] = {}
+    for ours, theirs in _SAT_TOP.items():
+        if _top_key_applies(ours, model):
+            out[ours] = take(theirs)
+    heads = model.num_attention_heads
+    for i in range(model.num_layers):
+        prefix = PROJECT_LAYER.format(i=i)
+        for our_t, their_t in _SAT_LAYER.items():
+            for p in ("weight", "bias"):
+                out[prefix + our_t.format(p=p)] = take(their_t.format(i=i, p=p))
+        for p in ("weight", "bias"):
+            q, k, v = take(f"transformer.layers.{i}.attention.query_key_value.{p}").chunk(3, dim=0)
+            out[f"{prefix}self_attention.linear_qkv.{p}"] = fuse_qkv_per_head(q, k, v, heads)
+            chunks = take(f"mixins.adaln_layer.adaLN_modulations.{i}.1.{p}").chunk(12, dim=0)
+            out[f"{prefix}adaln_modulation.linear.{p}"] = torch.cat([chunks[j] for j in _SAT_MODULATION_ORDER])
+    if model.positional_embedding == "rope+learned" and out["patch_embed.pos_embedding"].dim() == 2:
+        out["patch_embed.pos_embedding"] = out["patch_embed.pos_embedding"][None]
+    if source:
+        raise ConversionError(f"SAT checkpoint has {len(source)} tensors this model family does not use, "
+                              f"e.g. {sorted(source)[:3]}: check --preset")
+    return out
+
+
+# --- diffusers transformer folders ------------------------------------------------------------------------
+
+def diffusers_transformer_folder(path: str | Path) -> Path:
+    """The transformer folder of a diffusers transformer or pipeline folder (clear error otherwise)."""
+    folder = Path(path)
+    if (folder / "transformer" / "config.json").is_file():
+        folder = folder / "transformer"  # a whole pipeline folder
+    if not (folder / "config.json").is_file():
+        raise ConversionError(f"{path}: no config.json; pass a diffusers transformer folder")
+    return folder
+
+
+def open_diffusers_transformer(path: str | Path) -> tuple[ModelConfig, DiffusersAsProject]:
+    """(model config, project-named lazy view of its weights) of a diffusers transformer or pipeline folder."""
+    folder = diffusers_transformer_folder(path)
+    model = model_config_from_diffusers(json.loads((folder / "config.json").read_text()))
+    return model, DiffusersAsProject(open_diffusers_weights(folder), model)
+
+
+def read_diffusers_folder(path: str) -> tuple[ModelConfig, dict[str, Tensor]]:
+    """(model config, diffusers-named state) of a diffusers transformer or pipeline folder."""
+    folder = diffusers_transformer_folder(path)
+    model = model_config_from_diffusers(json.loads((folder / "config.json").read_text()))
+    return model, open_diffusers_weights(folder).read_all()
+
+
+def write_diffusers_folder(state: dict[str, Tensor], model: ModelConfig, path: str) -> Path:
+    """Write a diffusers transformer folder atomically (a temporary sibling, then rename)."""
+    from safetensors.torch import save_file
+
+    with atomic_directory(path) as tmp:
+        (tmp / "config.json").write_text(json.dumps(diffusers_config_from_model(model), indent=2))
+        save_file({k: v.contiguous() for k, v in project_to_diffusers(state, model).items()},
+                  str(tmp / "diffusion_pytorch_model.safetensors"))
+    return Path(path)

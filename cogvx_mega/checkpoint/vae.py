@@ -1,0 +1,125 @@
+"""The VAE's formats. Project VAE parameter names are diffusers' `AutoencoderKLCogVideoX` names
+(`cogvx_mega.vae.model` mirrors them), so diffusers <-> project is a strict identity with a shape check;
+SAT names map by template. A project VAE checkpoint is format vae-single-v1."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .atomic import atomic_directory
+from .meta import MODEL_FILE, VAE_FORMAT, ConversionError, read_checkpoint_meta
+from .single_file import write_single_file_checkpoint
+from .weights import read_diffusers_weights
+
+
+def vae_expected_shapes(config) -> dict[str, torch.Size]:
+    """Shape of every VAE tensor for `config`, from the model built on the meta device (no memory)."""
+    from ..vae import CogVideoXVAE
+
+    with torch.device("meta"):
+        model = CogVideoXVAE(config)
+    return {name: tensor.shape for name, tensor in model.state_dict().items()}
+
+
+def check_vae_state(state: dict[str, Tensor], config) -> None:
+    """Strict: the same keys as the model, every shape equal (weights of another size fail here)."""
+    expected = vae_expected_shapes(config)
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ConversionError(f"VAE weights do not match the VAE config: missing {missing[:3]} ({len(missing)}), "
+                              f"unexpected {unexpected[:3]} ({len(unexpected)})")
+    for key, shape in expected.items():
+        if tuple(state[key].shape) != tuple(shape):
+            raise ConversionError(f"{key}: weight shape {tuple(state[key].shape)} != VAE shape {tuple(shape)}; the "
+                                  f"weights are from another VAE configuration")
+
+
+def vae_project_key_to_sat(key: str, config) -> str:
+    """SAT's name of a project (= diffusers) VAE parameter. SAT numbers decoder up blocks from the lowest
+    resolution up, i.e. in reverse; its resnets are `block.j` / `mid.block_{j+1}`, shortcuts `nin_shortcut`."""
+    blocks = len(config.block_out_channels)
+    key = re.sub(r"^(encoder|decoder)\.mid_block\.resnets\.(\d+)\.",
+                 lambda m: f"{m.group(1)}.mid.block_{int(m.group(2)) + 1}.", key)
+    key = re.sub(r"^encoder\.down_blocks\.(\d+)\.", r"encoder.down.\1.", key)
+    key = re.sub(r"^decoder\.up_blocks\.(\d+)\.", lambda m: f"decoder.up.{blocks - 1 - int(m.group(1))}.", key)
+    key = re.sub(r"\.(down|up)\.(\d+)\.resnets\.", r".\1.\2.block.", key)
+    key = key.replace(".downsamplers.0.", ".downsample.").replace(".upsamplers.0.", ".upsample.")
+    return key.replace(".conv_shortcut.", ".nin_shortcut.")
+
+
+_SAT_VAE_IGNORED = re.compile(r"^(loss\.|regularization\.)")
+
+
+def sat_vae_to_project(state: dict[str, Tensor], config) -> dict[str, Tensor]:
+    """A SAT VAE state dict (a bare VAE checkpoint or a whole SAT model's `first_stage_model.*`)."""
+    if any(k.startswith("first_stage_model.") for k in state):
+        state = {k[len("first_stage_model."):]: v for k, v in state.items() if k.startswith("first_stage_model.")}
+    state = {k: v for k, v in state.items() if not _SAT_VAE_IGNORED.match(k)}
+    expected = vae_expected_shapes(config)
+    names = {vae_project_key_to_sat(key, config): key for key in expected}
+    missing = sorted(sat for sat in names if sat not in state)
+    unexpected = sorted(k for k in state if k not in names)
+    if missing or unexpected:
+        raise ConversionError(f"SAT VAE checkpoint does not match the VAE config: missing {missing[:3]} "
+                              f"({len(missing)}), unexpected {unexpected[:3]} ({len(unexpected)})")
+    ours = {names[sat]: tensor for sat, tensor in state.items()}
+    check_vae_state(ours, config)
+    return ours
+
+
+def read_diffusers_vae_folder(path: str):
+    """(VAEConfig, state) from a diffusers `AutoencoderKLCogVideoX` folder or a pipeline folder with vae/."""
+    from ..vae.config import vae_config_from_diffusers
+
+    folder = Path(path)
+    if (folder / "vae" / "config.json").is_file():
+        folder = folder / "vae"
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise ConversionError(f"{path}: no config.json; pass a diffusers AutoencoderKLCogVideoX folder")
+    raw = json.loads(config_file.read_text())
+    if raw.get("_class_name", "AutoencoderKLCogVideoX") != "AutoencoderKLCogVideoX":
+        raise ConversionError(f"{path}: config is a {raw['_class_name']}, not an AutoencoderKLCogVideoX")
+    config = vae_config_from_diffusers(raw)
+    state = read_diffusers_weights(folder)
+    check_vae_state(state, config)
+    return config, state
+
+
+def write_diffusers_vae_folder(state: dict[str, Tensor], config, path: str) -> Path:
+    from safetensors.torch import save_file
+
+    from ..vae.config import vae_config_to_diffusers
+
+    check_vae_state(state, config)
+    with atomic_directory(path) as tmp:
+        (tmp / "config.json").write_text(json.dumps(vae_config_to_diffusers(config), indent=2))
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "diffusion_pytorch_model.safetensors"))
+    return Path(path)
+
+
+def save_vae_checkpoint(path: str, state: dict[str, Tensor], config, extra: Optional[dict] = None) -> Path:
+    """A project VAE checkpoint: model.safetensors + cogvx_checkpoint.json (format vae-single-v1), atomic."""
+    check_vae_state(state, config)
+    return write_single_file_checkpoint(path, state, {"format": VAE_FORMAT, "vae": dataclasses.asdict(config),
+                                                      **(extra or {})})
+
+
+def read_vae_checkpoint(path: str):
+    from safetensors.torch import load_file
+
+    from ..vae.config import vae_config_from_dict
+
+    meta = read_checkpoint_meta(path)
+    if meta.get("format") != VAE_FORMAT:
+        raise ConversionError(f"{path}: a {meta.get('format')} checkpoint, not a VAE ({VAE_FORMAT})")
+    config = vae_config_from_dict(meta["vae"])
+    state = load_file(str(Path(path) / MODEL_FILE))
+    check_vae_state(state, config)
+    return config, state

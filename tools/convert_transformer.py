@@ -1,0 +1,45 @@
+"""`cogvx convert` for the transformer: diffusers folder -> project, project -> diffusers, SAT -> project.
+
+The formats and key maps live in `cogvx_mega.checkpoint.transformer`; this module composes reader, map,
+strict check and atomic writer for each direction.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+from ..checkpoint.meta import is_project_checkpoint
+from ..checkpoint.reader import read_project_checkpoint
+from ..checkpoint.single_file import save_project_checkpoint
+from ..checkpoint.transformer import (check_project_state, diffusers_to_project, expected_shapes,
+                                      read_diffusers_folder, sat_to_project, write_diffusers_folder)
+from ..checkpoint.weights import read_sat_state
+from ..config.schema import ConfigError
+
+DIRECTIONS = ("diffusers-to-project", "project-to-diffusers", "sat-to-project")
+
+
+def convert_transformer(direction: str, source: str, destination: str, preset: Optional[str] = None,
+                        config_file: Optional[str] = None, overrides: Sequence[str] = ()) -> Path:
+    if direction == "diffusers-to-project":
+        if is_project_checkpoint(source):
+            raise ConfigError("SOURCE", source, "is a cogvx-mega checkpoint; use project-to-diffusers")
+        model, state = read_diffusers_folder(source)
+        ours = diffusers_to_project(state, model)
+        check_project_state(ours, model, reference=expected_shapes(model))
+        return save_project_checkpoint(destination, model, ours, extra={"converted_from": "diffusers"})
+    if direction == "project-to-diffusers":
+        model, state, _ = read_project_checkpoint(source)
+        check_project_state(state, model, reference=expected_shapes(model))
+        return write_diffusers_folder(state, model, destination)
+    if direction == "sat-to-project":
+        if not (preset or config_file):
+            raise ConfigError("--preset", None, "SAT checkpoints carry no config: name the model with --preset "
+                                                "(and --config / overrides for custom sizes)")
+        from ..config import load_config
+
+        model = load_config(preset, config_file, overrides).model
+        ours = sat_to_project(read_sat_state(source), model)
+        check_project_state(ours, model, reference=expected_shapes(model))
+        return save_project_checkpoint(destination, model, ours, extra={"converted_from": "sat"})
+    raise ConfigError("direction", direction, f"choose one of {', '.join(DIRECTIONS)}")

@@ -1,0 +1,33 @@
+"""`cogvx convert vae-*`: diffusers VAE folder <-> project VAE checkpoint, SAT VAE -> project.
+
+The formats and the SAT key map live in `cogvx_mega.checkpoint.vae`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from ..checkpoint.meta import is_project_checkpoint
+from ..checkpoint.vae import (read_diffusers_vae_folder, read_vae_checkpoint, sat_vae_to_project, save_vae_checkpoint,
+                              write_diffusers_vae_folder)
+from ..checkpoint.weights import read_sat_state
+from ..config.schema import ConfigError
+from ..vae import vae_preset
+
+DIRECTIONS = ("vae-diffusers-to-project", "vae-project-to-diffusers", "vae-sat-to-project")
+
+
+def convert_vae(direction: str, source: str, destination: str, preset: Optional[str] = None) -> Path:
+    if direction == "vae-diffusers-to-project":
+        if is_project_checkpoint(source):
+            raise ConfigError("SOURCE", source, "is a cogvx-mega checkpoint; use vae-project-to-diffusers")
+        config, state = read_diffusers_vae_folder(source)
+        return save_vae_checkpoint(destination, state, config, extra={"converted_from": "diffusers"})
+    if direction == "vae-project-to-diffusers":
+        config, state = read_vae_checkpoint(source)
+        return write_diffusers_vae_folder(state, config, destination)
+    if direction == "vae-sat-to-project":  # SAT VAE checkpoints carry no config; the architecture is CogVideoX's
+        config = vae_preset(preset or "cogvideox-2b")
+        state = sat_vae_to_project(read_sat_state(source), config)
+        return save_vae_checkpoint(destination, state, config, extra={"converted_from": "sat"})
+    raise ConfigError("direction", direction, f"choose one of {', '.join(DIRECTIONS)}")
