@@ -17,8 +17,10 @@ $(STAMP): setup.py
 demo: $(STAMP)
 	$(VENV)/bin/cogvx demo --run-dir runs/demo
 
-# Two pytest processes: the distributed tier forks gloo ranks from a parent that must not hold a
-# process group, while the unit tier creates a single-process one.
+# Three pytest processes: the unit tier turns its process CPU-only (megatron's CPU compatibility layer),
+# the GPU tier needs a process that may use CUDA (it skips without one), and the distributed tier forks
+# gloo ranks from a parent that must not hold a process group.
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest tests/unit tests/gpu
+	$(VENV)/bin/python -m pytest tests/unit
+	$(VENV)/bin/python -m pytest tests/gpu
 	$(VENV)/bin/python -m pytest tests/distributed

@@ -120,8 +120,9 @@ def run_training(config, resume: Optional[str] = None, init_from: Optional[str] 
         if init_from is not None:
             from .checkpoint.reader import open_transformer_weights
 
-            ckpt.check_same_model({"model": dataclasses.asdict(open_transformer_weights(init_from).model)},
-                                  config.model, init_from)
+            weights = open_transformer_weights(init_from)
+            ckpt.check_same_model({"model": dataclasses.asdict(weights.model)}, config.model, init_from,
+                                  ignore=ckpt.NOT_IN_THE_WEIGHTS)
     dataset = load_dataset(config)
     ckpt.check_shared_filesystem(run_dir)
     if dims.is_logging_rank:
@@ -311,8 +312,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not args.verbose:
         quiet_libraries()
     # Configure our own logger; other libraries keep theirs (megatron's is only quietened, above).
+    for previous in [h for h in logger.handlers if getattr(h, "_cogvx_cli", False)]:
+        logger.removeHandler(previous)  # main() called again in one process (tests, notebooks)
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
+    handler._cogvx_cli = True
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if args.verbose else logging.INFO)
     logger.propagate = False

@@ -33,3 +33,26 @@ def make_diffusers_model(family: str, seed: int = 0):
         if FAMILIES[family].get("use_learned_positional_embeddings"):
             model.patch_embed.pos_embedding.normal_(0.0, 0.5)
     return model
+
+
+# The `tiny` preset's transformer as a diffusers model (8 layers, 4 heads of 16, RoPE): a released
+# checkpoint stand-in that `--init-from` loads at any layout.
+TINY_PRESET = dict(num_attention_heads=4, attention_head_dim=16, num_layers=8, time_embed_dim=32, text_embed_dim=32,
+                   max_text_seq_length=16, sample_frames=9, sample_height=8, sample_width=8, in_channels=4,
+                   out_channels=4, use_rotary_positional_embeddings=True)
+
+
+def make_tiny_preset_diffusers_model(seed: int = 0):
+    """Random weights on the scale training would give (matrices std 0.05, norms near 1), so a training
+    step from them is well-behaved and every tensor matters."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    torch.manual_seed(seed)
+    model = CogVideoXTransformer3DModel(**TINY_PRESET).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name and param.dim() == 1:
+                param.copy_(1.0 + 0.1 * torch.randn_like(param)) if name.endswith("weight") else param.normal_(0, 0.1)
+            else:
+                param.normal_(0.0, 0.05)
+    return model

@@ -81,4 +81,76 @@ def describe_layout(config: Config, world_size: int) -> str:
                      f"{plan.parameters_per_tp_rank:,} parameters per TP rank")
     lines.append("parameters per GPU (pipeline rank: count): "
                  + ", ".join(f"{r}: {n:,}" for r, n in sorted(per_rank.items())))
+    lines.append(estimate_memory(config, world_size).describe())
     return "\n".join(lines)
+
+
+# Activation bytes per token and hidden unit of one transformer layer in bf16 with flash attention
+# (Korthikanti et al., "Reducing Activation Recomputation in Large Transformer Models": 34 s b h). Not yet
+# calibrated against this model's measured peaks (the layout planner's job): treat it as an estimate.
+ACTIVATION_BYTES_PER_TOKEN_HIDDEN = 34
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes on the busiest GPU of a layout, by the arithmetic in `estimate_memory`."""
+
+    parameters: int
+    weights: int
+    gradients: int
+    optimizer: int
+    compute_copies: int
+    activations: int
+    activation_rule: str
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.compute_copies + self.activations
+
+    def describe(self) -> str:
+        gb = lambda n: f"{n / 1e9:.1f} GB"  # noqa: E731
+        return (f"memory per GPU (estimate): {gb(self.total)} = weights {gb(self.weights)} + gradients "
+                f"{gb(self.gradients)} + optimizer {gb(self.optimizer)} + bf16 compute copies "
+                f"{gb(self.compute_copies)} + activations {gb(self.activations)} ({self.activation_rule})")
+
+
+def estimate_memory(config: Config, world_size: int) -> MemoryEstimate:
+    """Weights, gradients and optimizer state exactly as the trainer keeps them (fp32 weights, fp32 gradient
+    buffer, Adam's two fp32 moments, sharded over data parallel with the distributed optimizer), the bf16
+    weight copies autocast makes on GPU, and activations: with full recompute the fp32 input of every layer
+    of the stage plus one layer's activations while it is recomputed; without, every layer's activations
+    (34 bytes per token and hidden unit, an uncalibrated estimate)."""
+    from ..model.transformer import sequence_length
+    from ..parallel.context import padded_sequence_length
+
+    p, t, m = config.parallel, config.training, config.model
+    dp = p.data_parallel_size(world_size)
+    plans = plan_layout(config)
+    per_rank: dict[int, int] = {}
+    layers: dict[int, int] = {}
+    for plan in plans:
+        per_rank[plan.pipeline_rank] = per_rank.get(plan.pipeline_rank, 0) + plan.parameters_per_tp_rank
+        layers[plan.pipeline_rank] = layers.get(plan.pipeline_rank, 0) + plan.num_layers
+    busiest = max(per_rank, key=lambda rank: (per_rank[rank], layers[rank]))
+    params = per_rank[busiest]
+    tokens = sequence_length(m, *config.data.latent_shape(m), m.max_text_seq_length)
+    split = p.context_parallel_size * (p.tensor_model_parallel_size if p.sequence_parallel else 1)
+    unit = (2 * p.context_parallel_size if p.context_parallel_size > 1 else 1) * (
+        p.tensor_model_parallel_size if p.sequence_parallel else 1)
+    local_tokens = -(-tokens // unit) * unit // split
+    micro_tokens = local_tokens * t.micro_batch_size
+    in_flight = min(p.pipeline_model_parallel_size, t.micro_batches_per_step(dp))  # 1F1B, first stage
+    one_layer = ACTIVATION_BYTES_PER_TOKEN_HIDDEN * micro_tokens * m.hidden_size
+    if t.recompute == "full":
+        activations = layers[busiest] * in_flight * micro_tokens * m.hidden_size * 4 + one_layer
+        rule = (f"full recompute: {layers[busiest]} layer inputs x {in_flight} micro-batch(es) in flight x "
+                f"{micro_tokens:,} tokens x {m.hidden_size} x 4 B, plus one layer recomputed")
+    else:
+        activations = layers[busiest] * in_flight * one_layer
+        rule = (f"{layers[busiest]} layers x {in_flight} micro-batch(es) x {ACTIVATION_BYTES_PER_TOKEN_HIDDEN} B x "
+                f"{micro_tokens:,} tokens x {m.hidden_size} (uncalibrated)")
+    on_gpu_bf16 = t.device == "cuda" and t.bf16
+    return MemoryEstimate(
+        parameters=params, weights=4 * params, gradients=4 * params,
+        optimizer=8 * params // (dp * p.context_parallel_size if p.use_distributed_optimizer else 1),
+        compute_copies=2 * params if on_gpu_bf16 else 0, activations=activations, activation_rule=rule)

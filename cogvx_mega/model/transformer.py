@@ -299,13 +299,14 @@ def build_model_chunks(model: ModelConfig, parallel=None, device: str = "cpu",
 
 def build_model(model: ModelConfig, device: str = "cpu", params_dtype: torch.dtype = torch.float32,
                 seed: int = 1234) -> CogVideoXTransformer:
-    """The whole model in this process, on its own (`single_process_groups`): it needs no process group,
-    creates none that involves another rank, and leaves a running job's groups alone."""
+    """The whole model in this process, on its own (`single_process_groups`): it never involves another rank
+    and leaves a running job's groups alone."""
     from ..config.megatron import build_transformer_config
     from ..parallel.state import single_process_groups
     from .init import initialize_weights
 
     transformer_config = build_transformer_config(model, None, params_dtype=params_dtype, device="cpu")
-    chunk = CogVideoXTransformer(model, transformer_config, pg_collection=single_process_groups())
+    groups = single_process_groups()
+    chunk = CogVideoXTransformer(model, transformer_config, pg_collection=groups)
     initialize_weights([chunk], seed)
     return chunk.to(device=device)

@@ -50,11 +50,15 @@ def init_torch_distributed(device: str) -> None:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend=backend, timeout=timeout)
     else:
-        # A single process: a private file store, so nothing listens on a port.
-        store_file = tempfile.NamedTemporaryFile(prefix="cogvx-pg-", delete=False)
-        store_file.close()
-        store = dist.FileStore(store_file.name, 1)
-        dist.init_process_group(backend=backend, store=store, rank=0, world_size=1, timeout=timeout)
+        init_private_world(backend, timeout)
+
+
+def init_private_world(backend: str = "gloo", timeout: datetime.timedelta = datetime.timedelta(minutes=5)) -> None:
+    """torch.distributed as a world of this one process, on a private file store (nothing listens on a port)."""
+    store_file = tempfile.NamedTemporaryFile(prefix="cogvx-pg-", delete=False)
+    store_file.close()
+    store = dist.FileStore(store_file.name, 1)
+    dist.init_process_group(backend=backend, store=store, rank=0, world_size=1, timeout=timeout)
 
 
 # the layout (TP, PP, CP, VPP, hierarchical CP) megatron's current groups were built for
@@ -113,20 +117,23 @@ def model_parallel_groups():
 
 
 def single_process_groups():
-    """Groups for a model that runs whole in this process (`from_pretrained`, the tools), whatever groups
-    exist: none at all without torch.distributed, else a group of this process alone. Creating it involves
-    no other rank (local synchronization) and leaves every existing group as it is."""
+    """Groups for a model that runs whole in this process (`from_pretrained`, the tools).
+
+    Inside a job (torch.distributed initialized) it is a group of this process alone, created with local
+    synchronization: no other rank takes part and every existing group stays as it is. Without
+    torch.distributed, megatron's layers still want a group object, so a private one-process world is
+    started on a file store (no port, no other process; `init_private_world`)."""
     from megatron.core.process_groups_config import ProcessGroupCollection
 
     global _OWN_GROUP
-    own = None
-    if dist.is_initialized():
-        if _OWN_GROUP is None:
-            _OWN_GROUP = dist.new_group([dist.get_rank()], use_local_synchronization=True)
-        own = _OWN_GROUP
+    if not dist.is_initialized():
+        init_private_world()
+    if _OWN_GROUP is None:
+        _OWN_GROUP = (dist.group.WORLD if dist.get_world_size() == 1
+                      else dist.new_group([dist.get_rank()], use_local_synchronization=True))
     groups = ProcessGroupCollection()
     for name in _MODEL_GROUPS:
-        setattr(groups, name, None if name == "hcp" else own)
+        setattr(groups, name, None if name == "hcp" else _OWN_GROUP)
     return groups
 
 

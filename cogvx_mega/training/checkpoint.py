@@ -46,9 +46,14 @@ def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def check_same_model(meta: dict, model_config: ModelConfig, path) -> None:
+# Model fields that are not properties of the weights: the backend, and the VAE's latent scale (which a
+# diffusers transformer folder does not carry). Weights loaded with --init-from may differ in them.
+NOT_IN_THE_WEIGHTS = ("backend", "latent_scale")
+
+
+def check_same_model(meta: dict, model_config: ModelConfig, path, ignore: tuple = ("backend",)) -> None:
     saved = model_config_from_dict(meta["model"])
-    mine = dataclasses.replace(model_config, backend=saved.backend)
+    mine = dataclasses.replace(model_config, **{name: getattr(saved, name) for name in ignore})
     if saved != mine:
         differing = [f.name for f in dataclasses.fields(ModelConfig) if getattr(saved, f.name) != getattr(mine, f.name)]
         raise ConfigError("checkpoint", str(path), f"it holds another model (differs in {', '.join(differing)}); "

@@ -29,7 +29,8 @@ def load_pretrained_weights(model_chunks, path: str, model_config: ModelConfig) 
     from megatron.core.utils import get_pg_rank, get_pg_size
 
     weights = open_transformer_weights(path)
-    ckpt.check_same_model({"model": dataclasses.asdict(weights.model)}, model_config, path)
+    ckpt.check_same_model({"model": dataclasses.asdict(weights.model)}, model_config, path,
+                          ignore=ckpt.NOT_IN_THE_WEIGHTS)
     chunks = [getattr(chunk, "module", chunk) for chunk in model_chunks]
     if weights.kind == "sharded":
         load_sharded_checkpoint(path, chunks)

@@ -257,18 +257,22 @@ class CogVideoXVAE(nn.Module):
         self._check_video(video)
         frames = video.shape[2]
         ratio = self.config.temporal_compression_ratio
+        latent_frames = 1 + (frames - 1) // ratio
+        first_frame = 0  # of the clip's latent frames, the first one `moments` holds
         if group is not None:
-            sizes = shard_sizes(1 + (frames - 1) // ratio, dist.get_world_size(group))
+            sizes = shard_sizes(latent_frames, dist.get_world_size(group))
             start, count = _video_range(sizes, dist.get_rank(group), ratio)
             split = ContextParallelTime(frames=frames, conv_impl=conv_impl, group=group)
             moments = self.encoder(video[:, :, start:start + count], split)
             if gather:
                 moments = gather_time(moments, group)
+            else:
+                first_frame = sum(sizes[:dist.get_rank(group)])
         elif chunk_frames is not None:
             moments = self._encode_chunked(video, chunk_frames, conv_impl)
         else:
             moments = self.encoder(video, TimeSplit(frames=frames, conv_impl=conv_impl))
-        return posterior(moments, sample, generator)
+        return posterior(moments, sample, generator, first_frame=first_frame, clip_frames=latent_frames)
 
     def _encode_chunked(self, video, chunk_frames, conv_impl):
         ratio = self.config.temporal_compression_ratio
@@ -320,14 +324,22 @@ class CogVideoXVAE(nn.Module):
             raise VAEInputError(f"latents of shape {tuple(latents.shape)}: expected [B, {c.latent_channels}, T, H, W]")
 
 
-def posterior(moments: torch.Tensor, sample: bool = False, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """The diagonal Gaussian's mean (or a draw from it); log-variance clamped to [-30, 20] as in diffusers."""
+def posterior(moments: torch.Tensor, sample: bool = False, generator: Optional[torch.Generator] = None,
+              first_frame: int = 0, clip_frames: Optional[int] = None) -> torch.Tensor:
+    """The diagonal Gaussian's mean (or a draw from it); log-variance clamped to [-30, 20] as in diffusers.
+
+    A draw takes its noise from one tensor for the whole clip (`clip_frames` latent frames), of which
+    `moments` holds frames first_frame.. (a context-parallel shard): every rank then draws its own part of
+    the noise one process would draw for the clip, so a time split changes nothing in the sample."""
     mean, logvar = moments.chunk(2, dim=1)
     if not sample:
         return mean
     std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-    noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device="cpu" if generator is None
-                        else generator.device).to(mean.device)
+    clip_shape = list(mean.shape)
+    clip_shape[2] = clip_frames or mean.shape[2]
+    noise = torch.randn(clip_shape, generator=generator, dtype=mean.dtype, device="cpu" if generator is None
+                        else generator.device)
+    noise = noise[:, :, first_frame:first_frame + mean.shape[2]].to(mean.device)
     return mean + std * noise
 
 

@@ -313,15 +313,15 @@ def shard_sizes(latent_frames: int, ranks: int) -> list[int]:
 
 
 def gather_time(x: torch.Tensor, group) -> torch.Tensor:
-    """All ranks' frames concatenated in rank order (ranks may hold different frame counts)."""
+    """All ranks' frames concatenated in rank order (ranks may hold different frame counts). The frame
+    counts travel as Python objects and the frames on x's own device, as NCCL needs."""
     size = dist.get_world_size(group)
     if size == 1:
         return x
-    counts = torch.tensor([x.shape[2]], dtype=torch.int64)
-    all_counts = [torch.empty_like(counts) for _ in range(size)]
-    dist.all_gather(all_counts, counts, group=group)
-    most = int(max(t.item() for t in all_counts))
+    counts = [None] * size
+    dist.all_gather_object(counts, int(x.shape[2]), group=group)
+    most = max(counts)
     padded = F.pad(x, (0, 0, 0, 0, 0, most - x.shape[2])).contiguous()
     gathered = [torch.empty_like(padded) for _ in range(size)]
     dist.all_gather(gathered, padded, group=group)
-    return torch.cat([g[:, :, : int(n.item())] for g, n in zip(gathered, all_counts)], dim=2)
+    return torch.cat([g[:, :, :n] for g, n in zip(gathered, counts)], dim=2)

@@ -47,6 +47,12 @@ def run_vae(rank: int, world_size: int, frames: int, latent_frames: int, paralle
     video = (torch.rand(1, 3, frames, 16, 16, generator=generator) * 2 - 1).requires_grad_()
     latents_in = torch.randn(1, 4, latent_frames, 4, 4, generator=generator).requires_grad_()
     encoded = model.encode(video, group=group)
+    # a posterior draw with the clip's seed: each rank draws its own frames' part of the clip's noise
+    sampled = model.encode(video.detach(), sample=True, generator=torch.Generator().manual_seed(5), group=group)
+    if parallel:
+        from cogvx_mega.vae.time_split import gather_time
+
+        sampled = gather_time(sampled, group)
     decoded = model.decode(latents_in, group=group)
     # the same fixed projection of the whole outputs, restricted to this rank's frames
     encoded_full = model.encode(video.detach(), group=group, gather=True) if parallel else encoded.detach()
@@ -56,7 +62,7 @@ def run_vae(rank: int, world_size: int, frames: int, latent_frames: int, paralle
     w_e = torch.randn(encoded_full.shape, generator=generator)[:, :, start_e:start_e + encoded.shape[2]]
     w_d = torch.randn(decoded_full.shape, generator=generator)[:, :, start_d:start_d + decoded.shape[2]]
     ((encoded * w_e).sum() + (decoded * w_d).sum()).backward()
-    return {"encoded": encoded_full, "decoded": decoded_full, "video_grad": video.grad,
+    return {"encoded": encoded_full, "decoded": decoded_full, "sampled": sampled.detach(), "video_grad": video.grad,
             "latents_grad": latents_in.grad, "local_frames": (encoded.shape[2], decoded.shape[2]),
             "parameter_grads": {name: p.grad for name, p in model.named_parameters()}}
 
@@ -80,7 +86,7 @@ def test_time_split_vae_matches_whole_clip(case):
     assert sum(r["local_frames"][0] for r in split) == whole["encoded"].shape[2]
     assert min(r["local_frames"][0] for r in split) >= 2  # every rank really held a block of frames
     for rank, result in enumerate(split):
-        for key in ("encoded", "decoded"):
+        for key in ("encoded", "decoded", "sampled"):
             diff = (result[key] - whole[key]).abs().max().item()
             assert diff <= TOLERANCE, f"{case} rank {rank} {key}: max abs diff {diff}"
     for key in ("video_grad", "latents_grad"):

@@ -35,6 +35,24 @@ def test_boundary_kernel_matches_reference_on_gpu(dtype, frames, with_halo):
     assert torch.equal(x.grad, x_ref.grad)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_boundary_kernel_reads_a_strided_view_on_gpu(dtype):
+    """The halo path's real input: the causal conv's [B, C, T + pad, H, W] output narrowed to T frames."""
+    from cogvx_mega.kernels.causal_pad.ref import causal_boundary_input_ref
+    from cogvx_mega.kernels.causal_pad.triton import causal_boundary_input_triton
+
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    buffer = torch.randn(1, 128, 15, 60, 90, generator=generator, device="cuda", dtype=dtype)
+    x = buffer.narrow(2, 0, 13)
+    halo = torch.randn(1, 128, 4, 60, 90, generator=generator, device="cuda", dtype=dtype)[:, :, 1:3]
+    assert not x.is_contiguous() and not halo.is_contiguous()
+    for given in (halo, None):
+        before = torch.cuda.memory_allocated()
+        out = causal_boundary_input_triton(x, given, 2)
+        assert torch.cuda.memory_allocated() - before == out.untyped_storage().nbytes()  # the output only
+        assert torch.equal(out, causal_boundary_input_ref(x, given, 2))
+
+
 def test_vae_halo_path_on_gpu():
     """The whole VAE on the GPU: halo path (kernel) equals pad-and-concatenate."""
     from cogvx_mega.vae import CogVideoXVAE, VAEConfig

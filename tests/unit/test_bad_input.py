@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -138,3 +139,31 @@ def test_resume_from_another_model_is_refused_before_writing(tmp_path, capsys):
                              "--resume", str(checkpoint), "--steps", "2"], capsys)
     assert status == EXIT_USER_ERROR and len(lines) == 1 and "num_layers" in lines[0]
     assert not (tmp_path / "b").exists()
+
+
+def test_dataset_with_another_text_length_is_refused_at_load(tmp_path, capsys):
+    import torch
+
+    from cogvx_mega.data.latent_dataset import LatentDataset
+
+    folder = tmp_path / "latents"  # tiny takes 16 text tokens of width 32; this cache has 8
+    LatentDataset(torch.randn(2, 3, 4, 8, 8), torch.randn(2, 8, 32)).save(str(folder))
+    status, lines = run_cli(["train", "--preset", "tiny", "--data", str(folder), "--run-dir", str(tmp_path / "run"),
+                             "--steps", "1"], capsys)
+    assert status == EXIT_USER_ERROR and len(lines) == 1
+    assert "L=8" in lines[0] and "max_text_seq_length=16" in lines[0]
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_library_notices_stay_out_of_the_output_unless_verbose(tmp_path, verbose):
+    """megatron warns at import and build time (no Apex, no Transformer Engine, deprecated scopes): `cogvx`
+    keeps those notices out of its output; `-v` shows them."""
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONWARNINGS"}
+    result = subprocess.run([sys.executable, "-m", "cogvx_mega.cli", "train", "--preset", "tiny", "--steps", "1",
+                             "--run-dir", str(tmp_path / "r"), "data.num_synthetic_clips=2",
+                             "training.micro_batch_size=2", *(["-v"] if verbose else [])],
+                            capture_output=True, text=True, timeout=180, env={**env, "TQDM_DISABLE": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    noisy = [line for line in result.stderr.splitlines() if re.search(r"warn|Apex|deprecated", line, re.I)]
+    assert bool(noisy) is verbose, noisy

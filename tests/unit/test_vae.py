@@ -117,6 +117,49 @@ def test_boundary_kernel_matches_reference_under_triton_interpreter(monkeypatch,
         assert torch.equal(halo.grad, halo_ref.grad)
 
 
+class _CopiesOf(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records copying ops (clone, copy, contiguous) that return a tensor of `shape`: a copy of the input."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape, self.copies = tuple(shape), []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        copying = any(word in str(func) for word in ("clone", "copy", "contiguous"))
+        if copying and isinstance(out, torch.Tensor) and tuple(out.shape) == self.shape:
+            self.copies.append(str(func))
+        return out
+
+
+@pytest.mark.parametrize("layout", ["time-narrowed", "channels-last"])
+def test_boundary_kernel_reads_strided_input_without_copying_it(monkeypatch, layout):
+    """The halo path hands the kernel a view (the conv output narrowed to T frames); it must read it through
+    its strides: exact against the reference, and no op produces a copy of the input."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from cogvx_mega.kernels.causal_pad import causal_boundary_input
+    from cogvx_mega.kernels.causal_pad.ref import causal_boundary_input_ref
+    from cogvx_mega.kernels.causal_pad.triton import causal_boundary_input_triton
+
+    generator = torch.Generator().manual_seed(3)
+    if layout == "time-narrowed":
+        x = torch.randn(2, 3, 9, 5, 7, generator=generator).narrow(2, 0, 6)  # [.., T+pad+1 frames] buffer, first 6
+        halo = torch.randn(2, 3, 4, 5, 7, generator=generator)[:, :, 1:3]
+    else:
+        x = torch.randn(2, 5, 7, 6, 3, generator=generator).permute(0, 4, 3, 1, 2)  # [B, C, T, H, W] view
+        halo = torch.randn(2, 5, 7, 2, 3, generator=generator).permute(0, 4, 3, 1, 2)
+    assert not x.is_contiguous() and not halo.is_contiguous()
+    for given_halo in (halo, None):
+        expected = causal_boundary_input_ref(x, given_halo, 2)
+        assert torch.equal(causal_boundary_input(x, given_halo, 2), expected)  # the op (dispatches to the kernel)
+        recorder = _CopiesOf(x.shape)
+        with recorder:  # the kernel's launcher itself, so the mode sees every op it runs
+            out = causal_boundary_input_triton(x, given_halo, 2)
+        assert torch.equal(out, expected)
+        assert recorder.copies == [], f"the input was copied: {recorder.copies}"
+
+
 # --- converters and loading -------------------------------------------------------------------------------
 
 def test_load_vae_and_convert_round_trip(reference, tmp_path):

@@ -1,0 +1,40 @@
+"""Every example config loads and dry-runs; the 8 x H100 example fits 80 GB by the arithmetic in its own
+comment (the same sums `--dry-run` prints), and the tiny example trains."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from cogvx_mega.cli import main
+from cogvx_mega.config import load_config
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "configs"
+
+
+@pytest.mark.parametrize("name, world", [("cogvideox-5b-8xh100.yaml", 8), ("tiny.yaml", 1)])
+def test_example_dry_runs(name, world, capsys):
+    assert main(["train", "--config", str(EXAMPLES / name), "--dry-run", "--world-size", str(world)]) == 0
+    assert "memory per GPU" in capsys.readouterr().out
+
+
+def test_the_8xh100_example_fits_by_its_own_arithmetic():
+    from cogvx_mega.tools.plan import estimate_memory
+
+    file = EXAMPLES / "cogvideox-5b-8xh100.yaml"
+    config = load_config(config_file=str(file))
+    estimate = estimate_memory(config, world_size=8)
+    comment = file.read_text()
+    assert f"{estimate.parameters:,} parameters per GPU" in comment
+    stated_total = float(re.search(r"total about ([\d.]+) GB of 80 GB", comment).group(1))
+    assert stated_total == pytest.approx(estimate.total / 1e9, abs=0.05)
+    assert estimate.total < 80e9 * 0.8  # a fifth left for workspaces, the allocator and fragmentation
+    for figure in (estimate.weights + estimate.gradients, estimate.optimizer, estimate.compute_copies):
+        assert f"= {figure / 1e9:.1f} GB" in comment.replace("=  ", "= ")
+
+
+def test_the_tiny_example_trains(tmp_path):
+    assert main(["train", "--config", str(EXAMPLES / "tiny.yaml"), "--run-dir", str(tmp_path), "--steps", "2",
+                 "data.num_synthetic_clips=4"]) == 0
+    assert (tmp_path / "checkpoints" / "step_00000002").is_dir()
