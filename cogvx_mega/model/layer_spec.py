@@ -1,4 +1,5 @@
-"""Layer specs: the one place where the backend (local torch vs Transformer Engine) is chosen."""
+"""Layer specs: the one module that knows the backends (local torch vs Transformer Engine): it chooses the
+layer's modules and answers what a backend can do."""
 from __future__ import annotations
 
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
@@ -58,3 +59,9 @@ def layer_spec_for(backend: str) -> ModuleSpec:
     if backend == "te":
         return te_layer_spec()
     raise ValueError(f"model.backend={backend!r}: use 'local' or 'te'")
+
+
+def masks_padded_keys(backend: str) -> bool:
+    """Whether the backend's attention masks padded keys (sequences padded to split over CP / SP). The te
+    spec builds TEDotProductAttention without a mask, so it needs sequences that split evenly."""
+    return backend == "local"

@@ -22,7 +22,7 @@ from ..parallel.context import (gather_sequence, padded_sequence_length, rank_ma
 from ..parallel.pipeline import REPLICATED_MODULES
 from ..parallel.sequence import gather_tokens, local_tokens, mark_sequence_parallel, scatter_tokens
 from .layer import LayerNorm
-from .layer_spec import layer_spec_for
+from .layer_spec import layer_spec_for, masks_padded_keys
 from .positions import rope_3d_angles, sincos_3d, timestep_sinusoid
 
 
@@ -234,7 +234,7 @@ class CogVideoXTransformer(MegatronModule):
         text_length = text_embeds.shape[1]
         seq = self.sequence_length(t, h, w, text_length)
         padded = padded_sequence_length(seq, self.config)  # CP / SP split evenly; the pad is masked everywhere
-        if padded != seq and self.model_config.backend == "te":
+        if padded != seq and not masks_padded_keys(self.model_config.backend):
             raise ValueError(f"model.backend=te: the joint sequence has {seq} tokens ({text_length} text), not a "
                              f"multiple of {sequence_split_unit(self.config)} as the CP/SP split needs; change the "
                              f"text length or latent size, or use model.backend=local (which pads and masks)")

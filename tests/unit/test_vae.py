@@ -264,3 +264,25 @@ def test_bad_input_one_clear_error(ours, reference, tmp_path, capsys):
     errors = capsys.readouterr().err.strip().splitlines()
     assert status == 2 and len(errors) == 1 and "1 + 4k" in errors[0]
     assert not (tmp_path / "z.safetensors").exists()
+
+
+def test_time_gather_hands_the_collective_tensors_on_the_input_device(monkeypatch):
+    """NCCL gathers only GPU tensors: everything `gather_time` gives a tensor collective must sit on the
+    input's device (checked with meta tensors and a recording stand-in for torch.distributed)."""
+    from cogvx_mega.vae import time_split
+
+    devices = []
+
+    def all_gather(outputs, tensor, group=None):
+        devices.extend([tensor.device, *(out.device for out in outputs)])
+
+    def all_gather_object(outputs, value, group=None):
+        outputs[:] = [value, value - 1]  # rank 1 holds one frame fewer
+
+    monkeypatch.setattr(time_split.dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(time_split.dist, "all_gather", all_gather)
+    monkeypatch.setattr(time_split.dist, "all_gather_object", all_gather_object)
+    x = torch.empty(1, 4, 3, 2, 2, device="meta")
+    out = time_split.gather_time(x, group=object())
+    assert devices and all(device.type == "meta" for device in devices)
+    assert out.shape == (1, 4, 5, 2, 2) and out.device.type == "meta"
