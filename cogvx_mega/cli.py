@@ -9,6 +9,7 @@
     cogvx convert sat-to-project SRC DST --preset NAME [--config FILE] [overrides]
     cogvx convert vae-diffusers-to-project | vae-project-to-diffusers SRC DST
     cogvx convert vae-sat-to-project SRC DST [--preset NAME]
+    cogvx data scan DIR --output manifest.jsonl [--captions FILE] [--workers N]
     cogvx vae encode VIDEO LATENTS --vae PATH [--frames N] [--sample] [--chunk-frames N]
     cogvx vae decode LATENTS VIDEO --vae PATH [--chunk-frames N] [--fps F]
     (under torchrun, `cogvx vae` splits time over all ranks: context parallel)
@@ -229,6 +230,33 @@ def cmd_vae(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    """`cogvx data scan DIR --output manifest.jsonl`: probe every media file, write the usable clips."""
+    from pathlib import Path
+
+    from .config.schema import ConfigError
+    from .data.manifest import find_media, read_captions, scan, write_manifest
+
+    root = Path(args.source)
+    if not root.is_dir():
+        raise ConfigError("DIR", args.source, "no such folder; pass the folder that holds the videos and images")
+    if os.path.exists(args.output) and not args.overwrite:
+        raise ConfigError("--output", args.output, "already exists; pass --overwrite or another path")
+    captions = read_captions(args.captions, root) if args.captions else {}
+    paths = find_media(root)
+    records, failures = scan(paths, captions, workers=args.workers)
+    for failure in failures:
+        print(f"skipped {failure.path}: {failure.reason}", file=sys.stderr)
+    if not records:
+        raise ConfigError("DIR", args.source, f"none of its {len(paths)} media files is usable (see the lines above); "
+                                             f"nothing written")
+    write_manifest(records, args.output)
+    videos = sum(record.kind == "video" for record in records)
+    print(f"scanned {len(paths)} files: {len(records)} clips ({videos} videos, {len(records) - videos} images) "
+          f"written to {args.output}, {len(failures)} skipped")
+    return 0
+
+
 def _vae_process_group(device: str):
     """The world group when launched by torchrun with more than one rank (all ranks split time)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
@@ -279,6 +307,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(convert, with_training=False)
     convert.set_defaults(func=cmd_convert)
 
+    data = sub.add_parser("data", parents=[verbose_too], help="prepare training data: scan media into a manifest")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    scan = data_sub.add_parser("scan", parents=[verbose_too], help="probe every video and image under DIR")
+    scan.add_argument("source", metavar="DIR")
+    scan.add_argument("--output", required=True, help="the manifest to write (JSONL, one clip a line)")
+    scan.add_argument("--captions", help="JSONL or CSV of (path, caption); otherwise a sidecar .txt per file")
+    scan.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1), help="parallel probes")
+    scan.add_argument("--overwrite", action="store_true")
+    scan.set_defaults(func=cmd_data)
+
     vae = sub.add_parser("vae", parents=[verbose_too], help="encode a video to latents or decode latents to a video with the 3D VAE")
     vae.add_argument("action", choices=("encode", "decode"))
     vae.add_argument("input", help="encode: a video file; decode: a latent file (.safetensors)")
@@ -299,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from .checkpoint.meta import ConversionError
     from .config.schema import ConfigError
+    from .data.manifest import MediaError
     from .vae.time_split import VAEInputError
 
     parser = build_parser()
@@ -322,7 +361,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logger.propagate = False
     try:
         return args.func(args)
-    except (ConfigError, ConversionError, FileNotFoundError, VAEInputError) as error:
+    except (ConfigError, ConversionError, FileNotFoundError, VAEInputError, MediaError) as error:
         print(f"cogvx: error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
 
