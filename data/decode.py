@@ -1,0 +1,123 @@
+"""Decoding clips into training frames: [3, T, H, W] float in [-1, 1], T = 1 + 4k.
+
+One interface (`decode_clip(record, spec)`), the backend chosen in one place (`choose_backend`): images
+through Pillow as 1-frame clips, videos through PyAV on the CPU. (NVIDIA DALI, on the GPU with NVDEC and on
+the CPU for the codecs its CPU decoder handles, VP9 and MJPEG, joins here as further backends.)
+
+Frames are sampled at the target frame rate (the source frame shown at each target time), cut to the
+longest 1 + 4k count the clip fills up to the requested count, the short side resized keeping the
+aspect ratio so that the frame covers the target size, centre-cropped to it, and scaled to [-1, 1].
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .manifest import IMAGE_SUFFIXES, MediaError, _import_av
+
+
+@dataclass(frozen=True)
+class DecodeSpec:
+    """What a training clip looks like: `frames` (1 + 4k) at `fps`, `height` x `width` pixels."""
+
+    frames: int
+    height: int
+    width: int
+    fps: float = 8.0
+    temporal_compression_ratio: int = 4
+
+
+def longest_usable_count(available: int, wanted: int, ratio: int = 4) -> int:
+    """The longest 1 + ratio*k frame count <= min(available, wanted); 0 if not even one frame is there."""
+    count = min(available, wanted)
+    return 0 if count < 1 else 1 + ratio * ((count - 1) // ratio)
+
+
+def frame_indices(source_fps: float, source_frames: int, spec: DecodeSpec, start: Optional[float] = None,
+                  end: Optional[float] = None) -> list[int]:
+    """Source frame indices for the target frames: target frame k shows the source frame on screen at
+    time start + k / fps. Raises MediaError when the clip has no frame to give."""
+    first = int(math.floor((start or 0.0) * source_fps + 1e-9))
+    last = source_frames if end is None else min(source_frames, int(math.ceil(end * source_fps - 1e-9)))
+    step = source_fps / spec.fps if spec.fps < source_fps else 1.0  # source frames per target frame
+    available = max(0, math.ceil((last - first) / step - 1e-9))  # k with first + floor(k * step) < last
+    count = longest_usable_count(available, spec.frames, spec.temporal_compression_ratio)
+    if count == 0:
+        raise MediaError(f"no frame between {start or 0.0:.2f}s and {end if end is not None else 'the end'}")
+    return [first + int(math.floor(k * step + 1e-9)) for k in range(count)]
+
+
+def resize_and_crop(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """uint8 [T, H, W, 3] -> float [3, T, height, width] in [-1, 1]: short side to cover, centre crop."""
+    video = frames.permute(0, 3, 1, 2).float()  # [T, 3, H, W]
+    source_h, source_w = video.shape[2:]
+    scale = max(height / source_h, width / source_w)
+    resized_h, resized_w = max(height, round(source_h * scale)), max(width, round(source_w * scale))
+    if (resized_h, resized_w) != (source_h, source_w):
+        video = F.interpolate(video, size=(resized_h, resized_w), mode="bilinear", align_corners=False,
+                              antialias=scale < 1)
+    top, left = (resized_h - height) // 2, (resized_w - width) // 2
+    video = video[:, :, top:top + height, left:left + width]
+    return (video / 127.5 - 1.0).clamp(-1.0, 1.0).permute(1, 0, 2, 3).contiguous()  # [3, T, h, w]
+
+
+def decode_image(path: str) -> torch.Tensor:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            array = torch.from_numpy(np.asarray(image.convert("RGB")).copy())
+    except OSError as error:
+        raise MediaError(f"not a readable image ({error})") from None
+    return array[None]  # [1, H, W, 3]
+
+
+def decode_video_pyav(path: str, indices: list[int]) -> torch.Tensor:
+    """uint8 [len(indices), H, W, 3]: the frames at `indices` (sorted, repeats allowed), decoded in order."""
+    av = _import_av()
+    wanted = sorted(set(indices))
+    frames: dict[int, torch.Tensor] = {}
+    try:
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            for number, frame in enumerate(container.decode(stream)):
+                if number in frames or number not in wanted:
+                    if number > wanted[-1]:
+                        break
+                    continue
+                frames[number] = torch.from_numpy(frame.to_ndarray(format="rgb24"))
+                if len(frames) == len(wanted):
+                    break
+    except (av.error.FFmpegError, ValueError) as error:
+        raise MediaError(f"decoding failed ({type(error).__name__}: {error})") from None
+    missing = [i for i in wanted if i not in frames]
+    if missing:
+        raise MediaError(f"decoding stopped before frame {missing[0]} (the file ends early)")
+    return torch.stack([frames[i] for i in indices])
+
+
+def choose_backend(record: dict, device: str = "cpu") -> str:
+    """The one place that picks how a clip is decoded: 'image' (Pillow) or 'pyav'."""
+    if record.get("kind") == "image" or Path(record["path"]).suffix.lower() in IMAGE_SUFFIXES:
+        return "image"
+    return "pyav"
+
+
+def decode_clip(record: dict, spec: DecodeSpec, device: str = "cpu") -> torch.Tensor:
+    """A manifest record -> float [3, T, spec.height, spec.width] in [-1, 1] (T = 1 + 4k <= spec.frames).
+    Raises MediaError with the reason when the clip cannot be used (the caller skips and counts it)."""
+    backend = choose_backend(record, device)
+    if backend == "image":
+        frames = decode_image(record["path"])
+    else:
+        indices = frame_indices(float(record["fps"]), int(record["frames"]), spec, record.get("start"),
+                                record.get("end"))
+        frames = decode_video_pyav(record["path"], indices)
+    return resize_and_crop(frames, spec.height, spec.width)
