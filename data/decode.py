@@ -1,8 +1,10 @@
 """Decoding clips into training frames: [3, T, H, W] float in [-1, 1], T = 1 + 4k.
 
 One interface (`decode_clip(record, spec)`), the backend chosen in one place (`choose_backend`): images
-through Pillow as 1-frame clips, videos through PyAV on the CPU. (NVIDIA DALI, on the GPU with NVDEC and on
-the CPU for the codecs its CPU decoder handles, VP9 and MJPEG, joins here as further backends.)
+through Pillow as 1-frame clips; videos through NVIDIA DALI on the GPU (NVDEC, from the encoded bytes) when
+the clip is decoded for a CUDA device, through DALI's CPU decoder for the codecs it handles (VP9, MJPEG),
+and through PyAV for the rest (H.264, HEVC, AV1, ... on the CPU). DALI is an optional extra: without it
+every video goes through PyAV.
 
 Frames are sampled at the target frame rate (the source frame shown at each target time), cut to the
 longest 1 + 4k count the clip fills up to the requested count, the short side resized keeping the
@@ -10,6 +12,7 @@ aspect ratio so that the frame covers the target size, centre-cropped to it, and
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,21 +106,87 @@ def decode_video_pyav(path: str, indices: list[int]) -> torch.Tensor:
     return torch.stack([frames[i] for i in indices])
 
 
+DALI_CPU_CODECS = ("vp9", "mjpeg")
+
+
+@functools.lru_cache(maxsize=None)
+def dali_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("nvidia.dali") is not None
+
+
+class DaliVideoDecoder:
+    """DALI's video decoder from encoded bytes, one pipeline per device kept for reuse ('cpu': its CPU
+    decoder; 'cuda': NVDEC through the mixed operator). The frames to decode are an input of each run."""
+
+    _pipelines: dict = {}
+
+    @classmethod
+    def pipeline(cls, device: str):
+        if device not in cls._pipelines:
+            from nvidia.dali import fn, pipeline_def, types
+
+            @pipeline_def(batch_size=1, num_threads=1, device_id=0 if device == "cuda" else None,
+                          prefetch_queue_depth=1)
+            def decode():
+                encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
+                frames = fn.external_source(name="frames", dtype=types.INT32, ndim=1)
+                return fn.decoders.video(encoded, device="mixed" if device == "cuda" else "cpu",
+                                                      frames=frames)
+
+            built = decode()
+            built.build()
+            cls._pipelines[device] = built
+        return cls._pipelines[device]
+
+    @classmethod
+    def decode(cls, path: str, indices: list[int], device: str) -> torch.Tensor:
+        """uint8 [len(indices), H, W, 3] on `device` (a CUDA tensor straight from NVDEC on the GPU)."""
+        pipe = cls.pipeline(device)
+        wanted = sorted(set(indices))
+        pipe.feed_input("encoded", [np.fromfile(path, dtype=np.uint8)])
+        pipe.feed_input("frames", [np.asarray(wanted, dtype=np.int32)])
+        try:
+            (output,) = pipe.run()
+        except RuntimeError as error:
+            cls._pipelines.pop(device, None)  # a failed run leaves the pipeline unusable
+            raise MediaError(f"DALI could not decode it ({str(error).splitlines()[0][:200]})") from None
+        if device == "cuda":
+            frames = torch.from_dlpack(output[0]._as_dlpack()) if hasattr(output[0], "_as_dlpack") else \
+                torch.as_tensor(np.asarray(output.as_cpu()[0]))
+        else:
+            frames = torch.from_numpy(np.array(output[0]))
+        position = {index: i for i, index in enumerate(wanted)}
+        return frames[[position[i] for i in indices]]
+
+
 def choose_backend(record: dict, device: str = "cpu") -> str:
-    """The one place that picks how a clip is decoded: 'image' (Pillow) or 'pyav'."""
+    """The one place that picks how a clip is decoded: 'image' (Pillow), 'dali-gpu', 'dali-cpu' or 'pyav'."""
     if record.get("kind") == "image" or Path(record["path"]).suffix.lower() in IMAGE_SUFFIXES:
         return "image"
+    if dali_available():
+        if device == "cuda":
+            return "dali-gpu"
+        if record.get("codec") in DALI_CPU_CODECS:
+            return "dali-cpu"
     return "pyav"
 
 
-def decode_clip(record: dict, spec: DecodeSpec, device: str = "cpu") -> torch.Tensor:
-    """A manifest record -> float [3, T, spec.height, spec.width] in [-1, 1] (T = 1 + 4k <= spec.frames).
+def decode_clip(record: dict, spec: DecodeSpec, device: str = "cpu", backend: Optional[str] = None) -> torch.Tensor:
+    """A manifest record -> float [3, T, spec.height, spec.width] in [-1, 1] (T = 1 + 4k <= spec.frames), on
+    `device` for the DALI GPU path, else on the CPU. `backend` overrides `choose_backend` (benchmarks, tests).
     Raises MediaError with the reason when the clip cannot be used (the caller skips and counts it)."""
-    backend = choose_backend(record, device)
+    backend = backend or choose_backend(record, device)
     if backend == "image":
         frames = decode_image(record["path"])
     else:
         indices = frame_indices(float(record["fps"]), int(record["frames"]), spec, record.get("start"),
                                 record.get("end"))
-        frames = decode_video_pyav(record["path"], indices)
+        if backend == "pyav":
+            frames = decode_video_pyav(record["path"], indices)
+        elif backend in ("dali-cpu", "dali-gpu"):
+            frames = DaliVideoDecoder.decode(record["path"], indices, "cuda" if backend == "dali-gpu" else "cpu")
+        else:
+            raise ValueError(f"unknown decode backend {backend!r}")
     return resize_and_crop(frames, spec.height, spec.width)

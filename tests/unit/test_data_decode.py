@@ -61,3 +61,29 @@ def test_a_clip_that_ends_early_is_a_media_error(records, tmp_path):
     record = dict(by_name["clip_h264.mp4"], frames=60)  # the manifest claims more frames than the file has
     with pytest.raises(MediaError, match="ends early"):
         decode_clip(record, DecodeSpec(frames=49, height=32, width=32, fps=30))
+
+
+def test_backend_choice():
+    from cogvx_mega.data.decode import choose_backend, dali_available
+
+    assert choose_backend({"path": "a.png", "kind": "image"}) == "image"
+    assert choose_backend({"path": "a.mp4", "kind": "video", "codec": "h264"}) == "pyav"  # DALI's CPU decoder refuses it
+    cpu_vp9 = choose_backend({"path": "a.webm", "kind": "video", "codec": "vp9"})
+    assert cpu_vp9 == ("dali-cpu" if dali_available() else "pyav")
+    if dali_available():
+        assert choose_backend({"path": "a.mp4", "kind": "video", "codec": "h264"}, device="cuda") == "dali-gpu"
+
+
+@pytest.mark.parametrize("name", ["clip_vp9.webm", "clip_mjpeg.avi"])
+def test_dali_cpu_and_pyav_decode_the_same_frames(records, name):
+    """DALI's CPU decoder and PyAV (both from the same bitstream) agree within a codec tolerance: the two
+    decoders and their YUV -> RGB conversions may differ by a few levels."""
+    pytest.importorskip("nvidia.dali")
+    by_name, _ = records
+    record = by_name[name]
+    spec = DecodeSpec(frames=5, height=record["height"], width=record["width"], fps=record["fps"] / 2)
+    dali = decode_clip(record, spec, backend="dali-cpu")
+    pyav = decode_clip(record, spec, backend="pyav")
+    assert dali.shape == pyav.shape == (3, 5, record["height"], record["width"])
+    difference = (dali - pyav).abs()
+    assert difference.mean() <= 2 / 127.5 and difference.max() <= 24 / 127.5, (difference.mean(), difference.max())
