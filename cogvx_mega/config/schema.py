@@ -245,6 +245,14 @@ class DataConfig:
     spatial_compression_ratio: int = 8
     num_synthetic_clips: int = 64
     num_workers: int = 0
+    fps: float = 8.0
+    """Frame rate clips are sampled at when decoding real videos (CogVideoX: 8)."""
+    buckets: Optional[list[str]] = None
+    """Resolution/duration buckets as FRAMESxHEIGHTxWIDTH (pixels), e.g. [49x480x720, 49x720x480, 1x480x720];
+    None: one bucket of num_frames x height x width."""
+
+    def bucket_names(self) -> list[str]:
+        return list(self.buckets) if self.buckets else [f"{self.num_frames}x{self.height}x{self.width}"]
 
     def latent_shape(self, model: ModelConfig) -> tuple[int, int, int]:
         """(latent frames, latent height, latent width)."""
@@ -277,6 +285,18 @@ class DataConfig:
                               f"{model.sample_width * self.spatial_compression_ratio}")
         if self.num_synthetic_clips < 1:
             raise ConfigError("data.num_synthetic_clips", self.num_synthetic_clips, "use at least 1")
+        if not self.fps > 0:
+            raise ConfigError("data.fps", self.fps, "use a positive frame rate")
+        for bucket in self.buckets or []:
+            parts = str(bucket).lower().split("x")
+            if len(parts) != 3 or not all(p.isdigit() for p in parts):
+                raise ConfigError("data.buckets", bucket, "write a bucket as FRAMESxHEIGHTxWIDTH, e.g. 49x480x720")
+            frames, height, width = map(int, parts)
+            check_frame_count("data.buckets", frames, model.temporal_compression_ratio)
+            unit = self.spatial_compression_ratio * model.patch_size
+            if height % unit or width % unit:
+                raise ConfigError("data.buckets", bucket, f"height and width must be multiples of {unit} (VAE "
+                                                          f"compression x patch size)")
 
 
 @dataclass

@@ -251,9 +251,18 @@ class CogVideoXVAE(nn.Module):
         self.decoder = Decoder3D(config)
 
     # --- encode ---------------------------------------------------------------------------------------
+    def encode_moments(self, video: torch.Tensor, chunk_frames: Optional[int] = None, group=None,
+                       gather: bool = False, conv_impl: str = "halo") -> tuple[torch.Tensor, torch.Tensor]:
+        """The posterior's (mean, log-variance) [B, C, T', H/8, W/8] each, log-variance clamped to [-30, 20] as
+        in diffusers: what a latent cache stores, so training can draw a fresh sample every time."""
+        moments = self.encode(video, chunk_frames=chunk_frames, group=group, gather=gather, conv_impl=conv_impl,
+                              return_moments=True)
+        mean, logvar = moments.chunk(2, dim=1)
+        return mean, logvar.clamp(-30.0, 20.0)
+
     def encode(self, video: torch.Tensor, sample: bool = False, generator: Optional[torch.Generator] = None,
                chunk_frames: Optional[int] = None, group=None, gather: bool = False,
-               conv_impl: str = "halo") -> torch.Tensor:
+               conv_impl: str = "halo", return_moments: bool = False) -> torch.Tensor:
         self._check_video(video)
         frames = video.shape[2]
         ratio = self.config.temporal_compression_ratio
@@ -272,6 +281,8 @@ class CogVideoXVAE(nn.Module):
             moments = self._encode_chunked(video, chunk_frames, conv_impl)
         else:
             moments = self.encoder(video, TimeSplit(frames=frames, conv_impl=conv_impl))
+        if return_moments:
+            return moments
         return posterior(moments, sample, generator, first_frame=first_frame, clip_frames=latent_frames)
 
     def _encode_chunked(self, video, chunk_frames, conv_impl):

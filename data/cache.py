@@ -1,0 +1,205 @@
+"""The latent cache: `cogvx data encode --manifest M --vae VAE --text-encoder T5 --output cache.zarr`.
+
+A zarr v3 store. Per bucket (`FRAMESxHEIGHTxWIDTH`, see `buckets.py`) three arrays, chunked one clip per
+chunk: `<bucket>/mean` and `<bucket>/logvar` [N, C, T', H/8, W/8] (the VAE posterior's moments, before the
+latent scale, so training draws a fresh posterior sample every time, REFERENCE §5) and `<bucket>/text`
+[N, L, D] (T5 embeddings). The clip table (source path, caption, bucket, index) is in the store's
+attributes, with the VAE's latent scale and what the cache was made from.
+
+Work is split into shards of `shard_clips` consecutive clips of one bucket; shard s belongs to rank
+s mod world size, so any number of ranks write disjoint chunks. A shard is committed by a marker file
+written atomically after all its chunks (`commits/<bucket>/<first clip>.json`, listing the clips that
+failed to decode); readers use committed shards only, and a restarted encode skips them and rewrites the
+rest, so a run killed at any moment resumes with no duplicate and no hole.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from ..checkpoint.atomic import write_text_atomically
+from ..config.schema import ConfigError
+from .buckets import Bucket, group_by_bucket
+from .decode import DecodeSpec, decode_clip
+from .manifest import MediaError
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT = "cogvx-mega/latent-cache-v1"
+COMMITS = "commits"
+
+
+@dataclass(frozen=True)
+class Shard:
+    bucket: str
+    start: int
+    stop: int
+
+    @property
+    def marker(self) -> str:
+        return f"{COMMITS}/{self.bucket}/{self.start:09d}.json"
+
+
+@dataclass
+class CachePlan:
+    clips: dict[str, list[dict]]
+    """bucket name -> its manifest records, in manifest order (index = position in the bucket's arrays)."""
+    unfit: list[dict]
+    shards: list[Shard]
+    fingerprint: str
+    """What the cache is made from (manifest lines, buckets, fps, shard size): a restart must match it."""
+
+
+def plan_cache(records: list[dict], bucket_names: list[str], fps: float, shard_clips: int) -> CachePlan:
+    buckets = [Bucket.parse(name) for name in bucket_names]
+    grouped, unfit = group_by_bucket(records, buckets, fps)
+    clips = {bucket.name: grouped[bucket] for bucket in buckets}
+    shards = [Shard(name, start, min(start + shard_clips, len(items)))
+              for name, items in clips.items() for start in range(0, len(items), shard_clips)]
+    digest = hashlib.sha256(json.dumps({"records": records, "buckets": bucket_names, "fps": fps,
+                                        "shard_clips": shard_clips}, sort_keys=True).encode()).hexdigest()
+    return CachePlan(clips, unfit, shards, digest)
+
+
+def create_store(path: Path, plan: CachePlan, latent_channels: int, text_length: int, text_width: int,
+                 attributes: dict) -> None:
+    """The empty store (arrays, clip table); a store of the same plan is left as it is (resume)."""
+    import zarr
+
+    if (path / "zarr.json").is_file():
+        existing = zarr.open_group(str(path), mode="r").attrs.asdict()
+        if existing.get("format") != CACHE_FORMAT or existing.get("fingerprint") != plan.fingerprint:
+            raise ConfigError("--output", str(path), "already holds another cache (other manifest, buckets, fps or "
+                                                     "shard size); pass --overwrite or another path")
+        return
+    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    table = []
+    for name, items in plan.clips.items():
+        bucket = Bucket.parse(name)
+        latent = (latent_channels, 1 + (bucket.frames - 1) // 4, bucket.height // 8, bucket.width // 8)
+        count = len(items)
+        for array in ("mean", "logvar"):
+            group.create_array(f"{name}/{array}", shape=(count, *latent), chunks=(1, *latent), dtype="float32",
+                               fill_value=0.0)
+        group.create_array(f"{name}/text", shape=(count, text_length, text_width), chunks=(1, text_length, text_width),
+                           dtype="float32", fill_value=0.0)
+        table.extend({"bucket": name, "index": i, "path": r["path"], "caption": r["caption"]}
+                     for i, r in enumerate(items))
+    group.attrs.update({"format": CACHE_FORMAT, "fingerprint": plan.fingerprint, "clips": table,
+                        "buckets": list(plan.clips), **attributes})
+
+
+def committed(path: Path) -> dict[str, dict]:
+    """marker name -> its content, for every committed shard."""
+    root = path / COMMITS
+    if not root.is_dir():
+        return {}
+    return {f"{COMMITS}/{p.parent.name}/{p.name}": json.loads(p.read_text()) for p in root.glob("*/*.json")}
+
+
+ClipEncoder = Callable[[list[dict], Bucket], tuple[list[Optional[tuple[np.ndarray, np.ndarray]]], np.ndarray,
+                                                    list[Optional[str]]]]
+
+
+def write_shard(path: Path, plan: CachePlan, shard: Shard, encode: ClipEncoder) -> dict:
+    """Encode a shard's clips, write their chunks, then commit the shard with its marker."""
+    import zarr
+
+    group = zarr.open_group(str(path), mode="r+")
+    records = plan.clips[shard.bucket][shard.start:shard.stop]
+    moments, text, failures = encode(records, Bucket.parse(shard.bucket))
+    failed = []
+    for offset, (pair, reason) in enumerate(zip(moments, failures)):
+        index = shard.start + offset
+        if pair is None:
+            failed.append({"index": index, "path": records[offset]["path"], "reason": reason})
+            continue
+        group[f"{shard.bucket}/mean"][index] = pair[0]
+        group[f"{shard.bucket}/logvar"][index] = pair[1]
+        group[f"{shard.bucket}/text"][index] = text[offset]
+    marker = {"clips": shard.stop - shard.start, "failed": failed}
+    write_text_atomically(path / shard.marker, json.dumps(marker))
+    return marker
+
+
+def make_clip_encoder(vae, text_encoder, fps: float, device: str) -> ClipEncoder:
+    """Decode -> VAE moments, and captions -> T5, for the clips of one shard; a clip that cannot be decoded
+    gets None and its reason."""
+
+    @torch.no_grad()
+    def encode(records: list[dict], bucket: Bucket):
+        spec = DecodeSpec(frames=bucket.frames, height=bucket.height, width=bucket.width, fps=fps)
+        moments, failures = [], []
+        for record in records:
+            try:
+                video = decode_clip(record, spec, device=device)
+                if video.shape[1] != bucket.frames:
+                    raise MediaError(f"gives {video.shape[1]} frames, not the bucket's {bucket.frames}")
+                mean, logvar = vae.encode_moments(video[None].to(device))
+                moments.append((mean[0].float().cpu().numpy(), logvar[0].float().cpu().numpy()))
+                failures.append(None)
+            except (MediaError, OSError) as error:
+                moments.append(None)
+                failures.append(str(error))
+        text = text_encoder.encode([record["caption"] for record in records]).numpy()
+        return moments, text, failures
+
+    return encode
+
+
+def encode_cache(path: Path, plan: CachePlan, encode: ClipEncoder, rank: int = 0, world_size: int = 1,
+                 progress: bool = True, barrier: Callable[[], None] = lambda: None) -> dict:
+    """Write this rank's uncommitted shards (rank 0 creates the store before, the caller's barrier between);
+    returns counts for this rank."""
+    done = committed(path)
+    mine = [s for i, s in enumerate(plan.shards) if i % world_size == rank and s.marker not in done]
+    bar = None
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=sum(s.stop - s.start for s in plan.shards), unit="clip", desc="encode", dynamic_ncols=True,
+                   initial=sum(m["clips"] for m in done.values()))
+    started, clips, failed = time.perf_counter(), 0, 0
+    for shard in mine:
+        marker = write_shard(path, plan, shard, encode)
+        clips += marker["clips"]
+        failed += len(marker["failed"])
+        for failure in marker["failed"]:
+            logger.warning("skipped %s: %s", failure["path"], failure["reason"])
+        if bar is not None:
+            bar.update(marker["clips"] * world_size)  # the other ranks advance alike
+            bar.set_postfix(clips_per_s=f"{clips * world_size / (time.perf_counter() - started):.2f}")
+    if bar is not None:
+        bar.close()
+    barrier()
+    return {"shards": len(mine), "clips": clips, "failed": failed, "seconds": time.perf_counter() - started}
+
+
+def read_cache_arrays(path: Path) -> dict[str, dict[str, np.ndarray]]:
+    """Every committed clip's arrays (bucket -> mean / logvar / text, committed clips only, in index order)
+    and its table row: what a reader may use. (Tests and tools; training reads through tensorstore.)"""
+    import zarr
+
+    group = zarr.open_group(str(path), mode="r")
+    table = group.attrs["clips"]
+    usable: dict[str, list[int]] = {}
+    for name, marker in committed(path).items():
+        bucket = name.split("/")[1]
+        start = int(Path(name).stem)
+        failed = {f["index"] for f in marker["failed"]}
+        usable.setdefault(bucket, []).extend(i for i in range(start, start + marker["clips"]) if i not in failed)
+    out = {}
+    for bucket, indices in usable.items():
+        indices = sorted(indices)
+        out[bucket] = {array: np.stack([group[f"{bucket}/{array}"][i] for i in indices])
+                       for array in ("mean", "logvar", "text")}
+        out[bucket]["paths"] = [row["path"] for row in table if row["bucket"] == bucket and row["index"] in indices]
+    return out
