@@ -106,6 +106,10 @@ def load_dataset(config) -> LatentDataset:
     source = config.data.source
     if source == "synthetic":
         return synthetic_dataset_for(config)
+    if os.path.isfile(os.path.join(source, "zarr.json")):  # a latent cache written by `cogvx data encode`
+        from .cache_reader import CacheDataset
+
+        return CacheDataset(source, config.model.max_text_seq_length, config.model.in_channels)
     if not os.path.isdir(source):
         raise FileNotFoundError(f"--data {source}: no such folder; pass a latent folder or 'synthetic'")
     dataset = LatentDataset.load(source)

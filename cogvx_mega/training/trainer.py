@@ -135,7 +135,7 @@ class Trainer:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
             prediction = model(noised.noisy_latents, noised.text_embeds, noised.timesteps, return_tokens=True)
         m = self.config.model
-        padded = self.padded_tokens_per_sample()
+        padded = self.padded_tokens_per_sample(self._latent_grid(noised.noisy_latents))
 
         def loss_func(output: torch.Tensor):
             loss = v_prediction_token_loss(output, noised.target, noised.text_embeds.shape[1], m.patch_size,
@@ -198,7 +198,8 @@ class Trainer:
         losses = get_forward_backward_func()(
             forward_step_func=self._forward_step,
             data_iterator=iterators if len(iterators) > 1 else iterators[0],
-            model=self.ddp_chunks, num_microbatches=self.micro_batches, seq_length=self.padded_tokens_per_sample(),
+            model=self.ddp_chunks, num_microbatches=self.micro_batches,
+            seq_length=self.padded_tokens_per_sample(self._latent_grid(latents)),
             micro_batch_size=micro, forward_only=False)
         _, grad_norm, _ = self.optimizer.step()
         reported = self._average_over_data_parallel(self._pipeline_loss(losses))
@@ -211,17 +212,23 @@ class Trainer:
             for ddp in self.ddp_chunks:
                 ddp.start_param_sync(force_sync=True)
 
-    def padded_tokens_per_sample(self) -> int:
+    @staticmethod
+    def _latent_grid(latents: torch.Tensor) -> tuple[int, int, int]:
+        """(frames, height, width) of a [B, T, C, H, W] latent batch (buckets make it differ from step to step)."""
+        return latents.shape[1], latents.shape[3], latents.shape[4]
+
+    def padded_tokens_per_sample(self, latent_grid: Optional[tuple[int, int, int]] = None) -> int:
         """The sequence the model runs on: padded to split evenly over CP (and TP under sequence parallel)."""
         from ..parallel.context import padded_sequence_length
 
-        return padded_sequence_length(self.tokens_per_sample(), self.model.config)
+        return padded_sequence_length(self.tokens_per_sample(latent_grid), self.model.config)
 
-    def tokens_per_sample(self) -> int:
+    def tokens_per_sample(self, latent_grid: Optional[tuple[int, int, int]] = None) -> int:
+        """Tokens of one sample at `latent_grid` (default: the config's resolution)."""
         from ..model.transformer import sequence_length
 
         m = self.config.model
-        return sequence_length(m, *self.config.data.latent_shape(m), m.max_text_seq_length)
+        return sequence_length(m, *(latent_grid or self.config.data.latent_shape(m)), m.max_text_seq_length)
 
     # --- the loop ----------------------------------------------------------------------------------
     def fit(self, on_step: Optional[Callable[[dict], None]] = None) -> list[dict]:
@@ -249,7 +256,8 @@ class Trainer:
                 torch.cuda.synchronize()
             elapsed = max(time.perf_counter() - started, 1e-9)
             metrics = {"step": self.step, **metrics, "samples_per_s": global_batch / elapsed,
-                       "tokens_per_s": global_batch * self.tokens_per_sample() / elapsed}
+                       "tokens_per_s": global_batch * self.tokens_per_sample(self._latent_grid(batch["latents"]))
+                       / elapsed}
             history.append(metrics)
             if is_logger:
                 with metrics_file.open("a") as f:

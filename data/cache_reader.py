@@ -1,0 +1,119 @@
+"""Training batches from a latent cache (`cache.py`), read through tensorstore: `cogvx train --data cache.zarr`.
+
+The order is a pure function of (seed, epoch): in each epoch every bucket's committed clips are shuffled
+(seeded by seed, epoch and bucket) and cut into global batches of G clips (a remainder of fewer than G clips
+waits for the next epoch's shuffle), and the batches of all buckets are shuffled together. Step s is
+batch s of that stream, so every global batch comes from one bucket, the position in the data is the global
+sample index s*G (what a checkpoint records), and data-parallel rank r reading its slots of the batch sees
+disjoint clips at any data-parallel size. Each clip's latent is a fresh posterior sample, mean + std *
+noise with the noise keyed on (seed, step, global slot), times the VAE's latent scale: [T', C, H, W] as the
+transformer takes it.
+
+Reads are asynchronous: the batch of the next step is requested while the current one is returned.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ..config.schema import ConfigError
+from ..diffusion.randomness import Stream, slot_normal
+from .cache import CACHE_FORMAT, committed
+
+
+def usable_clips(path: Path) -> dict[str, list[int]]:
+    """bucket -> indices of its committed, successfully encoded clips."""
+    usable: dict[str, list[int]] = {}
+    for name, marker in committed(path).items():
+        bucket, start = name.split("/")[1], int(Path(name).stem)
+        failed = {f["index"] for f in marker["failed"]}
+        usable.setdefault(bucket, []).extend(i for i in range(start, start + marker["clips"]) if i not in failed)
+    return {bucket: sorted(indices) for bucket, indices in sorted(usable.items())}
+
+
+def epoch_batches(usable: dict[str, list[int]], global_batch: int, seed: int, epoch: int) -> list[tuple[str, list[int]]]:
+    """The epoch's global batches: (bucket, clip indices), all of one bucket, shuffled together."""
+    batches = []
+    for number, (bucket, indices) in enumerate(sorted(usable.items())):
+        generator = torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_009 + number)
+        order = [indices[i] for i in torch.randperm(len(indices), generator=generator).tolist()]
+        batches.extend((bucket, order[k:k + global_batch]) for k in range(0, len(order) - global_batch + 1,
+                                                                            global_batch))
+    generator = torch.Generator().manual_seed(seed * 7_919 + epoch)
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+
+class CacheDataset:
+    """`step_batch(step, slots, global_batch, seed)` -> {"latents" [n, T', C, H, W], "text_embeds" [n, L, D]}."""
+
+    def __init__(self, path: str, text_length: Optional[int] = None, latent_channels: Optional[int] = None):
+        import tensorstore as ts
+        import zarr
+
+        self.path = Path(path)
+        if not (self.path / "zarr.json").is_file():
+            raise ConfigError("--data", path, "no latent cache there; write one with `cogvx data encode`")
+        attrs = zarr.open_group(str(self.path), mode="r").attrs.asdict()
+        if attrs.get("format") != CACHE_FORMAT:
+            raise ConfigError("--data", path, f"a zarr store but not a {CACHE_FORMAT} cache")
+        self.scaling_factor = float(attrs["scaling_factor"])
+        self.usable = usable_clips(self.path)
+        if not self.usable:
+            raise ConfigError("--data", path, "no committed clip yet; run (or finish) `cogvx data encode`")
+        self.arrays = {bucket: {name: ts.open({"driver": "zarr3", "kvstore": {"driver": "file",
+                                                                             "path": str(self.path / bucket / name)}},
+                                             read=True).result()
+                                for name in ("mean", "logvar", "text")} for bucket in self.usable}
+        first = next(iter(self.arrays.values()))
+        text_shape = tuple(first["text"].shape[1:])
+        if text_length is not None and text_shape[0] != text_length:
+            raise ConfigError("--data", path, f"text embeddings have {text_shape[0]} tokens; the model takes "
+                                              f"model.max_text_seq_length={text_length}")
+        channels = first["mean"].shape[1]
+        if latent_channels is not None and channels != latent_channels:
+            raise ConfigError("--data", path, f"latents have {channels} channels; the model takes "
+                                              f"model.in_channels={latent_channels}")
+        self._epochs: dict[tuple, list] = {}
+        self._pending: dict[tuple, dict] = {}
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self.usable.values())
+
+    def batches_per_epoch(self, global_batch: int) -> int:
+        per = sum(len(v) // global_batch for v in self.usable.values())
+        if per == 0:
+            sizes = ", ".join(f"{bucket}: {len(v)}" for bucket, v in self.usable.items())
+            raise ConfigError("training.global_batch_size", global_batch,
+                              f"no bucket of the cache holds that many clips ({sizes}); use a smaller global batch")
+        return per
+
+    def batch_of_step(self, step: int, global_batch: int, seed: int) -> tuple[str, list[int]]:
+        per = self.batches_per_epoch(global_batch)
+        epoch = step // per
+        key = (epoch, global_batch, seed)
+        if key not in self._epochs:
+            self._epochs = {key: epoch_batches(self.usable, global_batch, seed, epoch)}
+        return self._epochs[key][step % per]
+
+    def _request(self, step: int, slots: range, global_batch: int, seed: int) -> dict:
+        bucket, clips = self.batch_of_step(step, global_batch, seed)
+        mine = clips[slots.start:slots.stop]
+        arrays = self.arrays[bucket]
+        futures = {name: [arrays[name][index].read() for index in mine] for name in ("mean", "logvar", "text")}
+        return {"bucket": bucket, "futures": futures}
+
+    def step_batch(self, step: int, slots: range, global_batch: int, seed: int) -> dict[str, torch.Tensor]:
+        key = (step, slots.start, slots.stop, global_batch, seed)
+        request = self._pending.pop(key, None) or self._request(step, slots, global_batch, seed)
+        following = (step + 1, slots.start, slots.stop, global_batch, seed)
+        self._pending = {following: self._request(step + 1, slots, global_batch, seed)}  # prefetch one step
+        values = {name: torch.from_numpy(np.stack([f.result() for f in futures]))
+                  for name, futures in request["futures"].items()}
+        mean, logvar = values["mean"], values["logvar"]  # [n, C, T', H, W]
+        noise = slot_normal(mean.shape[1:], slots, seed=seed, step=step, stream=Stream.VAE_POSTERIOR)
+        latents = (mean + torch.exp(0.5 * logvar) * noise) * self.scaling_factor
+        return {"latents": latents.permute(0, 2, 1, 3, 4).contiguous(), "text_embeds": values["text"]}
