@@ -286,8 +286,9 @@ def cmd_data_encode(args: argparse.Namespace) -> int:
     vae = load_vae(args.vae, device=device)
     text_encoder = T5TextEncoder(args.text_encoder, max_length=config.model.max_text_seq_length, device=device)
     if text_encoder.width != config.model.text_embed_dim:
-        raise ConfigError("--text-encoder", args.text_encoder, f"gives {text_encoder.width}-wide embeddings; the model "
-                                                              f"takes model.text_embed_dim={config.model.text_embed_dim}")
+        raise ConfigError("--text-encoder", args.text_encoder,
+                          f"gives {text_encoder.width}-wide embeddings; the model takes "
+                          f"model.text_embed_dim={config.model.text_embed_dim}")
     plan = plan_cache(usable, config.data.bucket_names(), config.data.fps, args.shard_clips)
     for record in plan.unfit:
         print(f"skipped {record['path']}: fits no bucket of {', '.join(config.data.bucket_names())}", file=sys.stderr)
@@ -361,12 +362,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(train)
     train.set_defaults(func=cmd_train)
 
-    demo = sub.add_parser("demo", parents=[verbose_too], help="train the tiny preset on generated data on CPU, convert, plot")
+    demo = sub.add_parser("demo", parents=[verbose_too],
+                          help="train the tiny preset on generated data on CPU, convert, plot")
     demo.add_argument("--run-dir", default="runs/demo")
     demo.add_argument("--steps", type=int, default=300)
     demo.set_defaults(func=cmd_demo)
 
-    convert = sub.add_parser("convert", parents=[verbose_too], help="convert checkpoints between diffusers, SAT and cogvx-mega")
+    convert = sub.add_parser("convert", parents=[verbose_too],
+                             help="convert checkpoints between diffusers, SAT and cogvx-mega")
     convert.add_argument("direction", choices=("diffusers-to-project", "project-to-diffusers", "sat-to-project",
                                                "vae-diffusers-to-project", "vae-project-to-diffusers",
                                                "vae-sat-to-project"))
@@ -397,7 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(encode, with_training=False)
     encode.set_defaults(func=cmd_data_encode)
 
-    vae = sub.add_parser("vae", parents=[verbose_too], help="encode a video to latents or decode latents to a video with the 3D VAE")
+    vae = sub.add_parser("vae", parents=[verbose_too],
+                         help="encode a video to latents or decode latents to a video with the 3D VAE")
     vae.add_argument("action", choices=("encode", "decode"))
     vae.add_argument("input", help="encode: a video file; decode: a latent file (.safetensors)")
     vae.add_argument("output", help="encode: the latent file to write; decode: the video file (.mp4)")

@@ -13,7 +13,6 @@ Reads are asynchronous: the batch of the next step is requested while the curren
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 

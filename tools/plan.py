@@ -121,7 +121,6 @@ def estimate_memory(config: Config, world_size: int) -> MemoryEstimate:
     of the stage plus one layer's activations while it is recomputed; without, every layer's activations
     (34 bytes per token and hidden unit, an uncalibrated estimate)."""
     from ..model.transformer import sequence_length
-    from ..parallel.context import padded_sequence_length
 
     p, t, m = config.parallel, config.training, config.model
     dp = p.data_parallel_size(world_size)
