@@ -126,3 +126,27 @@ def generate_synthetic_dataset(num_clips: int, frames: int, height: int, width: 
     latents = torch.stack(latents)
     latents = (latents - latents.mean()) / latents.std()  # unit scale, as the VAE latent scale intends
     return latents, torch.stack(texts), captions
+
+
+def write_video_file(path, frames, fps: float, codec: str = "libx264", pixel_format: str = "yuv420p",
+                     options: dict | None = None):
+    """Encode uint8 frames [T, H, W, 3] into a video file with PyAV (H.264 in MP4, VP9 in WebM, MJPEG in
+    AVI, ...): real media for the data path's tests, benchmarks and demo."""
+    import av
+
+    with av.open(str(path), "w", options=options or {}) as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = pixel_format
+        for image in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def render_clip_uint8(spec: ClipSpec, frames: int, height: int, width: int):
+    """`render_clip` as uint8 [T, H, W, 3] frames, ready for `write_video_file`."""
+    video = render_clip(spec, frames, height, width)  # [3, T, H, W] in [-1, 1]
+    return ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).contiguous().numpy()

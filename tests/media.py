@@ -22,18 +22,9 @@ def moving_square(frames: int, height: int, width: int, seed: int = 0) -> np.nda
 
 def write_video(path: Path, frames: np.ndarray, fps: int, codec: str, pixel_format: str,
                 options: dict | None = None) -> Path:
-    import av
+    from cogvx_mega.data.synthetic import write_video_file
 
-    with av.open(str(path), "w", options=options or {}) as container:
-        stream = container.add_stream(codec, rate=fps)
-        stream.width, stream.height = frames.shape[2], frames.shape[1]
-        stream.pix_fmt = pixel_format
-        for image in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
+    return write_video_file(path, frames, fps, codec, pixel_format, options)
 
 
 def make_media_folder(root: Path) -> dict[str, dict]:
