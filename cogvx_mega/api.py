@@ -38,19 +38,6 @@ def load_vae(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32)
     vae/) or a cogvx-mega VAE checkpoint. Returns a `CogVideoXVAE` in eval mode:
     `encode(video [B,3,T,H,W] in [-1,1], sample=False) -> latents [B,16,T',H',W']` (before the latent scale,
     `model.config.scaling_factor`) and `decode(latents) -> video`; pass `group=` for context parallel."""
-    from .checkpoint.meta import is_project_checkpoint
-    from .checkpoint.vae import read_diffusers_vae_folder, read_vae_checkpoint
-    from .vae import CogVideoXVAE
+    from .tools.load import load_vae as _load_vae
 
-    folder = Path(path)
-    if not folder.exists():
-        raise ConfigError("path", str(path), "no such folder; pass a diffusers AutoencoderKLCogVideoX folder or a "
-                                             "cogvx-mega VAE checkpoint folder")
-    if is_project_checkpoint(folder):
-        config, state = read_vae_checkpoint(str(folder))
-    else:
-        config, state = read_diffusers_vae_folder(str(folder))
-    with torch.device("meta"):
-        model = CogVideoXVAE(config)
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.to(device=device, dtype=dtype).eval()
+    return _load_vae(path, device=device, dtype=dtype)

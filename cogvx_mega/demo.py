@@ -1,10 +1,14 @@
-"""`cogvx demo`: the whole loop on a CPU in a few minutes.
+"""`cogvx demo`: the whole loop on a CPU in about two minutes, through the real data path.
 
-1. generate the synthetic moving-shapes dataset (latents + text embeddings) into <run>/data;
-2. train the `tiny` preset on it, single process, logging metrics.jsonl;
-3. save a checkpoint, convert it to a diffusers transformer folder, and (when diffusers is
-   installed) check that diffusers' CogVideoXTransformer3DModel loaded from it gives our output;
-4. plot the loss curve to <run>/loss.png and print the summary.
+1. write moving-shape clips as H.264 files with caption sidecars into <run>/media;
+2. scan them into <run>/manifest.jsonl (`cogvx data scan`);
+3. make a tiny random VAE and T5 (nothing downloads) and encode the clips into the latent cache
+   <run>/cache.zarr (`cogvx data encode`);
+4. train the `tiny` preset from the cache, single process, logging metrics.jsonl;
+5. convert the final weights to a diffusers transformer folder and (when diffusers is installed) check
+   that diffusers' CogVideoXTransformer3DModel loaded from it gives our output;
+6. plot the loss curve to <run>/loss.png and print the summary.
+The run folder is started afresh each time.
 """
 from __future__ import annotations
 
@@ -64,46 +68,78 @@ def check_with_diffusers(diffusers_dir: Path, model, config) -> float | None:
     return (theirs - ours).abs().max().item()
 
 
+DEMO_CLIPS = 24
+
+
+def write_demo_clips(folder: Path, count: int, config) -> None:
+    """Moving shapes at 24 fps, long enough for the config's frame count at data.fps, as H.264 files."""
+    from .data.synthetic import random_clip_spec, render_clip_uint8, write_video_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    d = config.data
+    source_frames = int((d.num_frames - 1) * 24 / d.fps) + 1
+    generator = torch.Generator().manual_seed(config.training.seed)
+    for index in range(count):
+        spec = random_clip_spec(generator)
+        pixels = render_clip_uint8(spec, source_frames, d.height, d.width)
+        write_video_file(folder / f"clip_{index:03d}.mp4", pixels, 24, "libx264", "yuv420p")
+        (folder / f"clip_{index:03d}.txt").write_text(spec.caption + "\n")
+
+
 def run_demo(run_dir: str = "runs/demo", steps: int = 300) -> dict:
+    import shutil
+
+    from .checkpoint.transformer import write_diffusers_folder
+    from .data.manifest import find_media, scan, write_manifest
     from .config import load_config, write_resolved_config
-    from .data.latent_dataset import LatentDataset, synthetic_dataset_for
+    from .data.cache_reader import CacheDataset
+    from .data.synthetic import COLOURS, DIRECTIONS, SHAPES, SPEEDS
+    from .data.tiny_models import make_tiny_t5, make_tiny_vae
     from .model.transformer import build_model_chunks
     from .parallel.state import initialize_parallel
-    from .checkpoint.transformer import write_diffusers_folder
+    from .tools.data_encode import encode_manifest
     from .training.trainer import Trainer
 
     run = Path(run_dir)
+    shutil.rmtree(run, ignore_errors=True)
     config = load_config("tiny", overrides=[f"training.run_dir='{run}'", f"training.steps={steps}",
-                                            "data.source=synthetic", "training.device=cpu"])
-    print(f"[1/4] generating {config.data.num_synthetic_clips} synthetic clips "
-          f"({config.data.num_frames} frames, {config.data.height}x{config.data.width})")
-    dataset = synthetic_dataset_for(config)
-    data_dir = dataset.save(str(run / "data"))
-    config.data.source = str(data_dir)
-    dataset = LatentDataset.load(str(data_dir))
+                                            "training.device=cpu"])
+    d = config.data
+    print(f"[1/6] writing {DEMO_CLIPS} H.264 clips of moving shapes ({d.height}x{d.width}, 24 fps) to {run / 'media'}")
+    write_demo_clips(run / "media", DEMO_CLIPS, config)
+    print("[2/6] scanning them into a manifest")
+    records, failures = scan(find_media(run / "media"), workers=2, progress=False)
+    assert not failures, failures  # every generated clip is readable
+    write_manifest(records, run / "manifest.jsonl")
+    print("[3/6] encoding them with a tiny random VAE and T5 into a latent cache")
+    vocabulary = [" ".join(words) for words in (COLOURS, SHAPES, DIRECTIONS, SPEEDS)]
+    make_tiny_t5(run / "models" / "t5", d_model=config.model.text_embed_dim, captions=vocabulary * 20)
+    make_tiny_vae(run / "models" / "vae", latent_channels=config.model.in_channels)
+    encode_manifest(config, str(run / "manifest.jsonl"), str(run / "models" / "vae"), str(run / "models" / "t5"),
+                    str(run / "cache.zarr"), shard_clips=8, device="cpu")
+    config.data.source = str(run / "cache.zarr")
+    dataset = CacheDataset(config.data.source, config.model.max_text_seq_length, config.model.in_channels)
     write_resolved_config(config, str(run))
-    metrics_file = run / "metrics.jsonl"
-    if metrics_file.exists():
-        metrics_file.unlink()
 
-    print(f"[2/4] training preset 'tiny' for {steps} steps on CPU")
+    print(f"[4/6] training preset 'tiny' for {steps} steps on CPU from the cache")
     dims = initialize_parallel(config.parallel, device="cpu", seed=config.training.seed)
     (model,) = build_model_chunks(config.model, config.parallel, device="cpu", seed=config.training.seed)
     trainer = Trainer(config, dims, [model], dataset, run_dir=str(run))
     history = trainer.fit()
     checkpoint = sorted((run / "checkpoints").glob("step_*"))[-1]
 
-    print(f"[3/4] converting {checkpoint} to diffusers format")
+    print(f"[5/6] converting {checkpoint} to diffusers format")
     diffusers_dir = write_diffusers_folder(model.state_dict(), config.model, str(run / "diffusers"))
     max_diff = check_with_diffusers(diffusers_dir, model, config)
 
-    print("[4/4] plotting the loss curve")
+    print("[6/6] plotting the loss curve")
     png = plot_loss_curve(history, run / "loss.png")
     window = max(1, min(20, len(history) // 4))
     first = sum(m["loss"] for m in history[:window]) / window
     last = sum(m["loss"] for m in history[-window:]) / window
-    summary = {"steps": len(history), "loss_first": first, "loss_last": last, "checkpoint": str(checkpoint),
-               "diffusers": str(diffusers_dir), "diffusers_max_abs_diff": max_diff, "loss_curve": str(png)}
+    summary = {"clips": len(dataset), "steps": len(history), "loss_first": first, "loss_last": last,
+               "cache": str(run / "cache.zarr"), "checkpoint": str(checkpoint), "diffusers": str(diffusers_dir),
+               "diffusers_max_abs_diff": max_diff, "loss_curve": str(png)}
     (run / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"loss: {first:.4f} (mean of first {window} steps) -> {last:.4f} (mean of last {window})")
     print(f"checkpoint: {checkpoint}\ndiffusers folder: {diffusers_dir}")

@@ -1,0 +1,78 @@
+"""`cogvx data encode`: a manifest into a latent cache (decode -> VAE posterior moments + T5 embeddings)."""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Optional
+
+from ..config.schema import ConfigError
+from ..data.cache import committed, create_store, encode_cache, make_clip_encoder, plan_cache
+from ..data.manifest import read_manifest
+from ..data.text import T5TextEncoder
+from .load import load_vae
+
+logger = logging.getLogger(__name__)
+
+
+def encode_manifest(config, manifest: str, vae_path: str, text_encoder_path: str, output: str,
+                    shard_clips: int = 16, device: Optional[str] = None, overwrite: bool = False) -> dict:
+    """Encode a manifest into a latent cache (see `cogvx_mega.data.cache`); under torchrun every rank takes
+    its share of the shards. Per-clip faults are skipped, printed and counted; returns the counts."""
+    import torch
+    import torch.distributed as dist
+
+    if shard_clips < 1:
+        raise ConfigError("--shard-clips", shard_clips, "use a positive number of clips per shard")
+    output = Path(output)
+    records = read_manifest(manifest)
+    usable = [r for r in records if r.get("path") and r.get("caption")]
+    skipped = len(records) - len(usable)
+    for record in records:
+        if not (record.get("path") and record.get("caption")):
+            print(f"skipped {record.get('path', '<no path>')}: the manifest line has no caption", file=sys.stderr)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    vae = load_vae(vae_path, device=device)
+    text_encoder = T5TextEncoder(text_encoder_path, max_length=config.model.max_text_seq_length, device=device)
+    if text_encoder.width != config.model.text_embed_dim:
+        raise ConfigError("--text-encoder", text_encoder_path,
+                          f"gives {text_encoder.width}-wide embeddings; the model takes "
+                          f"model.text_embed_dim={config.model.text_embed_dim}")
+    plan = plan_cache(usable, config.data.bucket_names(), config.data.fps, shard_clips)
+    for record in plan.unfit:
+        print(f"skipped {record['path']}: fits no bucket of {', '.join(config.data.bucket_names())}", file=sys.stderr)
+    if not plan.shards:
+        raise ConfigError("--manifest", manifest, "no clip of it fits a bucket; nothing written")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        from ..parallel.state import init_torch_distributed
+
+        init_torch_distributed(device)
+    rank = dist.get_rank() if world > 1 else 0
+    barrier = dist.barrier if world > 1 else (lambda: None)
+    if rank == 0:
+        if output.exists() and overwrite:
+            shutil.rmtree(output)
+        elif output.exists() and not (output / "zarr.json").is_file():
+            raise ConfigError("--output", str(output), "exists and is not a latent cache; pass --overwrite or "
+                                                       "another path")
+        resumed = len(committed(output)) if output.exists() else 0
+        create_store(output, plan, vae.config.latent_channels, config.model.max_text_seq_length,
+                     config.model.text_embed_dim, {"vae": os.path.abspath(vae_path),
+                                                   "text_encoder": os.path.abspath(text_encoder_path),
+                                                   "scaling_factor": vae.config.scaling_factor,
+                                                   "fps": config.data.fps})
+        if resumed:
+            logger.info("resuming: %d of %d shards are already committed", resumed, len(plan.shards))
+    barrier()
+    counts = encode_cache(output, plan, make_clip_encoder(vae, text_encoder, config.data.fps, device), rank, world,
+                          barrier=barrier)
+    if rank == 0:
+        markers = committed(output)
+        failed = sum(len(m["failed"]) for m in markers.values())
+        print(f"wrote {output}: {sum(m['clips'] for m in markers.values()) - failed} clips in "
+              f"{len(plan.clips)} bucket(s), {failed + skipped + len(plan.unfit)} skipped; this run encoded "
+              f"{counts['clips']} clips on rank 0 ({counts['clips'] / max(counts['seconds'], 1e-9):.2f} clips/s)")
+    return counts
