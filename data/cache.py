@@ -183,23 +183,27 @@ def encode_cache(path: Path, plan: CachePlan, encode: ClipEncoder, rank: int = 0
     return {"shards": len(mine), "clips": clips, "failed": failed, "seconds": time.perf_counter() - started}
 
 
+def usable_clips(path: Path) -> dict[str, list[int]]:
+    """bucket -> indices of its committed, successfully encoded clips (what a reader may use)."""
+    usable: dict[str, list[int]] = {}
+    for name, marker in committed(path).items():
+        bucket, start = name.split("/")[1], int(Path(name).stem)
+        failed = {f["index"] for f in marker["failed"]}
+        usable.setdefault(bucket, []).extend(i for i in range(start, start + marker["clips"]) if i not in failed)
+    return {bucket: sorted(indices) for bucket, indices in sorted(usable.items())}
+
+
 def read_cache_arrays(path: Path) -> dict[str, dict[str, np.ndarray]]:
-    """Every committed clip's arrays (bucket -> mean / logvar / text, committed clips only, in index order)
-    and its table row: what a reader may use. (Tests and tools; training reads through tensorstore.)"""
+    """Every usable clip's arrays (bucket -> mean / logvar / text, in index order) and source paths.
+    (Tests and tools; training reads through tensorstore, `cache_reader.py`.)"""
     import zarr
 
     group = zarr.open_group(str(path), mode="r")
     table = group.attrs["clips"]
-    usable: dict[str, list[int]] = {}
-    for name, marker in committed(path).items():
-        bucket = name.split("/")[1]
-        start = int(Path(name).stem)
-        failed = {f["index"] for f in marker["failed"]}
-        usable.setdefault(bucket, []).extend(i for i in range(start, start + marker["clips"]) if i not in failed)
     out = {}
-    for bucket, indices in usable.items():
-        indices = sorted(indices)
+    for bucket, indices in usable_clips(path).items():
         out[bucket] = {array: np.stack([group[f"{bucket}/{array}"][i] for i in indices])
                        for array in ("mean", "logvar", "text")}
-        out[bucket]["paths"] = [row["path"] for row in table if row["bucket"] == bucket and row["index"] in indices]
+        chosen = set(indices)
+        out[bucket]["paths"] = [row["path"] for row in table if row["bucket"] == bucket and row["index"] in chosen]
     return out

@@ -21,17 +21,7 @@ import torch
 
 from ..config.schema import ConfigError
 from ..diffusion.randomness import Stream, slot_normal
-from .cache import CACHE_FORMAT, committed
-
-
-def usable_clips(path: Path) -> dict[str, list[int]]:
-    """bucket -> indices of its committed, successfully encoded clips."""
-    usable: dict[str, list[int]] = {}
-    for name, marker in committed(path).items():
-        bucket, start = name.split("/")[1], int(Path(name).stem)
-        failed = {f["index"] for f in marker["failed"]}
-        usable.setdefault(bucket, []).extend(i for i in range(start, start + marker["clips"]) if i not in failed)
-    return {bucket: sorted(indices) for bucket, indices in sorted(usable.items())}
+from .cache import CACHE_FORMAT, usable_clips
 
 
 def epoch_batches(usable: dict[str, list[int]], global_batch: int, seed: int, epoch: int) -> list[tuple[str, list[int]]]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 from ..config.schema import Config
 
@@ -121,6 +122,7 @@ def estimate_memory(config: Config, world_size: int) -> MemoryEstimate:
     of the stage plus one layer's activations while it is recomputed; without, every layer's activations
     (34 bytes per token and hidden unit, an uncalibrated estimate)."""
     from ..model.transformer import sequence_length
+    from ..parallel.context import padded_sequence_length
 
     p, t, m = config.parallel, config.training, config.model
     dp = p.data_parallel_size(world_size)
@@ -133,10 +135,10 @@ def estimate_memory(config: Config, world_size: int) -> MemoryEstimate:
     busiest = max(per_rank, key=lambda rank: (per_rank[rank], layers[rank]))
     params = per_rank[busiest]
     tokens = sequence_length(m, *config.data.latent_shape(m), m.max_text_seq_length)
+    layout = SimpleNamespace(context_parallel_size=p.context_parallel_size, sequence_parallel=p.sequence_parallel,
+                             tensor_model_parallel_size=p.tensor_model_parallel_size)
     split = p.context_parallel_size * (p.tensor_model_parallel_size if p.sequence_parallel else 1)
-    unit = (2 * p.context_parallel_size if p.context_parallel_size > 1 else 1) * (
-        p.tensor_model_parallel_size if p.sequence_parallel else 1)
-    local_tokens = -(-tokens // unit) * unit // split
+    local_tokens = padded_sequence_length(tokens, layout) // split
     micro_tokens = local_tokens * t.micro_batch_size
     in_flight = min(p.pipeline_model_parallel_size, t.micro_batches_per_step(dp))  # 1F1B, first stage
     one_layer = ACTIVATION_BYTES_PER_TOKEN_HIDDEN * micro_tokens * m.hidden_size
