@@ -69,16 +69,28 @@ def plan_cache(records: list[dict], bucket_names: list[str], fps: float, shard_c
     return CachePlan(clips, unfit, shards, digest)
 
 
+def check_output(path: Path, plan: CachePlan, overwrite: bool) -> bool:
+    """Whether `path` holds this plan's cache already (a resume); a clear error if it holds anything else
+    and `overwrite` is off. Every rank calls it, so a refusal stops all ranks alike."""
+    import zarr
+
+    if not path.exists() or overwrite:
+        return False
+    if not (path / "zarr.json").is_file():
+        raise ConfigError("--output", str(path), "exists and is not a latent cache; pass --overwrite or another path")
+    existing = zarr.open_group(str(path), mode="r").attrs.asdict()
+    if existing.get("format") != CACHE_FORMAT or existing.get("fingerprint") != plan.fingerprint:
+        raise ConfigError("--output", str(path), "already holds another cache (other manifest, buckets, fps or "
+                                                 "shard size); pass --overwrite or another path")
+    return True
+
+
 def create_store(path: Path, plan: CachePlan, latent_channels: int, text_length: int, text_width: int,
                  attributes: dict) -> None:
-    """The empty store (arrays, clip table); a store of the same plan is left as it is (resume)."""
+    """The empty store (arrays, clip table); a store of the same plan (`check_output`) is left as it is."""
     import zarr
 
     if (path / "zarr.json").is_file():
-        existing = zarr.open_group(str(path), mode="r").attrs.asdict()
-        if existing.get("format") != CACHE_FORMAT or existing.get("fingerprint") != plan.fingerprint:
-            raise ConfigError("--output", str(path), "already holds another cache (other manifest, buckets, fps or "
-                                                     "shard size); pass --overwrite or another path")
         return
     group = zarr.open_group(str(path), mode="w", zarr_format=3)
     table = []

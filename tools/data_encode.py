@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..config.schema import ConfigError
-from ..data.cache import committed, create_store, encode_cache, make_clip_encoder, plan_cache
+from ..data.cache import check_output, committed, create_store, encode_cache, make_clip_encoder, plan_cache
 from ..data.manifest import read_manifest
 from ..data.text import T5TextEncoder
 from .load import load_vae
@@ -52,13 +52,12 @@ def encode_manifest(config, manifest: str, vae_path: str, text_encoder_path: str
         init_torch_distributed(device)
     rank = dist.get_rank() if world > 1 else 0
     barrier = dist.barrier if world > 1 else (lambda: None)
+    resuming = check_output(output, plan, overwrite)  # on every rank: a refusal stops them all
+    barrier()
     if rank == 0:
         if output.exists() and overwrite:
             shutil.rmtree(output)
-        elif output.exists() and not (output / "zarr.json").is_file():
-            raise ConfigError("--output", str(output), "exists and is not a latent cache; pass --overwrite or "
-                                                       "another path")
-        resumed = len(committed(output)) if output.exists() else 0
+        resumed = len(committed(output)) if resuming else 0
         create_store(output, plan, vae.config.latent_channels, config.model.max_text_seq_length,
                      config.model.text_embed_dim, {"vae": os.path.abspath(vae_path),
                                                    "text_encoder": os.path.abspath(text_encoder_path),
