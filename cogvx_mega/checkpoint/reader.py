@@ -59,12 +59,7 @@ def read_transformer_checkpoint(path: str | os.PathLike) -> tuple[ModelConfig, d
         model, state = read_sharded_model_state(weights.path, weights.meta)
         return model, state, weights.meta
     if weights.kind == "diffusers":
-        unused = weights.source.unused_source_keys()
-        if unused:
-            from .meta import ConversionError
-
-            raise ConversionError(f"diffusers checkpoint has {len(unused)} tensors this model family does not use, "
-                                  f"e.g. {unused[:3]}: check the config (layers, positions, ofs)")
+        weights.source.check_nothing_unused()
     return weights.model, weights.source.read_all(), weights.meta
 
 

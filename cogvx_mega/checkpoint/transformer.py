@@ -183,6 +183,13 @@ class DiffusersAsProject(TensorSource):
         used = {name for _, names in self.plan.values() for name in names}
         return sorted(self.source.keys() - used)
 
+    def check_nothing_unused(self) -> None:
+        """A clear error when the source holds tensors this model family has no place for."""
+        unused = self.unused_source_keys()
+        if unused:
+            raise ConversionError(f"diffusers checkpoint has {len(unused)} tensors this model family does not use, "
+                                  f"e.g. {unused[:3]}: check the config (layers, positions, ofs)")
+
     def keys(self) -> set[str]:
         return set(self.plan)
 
@@ -215,10 +222,7 @@ class DiffusersAsProject(TensorSource):
 
 def diffusers_to_project(state: dict[str, Tensor], model: ModelConfig) -> dict[str, Tensor]:
     view = DiffusersAsProject(DictTensors(state), model)
-    unused = view.unused_source_keys()
-    if unused:
-        raise ConversionError(f"diffusers checkpoint has {len(unused)} tensors this model family does not use, "
-                              f"e.g. {unused[:3]}: check the config (layers, positions, ofs)")
+    view.check_nothing_unused()
     return view.read_all()
 
 

@@ -47,26 +47,25 @@ def test_v_target_definition():
     assert torch.allclose(noisy[2], noise[2]) and torch.allclose(v[2], -x0[2])
 
 
-@pytest.mark.parametrize("global_batch", [1, 2, 3, 8, 48, 1000])
-def test_strata_partition_all_timesteps(global_batch):
+def assert_partition_of_all_timesteps(intervals: list[tuple[int, int]]) -> None:
+    """Non-empty intervals covering 0..999 in order, exactly once each (no gap, no overlap), sizes within one."""
     covered = []
-    for slot in range(global_batch):
-        low, high = stratum(slot, global_batch)
+    for low, high in intervals:
         assert high > low
         covered.extend(range(low, high))
-    assert covered == list(range(1000))  # in order, exactly once each: no gap, no overlap
-    sizes = [stratum(j, global_batch)[1] - stratum(j, global_batch)[0] for j in range(global_batch)]
+    assert covered == list(range(1000))
+    sizes = [high - low for low, high in intervals]
     assert max(sizes) - min(sizes) <= 1
+
+
+@pytest.mark.parametrize("global_batch", [1, 2, 3, 8, 48, 1000])
+def test_strata_partition_all_timesteps(global_batch):
+    assert_partition_of_all_timesteps([stratum(slot, global_batch) for slot in range(global_batch)])
 
 
 @pytest.mark.parametrize("ranks", [1, 2, 3, 8, 48])
 def test_rank_intervals_partition_all_timesteps(ranks):
-    covered = []
-    for rank in range(ranks):
-        low, high = rank_interval(rank, ranks)
-        assert high > low
-        covered.extend(range(low, high))
-    assert covered == list(range(1000))
+    assert_partition_of_all_timesteps([rank_interval(rank, ranks) for rank in range(ranks)])
 
 
 @pytest.mark.parametrize("ranks, per_rank", [(1, 16), (2, 3), (3, 5), (8, 2), (48, 1)])
