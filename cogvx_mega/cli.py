@@ -40,7 +40,10 @@ def _add_config_arguments(parser: argparse.ArgumentParser, with_training: bool =
     parser.add_argument("--steps", type=int)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--micro-batch", type=int, help="samples per data-parallel rank per step")
-    parser.add_argument("--data", help="'synthetic' or a latent folder")
+    parser.add_argument("--data", help="a latent cache (cogvx data encode), a manifest (cogvx data scan; online "
+                                       "mode, with --vae and --text-encoder), a latent folder or 'synthetic'")
+    parser.add_argument("--vae", help="online mode: the VAE folder that encodes the manifest's clips")
+    parser.add_argument("--text-encoder", help="online mode: the local T5 folder for the captions")
     parser.add_argument("--device", choices=("cpu", "cuda"))
     parser.add_argument("--tp", type=int, help="tensor-parallel size")
     parser.add_argument("--pp", type=int, help="pipeline-parallel size")
@@ -57,14 +60,16 @@ def _add_config_arguments(parser: argparse.ArgumentParser, with_training: bool =
 
 def _flag_overrides(args: argparse.Namespace) -> list[str]:
     mapping = {"run_dir": "training.run_dir", "steps": "training.steps", "seed": "training.seed",
-               "micro_batch": "training.micro_batch_size", "data": "data.source", "device": "training.device",
+               "micro_batch": "training.micro_batch_size", "data": "data.source", "vae": "data.vae",
+               "text_encoder": "data.text_encoder", "device": "training.device",
                "tp": "parallel.tensor_model_parallel_size", "pp": "parallel.pipeline_model_parallel_size",
                "vpp": "parallel.virtual_pipeline_model_parallel_size", "cp": "parallel.context_parallel_size"}
     out = []
     for attribute, key in mapping.items():
         value = getattr(args, attribute, None)
         if value is not None:
-            out.append(f"{key}={value!s}" if attribute not in ("run_dir", "data") else f"{key}='{value}'")
+            quoted = attribute in ("run_dir", "data", "vae", "text_encoder")  # paths stay strings
+            out.append(f"{key}='{value}'" if quoted else f"{key}={value!s}")
     return out
 
 
@@ -84,7 +89,7 @@ def run_training(config, resume: Optional[str] = None, init_from: Optional[str] 
     from .checkpoint.meta import SHARDED_FORMAT, read_checkpoint_meta
     from .config import write_resolved_config
     from .config.schema import ConfigError
-    from .data.latent_dataset import load_dataset
+    from .tools.training_data import open_training_data
     from .model.transformer import build_model_chunks
     from .parallel.state import initialize_parallel
     from .training import checkpoint as ckpt
@@ -124,7 +129,7 @@ def run_training(config, resume: Optional[str] = None, init_from: Optional[str] 
             weights = open_transformer_weights(init_from)
             ckpt.check_same_model({"model": dataclasses.asdict(weights.model)}, config.model, init_from,
                                   ignore=ckpt.NOT_IN_THE_WEIGHTS)
-    dataset = load_dataset(config)
+    dataset = open_training_data(config)
     ckpt.check_shared_filesystem(run_dir)
     if dims.is_logging_rank:
         if resume_path is not None:
@@ -148,7 +153,11 @@ def run_training(config, resume: Optional[str] = None, init_from: Optional[str] 
         if dims.is_logging_rank:
             logger.info("resumed from %s at step %d%s", resume_path, trainer.step,
                         " (--init-from ignored: the run has a checkpoint)" if init_from else "")
-    return trainer.fit()
+    try:
+        return trainer.fit()
+    finally:
+        if hasattr(dataset, "close"):
+            dataset.close()  # online mode's decode threads
 
 
 def cmd_train(args: argparse.Namespace) -> int:

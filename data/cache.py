@@ -20,16 +20,17 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
-import torch
 
 from ..checkpoint.atomic import write_text_atomically
 from ..config.schema import ConfigError
 from .buckets import Bucket, group_by_bucket
-from .decode import DecodeSpec, decode_clip
-from .manifest import MediaError
+from .manifest import read_manifest
+
+if TYPE_CHECKING:
+    from .encoder import ClipEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +70,25 @@ def plan_cache(records: list[dict], bucket_names: list[str], fps: float, shard_c
     return CachePlan(clips, unfit, shards, digest)
 
 
+def plan_from_manifest(manifest: str | Path, bucket_names: list[str], fps: float,
+                       shard_clips: int) -> tuple[CachePlan, list[str]]:
+    """The plan of a manifest's clips, and one 'skipped PATH: reason' line per manifest line left out (no
+    path or caption, or fitting no bucket). `cogvx data encode` and online training plan alike, so a clip
+    has the same bucket and index in both."""
+    records = read_manifest(manifest)
+    usable, skipped = [], []
+    for record in records:
+        if not record.get("path"):
+            skipped.append(f"skipped line {json.dumps(record)[:120]}: it has no path")
+        elif not record.get("caption"):
+            skipped.append(f"skipped {record['path']}: the manifest line has no caption")
+        else:
+            usable.append(record)
+    plan = plan_cache(usable, bucket_names, fps, shard_clips)
+    skipped.extend(f"skipped {record['path']}: fits no bucket of {', '.join(bucket_names)}" for record in plan.unfit)
+    return plan, skipped
+
+
 def check_output(path: Path, plan: CachePlan, overwrite: bool) -> bool:
     """Whether `path` holds this plan's cache already (a resume); a clear error if it holds anything else
     and `overwrite` is off. Every rank calls it, so a refusal stops all ranks alike."""
@@ -106,7 +126,7 @@ def create_store(path: Path, plan: CachePlan, latent_channels: int, text_length:
         table.extend({"bucket": name, "index": i, "path": r["path"], "caption": r["caption"]}
                      for i, r in enumerate(items))
     group.attrs.update({"format": CACHE_FORMAT, "fingerprint": plan.fingerprint, "clips": table,
-                        "buckets": list(plan.clips), **attributes})
+                        "buckets": list(plan.clips), "shard_count": len(plan.shards), **attributes})
 
 
 def committed(path: Path) -> dict[str, dict]:
@@ -117,60 +137,34 @@ def committed(path: Path) -> dict[str, dict]:
     return {f"{COMMITS}/{p.parent.name}/{p.name}": json.loads(p.read_text()) for p in root.glob("*/*.json")}
 
 
-ClipEncoder = Callable[[list[dict], Bucket], tuple[list[Optional[tuple[np.ndarray, np.ndarray]]], np.ndarray,
-                                                    list[Optional[str]]]]
-
-
-def write_shard(path: Path, plan: CachePlan, shard: Shard, encode: ClipEncoder) -> dict:
-    """Encode a shard's clips, write their chunks, then commit the shard with its marker."""
+def write_shard(path: Path, plan: CachePlan, shard: Shard, encoder: "ClipEncoder",
+                decoded: Optional[list] = None) -> dict:
+    """Encode a shard's clips (`decoded`: their decodes started ahead), write their chunks, then commit the
+    shard with its marker."""
     import zarr
 
     group = zarr.open_group(str(path), mode="r+")
     records = plan.clips[shard.bucket][shard.start:shard.stop]
-    moments, text, failures = encode(records, Bucket.parse(shard.bucket))
+    encoded = encoder.encode(records, Bucket.parse(shard.bucket), decoded)
     failed = []
-    for offset, (pair, reason) in enumerate(zip(moments, failures)):
+    for offset, (pair, reason) in enumerate(zip(encoded.moments, encoded.failures)):
         index = shard.start + offset
         if pair is None:
             failed.append({"index": index, "path": records[offset]["path"], "reason": reason})
             continue
         group[f"{shard.bucket}/mean"][index] = pair[0]
         group[f"{shard.bucket}/logvar"][index] = pair[1]
-        group[f"{shard.bucket}/text"][index] = text[offset]
+        group[f"{shard.bucket}/text"][index] = encoded.text[offset]
     marker = {"clips": shard.stop - shard.start, "failed": failed}
     write_text_atomically(path / shard.marker, json.dumps(marker))
     return marker
 
 
-def make_clip_encoder(vae, text_encoder, fps: float, device: str) -> ClipEncoder:
-    """Decode -> VAE moments, and captions -> T5, for the clips of one shard; a clip that cannot be decoded
-    gets None and its reason."""
-
-    @torch.no_grad()
-    def encode(records: list[dict], bucket: Bucket):
-        spec = DecodeSpec(frames=bucket.frames, height=bucket.height, width=bucket.width, fps=fps)
-        moments, failures = [], []
-        for record in records:
-            try:
-                video = decode_clip(record, spec, device=device)
-                if video.shape[1] != bucket.frames:
-                    raise MediaError(f"gives {video.shape[1]} frames, not the bucket's {bucket.frames}")
-                mean, logvar = vae.encode_moments(video[None].to(device))
-                moments.append((mean[0].float().cpu().numpy(), logvar[0].float().cpu().numpy()))
-                failures.append(None)
-            except (MediaError, OSError) as error:
-                moments.append(None)
-                failures.append(str(error))
-        text = text_encoder.encode([record["caption"] for record in records]).numpy()
-        return moments, text, failures
-
-    return encode
-
-
-def encode_cache(path: Path, plan: CachePlan, encode: ClipEncoder, rank: int = 0, world_size: int = 1,
+def encode_cache(path: Path, plan: CachePlan, encoder: "ClipEncoder", rank: int = 0, world_size: int = 1,
                  progress: bool = True, barrier: Callable[[], None] = lambda: None) -> dict:
-    """Write this rank's uncommitted shards (rank 0 creates the store before, the caller's barrier between);
-    returns counts for this rank."""
+    """Write this rank's uncommitted shards (rank 0 creates the store before, the caller's barrier between),
+    decoding the next shard's clips in the encoder's worker threads while the VAE encodes this one; returns
+    counts for this rank."""
     done = committed(path)
     mine = [s for i, s in enumerate(plan.shards) if i % world_size == rank and s.marker not in done]
     bar = None
@@ -179,9 +173,16 @@ def encode_cache(path: Path, plan: CachePlan, encode: ClipEncoder, rank: int = 0
 
         bar = tqdm(total=sum(s.stop - s.start for s in plan.shards), unit="clip", desc="encode", dynamic_ncols=True,
                    initial=sum(m["clips"] for m in done.values()))
+
+    def start_decoding(shard: Shard) -> list:
+        return encoder.decode_ahead(plan.clips[shard.bucket][shard.start:shard.stop], Bucket.parse(shard.bucket))
+
     started, clips, failed = time.perf_counter(), 0, 0
-    for shard in mine:
-        marker = write_shard(path, plan, shard, encode)
+    upcoming = start_decoding(mine[0]) if mine else []
+    for number, shard in enumerate(mine):
+        decoded = upcoming
+        upcoming = start_decoding(mine[number + 1]) if number + 1 < len(mine) else []
+        marker = write_shard(path, plan, shard, encoder, decoded)
         clips += marker["clips"]
         failed += len(marker["failed"])
         for failure in marker["failed"]:

@@ -21,7 +21,7 @@ import torch
 
 from ..config.schema import ConfigError
 from ..diffusion.randomness import Stream, slot_normal
-from .cache import CACHE_FORMAT, usable_clips
+from .cache import CACHE_FORMAT, committed, usable_clips
 
 
 def epoch_batches(usable: dict[str, list[int]], global_batch: int, seed: int, epoch: int) -> list[tuple[str, list[int]]]:
@@ -36,7 +36,45 @@ def epoch_batches(usable: dict[str, list[int]], global_batch: int, seed: int, ep
     return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
 
-class CacheDataset:
+def posterior_latents(mean: torch.Tensor, logvar: torch.Tensor, slots: range, seed: int, step: int,
+                      scaling_factor: float) -> torch.Tensor:
+    """Moments [n, C, T', H, W] of the clips in `slots` -> a fresh posterior sample per clip, the noise keyed
+    on (seed, step, global slot), times the VAE's latent scale, as [n, T', C, H, W]."""
+    noise = slot_normal(mean.shape[1:], slots, seed=seed, step=step, stream=Stream.VAE_POSTERIOR)
+    latents = (mean + torch.exp(0.5 * logvar) * noise) * scaling_factor
+    return latents.permute(0, 2, 1, 3, 4).contiguous()
+
+
+class BucketedBatches:
+    """The global batch of each step, (bucket, clip indices), from `usable` (bucket -> clip indices): the
+    order of `epoch_batches`, one epoch after another. Shared by the cache reader and online mode, so that
+    both draw the same clips at every step."""
+
+    def __init__(self, usable: dict[str, list[int]]):
+        self.usable = usable
+        self._epochs: dict[tuple, list] = {}
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self.usable.values())
+
+    def batches_per_epoch(self, global_batch: int) -> int:
+        per = sum(len(v) // global_batch for v in self.usable.values())
+        if per == 0:
+            sizes = ", ".join(f"{bucket}: {len(v)}" for bucket, v in self.usable.items())
+            raise ConfigError("training.global_batch_size", global_batch,
+                              f"no bucket of the data holds that many clips ({sizes}); use a smaller global batch")
+        return per
+
+    def batch_of_step(self, step: int, global_batch: int, seed: int) -> tuple[str, list[int]]:
+        per = self.batches_per_epoch(global_batch)
+        epoch = step // per
+        key = (epoch, global_batch, seed)
+        if key not in self._epochs:
+            self._epochs = {key: epoch_batches(self.usable, global_batch, seed, epoch)}
+        return self._epochs[key][step % per]
+
+
+class CacheDataset(BucketedBatches):
     """`step_batch(step, slots, global_batch, seed)` -> {"latents" [n, T', C, H, W], "text_embeds" [n, L, D]}."""
 
     def __init__(self, path: str, text_length: Optional[int] = None, latent_channels: Optional[int] = None):
@@ -50,9 +88,14 @@ class CacheDataset:
         if attrs.get("format") != CACHE_FORMAT:
             raise ConfigError("--data", path, f"a zarr store but not a {CACHE_FORMAT} cache")
         self.scaling_factor = float(attrs["scaling_factor"])
-        self.usable = usable_clips(self.path)
+        markers = committed(self.path)
+        planned = attrs.get("shard_count")
+        if planned is not None and len(markers) < planned:  # the order would change as more shards land
+            raise ConfigError("--data", path, f"is not finished: {len(markers)} of {planned} shards are committed; "
+                                              f"run `cogvx data encode` with the same arguments again to finish it")
+        super().__init__(usable_clips(self.path))
         if not self.usable:
-            raise ConfigError("--data", path, "no committed clip yet; run (or finish) `cogvx data encode`")
+            raise ConfigError("--data", path, "holds no usable clip (every clip failed to encode)")
         self.arrays = {bucket: {name: ts.open({"driver": "zarr3", "kvstore": {"driver": "file",
                                                                              "path": str(self.path / bucket / name)}},
                                              read=True).result()
@@ -66,27 +109,7 @@ class CacheDataset:
         if latent_channels is not None and channels != latent_channels:
             raise ConfigError("--data", path, f"latents have {channels} channels; the model takes "
                                               f"model.in_channels={latent_channels}")
-        self._epochs: dict[tuple, list] = {}
         self._pending: dict[tuple, dict] = {}
-
-    def __len__(self) -> int:
-        return sum(len(v) for v in self.usable.values())
-
-    def batches_per_epoch(self, global_batch: int) -> int:
-        per = sum(len(v) // global_batch for v in self.usable.values())
-        if per == 0:
-            sizes = ", ".join(f"{bucket}: {len(v)}" for bucket, v in self.usable.items())
-            raise ConfigError("training.global_batch_size", global_batch,
-                              f"no bucket of the cache holds that many clips ({sizes}); use a smaller global batch")
-        return per
-
-    def batch_of_step(self, step: int, global_batch: int, seed: int) -> tuple[str, list[int]]:
-        per = self.batches_per_epoch(global_batch)
-        epoch = step // per
-        key = (epoch, global_batch, seed)
-        if key not in self._epochs:
-            self._epochs = {key: epoch_batches(self.usable, global_batch, seed, epoch)}
-        return self._epochs[key][step % per]
 
     def _request(self, step: int, slots: range, global_batch: int, seed: int) -> dict:
         bucket, clips = self.batch_of_step(step, global_batch, seed)
@@ -102,7 +125,5 @@ class CacheDataset:
         self._pending = {following: self._request(step + 1, slots, global_batch, seed)}  # prefetch one step
         values = {name: torch.from_numpy(np.stack([f.result() for f in futures]))
                   for name, futures in request["futures"].items()}
-        mean, logvar = values["mean"], values["logvar"]  # [n, C, T', H, W]
-        noise = slot_normal(mean.shape[1:], slots, seed=seed, step=step, stream=Stream.VAE_POSTERIOR)
-        latents = (mean + torch.exp(0.5 * logvar) * noise) * self.scaling_factor
-        return {"latents": latents.permute(0, 2, 1, 3, 4).contiguous(), "text_embeds": values["text"]}
+        latents = posterior_latents(values["mean"], values["logvar"], slots, seed, step, self.scaling_factor)
+        return {"latents": latents, "text_embeds": values["text"]}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -117,28 +118,34 @@ def dali_available() -> bool:
 
 
 class DaliVideoDecoder:
-    """DALI's video decoder from encoded bytes, one pipeline per device kept for reuse ('cpu': its CPU
-    decoder; 'cuda': NVDEC through the mixed operator). The frames to decode are an input of each run."""
+    """DALI's video decoder from encoded bytes ('cpu': its CPU decoder; 'cuda:N': NVDEC on GPU N through the
+    mixed operator). A pipeline is built once per thread and device and reused (a DALI pipeline is not for
+    concurrent use, and the decode worker threads each run their own); the frames to decode are an input of
+    each run. The pipelines live in one process-wide table, not in thread-local storage: a forked child
+    (megatron's checkpoint writers) frees the thread-locals of the threads it lacks, and a DALI pipeline
+    destroyed there waits forever for its executor threads."""
 
-    _pipelines: dict = {}
+    _pipelines: dict[tuple[int, str], object] = {}
 
     @classmethod
     def pipeline(cls, device: str):
-        if device not in cls._pipelines:
+        key = (threading.get_ident(), device)
+        if key not in cls._pipelines:
             from nvidia.dali import fn, pipeline_def, types
 
-            @pipeline_def(batch_size=1, num_threads=1, device_id=0 if device == "cuda" else None,
+            gpu = device.startswith("cuda")
+
+            @pipeline_def(batch_size=1, num_threads=1, device_id=cuda_index(device) if gpu else None,
                           prefetch_queue_depth=1)
             def decode():
                 encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
                 frames = fn.external_source(name="frames", dtype=types.INT32, ndim=1)
-                return fn.decoders.video(encoded, device="mixed" if device == "cuda" else "cpu",
-                                                      frames=frames)
+                return fn.decoders.video(encoded, device="mixed" if gpu else "cpu", frames=frames)
 
             built = decode()
             built.build()
-            cls._pipelines[device] = built
-        return cls._pipelines[device]
+            cls._pipelines[key] = built
+        return cls._pipelines[key]
 
     @classmethod
     def decode(cls, path: str, indices: list[int], device: str) -> torch.Tensor:
@@ -150,9 +157,9 @@ class DaliVideoDecoder:
         try:
             (output,) = pipe.run()
         except RuntimeError as error:
-            cls._pipelines.pop(device, None)  # a failed run leaves the pipeline unusable
+            cls._pipelines.pop((threading.get_ident(), device), None)  # a failed run leaves it unusable
             raise MediaError(f"DALI could not decode it ({str(error).splitlines()[0][:200]})") from None
-        if device == "cuda":
+        if device.startswith("cuda"):
             frames = torch.from_dlpack(output[0]._as_dlpack()) if hasattr(output[0], "_as_dlpack") else \
                 torch.as_tensor(np.asarray(output.as_cpu()[0]))
         else:
@@ -161,12 +168,19 @@ class DaliVideoDecoder:
         return frames[[position[i] for i in indices]]
 
 
+def cuda_index(device: str) -> int:
+    """'cuda:N' -> N; plain 'cuda' -> the calling thread's current CUDA device."""
+    if ":" in device:
+        return int(device.split(":", 1)[1])
+    return torch.cuda.current_device()
+
+
 def choose_backend(record: dict, device: str = "cpu") -> str:
     """The one place that picks how a clip is decoded: 'image' (Pillow), 'dali-gpu', 'dali-cpu' or 'pyav'."""
     if record.get("kind") == "image" or Path(record["path"]).suffix.lower() in IMAGE_SUFFIXES:
         return "image"
     if dali_available():
-        if device == "cuda":
+        if device.startswith("cuda"):
             return "dali-gpu"
         if record.get("codec") in DALI_CPU_CODECS:
             return "dali-cpu"
@@ -186,7 +200,8 @@ def decode_clip(record: dict, spec: DecodeSpec, device: str = "cpu", backend: Op
         if backend == "pyav":
             frames = decode_video_pyav(record["path"], indices)
         elif backend in ("dali-cpu", "dali-gpu"):
-            frames = DaliVideoDecoder.decode(record["path"], indices, "cuda" if backend == "dali-gpu" else "cpu")
+            gpu = device if device.startswith("cuda") else "cuda"
+            frames = DaliVideoDecoder.decode(record["path"], indices, gpu if backend == "dali-gpu" else "cpu")
         else:
             raise ValueError(f"unknown decode backend {backend!r}")
     return resize_and_crop(frames, spec.height, spec.width)

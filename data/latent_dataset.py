@@ -9,7 +9,6 @@ data-parallel split of the slots sees exactly the samples one process would.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -98,31 +97,3 @@ def synthetic_dataset_for(config) -> LatentDataset:
         data.num_synthetic_clips, data.num_frames, data.height, data.width, model.in_channels,
         model.text_embed_dim, model.max_text_seq_length, seed=config.training.seed)
     return LatentDataset(latents, texts, captions)
-
-
-def load_dataset(config) -> LatentDataset:
-    from ..config.schema import ConfigError
-
-    source = config.data.source
-    if source == "synthetic":
-        return synthetic_dataset_for(config)
-    if os.path.isfile(os.path.join(source, "zarr.json")):  # a latent cache written by `cogvx data encode`
-        from .cache_reader import CacheDataset
-
-        return CacheDataset(source, config.model.max_text_seq_length, config.model.in_channels)
-    if not os.path.isdir(source):
-        raise FileNotFoundError(f"--data {source}: no such folder; pass a latent folder or 'synthetic'")
-    dataset = LatentDataset.load(source)
-    expected = (config.data.latent_shape(config.model), config.model.in_channels)
-    t, c, h, w = dataset.latents.shape[1:]
-    if ((t, h, w), c) != expected:
-        raise ConfigError("--data", source, f"latents are [T={t}, C={c}, H={h}, W={w}] but the config expects "
-                         f"[T={expected[0][0]}, C={expected[1]}, H={expected[0][1]}, W={expected[0][2]}]; "
-                         f"set data.num_frames/height/width to match")
-    text_length, text_width = dataset.text_embeds.shape[1:]
-    m = config.model
-    if (text_length, text_width) != (m.max_text_seq_length, m.text_embed_dim):
-        raise ConfigError("--data", source, f"text embeddings are [L={text_length}, D={text_width}] but the model "
-                         f"takes [L=model.max_text_seq_length={m.max_text_seq_length}, D=model.text_embed_dim="
-                         f"{m.text_embed_dim}]; re-encode the captions at that length or set the model fields")
-    return dataset

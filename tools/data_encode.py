@@ -9,12 +9,23 @@ from pathlib import Path
 from typing import Optional
 
 from ..config.schema import ConfigError
-from ..data.cache import check_output, committed, create_store, encode_cache, make_clip_encoder, plan_cache
-from ..data.manifest import read_manifest
+from ..data.cache import check_output, committed, create_store, encode_cache, plan_from_manifest
+from ..data.encoder import ClipEncoder
 from ..data.text import T5TextEncoder
 from .load import load_vae
 
 logger = logging.getLogger(__name__)
+
+
+def load_encoders(config, vae_path: str, text_encoder_path: str, device: str):
+    """The VAE and the T5 text encoder, checked against the model's text width."""
+    vae = load_vae(vae_path, device=device)
+    text_encoder = T5TextEncoder(text_encoder_path, max_length=config.model.max_text_seq_length, device=device)
+    if text_encoder.width != config.model.text_embed_dim:
+        raise ConfigError("--text-encoder", text_encoder_path,
+                          f"gives {text_encoder.width}-wide embeddings; the model takes "
+                          f"model.text_embed_dim={config.model.text_embed_dim}")
+    return vae, text_encoder
 
 
 def encode_manifest(config, manifest: str, vae_path: str, text_encoder_path: str, output: str,
@@ -27,30 +38,19 @@ def encode_manifest(config, manifest: str, vae_path: str, text_encoder_path: str
     if shard_clips < 1:
         raise ConfigError("--shard-clips", shard_clips, "use a positive number of clips per shard")
     output = Path(output)
-    records = read_manifest(manifest)
-    usable = [r for r in records if r.get("path") and r.get("caption")]
-    skipped = len(records) - len(usable)
-    for record in records:
-        if not (record.get("path") and record.get("caption")):
-            print(f"skipped {record.get('path', '<no path>')}: the manifest line has no caption", file=sys.stderr)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    vae = load_vae(vae_path, device=device)
-    text_encoder = T5TextEncoder(text_encoder_path, max_length=config.model.max_text_seq_length, device=device)
-    if text_encoder.width != config.model.text_embed_dim:
-        raise ConfigError("--text-encoder", text_encoder_path,
-                          f"gives {text_encoder.width}-wide embeddings; the model takes "
-                          f"model.text_embed_dim={config.model.text_embed_dim}")
-    plan = plan_cache(usable, config.data.bucket_names(), config.data.fps, shard_clips)
-    for record in plan.unfit:
-        print(f"skipped {record['path']}: fits no bucket of {', '.join(config.data.bucket_names())}", file=sys.stderr)
-    if not plan.shards:
-        raise ConfigError("--manifest", manifest, "no clip of it fits a bucket; nothing written")
+    plan, skipped = plan_from_manifest(manifest, config.data.bucket_names(), config.data.fps, shard_clips)
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if world > 1:
         from ..parallel.state import init_torch_distributed
 
-        init_torch_distributed(device)
+        init_torch_distributed(device)  # on CUDA: this rank's GPU, before the models go there
     rank = dist.get_rank() if world > 1 else 0
+    for line in skipped if rank == 0 else []:
+        print(line, file=sys.stderr)
+    if not plan.shards:
+        raise ConfigError("--manifest", manifest, "no clip of it fits a bucket; nothing written")
+    vae, text_encoder = load_encoders(config, vae_path, text_encoder_path, device)
     barrier = dist.barrier if world > 1 else (lambda: None)
     resuming = check_output(output, plan, overwrite)  # on every rank: a refusal stops them all
     barrier()
@@ -66,12 +66,12 @@ def encode_manifest(config, manifest: str, vae_path: str, text_encoder_path: str
         if resumed:
             logger.info("resuming: %d of %d shards are already committed", resumed, len(plan.shards))
     barrier()
-    counts = encode_cache(output, plan, make_clip_encoder(vae, text_encoder, config.data.fps, device), rank, world,
-                          barrier=barrier)
+    with ClipEncoder(vae, text_encoder, config.data.fps, device, workers=config.data.num_workers) as encoder:
+        counts = encode_cache(output, plan, encoder, rank, world, barrier=barrier)
     if rank == 0:
         markers = committed(output)
         failed = sum(len(m["failed"]) for m in markers.values())
         print(f"wrote {output}: {sum(m['clips'] for m in markers.values()) - failed} clips in "
-              f"{len(plan.clips)} bucket(s), {failed + skipped + len(plan.unfit)} skipped; this run encoded "
+              f"{len(plan.clips)} bucket(s), {failed + len(skipped)} skipped; this run encoded "
               f"{counts['clips']} clips on rank 0 ({counts['clips'] / max(counts['seconds'], 1e-9):.2f} clips/s)")
     return counts

@@ -238,13 +238,24 @@ class DataConfig:
     """Training clips. Sizes are in pixels; the latent grid follows from the VAE compression (4x time, 8x space)."""
 
     source: str = "synthetic"
-    """'synthetic' (generated moving shapes) or a folder of cached latents and text embeddings."""
+    """'synthetic' (generated moving shapes), a latent cache (`cogvx data encode`), a folder of latents from
+    `cogvx vae encode`, or a manifest (.jsonl from `cogvx data scan`) for online mode: clips decoded and
+    encoded on the fly with `vae` and `text_encoder`, the same batches the cache of that manifest gives."""
     num_frames: int = 49
     height: int = 480
     width: int = 720
     spatial_compression_ratio: int = 8
     num_synthetic_clips: int = 64
-    num_workers: int = 0
+    num_workers: int = 4
+    """Background threads decoding clips ahead of use (`cogvx data encode`, online mode); 0: decode in the
+    calling thread."""
+    vae: Optional[str] = None
+    """Online mode: the VAE folder (diffusers or cogvx-mega) that encodes the clips."""
+    text_encoder: Optional[str] = None
+    """Online mode: the local T5 folder (tokenizer and encoder, or a pipeline folder) for the captions."""
+    online_keep_clips: int = 256
+    """Online mode: encoded clips kept in memory (least recently used dropped) for reuse in later epochs;
+    0 encodes every clip at every use."""
     fps: float = 8.0
     """Frame rate clips are sampled at when decoding real videos (CogVideoX: 8)."""
     buckets: Optional[list[str]] = None
@@ -283,6 +294,10 @@ class DataConfig:
                               "learned positions exist only for the model's sample resolution: use "
                               f"{model.sample_height * self.spatial_compression_ratio}x"
                               f"{model.sample_width * self.spatial_compression_ratio}")
+        if self.num_workers < 0:
+            raise ConfigError("data.num_workers", self.num_workers, "use 0 (decode in the calling thread) or more")
+        if self.online_keep_clips < 0:
+            raise ConfigError("data.online_keep_clips", self.online_keep_clips, "use 0 (keep none) or more")
         if self.num_synthetic_clips < 1:
             raise ConfigError("data.num_synthetic_clips", self.num_synthetic_clips, "use at least 1")
         if not self.fps > 0:

@@ -1,6 +1,7 @@
 """`cogvx data encode`: a manifest of real clips into a zarr latent cache; an encode killed mid-way and
-resumed equals an uninterrupted one array for array; broken clips are skipped and counted; bad input is
-one line with nothing written."""
+resumed (with another number of decode threads) equals an uninterrupted one array for array, and training
+refuses the unfinished cache; broken clips are skipped and counted; bad input is one line with nothing
+written."""
 from __future__ import annotations
 
 import json
@@ -85,7 +86,13 @@ def test_encode_then_kill_and_resume_equals_one_encode(parts, tmp_path, capsys):
                            capture_output=True, text=True, timeout=240, env={**os.environ, "TQDM_DISABLE": "1"})
     assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
     assert len(committed(killed)) == 2  # the rest was never committed
-    assert main(encode_args(parts, killed)) == 0  # the same command resumes
+    from cogvx_mega.config.schema import ConfigError
+    from cogvx_mega.data.cache_reader import CacheDataset
+
+    with pytest.raises(ConfigError, match="2 of 7 shards are committed"):  # training would see a moving order
+        CacheDataset(str(killed))
+    # the same command resumes; here decoding in the calling thread (the straight encode used 4 decode threads)
+    assert main(encode_args(parts, killed, "data.num_workers=0")) == 0
     expected, resumed = arrays(straight), arrays(killed)
     assert sorted(expected) == sorted(resumed)
     for key in expected:

@@ -81,11 +81,60 @@ def test_latents_are_fresh_posterior_samples_of_the_cached_moments(cache):
     assert not torch.equal(batch["latents"], again["latents"])
 
 
-def test_train_from_the_cache(cache, tmp_path):
-    run = tmp_path / "run"
-    assert main(["train", "--preset", "tiny", "--data", str(cache), "--steps", "20", "--run-dir", str(run), BUCKETS,
-                 "training.micro_batch_size=2", "training.warmup_steps=0", "training.lr=3e-3",
-                 "diffusion.text_dropout=0.0"]) == 0
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    losses = [row["loss"] for row in rows]
-    assert len(losses) == 20 and sum(losses[-5:]) < sum(losses[:5]), losses
+TRAIN_ARGS = ["--preset", "tiny", "--steps", "20", BUCKETS, "training.micro_batch_size=2", "training.warmup_steps=0",
+              "training.lr=3e-3", "diffusion.text_dropout=0.0"]
+
+
+def losses_of(run):
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def cache_losses(cache, tmp_path_factory):
+    run = tmp_path_factory.mktemp("cache-run")
+    assert main(["train", "--data", str(cache), "--run-dir", str(run), *TRAIN_ARGS]) == 0
+    return losses_of(run)
+
+
+def test_train_from_the_cache(cache_losses):
+    assert len(cache_losses) == 20 and sum(cache_losses[-5:]) < sum(cache_losses[:5]), cache_losses
+
+
+def test_online_mode_gives_the_losses_of_the_cache(cache, cache_losses, tmp_path):
+    root = cache.parent  # the manifest, VAE and T5 the cache was encoded from
+    run = tmp_path / "online"
+    assert main(["train", "--data", str(root / "manifest.jsonl"), "--vae", str(root / "vae"), "--text-encoder",
+                 str(root / "t5"), "--run-dir", str(run), *TRAIN_ARGS, "data.online_keep_clips=3"]) == 0
+    online = losses_of(run)  # 3 kept clips of 6: later epochs decode and encode again
+    assert len(online) == 20
+    assert max(abs(a - b) / abs(b) for a, b in zip(online, cache_losses)) <= 1e-6, (online, cache_losses)
+
+
+def test_online_mode_replaces_a_clip_that_does_not_decode(cache, tmp_path, caplog):
+    from cogvx_mega.config import load_config
+    from cogvx_mega.data.text import T5TextEncoder
+    from cogvx_mega.tools.training_data import open_training_data
+
+    root = cache.parent
+    lines = (root / "manifest.jsonl").read_text().splitlines()
+    broken = [json.loads(line) for line in lines]
+    video = next(i for i, r in enumerate(broken) if r["kind"] == "video")
+    broken[video]["path"] = str(tmp_path / "gone.mp4")  # its file is gone since the scan
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in broken))
+    config = load_config("tiny", overrides=[f"data.source='{manifest}'", f"data.vae='{root / 'vae'}'",
+                                            f"data.text_encoder='{root / 't5'}'", BUCKETS, "training.device=cpu"])
+    data = open_training_data(config)
+    t5 = T5TextEncoder(str(root / "t5"), max_length=config.model.max_text_seq_length)
+    videos = data.plan.clips["5x32x48"]
+    gone = next(i for i, r in enumerate(videos) if r["path"].endswith("gone.mp4"))
+    step = next(s for s in range(8) if data.batch_of_step(s, 2, seed=1)[0] == "5x32x48"
+                and gone in data.batch_of_step(s, 2, seed=1)[1])
+    clips = data.batch_of_step(step, 2, seed=1)[1]
+    batch = data.step_batch(step, range(2), 2, seed=1)
+    assert batch["latents"].shape[0] == 2  # still a full batch
+    assert list(data.skipped) == [("5x32x48", gone)] and "gone.mp4" in caplog.text
+    slot = clips.index(gone)
+    replacement = videos[(gone + 1) % len(videos)]  # the next clip of the bucket takes its place
+    assert torch.allclose(batch["text_embeds"][slot], t5.encode([replacement["caption"]])[0], atol=1e-6)
+    data.close()

@@ -1,0 +1,116 @@
+"""Online mode for small runs: `cogvx train --data manifest.jsonl --vae VAE --text-encoder T5` decodes and
+encodes clips on the fly instead of reading a latent cache.
+
+It plans the manifest exactly as `cogvx data encode` does (`plan_from_manifest`: the same buckets and clip
+indices), draws the same global batch at every step (`BucketedBatches`), encodes each clip with the same
+encoder (`ClipEncoder`) and draws the posterior sample with the same noise (`posterior_latents`), so it
+yields the batches the cache of that manifest would. The one difference is a clip that fails to decode:
+the cache knows before training and leaves it out of the shuffle, online mode learns it at the step that
+draws it, skips it (logged with its path and reason, counted in `skipped`) and puts the next clip of the
+same bucket that decodes in its place, so the step still has its full batch and the run goes on.
+
+The clips of the next step are decoded in the background (`data.num_workers` threads) while the current
+step trains; encoded clips are kept in memory (`data.online_keep_clips`, least recently used dropped) so
+later epochs skip the decode and the VAE.
+"""
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .buckets import Bucket
+from .cache import CachePlan
+from .cache_reader import BucketedBatches, posterior_latents
+from .encoder import ClipEncoder, cancel
+
+logger = logging.getLogger(__name__)
+
+
+class OnlineDataset(BucketedBatches):
+    """`step_batch(step, slots, global_batch, seed)` -> {"latents" [n, T', C, H, W], "text_embeds" [n, L, D]},
+    encoding the clips of `plan` with `encoder` as they are needed."""
+
+    def __init__(self, plan: CachePlan, encoder: ClipEncoder, scaling_factor: float, keep_clips: int = 256):
+        super().__init__({bucket: list(range(len(items))) for bucket, items in plan.clips.items() if items})
+        self.plan, self.encoder, self.scaling_factor, self.keep_clips = plan, encoder, scaling_factor, keep_clips
+        self.skipped: dict[tuple[str, int], str] = {}
+        """(bucket, index) -> why the clip could not be used."""
+        self._kept: OrderedDict[tuple[str, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = OrderedDict()
+        self._decoding: dict[tuple[str, int], object] = {}
+        self._reported: set[tuple[str, int]] = set()
+
+    def _record(self, clip: tuple[str, int]) -> dict:
+        return self.plan.clips[clip[0]][clip[1]]
+
+    def _start_decoding(self, clips: list[tuple[str, int]]) -> None:
+        wanted = [c for c in dict.fromkeys(clips) if c not in self._kept and c not in self._decoding
+                  and c not in self.skipped]
+        for bucket in dict.fromkeys(c[0] for c in wanted):
+            group = [c for c in wanted if c[0] == bucket]
+            futures = self.encoder.decode_ahead([self._record(c) for c in group], Bucket.parse(bucket))
+            self._decoding.update(zip(group, futures))
+
+    def _encode(self, clips: list[tuple[str, int]]) -> None:
+        """Encode the clips not kept yet (one bucket), keeping the results or recording the failures."""
+        todo = [c for c in dict.fromkeys(clips) if c not in self._kept and c not in self.skipped]
+        if not todo:
+            return
+        self._start_decoding(todo)
+        records = [self._record(c) for c in todo]
+        encoded = self.encoder.encode(records, Bucket.parse(todo[0][0]), [self._decoding.pop(c) for c in todo])
+        for offset, clip in enumerate(todo):
+            if encoded.moments[offset] is None:
+                self.skipped[clip] = encoded.failures[offset]
+                continue
+            self._kept[clip] = (*encoded.moments[offset], encoded.text[offset])
+
+    def _clip_or_replacement(self, clip: tuple[str, int]) -> tuple[str, int]:
+        """The clip, or when it does not decode, the next one of its bucket (in index order, wrapping) that does."""
+        bucket, index = clip
+        count = len(self.plan.clips[bucket])
+        for offset in range(count):
+            candidate = (bucket, (index + offset) % count)
+            self._encode([candidate])
+            if candidate not in self.skipped:
+                if offset and clip not in self._reported:
+                    self._reported.add(clip)
+                    logger.warning("skipped %s: %s; %s takes its place in this batch", self._record(clip)["path"],
+                                   self.skipped[clip], self._record(candidate)["path"])
+                return candidate
+        raise RuntimeError(f"no clip of bucket {bucket} could be decoded ({count} tried, e.g. "
+                           f"{self._record(clip)['path']}: {self.skipped[clip]}); check the manifest's files")
+
+    def step_batch(self, step: int, slots: range, global_batch: int, seed: int) -> dict[str, torch.Tensor]:
+        bucket, clips = self.batch_of_step(step, global_batch, seed)
+        mine = [(bucket, index) for index in clips[slots.start:slots.stop]]
+        following, next_clips = self.batch_of_step(step + 1, global_batch, seed)
+        upcoming = [(following, index) for index in next_clips[slots.start:slots.stop]]
+        stale = [c for c in self._decoding if c not in mine and c not in upcoming]  # e.g. a resume jumped ahead
+        cancel([self._decoding.pop(c) for c in stale])
+        self._encode(mine)
+        self._start_decoding(upcoming)  # decoded in the background while this step trains
+        chosen = [self._clip_or_replacement(clip) for clip in mine]
+        values = [self._kept[clip] for clip in chosen]
+        for clip in chosen:
+            self._kept.move_to_end(clip)
+        while len(self._kept) > self.keep_clips:
+            self._kept.popitem(last=False)
+        mean, logvar, text = (torch.from_numpy(np.stack(parts)) for parts in zip(*values))
+        latents = posterior_latents(mean, logvar, slots, seed, step, self.scaling_factor)
+        return {"latents": latents, "text_embeds": text}
+
+    def close(self) -> None:
+        cancel(list(self._decoding.values()))
+        self._decoding.clear()
+        self.encoder.close()
+
+
+def open_online_dataset(plan: CachePlan, vae, text_encoder, config, device: Optional[str] = None) -> OnlineDataset:
+    """Online mode over `plan` with a loaded VAE and T5 (see `cogvx_mega.tools.training_data`)."""
+    encoder = ClipEncoder(vae, text_encoder, config.data.fps, device or config.training.device,
+                          workers=config.data.num_workers)
+    return OnlineDataset(plan, encoder, float(vae.config.scaling_factor), keep_clips=config.data.online_keep_clips)
