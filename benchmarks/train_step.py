@@ -16,6 +16,35 @@ import time
 import torch
 
 
+def time_train_step(preset: str, device: str, overrides: list[str], warmup: int, steps: int):
+    """(config, trainer, seconds of each timed step) for one process training `preset` on random latents."""
+    from cogvx_mega.config import load_config
+    from cogvx_mega.model.transformer import build_model_chunks
+    from cogvx_mega.parallel.state import initialize_parallel
+    from cogvx_mega.training.trainer import Trainer
+
+    config = load_config(preset, overrides=[f"training.device={device}", "training.run_dir='/tmp/cogvx-bench'",
+                                            *overrides])
+    dims = initialize_parallel(config.parallel, device=device)
+    chunks = build_model_chunks(config.model, config.parallel, device=device, seed=config.training.seed)
+    trainer = Trainer(config, dims, chunks)
+    frames, height, width = config.data.latent_shape(config.model)
+    batch_size = config.training.micro_batch_size
+    batch = {"latents": torch.randn(batch_size, frames, config.model.in_channels, height, width),
+             "text_embeds": torch.randn(batch_size, config.model.max_text_seq_length, config.model.text_embed_dim)}
+    times = []
+    for step in range(warmup + steps):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        trainer.train_step(batch)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if step >= warmup:
+            times.append(time.perf_counter() - started)
+    return config, trainer, times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny")
@@ -26,34 +55,13 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
 
-    from cogvx_mega.config import load_config
-    from cogvx_mega.model.transformer import build_model_chunks
-    from cogvx_mega.parallel.state import initialize_parallel
-    from cogvx_mega.training.trainer import Trainer
-
-    overrides = [f"training.device={args.device}", "training.run_dir='/tmp/cogvx-bench'", *args.overrides]
+    overrides = list(args.overrides)
     if args.micro_batch:
         overrides.append(f"training.micro_batch_size={args.micro_batch}")
-    config = load_config(args.preset, overrides=overrides)
-    dims = initialize_parallel(config.parallel, device=args.device)
+    config, trainer, times = time_train_step(args.preset, args.device, overrides, args.warmup, args.steps)
     dtype = torch.bfloat16 if args.device == "cuda" and config.training.bf16 else torch.float32
-    chunks = build_model_chunks(config.model, config.parallel, device=args.device, seed=config.training.seed)
-    trainer = Trainer(config, dims, chunks)
-    frames, height, width = config.data.latent_shape(config.model)
-    batch_size = config.training.micro_batch_size
-    batch = {"latents": torch.randn(batch_size, frames, config.model.in_channels, height, width),
-             "text_embeds": torch.randn(batch_size, config.model.max_text_seq_length, config.model.text_embed_dim)}
-    times = []
-    for step in range(args.warmup + args.steps):
-        if args.device == "cuda":
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        trainer.train_step(batch)
-        if args.device == "cuda":
-            torch.cuda.synchronize()
-        if step >= args.warmup:
-            times.append(time.perf_counter() - started)
     step_s = statistics.mean(times)
+    batch_size = config.training.micro_batch_size
     tokens = batch_size * trainer.tokens_per_sample()
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or 'cpu'}, " \
                                                                           f"{torch.get_num_threads()} threads"

@@ -4,13 +4,14 @@ data-parallel size reads the same samples, and `cogvx train --data cache.zarr` t
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from cogvx_mega.cli import main
 
-BUCKETS = "data.buckets=[5x32x48,1x32x32]"
+EXAMPLE = str(Path(__file__).resolve().parents[2] / "examples" / "configs" / "tiny-videos.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +31,8 @@ def cache(tmp_path_factory):
     vae.save_pretrained(root / "vae")
     make_tiny_t5(root / "t5")
     assert main(["data", "encode", "--manifest", str(root / "manifest.jsonl"), "--vae", str(root / "vae"),
-                 "--text-encoder", str(root / "t5"), "--output", str(root / "cache.zarr"), "--preset", "tiny",
-                 BUCKETS, "--shard-clips", "2"]) == 0
+                 "--text-encoder", str(root / "t5"), "--output", str(root / "cache.zarr"), "--config", EXAMPLE,
+                 "--shard-clips", "2"]) == 0
     return root / "cache.zarr"
 
 
@@ -81,8 +82,7 @@ def test_latents_are_fresh_posterior_samples_of_the_cached_moments(cache):
     assert not torch.equal(batch["latents"], again["latents"])
 
 
-TRAIN_ARGS = ["--preset", "tiny", "--steps", "20", BUCKETS, "training.micro_batch_size=2", "training.warmup_steps=0",
-              "training.lr=3e-3", "diffusion.text_dropout=0.0"]
+TRAIN_ARGS = ["--config", EXAMPLE]  # 20 steps of the example, as its comment runs them
 
 
 def losses_of(run):
@@ -122,8 +122,8 @@ def test_online_mode_replaces_a_clip_that_does_not_decode(cache, tmp_path, caplo
     broken[video]["path"] = str(tmp_path / "gone.mp4")  # its file is gone since the scan
     manifest = tmp_path / "manifest.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in broken))
-    config = load_config("tiny", overrides=[f"data.source='{manifest}'", f"data.vae='{root / 'vae'}'",
-                                            f"data.text_encoder='{root / 't5'}'", BUCKETS, "training.device=cpu"])
+    config = load_config(config_file=EXAMPLE, overrides=[f"data.source='{manifest}'", f"data.vae='{root / 'vae'}'",
+                                                         f"data.text_encoder='{root / 't5'}'"])
     data = open_training_data(config)
     t5 = T5TextEncoder(str(root / "t5"), max_length=config.model.max_text_seq_length)
     videos = data.plan.clips["5x32x48"]

@@ -13,7 +13,8 @@ from cogvx_mega.config import load_config
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "configs"
 
 
-@pytest.mark.parametrize("name, world", [("cogvideox-5b-8xh100.yaml", 8), ("tiny.yaml", 1)])
+@pytest.mark.parametrize("name, world", [("cogvideox-5b-8xh100.yaml", 8), ("tiny.yaml", 1),
+                                               ("tiny-videos.yaml", 1)])
 def test_example_dry_runs(name, world, capsys):
     assert main(["train", "--config", str(EXAMPLES / name), "--dry-run", "--world-size", str(world)]) == 0
     assert "memory per GPU" in capsys.readouterr().out
