@@ -196,10 +196,11 @@ def encode_cache(path: Path, plan: CachePlan, encoder: "ClipEncoder", rank: int 
     return {"shards": len(mine), "clips": clips, "failed": failed, "seconds": time.perf_counter() - started}
 
 
-def usable_clips(path: Path) -> dict[str, list[int]]:
-    """bucket -> indices of its committed, successfully encoded clips (what a reader may use)."""
+def usable_clips(path: Path, markers: Optional[dict[str, dict]] = None) -> dict[str, list[int]]:
+    """bucket -> indices of its committed, successfully encoded clips (what a reader may use); `markers`:
+    `committed(path)` when the caller has read them already."""
     usable: dict[str, list[int]] = {}
-    for name, marker in committed(path).items():
+    for name, marker in (committed(path) if markers is None else markers).items():
         bucket, start = name.split("/")[1], int(Path(name).stem)
         failed = {f["index"] for f in marker["failed"]}
         usable.setdefault(bucket, []).extend(i for i in range(start, start + marker["clips"]) if i not in failed)

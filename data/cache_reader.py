@@ -93,7 +93,7 @@ class CacheDataset(BucketedBatches):
         if planned is not None and len(markers) < planned:  # the order would change as more shards land
             raise ConfigError("--data", path, f"is not finished: {len(markers)} of {planned} shards are committed; "
                                               f"run `cogvx data encode` with the same arguments again to finish it")
-        super().__init__(usable_clips(self.path))
+        super().__init__(usable_clips(self.path, markers))
         if not self.usable:
             raise ConfigError("--data", path, "holds no usable clip (every clip failed to encode)")
         self.arrays = {bucket: {name: ts.open({"driver": "zarr3", "kvstore": {"driver": "file",
