@@ -22,14 +22,16 @@ FAMILIES = {
 }
 
 
-def make_diffusers_model(family: str, seed: int = 0):
+def make_diffusers_model(family: str, seed: int = 0, std: float = 0.3):
+    """Random weights: matrices and biases N(0, std), norms N(0, 1). std 0.3 gives outputs of magnitude ~30,
+    which makes every tensor matter; a smaller std gives outputs nearer the O(1) of a trained model."""
     from diffusers import CogVideoXTransformer3DModel
 
     torch.manual_seed(seed)
     model = CogVideoXTransformer3DModel(**FAMILIES[family]).eval()
     with torch.no_grad():  # randomise every tensor (diffusers zero-inits some) so each one matters
         for name, param in model.named_parameters():
-            param.normal_(0.0, 0.3 if "norm" not in name else 1.0)
+            param.normal_(0.0, std if "norm" not in name else 1.0)
         if FAMILIES[family].get("use_learned_positional_embeddings"):
             model.patch_embed.pos_embedding.normal_(0.0, 0.5)
     return model
@@ -56,3 +58,15 @@ def make_tiny_preset_diffusers_model(seed: int = 0):
             else:
                 param.normal_(0.0, 0.05)
     return model
+
+
+def pipeline_rope(reference, latent_frames: int, latent_height: int, latent_width: int):
+    """RoPE tables exactly as diffusers' CogVideoX pipelines build them for this transformer."""
+    from diffusers.pipelines.cogvideo.pipeline_cogvideox import CogVideoXPipeline
+
+    if not reference.config.use_rotary_positional_embeddings:
+        return None
+    pipeline = CogVideoXPipeline.__new__(CogVideoXPipeline)  # only the position helper is used
+    pipeline.__dict__.update(transformer=reference, vae_scale_factor_spatial=8)
+    return CogVideoXPipeline._prepare_rotary_positional_embeddings(
+        pipeline, latent_height * 8, latent_width * 8, latent_frames, torch.device("cpu"))

@@ -23,6 +23,8 @@ class CogVideoXTransformerConfig(TransformerConfig):
     """Width of the conditioning embedding fed to every adaptive LayerNorm."""
     qk_layernorm_epsilon: float = 1e-6
     """QK-LayerNorm eps (the block LayerNorms use `layernorm_epsilon`)."""
+    packed_attention: str = "per_clip"
+    """Block-diagonal attention kernel for packed sequences on the local backend (`parallel.varlen`)."""
 
 
 def recompute_settings(recompute: str, recompute_num_layers: int) -> dict:
@@ -48,6 +50,7 @@ def build_transformer_config(model: ModelConfig, parallel: Optional[ParallelConf
         time_embed_dim=model.time_embed_dim,
         layernorm_epsilon=model.norm_eps,
         qk_layernorm_epsilon=model.qk_norm_eps,
+        packed_attention=model.packed_attention,
         normalization="LayerNorm",
         qk_layernorm=True,
         add_bias_linear=True,

@@ -10,6 +10,7 @@ from typing import Literal, Optional
 
 POSITIONAL_EMBEDDINGS = ("sincos", "rope", "rope+learned")
 BACKENDS = ("local", "te")
+PACKED_ATTENTION_KERNELS = ("per_clip", "sdpa_mask", "flex", "flash")  # = parallel.varlen.VARLEN_KERNELS
 TIMESTEP_SAMPLING = ("explicit_uniform", "uniform")
 
 
@@ -64,6 +65,9 @@ class ModelConfig:
     qk_norm_eps: float = 1e-6
     backend: str = "local"
     """'local' (pure torch, any device) or 'te' (Transformer Engine, GPU)."""
+    packed_attention: str = "per_clip"
+    """Kernel of the block-diagonal attention over packed sequences on the local backend: 'per_clip',
+    'sdpa_mask', 'flex' or 'flash' (flash-attn, CUDA). The te backend uses TE's thd attention."""
     latent_scale: float = 1.15258426
     """VAE latent scaling factor of this family (2B: 1.15258426, 5B and later: 0.7)."""
 
@@ -85,6 +89,9 @@ class ModelConfig:
                               f"choose one of {', '.join(POSITIONAL_EMBEDDINGS)}")
         if self.backend not in BACKENDS:
             raise ConfigError("model.backend", self.backend, f"choose one of {', '.join(BACKENDS)}")
+        if self.packed_attention not in PACKED_ATTENTION_KERNELS:
+            raise ConfigError("model.packed_attention", self.packed_attention,
+                              f"choose one of {', '.join(PACKED_ATTENTION_KERNELS)}")
         if self.uses_rope and self.attention_head_dim % 8:
             raise ConfigError("model.attention_head_dim", self.attention_head_dim,
                               "3D RoPE splits a head 2/8 (t) + 3/8 (h) + 3/8 (w): use a multiple of 8")

@@ -6,8 +6,10 @@ Single-device math only: tensor/sequence/context parallelism come from the submo
 How conditioning reaches the layer through `TransformerBlock.forward` (whose arguments are tensors,
 so they also pass through megatron's activation recomputation):
 - `context`: the conditioning embedding `emb` [b, time_embed_dim] (timestep, plus ofs for 1.5-I2V);
-- `context_mask`: `text_token_mask` [s, b] bool, True on text tokens. It is sliced exactly like
-  the hidden states (sequence or context parallel), so any token order or packing stays correct.
+- `context_mask`: `condition_index` [s, b] int64: token (s, b) is modulated with row `index // 2`
+  of `context` and with the text expert when `index % 2 == 1` (video otherwise). One row per sample
+  (row = batch index) or, in a packed sequence, one row per clip. It is sliced exactly like the hidden
+  states (sequence or context parallel), so any token order or packing stays correct.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from megatron.core.utils import get_pg_rank, get_pg_size, make_viewless_tensor
 from torch import Tensor, nn
 
 from ..parallel.context import CP_ATTENTION_KINDS, context_parallel_attention, sdpa
+from ..parallel.varlen import check_packed_split, packed_attention
 
 # Order of the 12 modulation chunks of one layer: the attention half, then the FFN half
 # (the same order as diffusers' norm1.linear followed by norm2.linear).
@@ -84,8 +87,11 @@ class SDPACoreAttention(MegatronModule):
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor] = None,
                 attn_mask_type=None, attention_bias=None, packed_seq_params=None) -> Tensor:
-        if packed_seq_params is not None:
-            raise NotImplementedError("packed sequences need the te backend or the packing attention (not built yet)")
+        if packed_seq_params is not None:  # thd: q/k/v [t, heads, d] of this CP rank's share of one pack
+            check_packed_split(packed_seq_params, get_pg_size(self.cp_group))
+            out = packed_attention(query, key, value, packed_seq_params, self.softmax_scale,
+                                   self.config.packed_attention, self.cp_group, self.cp_comm_type)
+            return out.reshape(query.shape[0], -1)  # [t, h]
         seq, batch, heads, head_dim = query.shape
         # attention_mask: None, or key_valid [s] (True on real keys, False on padding; rank-major under CP)
         if self.context_parallel:  # q/k/v hold this CP rank's tokens
@@ -137,34 +143,31 @@ class ExpertAdaLNLayer(MegatronModule):
         self.mlp = build_module(submodules.mlp, config=config, ffn_hidden_size=config.ffn_hidden_size,
                                 tp_group=pg_collection.tp)
 
-    @staticmethod
-    def _per_token(is_text: Tensor, video_value: Tensor, text_value: Tensor) -> Tensor:
-        # is_text [s, b, 1]; values [b, h] -> [s, b, h]
-        return torch.where(is_text, text_value.unsqueeze(0), video_value.unsqueeze(0))
-
-    def _modulated_residual_branch(self, hidden_states: Tensor, is_text: Tensor, norm: nn.Module,
-                                   branch, modulation: tuple[Tensor, ...], **branch_kwargs) -> Tensor:
-        shift, scale, gate, text_shift, text_scale, text_gate = modulation
-        normed = norm(hidden_states)
-        normed = normed * (1 + self._per_token(is_text, scale, text_scale)) + self._per_token(is_text, shift, text_shift)
+    def _modulated_residual_branch(self, hidden_states: Tensor, norm: nn.Module, branch, modulation: Tensor,
+                                   **branch_kwargs) -> Tensor:
+        shift, scale, gate = modulation.unbind(2)  # [s, b, h] each: the token's own expert and sample/clip
+        normed = norm(hidden_states) * (1 + scale) + shift
         out, bias = branch(normed, **branch_kwargs)
         if bias is not None:
             out = out + bias
-        return hidden_states + self._per_token(is_text, gate, text_gate) * out
+        return hidden_states + gate * out
 
     def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None,
                 context: Optional[Tensor] = None, context_mask: Optional[Tensor] = None,
                 rotary_pos_emb: Optional[Tensor] = None, packed_seq_params=None, **unused):
-        # hidden_states [s, b, h]; context = emb [b, E]; context_mask = text_token_mask [s, b];
+        # hidden_states [s, b, h]; context = emb [rows, E]; context_mask = condition_index [s, b] (module docstring);
         # attention_mask = None or key_valid [s] over all keys in rank-major order (False on sequence padding)
         if context is None or context_mask is None:
-            raise ValueError("ExpertAdaLNLayer needs context=emb [b, E] and context_mask=text_token_mask [s, b]")
-        modulation = self.adaln_modulation(context).chunk(12, dim=-1)
-        is_text = context_mask.unsqueeze(-1)  # [s, b, 1]
+            raise ValueError("ExpertAdaLNLayer needs context=emb [rows, E] and context_mask=condition_index [s, b]")
+        rows, hidden = context.shape[0], self.config.hidden_size
+        # [rows, 12h] -> per (row, expert) the (shift, scale, gate) of both branches: [2 * rows, 2, 3, h]
+        modulation = self.adaln_modulation(context).view(rows, 2, 2, 3, hidden).transpose(1, 2).reshape(
+            2 * rows, 2, 3, hidden)
+        per_token = modulation[context_mask]  # [s, b, 2, 3, h]
         hidden_states = self._modulated_residual_branch(
-            hidden_states, is_text, self.input_layernorm, self.self_attention, modulation[:6],
+            hidden_states, self.input_layernorm, self.self_attention, per_token[:, :, 0],
             attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb, packed_seq_params=packed_seq_params)
         hidden_states = self._modulated_residual_branch(
-            hidden_states, is_text, self.pre_mlp_layernorm, self.mlp, modulation[6:])
+            hidden_states, self.pre_mlp_layernorm, self.mlp, per_token[:, :, 1])
         output = make_viewless_tensor(inp=hidden_states, requires_grad=hidden_states.requires_grad, keep_graph=True)
         return output, context

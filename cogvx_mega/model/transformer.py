@@ -23,6 +23,7 @@ from ..parallel.pipeline import REPLICATED_MODULES
 from ..parallel.sequence import gather_tokens, local_tokens, mark_sequence_parallel, scatter_tokens
 from .layer import LayerNorm
 from .layer_spec import layer_spec_for, masks_padded_keys
+from .packing import ClipShape, PackLayout, plan_pack_layout, video_tokens
 from .positions import rope_3d_angles, sincos_3d, timestep_sinusoid
 
 
@@ -221,10 +222,16 @@ class CogVideoXTransformer(MegatronModule):
     def sequence_length(self, latent_frames: int, latent_height: int, latent_width: int, text_length: int) -> int:
         return sequence_length(self.model_config, latent_frames, latent_height, latent_width, text_length)
 
-    def forward(self, latents: Tensor, text_embeds: Tensor, timesteps: Tensor, ofs: Optional[Tensor] = None,
-                return_tokens: bool = False) -> Tensor:
+    def forward(self, latents, text_embeds, timesteps: Tensor, ofs: Optional[Tensor] = None,
+                return_tokens: bool = False, pack_length: Optional[int] = None):
         """v_pred [B, T, C_out, H, W]; with `return_tokens`, this context-parallel rank's output tokens
-        [S/cp, b, C_out*pt*p*p] over [text ; video ; pad] (what training computes its loss on)."""
+        [S/cp, b, C_out*pt*p*p] over [text ; video ; pad] (what training computes its loss on).
+
+        Lists of per-clip latents and text (no batch dimension) run as one packed sequence: see
+        `forward_packed`."""
+        if isinstance(latents, (list, tuple)):
+            return self.forward_packed(latents, text_embeds, timesteps, ofs, return_tokens=return_tokens,
+                                       pack_length=pack_length)
         b, t, c, h, w = latents.shape
         m = self.model_config
         if c != m.in_channels:
@@ -245,10 +252,11 @@ class CogVideoXTransformer(MegatronModule):
             hidden = scatter_tokens(hidden, self.config, self.tp_group)  # [S/cp/tp, b, h] under sequence parallel
         else:
             hidden = None  # comes from the previous pipeline stage via set_input_tensor
-        text_token_mask = torch.zeros(padded, b, dtype=torch.bool, device=latents.device)
-        text_token_mask[:text_length] = True
-        text_token_mask = local_tokens(split_sequence(text_token_mask, padded, self.cp_group), self.config,
-                                       self.tp_group)  # sliced like hidden
+        # modulation row of each token: 2 x sample + is_text (see `layer.py`)
+        condition = 2 * torch.arange(b, device=latents.device)[None, :].expand(padded, b).clone()
+        condition[:text_length] += 1
+        condition = local_tokens(split_sequence(condition, padded, self.cp_group), self.config,
+                                 self.tp_group)  # sliced like hidden
         key_valid = None  # [S]: real keys, in the order the attention sees them (rank-major under CP)
         if padded != seq:
             key_valid = rank_major_positions(padded, self.cp_group, latents.device) < seq
@@ -256,7 +264,7 @@ class CogVideoXTransformer(MegatronModule):
         if rope is not None:  # this CP rank's rows; q/k cover the whole CP shard even under sequence parallel
             rope = split_sequence(torch.nn.functional.pad(rope, (0, 0, 0, 0, 0, 0, 0, padded - seq)), padded,
                                   self.cp_group)
-        hidden = self.decoder(hidden, attention_mask=key_valid, context=emb, context_mask=text_token_mask,
+        hidden = self.decoder(hidden, attention_mask=key_valid, context=emb, context_mask=condition,
                               rotary_pos_emb=rope)  # [S/cp(/tp), b, h]
         if not self.post_process:
             return hidden
@@ -270,12 +278,98 @@ class CogVideoXTransformer(MegatronModule):
         video = tokens[text_length:seq].transpose(0, 1)  # [b, N, C_out*pt*p*p]
         return unpatchify(video, t, h, w, m.patch_size, m.patch_size_t)  # [B, T, C_out, H, W]
 
+    # --- packed sequences ---------------------------------------------------------------------------
+    def pack_layout(self, latents, text_embeds, pack_length: Optional[int] = None) -> PackLayout:
+        """The `PackLayout` of these clips at this model's parallel layout (checks their shapes)."""
+        m = self.model_config
+        if len(latents) != len(text_embeds) or not latents:
+            raise ValueError(f"forward_packed got {len(latents)} latents and {len(text_embeds)} text embeddings: "
+                             f"pass one of each per clip (at least one clip)")
+        clips = []
+        for index, (clip, text) in enumerate(zip(latents, text_embeds)):
+            if clip.dim() != 4 or clip.shape[1] != m.in_channels:
+                raise ValueError(f"clip {index}: latents of shape {tuple(clip.shape)}; forward_packed takes one "
+                                 f"[T, C={m.in_channels}, H, W] tensor per clip (no batch dimension)")
+            if text.dim() != 2 or text.shape[1] != m.text_embed_dim:
+                raise ValueError(f"clip {index}: text_embeds of shape {tuple(text.shape)}; forward_packed takes one "
+                                 f"[L, D={m.text_embed_dim}] tensor per clip")
+            frames, _, height, width = clip.shape
+            if frames % (m.patch_size_t or 1) or height % m.patch_size or width % m.patch_size:
+                raise ValueError(f"clip {index}: latent grid {frames}x{height}x{width} does not divide into "
+                                 f"patches of {m.patch_size_t or 1}x{m.patch_size}x{m.patch_size}")
+            clips.append(ClipShape(frames, height, width, text.shape[0]))
+        return plan_pack_layout(m, clips, self.config, pack_length)
+
+    def forward_packed(self, latents: list, text_embeds: list, timesteps: Tensor, ofs: Optional[Tensor] = None,
+                       return_tokens: bool = False, pack_length: Optional[int] = None):
+        """Clips of different sizes, durations and text lengths in one sequence, each with its own timestep.
+
+        `latents[i]` [T_i, C, H_i, W_i], `text_embeds[i]` [L_i, D] (no batch dimension), `timesteps` [n] (and
+        `ofs`, a number or [n], for 1.5-I2V) -> a list of v_pred [T_i, C_out, H_i, W_i]. Every clip gets exactly
+        what it gets when it runs alone: attention stays inside the clip (block-diagonal, `parallel.varlen` /
+        TE's thd attention), its positions are its own grid's, its tokens are modulated by its own timestep.
+        With `return_tokens`, this context-parallel rank's output tokens [t/cp, 1, F] in the pack order of
+        `pack_layout(...)` (TE's thd split; what training computes its loss on). `pack_length` pads the pack
+        to a fixed length."""
+        m = self.model_config
+        layout = self.pack_layout(latents, text_embeds, pack_length)
+        device, n = latents[0].device, len(latents)
+        timesteps = torch.as_tensor(timesteps, device=device).reshape(-1)
+        if timesteps.numel() == 1:
+            timesteps = timesteps.expand(n)
+        if timesteps.numel() != n:
+            raise ValueError(f"forward_packed got {timesteps.numel()} timesteps for {n} clips: pass one per clip")
+        emb = self.conditioning(timesteps, ofs, latents[0].dtype)  # [n, E]: one row per clip
+        total, segments = layout.total, layout.segments
+        params = layout.sequence_params(device)
+        if self.pre_process:
+            pieces = []
+            for clip, text, start, stop in zip(latents, text_embeds, segments[:-1], segments[1:]):
+                tokens = self.patch_embed(text[None], clip[None])[0]  # [L_i + N_i, h]: the clip's own positions
+                pieces.append(torch.nn.functional.pad(tokens, (0, 0, 0, stop - start - tokens.shape[0])))
+            hidden = torch.cat(pieces)[:, None]  # [t, 1, h]
+            hidden = split_sequence(hidden, total, self.cp_group, segments)  # this CP rank's share of every clip
+            hidden = scatter_tokens(hidden, self.config, self.tp_group)
+        else:
+            hidden = None  # comes from the previous pipeline stage via set_input_tensor
+        condition = layout.condition_index(device)[:, None]  # [t, 1]
+        condition = local_tokens(split_sequence(condition, total, self.cp_group, segments), self.config,
+                                 self.tp_group)  # sliced like hidden
+        rope = self.packed_rotary_table(layout, device)  # whole pack: megatron's thd RoPE takes this rank's rows
+        hidden = self.decoder(hidden, attention_mask=None, context=emb, context_mask=condition, rotary_pos_emb=rope,
+                              packed_seq_params=params)
+        if not self.post_process:
+            return hidden
+        shift, scale = self.output_norm_linear(torch.nn.functional.silu(emb)).chunk(2, dim=1)  # [n, h] each
+        clip_of_token = condition // 2  # [t_local, 1]
+        tokens = self.output_norm(hidden) * (1 + scale[clip_of_token]) + shift[clip_of_token]
+        tokens = gather_tokens(self.output_proj(tokens), self.config, self.tp_group)  # [t/cp, 1, F]
+        if return_tokens:
+            return tokens
+        tokens = gather_sequence(tokens, total, self.cp_group, segments)[:, 0]  # [t, F], pack order
+        outputs = []
+        for clip, shape, start, length in zip(latents, layout.clips, segments, layout.lengths):
+            video = tokens[start + shape.text_length:start + length][None]
+            outputs.append(unpatchify(video, clip.shape[0], clip.shape[2], clip.shape[3], m.patch_size,
+                                      m.patch_size_t)[0])
+        return outputs
+
+    def packed_rotary_table(self, layout: PackLayout, device) -> Optional[Tensor]:
+        """RoPE angles [t, 1, 1, head_dim] of a pack: each clip's own table (as it gets alone), zeros on pad."""
+        if not self.model_config.uses_rope:
+            return None
+        pieces = []
+        for shape, start, stop in zip(layout.clips, layout.segments[:-1], layout.segments[1:]):
+            table = self.rotary_table(shape.latent_frames, shape.latent_height, shape.latent_width,
+                                      shape.text_length, device)
+            pieces.append(torch.nn.functional.pad(table, (0, 0, 0, 0, 0, 0, 0, stop - start - table.shape[0])))
+        return torch.cat(pieces)
+
 
 def sequence_length(model: ModelConfig, latent_frames: int, latent_height: int, latent_width: int,
                     text_length: int) -> int:
     """Tokens of the joint sequence: text plus video patches (before any CP/SP padding)."""
-    return text_length + (latent_frames // (model.patch_size_t or 1)) * (latent_height // model.patch_size) * (
-        latent_width // model.patch_size)
+    return text_length + video_tokens(model, latent_frames, latent_height, latent_width)
 
 
 def build_model_chunks(model: ModelConfig, parallel=None, device: str = "cpu",

@@ -48,12 +48,33 @@ def local_token_indices(seq_length: int, cp_size: int, cp_rank: int, device=None
     return torch.cat([first, second])
 
 
-def split_sequence(tensor: Tensor, seq_length: int, group) -> Tensor:
-    """This CP rank's tokens of a [s, ...] tensor (differentiable; identity without CP). `group`: the CP group."""
+def segment_token_indices(seq_length: int, cp_size: int, cp_rank: int, segments=None, device=None) -> Tensor:
+    """Positions of this CP rank's tokens. Without `segments` the whole sequence is split load-balanced
+    (`local_token_indices`); with `segments` (boundaries [0, e_1, ..., seq_length] of a packed sequence,
+    each span a multiple of 2 x CP) every span is split that way on its own and the rank's pieces are
+    concatenated span by span: Transformer Engine's split of a `thd` packed sequence."""
+    if segments is None:
+        return local_token_indices(seq_length, cp_size, cp_rank, device)
+    if segments[0] != 0 or segments[-1] != seq_length:
+        raise ValueError(f"packed segments {list(segments)} do not cover the sequence of {seq_length} tokens")
+    if cp_size == 1:
+        return torch.arange(seq_length, device=device)
+    spans = [stop - start for start, stop in zip(segments[:-1], segments[1:])]
+    if any(span % (2 * cp_size) for span in spans):
+        raise ValueError(f"packed spans {spans}: context parallel splits every span into 2 x CP={2 * cp_size} equal "
+                         f"chunks, so each must be padded to a multiple of {2 * cp_size} (refused rather than "
+                         f"truncated)")
+    return torch.cat([start + local_token_indices(stop - start, cp_size, cp_rank, device)
+                      for start, stop in zip(segments[:-1], segments[1:])])
+
+
+def split_sequence(tensor: Tensor, seq_length: int, group, segments=None) -> Tensor:
+    """This CP rank's tokens of a [s, ...] tensor (differentiable; identity without CP). `group`: the CP group;
+    `segments`: the span boundaries of a packed sequence (`segment_token_indices`)."""
     size, rank = _size_rank(group)
     if size == 1:
         return tensor
-    return tensor.index_select(0, local_token_indices(seq_length, size, rank, tensor.device))
+    return tensor.index_select(0, segment_token_indices(seq_length, size, rank, segments, tensor.device))
 
 
 def _all_gather_dim0(tensor: Tensor, group) -> Tensor:
@@ -100,23 +121,23 @@ def _all_to_all(tensor: Tensor, group, scatter_dim: int, gather_dim: int) -> Ten
     return torch.cat(outputs, dim=gather_dim)
 
 
-def gather_sequence(tensor: Tensor, seq_length: int, group) -> Tensor:
+def gather_sequence(tensor: Tensor, seq_length: int, group, segments=None) -> Tensor:
     """Inverse of `split_sequence`: every rank gets the whole [s, ...] tensor in natural order."""
     size, _ = _size_rank(group)
     if size == 1:
         return tensor
     gathered = _GatherSequence.apply(tensor, group)  # rank-major, each rank's chunks in its own order
-    order = rank_major_positions(seq_length, group, tensor.device)
+    order = rank_major_positions(seq_length, group, tensor.device, segments)
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(seq_length, device=tensor.device)
     return gathered.index_select(0, inverse)
 
 
-def rank_major_positions(seq_length: int, group, device=None) -> Tensor:
+def rank_major_positions(seq_length: int, group, device=None, segments=None) -> Tensor:
     """Sequence positions in the order the CP ranks hold them, concatenated rank by rank: the order of
     gathered keys (all_gather) and of the sequence after Ulysses' all-to-all. Natural order at CP=1."""
     size, _ = _size_rank(group)
-    return torch.cat([local_token_indices(seq_length, size, r, device) for r in range(size)])
+    return torch.cat([segment_token_indices(seq_length, size, r, segments, device) for r in range(size)])
 
 
 def sdpa(q: Tensor, k: Tensor, v: Tensor, scale, key_valid: Tensor | None = None) -> Tensor:

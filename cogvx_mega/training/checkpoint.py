@@ -51,7 +51,7 @@ def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> None:
 NOT_IN_THE_WEIGHTS = ("backend", "latent_scale")
 
 
-def check_same_model(meta: dict, model_config: ModelConfig, path, ignore: tuple = ("backend",)) -> None:
+def check_same_model(meta: dict, model_config: ModelConfig, path, ignore: tuple = ("backend", "packed_attention")) -> None:
     saved = model_config_from_dict(meta["model"])
     mine = dataclasses.replace(model_config, **{name: getattr(saved, name) for name in ignore})
     if saved != mine:

@@ -4,24 +4,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from families import FAMILIES, make_diffusers_model
+from families import FAMILIES, make_diffusers_model, pipeline_rope
 
 import cogvx_mega
 from cogvx_mega.checkpoint import transformer as convert
 
 TOLERANCE = 1e-5
-
-
-def pipeline_rope(reference, latent_frames: int, latent_height: int, latent_width: int):
-    """RoPE tables exactly as diffusers' CogVideoX pipelines build them for this transformer."""
-    from diffusers.pipelines.cogvideo.pipeline_cogvideox import CogVideoXPipeline
-
-    if not reference.config.use_rotary_positional_embeddings:
-        return None
-    pipeline = CogVideoXPipeline.__new__(CogVideoXPipeline)  # only the position helper is used
-    pipeline.__dict__.update(transformer=reference, vae_scale_factor_spatial=8)
-    return CogVideoXPipeline._prepare_rotary_positional_embeddings(
-        pipeline, latent_height * 8, latent_width * 8, latent_frames, torch.device("cpu"))
 
 
 def random_inputs(config, frames: int, height: int, width: int, batch: int = 2, seed: int = 1):
