@@ -111,6 +111,26 @@ class CacheDataset(BucketedBatches):
                                               f"model.in_channels={latent_channels}")
         self._pending: dict[tuple, dict] = {}
 
+    def clip_table(self) -> dict:
+        """{(bucket, index): latent grid (T', H', W')} of every usable clip, for packing (`data/packing.py`)."""
+        table = {}
+        for bucket, indices in self.usable.items():
+            _, frames, height, width = self.arrays[bucket]["mean"].shape[1:]
+            table.update({(bucket, index): (frames, height, width) for index in indices})
+        return table
+
+    def read_clips(self, refs, slots, step: int, seed: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Latents [T', C, H', W'] (a posterior sample keyed on each clip's slot) and text [L, D] of `refs`."""
+        futures = [{name: self.arrays[bucket][name][index].read() for name in ("mean", "logvar", "text")}
+                   for bucket, index in refs]
+        latents, texts = [], []
+        for slot, future in zip(slots, futures):
+            values = {name: torch.from_numpy(np.asarray(f.result()))[None] for name, f in future.items()}
+            latents.append(posterior_latents(values["mean"], values["logvar"], range(slot, slot + 1), seed, step,
+                                             self.scaling_factor)[0])
+            texts.append(values["text"][0])
+        return latents, texts
+
     def _request(self, step: int, slots: range, global_batch: int, seed: int) -> dict:
         bucket, clips = self.batch_of_step(step, global_batch, seed)
         mine = clips[slots.start:slots.stop]

@@ -18,6 +18,7 @@ from torch import Tensor
 LATENTS_FILE = "latents.safetensors"
 META_FILE = "meta.json"
 CAPTIONS_FILE = "captions.jsonl"
+SINGLE_BUCKET = "all"  # the bucket name of a dataset whose clips all have one size
 
 
 class LatentDataset:
@@ -44,6 +45,15 @@ class LatentDataset:
         captions = ([json.loads(line)["caption"] for line in captions_path.read_text().splitlines()]
                     if captions_path.is_file() else None)
         return cls(tensors["latents"], tensors["text_embeds"], captions)
+
+    def clip_table(self) -> dict:
+        """{(bucket, index): latent grid (T', H', W')} of every clip, for packing (`data/packing.py`)."""
+        t, _, h, w = self.latents.shape[1:]
+        return {(SINGLE_BUCKET, index): (t, h, w) for index in range(len(self))}
+
+    def read_clips(self, refs, slots, step: int, seed: int) -> tuple[list[Tensor], list[Tensor]]:
+        """Latents [T', C, H', W'] and text [L, D] of the clips `refs` (slots unused: nothing is sampled)."""
+        return [self.latents[index] for _, index in refs], [self.text_embeds[index] for _, index in refs]
 
     def step_batch(self, step: int, slots: range, global_batch: int, seed: int) -> dict[str, Tensor]:
         """The samples of global slots `slots` of step `step` (what a data-parallel rank trains on)."""
@@ -88,11 +98,59 @@ def rank_batch(dataset: LatentDataset, step: int, samples_per_rank: int, data_pa
                               samples_per_rank * data_parallel_size, seed)
 
 
-def synthetic_dataset_for(config) -> LatentDataset:
-    """The synthetic moving-shapes dataset at the config's resolution and model widths."""
+class BucketedLatentDataset:
+    """Clips of several sizes held in memory, one tensor per bucket: {bucket: (latents [n, T', C, H', W'],
+    text_embeds [n, L, D])}. Batches come from one bucket at a time in the cache reader's order
+    (`cache_reader.BucketedBatches`); with data.packing the clips of all buckets are packed together."""
+
+    def __init__(self, buckets: dict):
+        from .cache_reader import BucketedBatches
+
+        self.buckets = buckets
+        self.batches = BucketedBatches({name: list(range(latents.shape[0])) for name, (latents, _) in buckets.items()})
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def clip_table(self) -> dict:
+        table = {}
+        for name, (latents, _) in self.buckets.items():
+            t, _, h, w = latents.shape[1:]
+            table.update({(name, index): (t, h, w) for index in range(latents.shape[0])})
+        return table
+
+    def read_clips(self, refs, slots, step: int, seed: int) -> tuple[list[Tensor], list[Tensor]]:
+        return ([self.buckets[name][0][index] for name, index in refs],
+                [self.buckets[name][1][index] for name, index in refs])
+
+    def step_batch(self, step: int, slots: range, global_batch: int, seed: int) -> dict[str, Tensor]:
+        bucket, clips = self.batches.batch_of_step(step, global_batch, seed)
+        mine = clips[slots.start:slots.stop]
+        latents, texts = self.buckets[bucket]
+        return {"latents": latents[mine], "text_embeds": texts[mine]}
+
+
+def synthetic_dataset_for(config):
+    """The synthetic moving-shapes dataset at the config's resolution and model widths; with data.buckets, the
+    clips are spread over the buckets in turn (a `BucketedLatentDataset`)."""
     from .synthetic import generate_synthetic_dataset
 
     data, model = config.data, config.model
+    if data.buckets:
+        from .buckets import Bucket
+
+        names = data.bucket_names()
+        buckets = {}
+        for number, name in enumerate(names):
+            bucket = Bucket.parse(name)
+            count = len(range(number, data.num_synthetic_clips, len(names)))
+            if count == 0:
+                continue
+            latents, texts, _ = generate_synthetic_dataset(
+                count, bucket.frames, bucket.height, bucket.width, model.in_channels, model.text_embed_dim,
+                model.max_text_seq_length, seed=config.training.seed * 101 + number)
+            buckets[bucket.name] = (latents, texts)
+        return BucketedLatentDataset(buckets)
     latents, texts, captions = generate_synthetic_dataset(
         data.num_synthetic_clips, data.num_frames, data.height, data.width, model.in_channels,
         model.text_embed_dim, model.max_text_seq_length, seed=config.training.seed)

@@ -4,6 +4,7 @@ folder of latents (`cogvx vae encode`), or a manifest (`cogvx data scan`) for on
 and encodes the clips on the fly with `data.vae` and `data.text_encoder` (`--vae`, `--text-encoder`)."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
@@ -16,7 +17,26 @@ ONLINE_SHARD_CLIPS = 16  # planning only: online mode's clip indices do not depe
 
 
 def open_training_data(config):
-    """A dataset with `step_batch(step, slots, global_batch, seed)` for the trainer."""
+    """A dataset with `step_batch(step, slots, global_batch, seed)` for the trainer: the source of
+    `data.source`, packed with data.packing, switched at each of `data.stages`."""
+    stages = config.data.stage_configs()
+    if len(stages) == 1:
+        return open_stage_data(config)
+    from ..data.stages import StagedDataset
+
+    return StagedDataset([(start, end, (lambda data=data: open_stage_data(dataclasses.replace(config, data=data))))
+                          for start, end, data in stages])
+
+
+def open_stage_data(config):
+    """One stage's dataset: the source, packed when data.packing is on."""
+    from ..data.packing import packed_dataset_for
+
+    dataset = open_source_data(config)
+    return packed_dataset_for(dataset, config) or dataset
+
+
+def open_source_data(config):
     source = config.data.source
     if source == "synthetic":
         return synthetic_dataset_for(config)

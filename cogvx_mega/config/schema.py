@@ -10,6 +10,7 @@ from typing import Literal, Optional
 
 POSITIONAL_EMBEDDINGS = ("sincos", "rope", "rope+learned")
 BACKENDS = ("local", "te")
+STAGE_FIELDS = {"buckets", "source", "pack_tokens", "num_frames", "height", "width"}
 PACKED_ATTENTION_KERNELS = ("per_clip", "sdpa_mask", "flex", "flash")  # = parallel.varlen.VARLEN_KERNELS
 TIMESTEP_SAMPLING = ("explicit_uniform", "uniform")
 
@@ -269,8 +270,48 @@ class DataConfig:
     """Resolution/duration buckets as FRAMESxHEIGHTxWIDTH (pixels), e.g. [49x480x720, 49x720x480, 1x480x720];
     None: one bucket of num_frames x height x width."""
 
+    packing: bool = False
+    """Pack clips of different sizes and durations into sequences of at most `pack_tokens` tokens (each clip
+    with its own timestep, attention kept inside the clip); training.global_batch_size then counts packs and
+    a micro-batch is one pack."""
+    pack_tokens: Optional[int] = None
+    """Token budget of a pack, text tokens included (with data.packing; at least the longest clip)."""
+    pack_window: int = 4096
+    """Clips packed together first-fit-decreasing (a larger window packs tighter)."""
+    stages: Optional[list] = None
+    """Progressive training: a list of stages, each {until_step: N (absent on the last), and any of buckets,
+    source, pack_tokens, num_frames, height, width}, overriding these data fields from the previous stage's
+    end until step N. Each stage starts its own data order at its first step."""
+
     def bucket_names(self) -> list[str]:
         return list(self.buckets) if self.buckets else [f"{self.num_frames}x{self.height}x{self.width}"]
+
+    def stage_configs(self) -> list[tuple[int, Optional[int], "DataConfig"]]:
+        """[(first step, end step or None, the data config of the stage)]: one entry without stages."""
+        if not self.stages:
+            return [(0, None, self)]
+        out, start = [], 0
+        for index, stage in enumerate(self.stages):
+            name = f"data.stages[{index}]"
+            if not isinstance(stage, dict):
+                raise ConfigError(name, stage, "write a stage as a mapping, e.g. {until_step: 1000, buckets: [...]}")
+            unknown = set(stage) - STAGE_FIELDS - {"until_step"}
+            if unknown:
+                raise ConfigError(name, stage, f"unknown stage fields {sorted(unknown)}; a stage sets until_step and "
+                                               f"any of {', '.join(sorted(STAGE_FIELDS))}")
+            end = stage.get("until_step")
+            last = index == len(self.stages) - 1
+            if end is None and not last:
+                raise ConfigError(f"{name}.until_step", None, "every stage but the last needs until_step")
+            if end is not None and (isinstance(end, bool) or not isinstance(end, int) or end <= start):
+                raise ConfigError(f"{name}.until_step", end, f"use an integer step after the stage's start ({start})")
+            values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+            values.update({k: v for k, v in stage.items() if k != "until_step"})
+            values["stages"] = None
+            config = DataConfig(**values)
+            out.append((start, end, config))
+            start = end
+        return out
 
     def latent_shape(self, model: ModelConfig) -> tuple[int, int, int]:
         """(latent frames, latent height, latent width)."""
@@ -305,6 +346,17 @@ class DataConfig:
             raise ConfigError("data.num_workers", self.num_workers, "use 0 (decode in the calling thread) or more")
         if self.online_keep_clips < 0:
             raise ConfigError("data.online_keep_clips", self.online_keep_clips, "use 0 (keep none) or more")
+        if self.packing and (self.pack_tokens is None or isinstance(self.pack_tokens, bool)
+                             or not isinstance(self.pack_tokens, int) or self.pack_tokens < 1):
+            raise ConfigError("data.pack_tokens", self.pack_tokens, "data.packing=true needs a positive token budget "
+                                                                    "per pack (text tokens included)")
+        if self.pack_window < 1:
+            raise ConfigError("data.pack_window", self.pack_window, "use 1 or more clips")
+        if self.stages is not None and not isinstance(self.stages, list):
+            raise ConfigError("data.stages", self.stages, "use a list of stages")
+        if self.stages:
+            for _, _, stage in self.stage_configs():
+                stage.validate(model)
         if self.num_synthetic_clips < 1:
             raise ConfigError("data.num_synthetic_clips", self.num_synthetic_clips, "use at least 1")
         if not self.fps > 0:
@@ -401,6 +453,10 @@ class Config:
         self.diffusion.validate()
         self.data.validate(self.model)
         self.training.validate()
+        if self.data.packing and self.training.micro_batch_size != 1:
+            raise ConfigError("training.micro_batch_size", self.training.micro_batch_size,
+                              "with data.packing a micro-batch is one pack: use 1 (raise data.pack_tokens for more "
+                              "tokens per micro-batch)")
         if self.model.backend == "te" and self.training.device != "cuda":
             raise ConfigError("model.backend", "te", "Transformer Engine runs on GPU only: use model.backend=local "
                                                      "with --device cpu")

@@ -26,9 +26,22 @@ from ..diffusion.schedule import schedule_from_config
 from ..diffusion.timesteps import sample_timesteps
 from ..parallel.state import ParallelDims, data_parallel_group
 from . import checkpoint as ckpt
-from .objective import v_prediction_token_loss
+from .objective import packed_v_prediction_loss, v_prediction_token_loss
 
 logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class NoisedPack:
+    """One pack's clips after noising (lists, one entry per clip) and its length on this layout."""
+
+    noisy_latents: list
+    target: list
+    text_embeds: list
+    timesteps: torch.Tensor
+    length: int
+    loss_scale: float
+    """Turns the pack's sum of per-clip v-MSEs into its share of the mean over the step's clips."""
 
 
 def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, lr: float, min_lr: float) -> float:
@@ -131,6 +144,8 @@ class Trainer:
     def _forward_step(self, data_iterator, model):
         """megatron schedule callback: one micro-batch forward, and the loss function for its output."""
         noised = next(data_iterator)
+        if isinstance(noised, NoisedPack):
+            return self._forward_pack(noised, model)
         use_bf16 = self.device.type == "cuda" and self.config.training.bf16
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
             prediction = model(noised.noisy_latents, noised.text_embeds, noised.timesteps, return_tokens=True)
@@ -143,6 +158,83 @@ class Trainer:
             return loss, {"loss": loss.detach().clone()}  # megatron divides `loss` in place afterwards
 
         return prediction, loss_func
+
+    def _forward_pack(self, pack: NoisedPack, model):
+        use_bf16 = self.device.type == "cuda" and self.config.training.bf16
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
+            prediction = model(pack.noisy_latents, pack.text_embeds, pack.timesteps, return_tokens=True,
+                               pack_length=pack.length)
+        m = self.config.model
+        layout = self.model.pack_layout(pack.noisy_latents, pack.text_embeds, pack.length)
+
+        def loss_func(output: torch.Tensor):
+            loss = pack.loss_scale * packed_v_prediction_loss(output, pack.target, layout, m.patch_size,
+                                                              m.patch_size_t, self.model.cp_group)
+            return loss, {"loss": loss.detach().clone()}
+
+        return prediction, loss_func
+
+    def _noised_packs(self, batch: dict) -> list[NoisedPack]:
+        """This rank's packs, noised: every clip's noise, timestep and text dropout keyed on its global slot
+        (its place among the step's clips), timesteps stratified over the step's clips."""
+        from ..model.packing import padded_pack_length
+
+        seed, diffusion, m = self.config.training.seed, self.config.diffusion, self.config.model
+        clips_in_step = batch["clips_in_step"]
+        # every pack of the step padded to the longest one (pipeline parallel sends fixed shapes)
+        length = max(padded_pack_length(m, shapes, self.model.config) for shapes in batch["clip_shapes_of_step"])
+        scale = self.dims.data_parallel_size * self.micro_batches / clips_in_step
+        to_device = lambda x: x.to(self.device, non_blocking=True)  # noqa: E731
+        packs = []
+        for pack in batch["packs"]:
+            slots = pack["slots"]
+            timesteps = sample_timesteps(diffusion.timestep_sampling, slots, global_batch=clips_in_step, seed=seed,
+                                         step=self.step, num_train_timesteps=diffusion.num_train_timesteps)
+            drop = slot_uniform(slots, seed=seed, step=self.step, stream=Stream.TEXT_DROP) < diffusion.text_dropout
+            noisy, target, texts = [], [], []
+            for latents, text, slot, index in zip(pack["latents"], pack["text_embeds"], slots, range(len(slots))):
+                noise = slot_normal(latents.shape, [slot], seed=seed, step=self.step, stream=Stream.NOISE)
+                clip = make_training_batch(to_device(latents[None]), to_device(text[None]), to_device(noise),
+                                           to_device(timesteps[index:index + 1]), self.alphas_cumprod,
+                                           to_device(drop[index:index + 1]))
+                noisy.append(clip.noisy_latents[0])
+                target.append(clip.target[0])
+                texts.append(clip.text_embeds[0])
+            packs.append(NoisedPack(noisy, target, texts, to_device(timesteps), length, scale))
+        return packs
+
+    def _train_packed_step(self, batch: dict) -> dict[str, float]:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        t = self.config.training
+        if len(batch["packs"]) != self.samples_per_rank:
+            raise ValueError(f"train_step got {len(batch['packs'])} packs; this rank takes {self.samples_per_rank}")
+        packs = self._noised_packs(batch)
+        iterators = [iter(packs) for _ in self.ddp_chunks]
+        lr = self._start_step()
+        losses = get_forward_backward_func()(
+            forward_step_func=self._forward_step,
+            data_iterator=iterators if len(iterators) > 1 else iterators[0],
+            model=self.ddp_chunks, num_microbatches=self.micro_batches, seq_length=packs[0].length,
+            micro_batch_size=t.micro_batch_size, forward_only=False)
+        return self._finish_step(losses, lr)
+
+    def _start_step(self) -> float:
+        t = self.config.training
+        lr = warmup_cosine(self.step, warmup_steps=t.warmup_steps, total_steps=t.steps, lr=t.lr, min_lr=t.min_lr)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        for chunk in self.ddp_chunks:
+            chunk.train()
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        return lr
+
+    def _finish_step(self, losses, lr: float) -> dict[str, float]:
+        _, grad_norm, _ = self.optimizer.step()
+        reported = self._average_over_data_parallel(self._pipeline_loss(losses))
+        self.step += 1
+        return {"loss": reported.item(), "grad_norm": float(grad_norm), "lr": lr}
 
     @property
     def samples_per_rank(self) -> int:
@@ -167,10 +259,13 @@ class Trainer:
         """One optimizer step on this rank's samples (`samples_per_rank` of them, global slots `self.slots`,
         split into micro-batches in order).
 
-        `batch` may carry its own noise/timesteps/text_drop_mask (tests fix them).
+        `batch` may carry its own noise/timesteps/text_drop_mask (tests fix them). A batch of packs
+        ({"packs": ...}, `data/packing.py`) trains one pack per micro-batch.
         """
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
+        if "packs" in batch:
+            return self._train_packed_step(batch)
         t = self.config.training
         latents = batch["latents"]
         if latents.shape[0] != self.samples_per_rank:
@@ -188,23 +283,14 @@ class Trainer:
                          for i in range(self.micro_batches)]
         # every virtual chunk walks the same micro-batches
         iterators = [iter(micro_batches) for _ in self.ddp_chunks]
-        lr = warmup_cosine(self.step, warmup_steps=t.warmup_steps, total_steps=t.steps, lr=t.lr, min_lr=t.min_lr)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        for chunk in self.ddp_chunks:
-            chunk.train()
-            chunk.zero_grad_buffer()
-        self.optimizer.zero_grad()
+        lr = self._start_step()
         losses = get_forward_backward_func()(
             forward_step_func=self._forward_step,
             data_iterator=iterators if len(iterators) > 1 else iterators[0],
             model=self.ddp_chunks, num_microbatches=self.micro_batches,
             seq_length=self.padded_tokens_per_sample(self._latent_grid(latents)),
             micro_batch_size=micro, forward_only=False)
-        _, grad_norm, _ = self.optimizer.step()
-        reported = self._average_over_data_parallel(self._pipeline_loss(losses))
-        self.step += 1
-        return {"loss": reported.item(), "grad_norm": float(grad_norm), "lr": lr}
+        return self._finish_step(losses, lr)
 
     def finish_parameter_sync(self) -> None:
         """Complete the deferred parameter all-gather of overlap_param_gather (before saving or evaluating)."""
@@ -255,9 +341,17 @@ class Trainer:
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             elapsed = max(time.perf_counter() - started, 1e-9)
-            metrics = {"step": self.step, **metrics, "samples_per_s": global_batch / elapsed,
-                       "tokens_per_s": global_batch * self.tokens_per_sample(self._latent_grid(batch["latents"]))
-                       / elapsed}
+            if "packs" in batch:  # global_batch counts packs; tokens are the packs' real tokens
+                metrics = {"step": self.step, **metrics, "clips": batch["clips_in_step"],
+                           "samples_per_s": batch["clips_in_step"] / elapsed,
+                           "tokens_per_s": batch["real_tokens"] / elapsed,
+                           "packing_efficiency": batch["real_tokens"] / (global_batch * batch["pack_tokens"])}
+            else:
+                metrics = {"step": self.step, **metrics, "samples_per_s": global_batch / elapsed,
+                           "tokens_per_s": global_batch * self.tokens_per_sample(self._latent_grid(batch["latents"]))
+                           / elapsed}
+            if "stage" in batch:
+                metrics["stage"] = batch["stage"]
             history.append(metrics)
             if is_logger:
                 with metrics_file.open("a") as f:

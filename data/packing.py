@@ -1,0 +1,167 @@
+"""Packing clips of different sizes and durations into fixed token budgets (`data.packing=true`).
+
+The plan is a pure function of (the dataset's clip table, seed, epoch, `data.pack_tokens`): in each epoch
+the clips are shuffled (seeded by seed and epoch) and taken in windows of `data.pack_window` clips; each
+window is packed first-fit-decreasing into packs of at most `pack_tokens` tokens (text tokens counted),
+and the packs of the epoch are shuffled together. Every clip of the epoch lands in exactly one pack. The
+packs of all epochs form one stream and step s trains on packs s*G .. s*G+G-1 (G =
+`training.global_batch_size`, packs per step); data-parallel rank r takes a contiguous block of them.
+
+A clip's global sample slot (what its noise, timestep, text dropout and posterior sample are keyed on) is
+its position among the clips of the step, pack by pack, so explicit uniform sampling stratifies the
+timesteps over the step's clips and each rank's clips draw from its own interval.
+"""
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from ..config.schema import ConfigError
+
+ClipRef = tuple  # (bucket name, clip index within the bucket): one clip of a dataset
+
+
+def first_fit_decreasing(sizes: Sequence[int], budget: int) -> list[list[int]]:
+    """Indices of `sizes` in bins of total size <= budget: largest first, each into the first bin it fits.
+    Ties keep their input order, so the result is deterministic."""
+    order = sorted(range(len(sizes)), key=lambda i: (-sizes[i], i))
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for index in order:
+        size = sizes[index]
+        if size > budget:
+            raise ValueError(f"a clip of {size} tokens does not fit data.pack_tokens={budget}")
+        for b, free in enumerate(room):
+            if size <= free:
+                bins[b].append(index)
+                room[b] -= size
+                break
+        else:
+            bins.append([index])
+            room.append(budget - size)
+    return bins
+
+
+@dataclass(frozen=True)
+class Pack:
+    clips: tuple
+    """The `ClipRef`s of the pack, in pack order."""
+    tokens: int
+    """Real tokens of the pack (text and video of every clip)."""
+
+
+class PackPlan:
+    """The packs of every step, from a dataset's clip table.
+
+    `clip_tokens`: ClipRef -> real tokens of the clip (text + video patches at its latent grid)."""
+
+    def __init__(self, clips: Sequence[ClipRef], clip_tokens: dict, pack_tokens: int, seed: int, window: int = 4096):
+        self.clips = sorted(clips)
+        self.clip_tokens = clip_tokens
+        self.pack_tokens = pack_tokens
+        self.seed = seed
+        self.window = window
+        too_long = [(ref, clip_tokens[ref]) for ref in self.clips if clip_tokens[ref] > pack_tokens]
+        if too_long:
+            ref, tokens = max(too_long, key=lambda item: item[1])
+            raise ConfigError("data.pack_tokens", pack_tokens,
+                              f"{len(too_long)} clips are longer (the longest, {ref[0]} #{ref[1]}, has {tokens} "
+                              f"tokens with its text); raise data.pack_tokens to at least {tokens}")
+        if not self.clips:
+            raise ConfigError("data.packing", True, "the dataset holds no clip to pack")
+        self._epochs: dict[int, list[Pack]] = {}
+        self._epoch_starts = [0]  # stream position of each planned epoch's first pack
+
+    def epoch_packs(self, epoch: int) -> list[Pack]:
+        if epoch not in self._epochs:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_033 + epoch)
+            order = [self.clips[i] for i in torch.randperm(len(self.clips), generator=generator).tolist()]
+            packs = []
+            for start in range(0, len(order), self.window):
+                window = order[start:start + self.window]
+                sizes = [self.clip_tokens[ref] for ref in window]
+                for members in first_fit_decreasing(sizes, self.pack_tokens):
+                    packs.append(Pack(tuple(window[i] for i in members), sum(sizes[i] for i in members)))
+            shuffle = torch.randperm(len(packs), generator=generator).tolist()
+            self._epochs = {k: v for k, v in self._epochs.items() if k >= epoch - 1}  # keep memory bounded
+            self._epochs[epoch] = [packs[i] for i in shuffle]
+        return self._epochs[epoch]
+
+    def _locate(self, position: int) -> tuple[int, int]:
+        """(epoch, index in the epoch) of stream position `position`."""
+        while self._epoch_starts[-1] <= position:
+            epoch = len(self._epoch_starts) - 1
+            self._epoch_starts.append(self._epoch_starts[-1] + len(self.epoch_packs(epoch)))
+        epoch = bisect.bisect_right(self._epoch_starts, position) - 1
+        return epoch, position - self._epoch_starts[epoch]
+
+    def step_packs(self, step: int, packs_per_step: int) -> list[Pack]:
+        """The G packs of `step`, in slot order."""
+        out = []
+        for position in range(step * packs_per_step, (step + 1) * packs_per_step):
+            epoch, index = self._locate(position)
+            out.append(self.epoch_packs(epoch)[index])
+        return out
+
+
+def packing_efficiency(packs: Sequence[Pack], pack_tokens: int) -> float:
+    """Useful tokens / budget: real tokens of the packs over len(packs) x pack_tokens."""
+    return sum(p.tokens for p in packs) / (len(packs) * pack_tokens)
+
+
+class PackedDataset:
+    """`step_batch(step, slots, global_batch, seed)` in packs: slots and global_batch count packs.
+
+    Returns {"packs": [{"latents": [T_i, C, H_i, W_i]..., "text_embeds": [L, D]..., "slots": [...]}...] for
+    this rank's packs, "clips_in_step": clips of the whole step, "real_tokens", "pack_tokens",
+    "clip_shapes_of_step"}. `source` is a dataset with `clip_table()` -> {ClipRef: (T', H', W')} and
+    `read_clips(refs, slots, step, seed)` -> (latents list, text list)."""
+
+    def __init__(self, source, model, pack_tokens: int, seed: int, window: int = 4096):
+        from ..model.packing import ClipShape, clip_tokens
+
+        self.source = source
+        self.model = model
+        self.pack_tokens = pack_tokens
+        self.grids = source.clip_table()
+        self.shapes = {ref: ClipShape(*grid, model.max_text_seq_length) for ref, grid in self.grids.items()}
+        tokens = {ref: clip_tokens(model, shape) for ref, shape in self.shapes.items()}
+        self.plan = PackPlan(list(self.grids), tokens, pack_tokens, seed, window)
+        self.skipped = getattr(source, "skipped", 0)
+
+    def __len__(self) -> int:
+        return len(self.grids)
+
+    def step_batch(self, step: int, slots: range, global_batch: int, seed: int) -> dict:
+        packs = self.plan.step_packs(step, global_batch)
+        first_slot = [0]
+        for pack in packs:
+            first_slot.append(first_slot[-1] + len(pack.clips))
+        mine = []
+        for index in slots:
+            pack = packs[index]
+            clip_slots = list(range(first_slot[index], first_slot[index + 1]))
+            latents, texts = self.source.read_clips(list(pack.clips), clip_slots, step, seed)
+            mine.append({"latents": latents, "text_embeds": texts, "slots": clip_slots})
+        return {"packs": mine, "clips_in_step": first_slot[-1], "real_tokens": sum(p.tokens for p in packs),
+                "pack_tokens": self.pack_tokens,
+                "clip_shapes_of_step": [[self.shapes[ref] for ref in pack.clips] for pack in packs]}
+
+    def close(self) -> None:
+        close = getattr(self.source, "close", None)
+        if close is not None:
+            close()
+
+
+def packed_dataset_for(source, config) -> Optional[PackedDataset]:
+    """The packed view of `source` when `data.packing` is on (None otherwise)."""
+    data = config.data
+    if not data.packing:
+        return None
+    if not hasattr(source, "clip_table"):
+        raise ConfigError("data.packing", True, f"the {type(source).__name__} dataset cannot be packed; use a "
+                                                f"latent cache, synthetic data or a latent folder")
+    return PackedDataset(source, config.model, data.pack_tokens, config.training.seed, data.pack_window)
