@@ -2,7 +2,7 @@
 
 The plan is a pure function of (the dataset's clip table, seed, epoch, `data.pack_tokens`): in each epoch
 the clips are shuffled (seeded by seed and epoch) and taken in windows of `data.pack_window` clips; each
-window is packed first-fit-decreasing into packs of at most `pack_tokens` tokens (text tokens counted),
+window is packed best-fit-decreasing into packs of at most `pack_tokens` tokens (text tokens counted),
 and the packs of the epoch are shuffled together. Every clip of the epoch lands in exactly one pack. The
 packs of all epochs form one stream and step s trains on packs s*G .. s*G+G-1 (G =
 `training.global_batch_size`, packs per step); data-parallel rank r takes a contiguous block of them.
@@ -24,24 +24,26 @@ from ..config.schema import ConfigError
 ClipRef = tuple  # (bucket name, clip index within the bucket): one clip of a dataset
 
 
-def first_fit_decreasing(sizes: Sequence[int], budget: int) -> list[list[int]]:
-    """Indices of `sizes` in bins of total size <= budget: largest first, each into the first bin it fits.
-    Ties keep their input order, so the result is deterministic."""
+def best_fit_decreasing(sizes: Sequence[int], budget: int) -> list[list[int]]:
+    """Indices of `sizes` in bins of total size <= budget: largest first, each into the bin it fills most
+    tightly (a new bin when none has room). The same 11/9 worst-case bound as first-fit decreasing and at
+    least as tight in practice; O(n log n) with the bins kept sorted by free room. Ties keep input order, so
+    the result is deterministic."""
     order = sorted(range(len(sizes)), key=lambda i: (-sizes[i], i))
     bins: list[list[int]] = []
-    room: list[int] = []
+    free: list[tuple[int, int]] = []  # (room, bin) sorted
     for index in order:
         size = sizes[index]
         if size > budget:
             raise ValueError(f"a clip of {size} tokens does not fit data.pack_tokens={budget}")
-        for b, free in enumerate(room):
-            if size <= free:
-                bins[b].append(index)
-                room[b] -= size
-                break
+        at = bisect.bisect_left(free, (size, -1))
+        if at < len(free):
+            room, chosen = free.pop(at)
         else:
-            bins.append([index])
-            room.append(budget - size)
+            room, chosen = budget, len(bins)
+            bins.append([])
+        bins[chosen].append(index)
+        bisect.insort(free, (room - size, chosen))
     return bins
 
 
@@ -83,7 +85,7 @@ class PackPlan:
             for start in range(0, len(order), self.window):
                 window = order[start:start + self.window]
                 sizes = [self.clip_tokens[ref] for ref in window]
-                for members in first_fit_decreasing(sizes, self.pack_tokens):
+                for members in best_fit_decreasing(sizes, self.pack_tokens):
                     packs.append(Pack(tuple(window[i] for i in members), sum(sizes[i] for i in members)))
             shuffle = torch.randperm(len(packs), generator=generator).tolist()
             self._epochs = {k: v for k, v in self._epochs.items() if k >= epoch - 1}  # keep memory bounded
@@ -165,3 +167,28 @@ def packed_dataset_for(source, config) -> Optional[PackedDataset]:
         raise ConfigError("data.packing", True, f"the {type(source).__name__} dataset cannot be packed; use a "
                                                 f"latent cache, synthetic data or a latent folder")
     return PackedDataset(source, config.model, data.pack_tokens, config.training.seed, data.pack_window)
+
+
+# A mixed training distribution at CogVideoX-5B scale (480x720 training, patch 2, 226 text tokens): latent
+# grid (T', H', W') -> share of the clips. Videos of 49 frames in both orientations, 25- and 13-frame clips,
+# 256px clips of the first progressive stage, and images (1-frame clips) at two sizes. The packer's tests
+# and benchmarks/packing.py use it.
+REFERENCE_MIX = {
+    (13, 60, 90): 0.30,  # 49 x 480 x 720
+    (13, 90, 60): 0.10,  # 49 x 720 x 480
+    (7, 60, 90): 0.15,  # 25 x 480 x 720
+    (4, 60, 90): 0.10,  # 13 x 480 x 720
+    (13, 32, 32): 0.10,  # 49 x 256 x 256
+    (1, 60, 90): 0.15,  # image 480 x 720
+    (1, 96, 96): 0.10,  # image 768 x 768
+}
+
+
+def reference_mix_grids(count: int, seed: int = 0, spatial_divisor: int = 1) -> list[tuple[int, int, int]]:
+    """`count` latent grids drawn from `REFERENCE_MIX` (spatial sizes divided by `spatial_divisor`, rounded to
+    an even size, for runs that cannot afford the full scale)."""
+    grids = list(REFERENCE_MIX)
+    shares = torch.tensor([REFERENCE_MIX[g] for g in grids])
+    picks = torch.multinomial(shares, count, replacement=True, generator=torch.Generator().manual_seed(seed))
+    scaled = [(t, max(2, h // spatial_divisor // 2 * 2), max(2, w // spatial_divisor // 2 * 2)) for t, h, w in grids]
+    return [scaled[i] for i in picks.tolist()]

@@ -115,13 +115,32 @@ class MemoryEstimate:
                 f"{gb(self.compute_copies)} + activations {gb(self.activations)} ({self.activation_rule})")
 
 
+def longest_sequence(config: Config) -> int:
+    """Tokens of the longest micro-batch sequence over all data stages: the pack budget with data.packing,
+    else the largest bucket's joint sequence (text + video)."""
+    from ..data.buckets import Bucket
+    from ..model.transformer import sequence_length
+
+    m = config.model
+    longest = 0
+    for _, _, data in config.data.stage_configs():
+        if data.packing:
+            longest = max(longest, data.pack_tokens)
+            continue
+        for name in data.bucket_names():
+            bucket = Bucket.parse(name)
+            grid = ((bucket.frames - 1) // m.temporal_compression_ratio + 1,
+                    bucket.height // data.spatial_compression_ratio, bucket.width // data.spatial_compression_ratio)
+            longest = max(longest, sequence_length(m, *grid, m.max_text_seq_length))
+    return longest
+
+
 def estimate_memory(config: Config, world_size: int) -> MemoryEstimate:
     """Weights, gradients and optimizer state exactly as the trainer keeps them (fp32 weights, fp32 gradient
     buffer, Adam's two fp32 moments, sharded over data parallel with the distributed optimizer), the bf16
     weight copies autocast makes on GPU, and activations: with full recompute the fp32 input of every layer
     of the stage plus one layer's activations while it is recomputed; without, every layer's activations
     (34 bytes per token and hidden unit, an uncalibrated estimate)."""
-    from ..model.transformer import sequence_length
     from ..parallel.context import padded_sequence_length
 
     p, t, m = config.parallel, config.training, config.model
@@ -134,7 +153,7 @@ def estimate_memory(config: Config, world_size: int) -> MemoryEstimate:
         layers[plan.pipeline_rank] = layers.get(plan.pipeline_rank, 0) + plan.num_layers
     busiest = max(per_rank, key=lambda rank: (per_rank[rank], layers[rank]))
     params = per_rank[busiest]
-    tokens = sequence_length(m, *config.data.latent_shape(m), m.max_text_seq_length)
+    tokens = longest_sequence(config)
     layout = SimpleNamespace(context_parallel_size=p.context_parallel_size, sequence_parallel=p.sequence_parallel,
                              tensor_model_parallel_size=p.tensor_model_parallel_size)
     split = p.context_parallel_size * (p.tensor_model_parallel_size if p.sequence_parallel else 1)

@@ -277,7 +277,7 @@ class DataConfig:
     pack_tokens: Optional[int] = None
     """Token budget of a pack, text tokens included (with data.packing; at least the longest clip)."""
     pack_window: int = 4096
-    """Clips packed together first-fit-decreasing (a larger window packs tighter)."""
+    """Clips packed together best-fit-decreasing (a larger window packs tighter)."""
     stages: Optional[list] = None
     """Progressive training: a list of stages, each {until_step: N (absent on the last), and any of buckets,
     source, pack_tokens, num_frames, height, width}, overriding these data fields from the previous stage's

@@ -27,7 +27,28 @@ def te_layer_spec() -> ModuleSpec:
     except ImportError as error:  # pragma: no cover - depends on the GPU extra
         raise RuntimeError("model.backend=te needs Transformer Engine: pip install -e .[gpu] on a CUDA machine") from error
     return _layer_spec(column_linear=TEColumnParallelLinear, row_linear=TERowParallelLinear,
-                       core_attention=TEDotProductAttention, qk_norm=QKLayerNorm)
+                       core_attention=_checked_te_attention(TEDotProductAttention), qk_norm=QKLayerNorm)
+
+
+_CHECKED_TE_ATTENTION = {}
+
+
+def _checked_te_attention(base: type) -> type:
+    """TE's attention behind the packed-split check: TE's thd context parallel silently truncates a clip whose
+    span is not a multiple of 2 x CP, so such a pack is refused before it reaches TE."""
+    if base not in _CHECKED_TE_ATTENTION:
+        from ..parallel.varlen import check_packed_split
+
+        class CheckedTEDotProductAttention(base):
+            def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                        packed_seq_params=None, **kwargs):
+                if packed_seq_params is not None:
+                    check_packed_split(packed_seq_params, self.config.context_parallel_size)
+                return super().forward(query, key, value, attention_mask, attn_mask_type=attn_mask_type,
+                                       attention_bias=attention_bias, packed_seq_params=packed_seq_params, **kwargs)
+
+        _CHECKED_TE_ATTENTION[base] = CheckedTEDotProductAttention
+    return _CHECKED_TE_ATTENTION[base]
 
 
 def _layer_spec(column_linear, row_linear, core_attention, qk_norm) -> ModuleSpec:

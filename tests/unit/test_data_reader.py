@@ -138,3 +138,42 @@ def test_online_mode_replaces_a_clip_that_does_not_decode(cache, tmp_path, caplo
     replacement = videos[(gone + 1) % len(videos)]  # the next clip of the bucket takes its place
     assert torch.allclose(batch["text_embeds"][slot], t5.encode([replacement["caption"]])[0], atol=1e-6)
     data.close()
+
+
+def test_packs_from_the_cache_hold_posterior_samples_keyed_on_each_clip_slot(cache):
+    import zarr
+
+    from cogvx_mega.config import load_config
+    from cogvx_mega.data.cache_reader import CacheDataset
+    from cogvx_mega.data.packing import PackedDataset
+    from cogvx_mega.diffusion.randomness import Stream, slot_normal
+
+    config = load_config(config_file=EXAMPLE)
+    source = CacheDataset(str(cache))
+    packed = PackedDataset(source, config.model, pack_tokens=64, seed=3)
+    assert len(packed) == len(source)  # every usable clip of every bucket is packed
+    group = zarr.open_group(str(cache), mode="r")
+    batch = packed.step_batch(1, range(2), 2, seed=3)
+    slots = [slot for pack in batch["packs"] for slot in pack["slots"]]
+    assert slots == list(range(batch["clips_in_step"]))  # the step's clips, pack by pack
+    for pack, refs in zip(batch["packs"], packed.plan.step_packs(1, 2)):
+        for latents, text, slot, (bucket, index) in zip(pack["latents"], pack["text_embeds"], pack["slots"],
+                                                        refs.clips):
+            mean = torch.from_numpy(group[f"{bucket}/mean"][index])
+            std = torch.exp(0.5 * torch.from_numpy(group[f"{bucket}/logvar"][index]))
+            noise = slot_normal(mean.shape, [slot], seed=3, step=1, stream=Stream.VAE_POSTERIOR)[0]
+            expected = ((mean + std * noise) * group.attrs["scaling_factor"]).permute(1, 0, 2, 3)
+            assert torch.allclose(latents, expected, atol=1e-6)
+            assert torch.equal(text, torch.from_numpy(group[f"{bucket}/text"][index]))
+
+
+def test_train_packed_from_the_cache(cache, tmp_path):
+    run = tmp_path / "packed"
+    assert main(["train", "--data", str(cache), "--run-dir", str(run), *TRAIN_ARGS, "--steps", "3",
+                 "data.packing=true", "data.pack_tokens=64", "training.micro_batch_size=1",
+                 "training.global_batch_size=2"]) == 0
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 3
+    for m in metrics:  # the packs' real tokens over 2 packs x 64 tokens, as the trainer reports it
+        assert 0 < m["packing_efficiency"] <= 1 and m["clips"] >= 2
+        assert m["tokens_per_s"] == pytest.approx(m["packing_efficiency"] * 2 * 64 * m["samples_per_s"] / m["clips"])

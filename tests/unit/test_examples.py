@@ -14,7 +14,7 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "configs"
 
 
 @pytest.mark.parametrize("name, world", [("cogvideox-5b-8xh100.yaml", 8), ("tiny.yaml", 1),
-                                               ("tiny-videos.yaml", 1)])
+                                               ("tiny-videos.yaml", 1), ("tiny-packing.yaml", 1)])
 def test_example_dry_runs(name, world, capsys):
     assert main(["train", "--config", str(EXAMPLES / name), "--dry-run", "--world-size", str(world)]) == 0
     assert "memory per GPU" in capsys.readouterr().out
@@ -39,3 +39,16 @@ def test_the_tiny_example_trains(tmp_path):
     assert main(["train", "--config", str(EXAMPLES / "tiny.yaml"), "--run-dir", str(tmp_path), "--steps", "2",
                  "data.num_synthetic_clips=4"]) == 0
     assert (tmp_path / "checkpoints" / "step_00000002").is_dir()
+
+
+def test_the_packing_example_trains_through_its_stage_switch(tmp_path):
+    import json
+
+    config = load_config(config_file=str(EXAMPLES / "tiny-packing.yaml"))
+    switch = config.data.stages[0]["until_step"]
+    assert main(["train", "--config", str(EXAMPLES / "tiny-packing.yaml"), "--run-dir", str(tmp_path),
+                 "--steps", str(switch + 2)]) == 0
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["stage"] for m in metrics] == [0] * switch + [1, 1]
+    for m in metrics:
+        assert 0.5 < m["packing_efficiency"] <= 1.0, m
