@@ -113,6 +113,10 @@ def _sdpa_mask(q, k, v, cu_q, cu_k, scale):
 def _flex(q, k, v, cu_q, cu_k, scale):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+    if not q.is_cuda and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise RuntimeError("model.packed_attention=flex trains on CUDA only (torch's flex_attention has no CPU "
+                           "backward); use model.packed_attention=per_clip on CPU")
+
     q_ids, k_ids = _clip_ids(cu_q, q.device), _clip_ids(cu_k, q.device)
 
     def same_clip(batch, head, q_index, k_index):
