@@ -31,6 +31,8 @@ LAYOUTS = {
     "cp2-allgather": layout(2, 1, 1, 2, "parallel.context_parallel_attention=all_gather"),
     "pp2": layout(2, pp=2),
     "dp2": layout(2),
+    "tp2-sp-recompute-full": layout(2, 2, 1, 1, "parallel.sequence_parallel=true", "training.recompute=full",
+                                    "training.recompute_num_layers=2"),
 }
 
 
@@ -44,7 +46,9 @@ def train_packed(rank: int, world_size: int, overrides: tuple = (), steps: range
 
     config = load_config("tiny", overrides=[*PACKING, *overrides])
     dims = initialize_parallel(config.parallel, device="cpu", seed=config.training.seed)
-    chunks = build_model_chunks(config.model, config.parallel, device="cpu", seed=config.training.seed)
+    chunks = build_model_chunks(config.model, config.parallel, device="cpu", seed=config.training.seed,
+                                recompute=config.training.recompute,
+                                recompute_num_layers=config.training.recompute_num_layers)
     with torch.no_grad():
         for chunk in chunks:
             for param in chunk.parameters():
