@@ -121,8 +121,9 @@ def check_resume_config(meta: dict, config, global_batch: int, path) -> list[str
         if saved is None:  # a checkpoint from before the config was recorded
             continue
         current = dataclasses.asdict(getattr(config, section))
+        defaults = dataclasses.asdict(type(getattr(config, section))())  # a field newer than the checkpoint
         for name in sorted(set(saved) | set(current)):
-            old, new = saved.get(name), current.get(name)
+            old, new = saved.get(name, defaults.get(name)), current.get(name)
             if old == new:
                 continue
             (changes if name in safe else refused).append(f"{section}.{name}: {old!r} -> {new!r}")

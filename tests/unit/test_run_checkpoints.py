@@ -160,3 +160,20 @@ def test_a_run_folder_with_checkpoints_needs_resume(tmp_path, capsys):
     assert (run / "metrics.jsonl").read_text() == before
     status, lines = train(run, "--steps", "2", "--resume", str(step_folder(run, 1).parent / "nope"), capsys=capsys)
     assert status == EXIT_USER_ERROR and "--resume" in lines[0]
+
+
+def test_a_checkpoint_older_than_a_config_field_resumes_at_its_default():
+    """A checkpoint written before data.packing existed recorded no such field: it ran with the default."""
+    import dataclasses
+
+    from cogvx_mega.config import ConfigError, load_config
+    from cogvx_mega.training.checkpoint import check_resume_config
+
+    config = load_config("tiny")
+    meta = {section: dataclasses.asdict(getattr(config, section)) for section in ("training", "data", "diffusion")}
+    for name in ("packing", "pack_tokens", "pack_window", "stages"):
+        del meta["data"][name]
+    assert check_resume_config(meta, config, config.training.global_batch(1), "ckpt") == []
+    packed = load_config("tiny", overrides=["data.packing=true", "data.pack_tokens=128", "training.micro_batch_size=1"])
+    with pytest.raises(ConfigError, match=r"data\.pack_tokens: None -> 128"):
+        check_resume_config(meta, packed, packed.training.global_batch(1), "ckpt")
