@@ -5,13 +5,13 @@ Importing the package does nothing but define names; heavy modules load on first
 __version__ = "0.1.0"
 
 
-def from_pretrained(path, device="cpu", dtype=None, backend="local"):
+def from_pretrained(path, device="cpu", dtype=None, backend="local", **model_overrides):
     """See `cogvx_mega.api.from_pretrained`."""
     import torch
 
     from .api import from_pretrained as _from_pretrained
 
-    return _from_pretrained(path, device=device, dtype=dtype or torch.float32, backend=backend)
+    return _from_pretrained(path, device=device, dtype=dtype or torch.float32, backend=backend, **model_overrides)
 
 
 def load_vae(path, device="cpu", dtype=None):

@@ -25,6 +25,15 @@ class CogVideoXTransformerConfig(TransformerConfig):
     """QK-LayerNorm eps (the block LayerNorms use `layernorm_epsilon`)."""
     packed_attention: str = "per_clip"
     """Block-diagonal attention kernel for packed sequences on the local backend (`parallel.varlen`)."""
+    rope_impl: str = "torch"
+    """Who rotates q and k (`kernels.rope`): 'torch', 'triton' or 'te' ('auto' resolved at build)."""
+
+
+def resolve_rope_impl(rope_impl: str, device: str) -> str:
+    """'auto': the Triton kernel on CUDA, the torch reference elsewhere."""
+    if rope_impl == "auto":
+        return "triton" if str(device).startswith("cuda") else "torch"
+    return rope_impl
 
 
 def recompute_settings(recompute: str, recompute_num_layers: int) -> dict:
@@ -51,6 +60,7 @@ def build_transformer_config(model: ModelConfig, parallel: Optional[ParallelConf
         layernorm_epsilon=model.norm_eps,
         qk_layernorm_epsilon=model.qk_norm_eps,
         packed_attention=model.packed_attention,
+        rope_impl=resolve_rope_impl(model.rope_impl, device),
         normalization="LayerNorm",
         qk_layernorm=True,
         add_bias_linear=True,

@@ -11,6 +11,10 @@ from typing import Literal, Optional
 POSITIONAL_EMBEDDINGS = ("sincos", "rope", "rope+learned")
 BACKENDS = ("local", "te")
 STAGE_FIELDS = {"buckets", "source", "pack_tokens", "num_frames", "height", "width"}
+ROPE_IMPLS = ("auto", "torch", "triton", "te")
+# ModelConfig fields that choose how the model runs, not what its weights are: a checkpoint loads and resumes
+# with any value of them (`from_pretrained(..., **overrides)`, `--resume`).
+RUNTIME_MODEL_FIELDS = ("backend", "rope_impl", "packed_attention")
 PACKED_ATTENTION_KERNELS = ("per_clip", "sdpa_mask", "flex", "flash")  # = parallel.varlen.VARLEN_KERNELS
 TIMESTEP_SAMPLING = ("explicit_uniform", "uniform")
 
@@ -66,6 +70,9 @@ class ModelConfig:
     qk_norm_eps: float = 1e-6
     backend: str = "local"
     """'local' (pure torch, any device) or 'te' (Transformer Engine, GPU)."""
+    rope_impl: str = "auto"
+    """Who applies the 3D RoPE to q and k: 'torch' (reference), 'triton' (one-launch kernel, forward and
+    backward), 'te' (Transformer Engine's fused RoPE, CUDA) or 'auto' (triton on CUDA, torch elsewhere)."""
     packed_attention: str = "per_clip"
     """Kernel of the block-diagonal attention over packed sequences on the local backend: 'per_clip',
     'sdpa_mask', 'flex' or 'flash' (flash-attn, CUDA). The te backend uses TE's thd attention."""
@@ -90,6 +97,8 @@ class ModelConfig:
                               f"choose one of {', '.join(POSITIONAL_EMBEDDINGS)}")
         if self.backend not in BACKENDS:
             raise ConfigError("model.backend", self.backend, f"choose one of {', '.join(BACKENDS)}")
+        if self.rope_impl not in ROPE_IMPLS:
+            raise ConfigError("model.rope_impl", self.rope_impl, f"choose one of {', '.join(ROPE_IMPLS)}")
         if self.packed_attention not in PACKED_ATTENTION_KERNELS:
             raise ConfigError("model.packed_attention", self.packed_attention,
                               f"choose one of {', '.join(PACKED_ATTENTION_KERNELS)}")

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
+from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
@@ -63,6 +64,34 @@ class AdaLNModulation(nn.Module):
 
     def forward(self, emb: Tensor) -> Tensor:
         return self.linear(torch.nn.functional.silu(emb))  # [b, 12h]
+
+
+class RotarySelfAttention(SelfAttention):
+    """megatron's SelfAttention with the 3D RoPE applied by `cogvx_mega.kernels.rope` (`model.rope_impl`):
+    q and k rotated together right after the QKV projection and QK-LayerNorm, by per-token angles
+    [s_cp, 1, 1, d] covering this context-parallel rank's tokens (zeros on text and pad). Per-token angles
+    work for packed sequences too, where megatron's own thd RoPE would restart every clip at position 0."""
+
+    _rotary_table: Optional[Tensor] = None
+
+    def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None, rotary_pos_emb=None, **kwargs):
+        # megatron calls get_query_key_value_tensors inside its forward; the table waits there for it
+        self._rotary_table = rotary_pos_emb
+        try:
+            return super().forward(hidden_states, attention_mask, rotary_pos_emb=None, **kwargs)
+        finally:
+            self._rotary_table = None
+
+    def get_query_key_value_tensors(self, hidden_states, key_value_states=None, output_gate=False, split_qkv=True):
+        out = super().get_query_key_value_tensors(hidden_states, key_value_states, output_gate=output_gate,
+                                                  split_qkv=split_qkv)
+        if self._rotary_table is None:
+            return out
+        from ..kernels.rope.op import apply_rope_3d
+
+        query, key, *rest = out  # [s, b, heads, d] each
+        query, key = apply_rope_3d(query, key, self._rotary_table, self.config.rope_impl)
+        return (query, key, *rest)
 
 
 class SDPACoreAttention(MegatronModule):

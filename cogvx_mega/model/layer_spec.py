@@ -2,13 +2,13 @@
 layer's modules and answers what a backend can do."""
 from __future__ import annotations
 
-from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.attention import SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from .layer import (AdaLNModulation, ExpertAdaLNLayer, ExpertAdaLNLayerSubmodules, LayerNorm, QKLayerNorm,
-                    SDPACoreAttention)
+                    RotarySelfAttention, SDPACoreAttention)
 
 
 def local_layer_spec() -> ModuleSpec:
@@ -58,7 +58,7 @@ def _layer_spec(column_linear, row_linear, core_attention, qk_norm) -> ModuleSpe
             input_layernorm=LayerNorm,
             adaln_modulation=AdaLNModulation,
             self_attention=ModuleSpec(
-                module=SelfAttention,
+                module=RotarySelfAttention,
                 params={"attn_mask_type": AttnMaskType.no_mask},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=column_linear,

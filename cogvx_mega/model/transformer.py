@@ -7,6 +7,7 @@ and megatron's [s, b, h] inside the block stack; patchify/unpatchify are the onl
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -335,7 +336,9 @@ class CogVideoXTransformer(MegatronModule):
         condition = layout.condition_index(device)[:, None]  # [t, 1]
         condition = local_tokens(split_sequence(condition, total, self.cp_group, segments), self.config,
                                  self.tp_group)  # sliced like hidden
-        rope = self.packed_rotary_table(layout, device)  # whole pack: megatron's thd RoPE takes this rank's rows
+        rope = self.packed_rotary_table(layout, device)  # [t, 1, 1, d]
+        if rope is not None:  # this CP rank's rows; q/k cover the whole CP shard even under sequence parallel
+            rope = split_sequence(rope, total, self.cp_group, segments)
         hidden = self.decoder(hidden, attention_mask=None, context=emb, context_mask=condition, rotary_pos_emb=rope,
                               packed_seq_params=params)
         if not self.post_process:
@@ -392,13 +395,17 @@ def build_model_chunks(model: ModelConfig, parallel=None, device: str = "cpu",
 
 
 def build_model(model: ModelConfig, device: str = "cpu", params_dtype: torch.dtype = torch.float32,
-                seed: int = 1234) -> CogVideoXTransformer:
+                seed: int = 1234, run_device: Optional[str] = None) -> CogVideoXTransformer:
     """The whole model in this process, on its own (`single_process_groups`): it never involves another rank
     and leaves a running job's groups alone."""
     from ..config.megatron import build_transformer_config
     from ..parallel.state import single_process_groups
     from .init import initialize_weights
 
+    from ..config.megatron import resolve_rope_impl
+
+    # 'auto' choices for the device the model will run on (`run_device`, default `device`)
+    model = dataclasses.replace(model, rope_impl=resolve_rope_impl(model.rope_impl, run_device or device))
     transformer_config = build_transformer_config(model, None, params_dtype=params_dtype, device="cpu")
     groups = single_process_groups()
     chunk = CogVideoXTransformer(model, transformer_config, pg_collection=groups)

@@ -14,7 +14,7 @@ from typing import Optional
 
 from ..checkpoint.atomic import repair_interrupted_swap
 from ..checkpoint.meta import is_project_checkpoint
-from ..config.schema import ConfigError, ModelConfig, model_config_from_dict
+from ..config.schema import RUNTIME_MODEL_FIELDS, ConfigError, ModelConfig, model_config_from_dict
 
 STEP_PREFIX = "step_"
 
@@ -51,7 +51,7 @@ def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> None:
 NOT_IN_THE_WEIGHTS = ("backend", "latent_scale")
 
 
-def check_same_model(meta: dict, model_config: ModelConfig, path, ignore: tuple = ("backend", "packed_attention")) -> None:
+def check_same_model(meta: dict, model_config: ModelConfig, path, ignore: tuple = RUNTIME_MODEL_FIELDS) -> None:
     saved = model_config_from_dict(meta["model"])
     mine = dataclasses.replace(model_config, **{name: getattr(saved, name) for name in ignore})
     if saved != mine:
