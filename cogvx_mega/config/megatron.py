@@ -36,6 +36,25 @@ def resolve_rope_impl(rope_impl: str, device: str) -> str:
     return rope_impl
 
 
+def fp8_settings(model: ModelConfig, device: str) -> dict:
+    """megatron's FP8 fields for `model.fp8` (empty for bf16). Checks the GPU where the recipe needs one."""
+    from .schema import FP8_RECIPES, ConfigError
+
+    model.validate_fp8()
+    if model.fp8 is None:
+        return {}
+    if not str(device).startswith("cuda"):
+        raise ConfigError("model.fp8", model.fp8, f"FP8 needs a CUDA GPU, and the model is built for {device}")
+    if model.fp8_recipe == "mxfp8" and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] < 10:
+        major, minor = torch.cuda.get_device_capability()
+        raise ConfigError("model.fp8_recipe", "mxfp8", f"MXFP8 needs a Blackwell GPU (compute capability 10+); this "
+                                                       f"one is sm_{major}{minor}: use delayed or current")
+    edge = model.fp8_bf16_edge_layers
+    return dict(fp8=model.fp8, fp8_recipe=FP8_RECIPES[model.fp8_recipe], fp8_amax_history_len=model.fp8_amax_history_len,
+                fp8_amax_compute_algo="max" if model.fp8_recipe == "delayed" else "most_recent",
+                first_last_layers_bf16=edge > 0, num_layers_at_start_in_bf16=edge, num_layers_at_end_in_bf16=edge)
+
+
 def recompute_settings(recompute: str, recompute_num_layers: int) -> dict:
     """megatron's recomputation fields for 'none', 'selective' (attention core) or 'full' (whole layers)."""
     if recompute == "full":
@@ -92,4 +111,5 @@ def build_transformer_config(model: ModelConfig, parallel: Optional[ParallelConf
         batch_p2p_comm=not on_cpu,
         init_method_std=0.02,
         **recompute_settings(recompute, recompute_num_layers),
+        **fp8_settings(model, device),
     )

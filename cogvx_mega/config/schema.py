@@ -14,7 +14,11 @@ STAGE_FIELDS = {"buckets", "source", "pack_tokens", "num_frames", "height", "wid
 ROPE_IMPLS = ("auto", "torch", "triton", "te")
 # ModelConfig fields that choose how the model runs, not what its weights are: a checkpoint loads and resumes
 # with any value of them (`from_pretrained(..., **overrides)`, `--resume`).
-RUNTIME_MODEL_FIELDS = ("backend", "rope_impl", "packed_attention")
+RUNTIME_MODEL_FIELDS = ("backend", "rope_impl", "packed_attention", "fp8", "fp8_recipe", "fp8_bf16_edge_layers",
+                        "fp8_amax_history_len")
+FP8_FORMATS = ("e4m3", "hybrid")
+FP8_RECIPES = {"delayed": "delayed", "current": "tensorwise", "mxfp8": "mxfp8"}  # ours -> megatron's names
+FP8_ALIGNMENT = 16  # TE's FP8 GEMMs take token counts divisible by 16
 PACKED_ATTENTION_KERNELS = ("per_clip", "sdpa_mask", "flex", "flash")  # = parallel.varlen.VARLEN_KERNELS
 TIMESTEP_SAMPLING = ("explicit_uniform", "uniform")
 
@@ -73,6 +77,17 @@ class ModelConfig:
     rope_impl: str = "auto"
     """Who applies the 3D RoPE to q and k: 'torch' (reference), 'triton' (one-launch kernel, forward and
     backward), 'te' (Transformer Engine's fused RoPE, CUDA) or 'auto' (triton on CUDA, torch elsewhere)."""
+    fp8: Optional[str] = None
+    """FP8 through Transformer Engine (model.backend=te, CUDA): None (bf16), 'hybrid' (e4m3 forward, e5m2
+    gradients) or 'e4m3'. Weights stay fp32 masters and checkpoints keep their format: an FP8 run resumes in
+    bf16 and back."""
+    fp8_recipe: str = "delayed"
+    """'delayed' (scales from an amax history), 'current' (per-tensor scales of the current step) or 'mxfp8'
+    (block scales; Blackwell GPUs)."""
+    fp8_bf16_edge_layers: int = 0
+    """Keep this many layers at each end of every pipeline stage in bf16 (not with the delayed recipe)."""
+    fp8_amax_history_len: int = 1024
+    """Delayed scaling: steps of amax history the scale is taken from (the max over them)."""
     packed_attention: str = "per_clip"
     """Kernel of the block-diagonal attention over packed sequences on the local backend: 'per_clip',
     'sdpa_mask', 'flex' or 'flash' (flash-attn, CUDA). The te backend uses TE's thd attention."""
@@ -82,6 +97,24 @@ class ModelConfig:
     @property
     def hidden_size(self) -> int:
         return self.num_attention_heads * self.attention_head_dim
+
+    def validate_fp8(self) -> None:
+        if self.fp8 is None:
+            return
+        if self.fp8 not in FP8_FORMATS:
+            raise ConfigError("model.fp8", self.fp8, f"choose one of {', '.join(FP8_FORMATS)}, or null for bf16")
+        if self.fp8_recipe not in FP8_RECIPES:
+            raise ConfigError("model.fp8_recipe", self.fp8_recipe, f"choose one of {', '.join(FP8_RECIPES)}")
+        if self.backend != "te":
+            raise ConfigError("model.fp8", self.fp8, "FP8 runs through Transformer Engine's layers: set "
+                                                     "model.backend=te (CUDA), or model.fp8=null on the local backend")
+        if self.fp8_bf16_edge_layers < 0 or isinstance(self.fp8_bf16_edge_layers, bool):
+            raise ConfigError("model.fp8_bf16_edge_layers", self.fp8_bf16_edge_layers, "use 0 or more layers")
+        if self.fp8_bf16_edge_layers and self.fp8_recipe == "delayed":
+            raise ConfigError("model.fp8_bf16_edge_layers", self.fp8_bf16_edge_layers,
+                              "bf16 edge layers need per-step scales: use model.fp8_recipe=current or mxfp8, or 0")
+        if self.fp8_amax_history_len < 1:
+            raise ConfigError("model.fp8_amax_history_len", self.fp8_amax_history_len, "use 1 or more steps")
 
     @property
     def uses_rope(self) -> bool:
@@ -97,6 +130,7 @@ class ModelConfig:
                               f"choose one of {', '.join(POSITIONAL_EMBEDDINGS)}")
         if self.backend not in BACKENDS:
             raise ConfigError("model.backend", self.backend, f"choose one of {', '.join(BACKENDS)}")
+        self.validate_fp8()
         if self.rope_impl not in ROPE_IMPLS:
             raise ConfigError("model.rope_impl", self.rope_impl, f"choose one of {', '.join(ROPE_IMPLS)}")
         if self.packed_attention not in PACKED_ATTENTION_KERNELS:
@@ -466,6 +500,9 @@ class Config:
             raise ConfigError("training.micro_batch_size", self.training.micro_batch_size,
                               "with data.packing a micro-batch is one pack: use 1 (raise data.pack_tokens for more "
                               "tokens per micro-batch)")
+        if self.model.fp8 is not None and self.training.device != "cuda":
+            raise ConfigError("model.fp8", self.model.fp8, "FP8 needs a CUDA GPU (training.device=cuda); use "
+                                                           "model.fp8=null on CPU")
         if self.model.backend == "te" and self.training.device != "cuda":
             raise ConfigError("model.backend", "te", "Transformer Engine runs on GPU only: use model.backend=local "
                                                      "with --device cpu")

@@ -35,9 +35,15 @@ def padded_sequence_length(seq_length: int, config) -> int:
 
 
 def sequence_split_unit(config) -> int:
-    """The sequence length must be a multiple of this to split over CP (load-balanced) and SP."""
-    return (2 * config.context_parallel_size if config.context_parallel_size > 1 else 1) * (
-        config.tensor_model_parallel_size if config.sequence_parallel else 1)
+    """The sequence length must be a multiple of this to split over CP (load-balanced) and SP, and, with FP8,
+    for every CP rank's tokens (the GEMMs' rows) to be a multiple of 16, as TE's FP8 GEMMs need."""
+    import math
+
+    cp = config.context_parallel_size
+    unit = (2 * cp if cp > 1 else 1) * (config.tensor_model_parallel_size if config.sequence_parallel else 1)
+    if getattr(config, "fp8", None):
+        unit = math.lcm(unit, 16 * cp)
+    return unit
 
 
 def local_token_indices(seq_length: int, cp_size: int, cp_rank: int, device=None) -> Tensor:
