@@ -26,6 +26,8 @@ class CogVideoXTransformerConfig(TransformerConfig):
     packed_attention: str = "per_clip"
     """Block-diagonal attention kernel for packed sequences on the local backend (`parallel.varlen`)."""
     rope_impl: str = "torch"
+    adaln_impl: str = "torch"
+    """Expert AdaLN: 'torch' or 'triton' (fused LayerNorm + modulation and gated residual, `kernels.adaln`)."""
     """Who rotates q and k (`kernels.rope`): 'torch', 'triton' or 'te' ('auto' resolved at build)."""
 
 
@@ -80,6 +82,7 @@ def build_transformer_config(model: ModelConfig, parallel: Optional[ParallelConf
         qk_layernorm_epsilon=model.qk_norm_eps,
         packed_attention=model.packed_attention,
         rope_impl=resolve_rope_impl(model.rope_impl, device),
+        adaln_impl=model.adaln_impl,
         normalization="LayerNorm",
         qk_layernorm=True,
         add_bias_linear=True,

@@ -12,10 +12,11 @@ POSITIONAL_EMBEDDINGS = ("sincos", "rope", "rope+learned")
 BACKENDS = ("local", "te")
 STAGE_FIELDS = {"buckets", "source", "pack_tokens", "num_frames", "height", "width"}
 ROPE_IMPLS = ("auto", "torch", "triton", "te")
+ADALN_IMPLS = ("torch", "triton")
 # ModelConfig fields that choose how the model runs, not what its weights are: a checkpoint loads and resumes
 # with any value of them (`from_pretrained(..., **overrides)`, `--resume`).
-RUNTIME_MODEL_FIELDS = ("backend", "rope_impl", "packed_attention", "fp8", "fp8_recipe", "fp8_bf16_edge_layers",
-                        "fp8_amax_history_len")
+RUNTIME_MODEL_FIELDS = ("backend", "rope_impl", "adaln_impl", "packed_attention", "fp8", "fp8_recipe",
+                        "fp8_bf16_edge_layers", "fp8_amax_history_len")
 FP8_FORMATS = ("e4m3", "hybrid")
 FP8_RECIPES = {"delayed": "delayed", "current": "tensorwise", "mxfp8": "mxfp8"}  # ours -> megatron's names
 FP8_ALIGNMENT = 16  # TE's FP8 GEMMs take token counts divisible by 16
@@ -77,6 +78,9 @@ class ModelConfig:
     rope_impl: str = "auto"
     """Who applies the 3D RoPE to q and k: 'torch' (reference), 'triton' (one-launch kernel, forward and
     backward), 'te' (Transformer Engine's fused RoPE, CUDA) or 'auto' (triton on CUDA, torch elsewhere)."""
+    adaln_impl: str = "torch"
+    """Expert AdaLN: 'torch' (LayerNorm, then the token's shift/scale/gate as [s, b, h] tensors) or 'triton'
+    (LayerNorm + shift/scale in one kernel and the gated residual add in another, forward and backward)."""
     fp8: Optional[str] = None
     """FP8 through Transformer Engine (model.backend=te, CUDA): None (bf16), 'hybrid' (e4m3 forward, e5m2
     gradients) or 'e4m3'. Weights stay fp32 masters and checkpoints keep their format: an FP8 run resumes in
@@ -131,6 +135,8 @@ class ModelConfig:
         if self.backend not in BACKENDS:
             raise ConfigError("model.backend", self.backend, f"choose one of {', '.join(BACKENDS)}")
         self.validate_fp8()
+        if self.adaln_impl not in ADALN_IMPLS:
+            raise ConfigError("model.adaln_impl", self.adaln_impl, f"choose one of {', '.join(ADALN_IMPLS)}")
         if self.rope_impl not in ROPE_IMPLS:
             raise ConfigError("model.rope_impl", self.rope_impl, f"choose one of {', '.join(ROPE_IMPLS)}")
         if self.packed_attention not in PACKED_ATTENTION_KERNELS:

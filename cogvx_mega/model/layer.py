@@ -172,9 +172,17 @@ class ExpertAdaLNLayer(MegatronModule):
         self.mlp = build_module(submodules.mlp, config=config, ffn_hidden_size=config.ffn_hidden_size,
                                 tp_group=pg_collection.tp)
 
-    def _modulated_residual_branch(self, hidden_states: Tensor, norm: nn.Module, branch, modulation: Tensor,
-                                   **branch_kwargs) -> Tensor:
-        shift, scale, gate = modulation.unbind(2)  # [s, b, h] each: the token's own expert and sample/clip
+    def _modulated_residual_branch(self, hidden_states: Tensor, norm: nn.Module, branch, table: Tensor,
+                                   condition: Tensor, **branch_kwargs) -> Tensor:
+        """hidden + gate * branch(LN(hidden) * (1 + scale) + shift), each token with its own row of `table`
+        [2 rows, 3, h] (shift, scale, gate), picked by `condition` [s, b]."""
+        if self.config.adaln_impl == "triton":  # fused: no [s, b, h] modulation tensors (kernels/adaln)
+            from ..kernels.adaln.op import gated_residual, modulated_layer_norm
+
+            normed = modulated_layer_norm(hidden_states, norm.weight, norm.bias, norm.eps, table, condition)
+            out, bias = branch(normed, **branch_kwargs)
+            return gated_residual(hidden_states, out, bias, table, condition)
+        shift, scale, gate = table[condition].unbind(2)  # [s, b, h] each: the token's own expert and sample/clip
         normed = norm(hidden_states) * (1 + scale) + shift
         out, bias = branch(normed, **branch_kwargs)
         if bias is not None:
@@ -192,11 +200,10 @@ class ExpertAdaLNLayer(MegatronModule):
         # [rows, 12h] -> per (row, expert) the (shift, scale, gate) of both branches: [2 * rows, 2, 3, h]
         modulation = self.adaln_modulation(context).view(rows, 2, 2, 3, hidden).transpose(1, 2).reshape(
             2 * rows, 2, 3, hidden)
-        per_token = modulation[context_mask]  # [s, b, 2, 3, h]
         hidden_states = self._modulated_residual_branch(
-            hidden_states, self.input_layernorm, self.self_attention, per_token[:, :, 0],
+            hidden_states, self.input_layernorm, self.self_attention, modulation[:, 0], context_mask,
             attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb, packed_seq_params=packed_seq_params)
         hidden_states = self._modulated_residual_branch(
-            hidden_states, self.pre_mlp_layernorm, self.mlp, per_token[:, :, 1])
+            hidden_states, self.pre_mlp_layernorm, self.mlp, modulation[:, 1], context_mask)
         output = make_viewless_tensor(inp=hidden_states, requires_grad=hidden_states.requires_grad, keep_graph=True)
         return output, context
