@@ -28,6 +28,22 @@ from .packing import ClipShape, PackLayout, plan_pack_layout, video_tokens
 from .positions import rope_3d_angles, sincos_3d, timestep_sinusoid
 
 
+class TableCache:
+    """Position tables (constants of a shape) built once per (shape, device) and kept, so a forward does not
+    rebuild them on the CPU and copy them over every step. A few shapes per run (buckets, stages), bounded."""
+
+    def __init__(self, limit: int = 64):
+        self.limit = limit
+        self.tables: dict = {}
+
+    def get(self, key, build):
+        if key not in self.tables:
+            if len(self.tables) >= self.limit:
+                self.tables.pop(next(iter(self.tables)))
+            self.tables[key] = build()
+        return self.tables[key]
+
+
 class TimestepEmbedding(nn.Module):
     """Linear -> SiLU -> Linear on a sinusoidal embedding."""
 
@@ -74,6 +90,7 @@ class PatchEmbedding(nn.Module):
         else:
             self.proj = nn.Linear(model.in_channels * model.patch_size**2 * model.patch_size_t, hidden)
         self.text_proj = nn.Linear(model.text_embed_dim, hidden)
+        self._table_cache = TableCache()
         if model.positional_embedding == "rope+learned":
             # Learned table over [text ; video] at the sample resolution, initialised with sin-cos.
             self.pos_embedding = nn.Parameter(self._sincos_table(model.sample_frames, model.sample_height,
@@ -106,7 +123,8 @@ class PatchEmbedding(nn.Module):
                 positions = self.pos_embedding
             else:
                 # diffusers falls back to sin-cos for a learned table at another frame count; kept for parity.
-                positions = self._sincos_table(pixel_frames, h, w).to(tokens.device)
+                positions = self._table_cache.get(("sincos", pixel_frames, h, w, tokens.device), lambda: self._sincos_table(
+                    pixel_frames, h, w).to(tokens.device))
             tokens = tokens + positions.to(dtype=tokens.dtype)
         return tokens
 
@@ -133,6 +151,7 @@ class CogVideoXTransformer(MegatronModule):
         self.model_type = ModelType.encoder_or_decoder  # read by megatron's pipeline schedules
         self.share_embeddings_and_output_weights = False  # read by finalize_model_grads: nothing is tied
         self.model_config = model
+        self._table_cache = TableCache()  # RoPE angles per shape and device
         self.vp_stage = vp_stage
         self.pre_process = pre_process
         self.post_process = post_process
@@ -203,10 +222,17 @@ class CogVideoXTransformer(MegatronModule):
 
     def rotary_table(self, latent_frames: int, latent_height: int, latent_width: int, text_length: int,
                      device: torch.device) -> Optional[Tensor]:
-        """RoPE angles [s, 1, 1, head_dim] for [text ; video]; zero angles (identity) on text rows."""
-        m = self.model_config
-        if not m.uses_rope:
+        """RoPE angles [s, 1, 1, head_dim] for [text ; video]; zero angles (identity) on text rows. Built once
+        per shape and device."""
+        if not self.model_config.uses_rope:
             return None
+        key = ("rope", latent_frames, latent_height, latent_width, text_length, torch.device(device))
+        return self._table_cache.get(key, lambda: self._build_rotary_table(latent_frames, latent_height,
+                                                                           latent_width, text_length, device))
+
+    def _build_rotary_table(self, latent_frames: int, latent_height: int, latent_width: int, text_length: int,
+                            device) -> Tensor:
+        m = self.model_config
         p = m.patch_size
         grid_h, grid_w = latent_height // p, latent_width // p
         base_h, base_w = m.sample_height // p, m.sample_width // p

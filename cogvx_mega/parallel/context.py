@@ -102,7 +102,11 @@ class _GatherSequence(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         size, rank = dist.get_world_size(ctx.group), dist.get_rank(ctx.group)
         grad = grad.contiguous()
-        dist.all_reduce(grad, group=ctx.group)  # gloo has no reduce-scatter; same sum on NCCL
+        if dist.get_backend(ctx.group) == "nccl":  # each rank receives only the sum of its own slice
+            out = grad.new_empty((grad.shape[0] // size, *grad.shape[1:]))
+            dist.reduce_scatter_tensor(out, grad, group=ctx.group)
+            return out, None
+        dist.all_reduce(grad, group=ctx.group)  # gloo has no reduce-scatter: the same sum, then this rank's slice
         return grad.chunk(size, dim=0)[rank].contiguous(), None
 
 

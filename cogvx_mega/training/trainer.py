@@ -184,7 +184,7 @@ class Trainer:
         # every pack of the step padded to the longest one (pipeline parallel sends fixed shapes)
         length = max(padded_pack_length(m, shapes, self.model.config) for shapes in batch["clip_shapes_of_step"])
         scale = self.dims.data_parallel_size * self.micro_batches / clips_in_step
-        to_device = lambda x: x.to(self.device, non_blocking=True)  # noqa: E731
+        to_device = self._to_device
         packs = []
         for pack in batch["packs"]:
             slots = pack["slots"]
@@ -236,6 +236,12 @@ class Trainer:
         self.step += 1
         return {"loss": reported.item(), "grad_norm": float(grad_norm), "lr": lr}
 
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Host tensors go to the GPU through pinned memory, asynchronously (a no-op on CPU)."""
+        if self.device.type == "cuda" and tensor.device.type == "cpu":
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor.to(self.device)
+
     @property
     def samples_per_rank(self) -> int:
         """Samples of one optimizer step on this data-parallel rank (all accumulated micro-batches)."""
@@ -273,7 +279,7 @@ class Trainer:
                              f"({self.micro_batches} micro-batches of {t.micro_batch_size})")
         randomness = self.step_randomness(self.step, self.slots, latents.shape[1:])
         randomness.update({k: batch[k] for k in ("noise", "timesteps", "text_drop_mask") if k in batch})
-        to_device = lambda x: x.to(self.device, non_blocking=True)  # noqa: E731
+        to_device = self._to_device
         noised = make_training_batch(to_device(latents), to_device(batch["text_embeds"]), to_device(randomness["noise"]),
                                      to_device(randomness["timesteps"]), self.alphas_cumprod,
                                      to_device(randomness["text_drop_mask"]))
