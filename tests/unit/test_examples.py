@@ -52,3 +52,13 @@ def test_the_packing_example_trains_through_its_stage_switch(tmp_path):
     assert [m["stage"] for m in metrics] == [0] * switch + [1, 1]
     for m in metrics:
         assert 0.5 < m["packing_efficiency"] <= 1.0, m
+
+
+def test_the_gpu_suite_is_valid_bash_and_names_scripts_that_exist():
+    import subprocess
+
+    root = EXAMPLES.parents[1]
+    suite = root / "benchmarks" / "gpu_suite.sh"
+    assert subprocess.run(["bash", "-n", str(suite)]).returncode == 0
+    scripts = set(re.findall(r"(benchmarks/\w+\.py|tests/gpu)", suite.read_text()))
+    assert scripts and all((root / script).exists() for script in scripts), scripts
