@@ -34,9 +34,12 @@ class OnlineDataset(BucketedBatches):
     """`step_batch(step, slots, global_batch, seed)` -> {"latents" [n, T', C, H, W], "text_embeds" [n, L, D]},
     encoding the clips of `plan` with `encoder` as they are needed."""
 
-    def __init__(self, plan: CachePlan, encoder: ClipEncoder, scaling_factor: float, keep_clips: int = 256):
+    def __init__(self, plan: CachePlan, encoder: ClipEncoder, scaling_factor: float, keep_clips: int = 256,
+                 compression: tuple[int, int] = (4, 8)):
+        """`compression`: the VAE's (temporal, spatial) factors, which give each bucket's latent grid."""
         super().__init__({bucket: list(range(len(items))) for bucket, items in plan.clips.items() if items})
         self.plan, self.encoder, self.scaling_factor, self.keep_clips = plan, encoder, scaling_factor, keep_clips
+        self.compression = compression
         self.skipped: dict[tuple[str, int], str] = {}
         """(bucket, index) -> why the clip could not be used."""
         self._kept: OrderedDict[tuple[str, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = OrderedDict()
@@ -84,6 +87,44 @@ class OnlineDataset(BucketedBatches):
         raise RuntimeError(f"no clip of bucket {bucket} could be decoded ({count} tried, e.g. "
                            f"{self._record(clip)['path']}: {self.skipped[clip]}); check the manifest's files")
 
+    def _use(self, chosen: list[tuple[str, int]]) -> list:
+        values = [self._kept[clip] for clip in chosen]
+        for clip in chosen:
+            self._kept.move_to_end(clip)
+        while len(self._kept) > self.keep_clips:
+            self._kept.popitem(last=False)
+        return values
+
+    # --- packing (data/packing.py) ---------------------------------------------------------------------------
+    def clip_table(self) -> dict:
+        """{(bucket, index): latent grid (T', H', W')} of every planned clip, for packing. A clip that fails to
+        decode is replaced by one of its bucket, so a pack keeps its token count."""
+        temporal, spatial = self.compression
+        table = {}
+        for bucket, indices in self.usable.items():
+            b = Bucket.parse(bucket)
+            grid = ((b.frames - 1) // temporal + 1, b.height // spatial, b.width // spatial)
+            table.update({(bucket, index): grid for index in indices})
+        return table
+
+    def prefetch(self, refs) -> None:
+        """Start decoding the clips of the next step in the background (and drop decodes nobody will use)."""
+        wanted = set(refs)
+        cancel([self._decoding.pop(c) for c in [c for c in self._decoding if c not in wanted]])
+        self._start_decoding(list(refs))
+
+    def read_clips(self, refs, slots, step: int, seed: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Latents [T', C, H', W'] (a posterior sample keyed on each clip's slot) and text [L, D] of `refs`."""
+        for bucket in dict.fromkeys(ref[0] for ref in refs):
+            self._encode([ref for ref in refs if ref[0] == bucket])
+        values = self._use([self._clip_or_replacement(ref) for ref in refs])
+        latents, texts = [], []
+        for slot, (mean, logvar, text) in zip(slots, values):
+            latents.append(posterior_latents(torch.from_numpy(mean)[None], torch.from_numpy(logvar)[None],
+                                             range(slot, slot + 1), seed, step, self.scaling_factor)[0])
+            texts.append(torch.from_numpy(text))
+        return latents, texts
+
     def step_batch(self, step: int, slots: range, global_batch: int, seed: int) -> dict[str, torch.Tensor]:
         bucket, clips = self.batch_of_step(step, global_batch, seed)
         mine = [(bucket, index) for index in clips[slots.start:slots.stop]]
@@ -93,12 +134,7 @@ class OnlineDataset(BucketedBatches):
         cancel([self._decoding.pop(c) for c in stale])
         self._encode(mine)
         self._start_decoding(upcoming)  # decoded in the background while this step trains
-        chosen = [self._clip_or_replacement(clip) for clip in mine]
-        values = [self._kept[clip] for clip in chosen]
-        for clip in chosen:
-            self._kept.move_to_end(clip)
-        while len(self._kept) > self.keep_clips:
-            self._kept.popitem(last=False)
+        values = self._use([self._clip_or_replacement(clip) for clip in mine])
         mean, logvar, text = (torch.from_numpy(np.stack(parts)) for parts in zip(*values))
         latents = posterior_latents(mean, logvar, slots, seed, step, self.scaling_factor)
         return {"latents": latents, "text_embeds": text}
@@ -113,4 +149,5 @@ def open_online_dataset(plan: CachePlan, vae, text_encoder, config, device: Opti
     """Online mode over `plan` with a loaded VAE and T5 (see `cogvx_mega.tools.training_data`)."""
     encoder = ClipEncoder(vae, text_encoder, config.data.fps, device or config.training.device,
                           workers=config.data.num_workers)
-    return OnlineDataset(plan, encoder, float(vae.config.scaling_factor), keep_clips=config.data.online_keep_clips)
+    return OnlineDataset(plan, encoder, float(vae.config.scaling_factor), keep_clips=config.data.online_keep_clips,
+                         compression=(config.model.temporal_compression_ratio, config.data.spatial_compression_ratio))

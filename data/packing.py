@@ -148,6 +148,10 @@ class PackedDataset:
             clip_slots = list(range(first_slot[index], first_slot[index + 1]))
             latents, texts = self.source.read_clips(list(pack.clips), clip_slots, step, seed)
             mine.append({"latents": latents, "text_embeds": texts, "slots": clip_slots})
+        prefetch = getattr(self.source, "prefetch", None)
+        if prefetch is not None:  # the next step's clips of these slots decode while this step trains
+            following = self.plan.step_packs(step + 1, global_batch)
+            prefetch([ref for index in slots for ref in following[index].clips])
         return {"packs": mine, "clips_in_step": first_slot[-1], "real_tokens": sum(p.tokens for p in packs),
                 "pack_tokens": self.pack_tokens,
                 "clip_shapes_of_step": [[self.shapes[ref] for ref in pack.clips] for pack in packs]}
@@ -165,7 +169,8 @@ def packed_dataset_for(source, config) -> Optional[PackedDataset]:
         return None
     if not hasattr(source, "clip_table"):
         raise ConfigError("data.packing", True, f"the {type(source).__name__} dataset cannot be packed; use a "
-                                                f"latent cache, synthetic data or a latent folder")
+                                                f"latent cache, a manifest (online mode), synthetic data or a "
+                                                f"latent folder")
     return PackedDataset(source, config.model, data.pack_tokens, config.training.seed, data.pack_window)
 
 

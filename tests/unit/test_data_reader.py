@@ -177,3 +177,18 @@ def test_train_packed_from_the_cache(cache, tmp_path):
     for m in metrics:  # the packs' real tokens over 2 packs x 64 tokens, as the trainer reports it
         assert 0 < m["packing_efficiency"] <= 1 and m["clips"] >= 2
         assert m["tokens_per_s"] == pytest.approx(m["packing_efficiency"] * 2 * 64 * m["samples_per_s"] / m["clips"])
+
+
+def test_online_mode_packs_give_the_losses_of_the_cache_packs(cache, tmp_path):
+    root = cache.parent
+    packing = ["--steps", "3", "data.packing=true", "data.pack_tokens=64", "training.micro_batch_size=1",
+               "training.global_batch_size=2"]
+    runs = {}
+    for name, data in (("cache", ["--data", str(cache)]),
+                       ("online", ["--data", str(root / "manifest.jsonl"), "--vae", str(root / "vae"),
+                                   "--text-encoder", str(root / "t5")])):
+        runs[name] = tmp_path / name
+        assert main(["train", *data, "--run-dir", str(runs[name]), *TRAIN_ARGS, *packing]) == 0
+    online, cached = losses_of(runs["online"]), losses_of(runs["cache"])
+    assert len(online) == 3
+    assert max(abs(a - b) / abs(b) for a, b in zip(online, cached)) <= 1e-6, (online, cached)
