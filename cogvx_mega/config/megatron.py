@@ -71,6 +71,7 @@ def build_transformer_config(model: ModelConfig, parallel: Optional[ParallelConf
                              recompute: str = "none", recompute_num_layers: int = 1) -> CogVideoXTransformerConfig:
     parallel = parallel or ParallelConfig()
     on_cpu = device == "cpu"
+    fused_bias_gelu = str(device).startswith("cuda")
     return CogVideoXTransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -87,10 +88,12 @@ def build_transformer_config(model: ModelConfig, parallel: Optional[ParallelConf
         qk_layernorm=True,
         add_bias_linear=True,
         gated_linear_unit=False,
-        activation_func=gelu_tanh,
+        # On CUDA megatron's fused bias + GeLU kernel, which computes the tanh approximation CogVideoX uses
+        # (megatron selects it for activation_func=F.gelu); elsewhere the tanh GeLU unfused.
+        activation_func=F.gelu if fused_bias_gelu else gelu_tanh,
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        bias_activation_fusion=False,
+        bias_activation_fusion=fused_bias_gelu,
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
         apply_rope_fusion=False,

@@ -54,3 +54,27 @@ def test_no_cp_kind_without_context_parallel():
     config = build_transformer_config(model, ParallelConfig(context_parallel_size=2))
     config.cp_comm_type = ["p2p", "a2a"]  # megatron also takes one kind per layer
     assert [cp_comm_type_of_layer(config, n) for n in (1, 2)] == ["p2p", "a2a"]
+
+
+def test_the_fused_bias_gelu_used_on_cuda_is_the_tanh_gelu():
+    """On CUDA the FFN takes megatron's fused bias + GeLU (selected by activation_func=F.gelu); it must compute
+    the tanh approximation, which is what the CPU path and diffusers compute."""
+    import torch
+    from megatron.core.fusions.fused_bias_gelu import bias_gelu_impl
+
+    from cogvx_mega.config.megatron import build_transformer_config, gelu_tanh
+    from cogvx_mega.config.schema import ModelConfig
+
+    cuda = build_transformer_config(ModelConfig(), device="cuda")
+    cpu = build_transformer_config(ModelConfig(), device="cpu")
+    assert cuda.bias_activation_fusion and cuda.activation_func is torch.nn.functional.gelu
+    assert not cpu.bias_activation_fusion and cpu.activation_func is gelu_tanh
+    generator = torch.Generator().manual_seed(0)
+    x, bias = 4 * torch.randn(64, 96, generator=generator), torch.randn(96, generator=generator)
+    x.requires_grad_()
+    fused = bias_gelu_impl(x, bias)
+    reference = gelu_tanh(x + bias)
+    assert (fused - reference).abs().max().item() <= 1e-6
+    (grad_fused,) = torch.autograd.grad(fused.sum(), x)
+    (grad_reference,) = torch.autograd.grad(reference.sum(), x)
+    assert (grad_fused - grad_reference).abs().max().item() <= 1e-5
