@@ -17,11 +17,13 @@ $(STAMP): setup.py
 demo: $(STAMP)
 	$(VENV)/bin/cogvx demo --run-dir runs/demo
 
-# Three pytest processes: the unit tier turns its process CPU-only (megatron's CPU compatibility layer),
-# the GPU tier needs a process that may use CUDA (it skips without one), and the distributed tier forks
-# gloo ranks from a parent that must not hold a process group. Without a GPU every GPU module skips, which
-# pytest reports as exit status 5 ("no tests collected"): that is a pass here.
+# Four pytest processes: the unit tier turns its process CPU-only (megatron's CPU compatibility layer),
+# the kernel tier runs the Triton kernels in the interpreter (set before triton is imported), the GPU tier
+# needs a process that may use CUDA (it skips without one), and the distributed tier forks gloo ranks from a
+# parent that must not hold a process group. Without a GPU every GPU module skips, which pytest reports as
+# exit status 5 ("no tests collected"): that is a pass here.
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest tests/unit
+	$(VENV)/bin/python -m pytest tests/kernels
 	$(VENV)/bin/python -m pytest tests/gpu || test $$? -eq 5  # 5: every GPU module skipped (no CUDA here)
 	$(VENV)/bin/python -m pytest tests/distributed

@@ -18,6 +18,7 @@ from typing import Callable, Optional
 import torch
 
 from ..config.schema import ConfigError, ModelConfig, model_config_from_dict
+from ..parallel.pipeline import unwrap_model
 from .atomic import swap_into_place
 from .meta import META_FILE, SHARDED_FORMAT
 from .transformer import PROJECT_LAYER, project_keys
@@ -34,7 +35,7 @@ def model_sharded_state(model_chunks) -> dict:
 
     Tensors are keyed by their global names, so the nesting does not tie a checkpoint to a layout.
     """
-    chunks = [getattr(chunk, "module", chunk) for chunk in model_chunks]
+    chunks = [unwrap_model(chunk) for chunk in model_chunks]
     if len(chunks) == 1:
         return {"model": chunks[0].sharded_state_dict()}
     return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
@@ -165,7 +166,7 @@ def load_sharded_checkpoint(path: str | Path, model_chunks, optimizer=None) -> N
         _materialise_adam_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=True, metadata=OPTIMIZER_METADATA)
     loaded = dist_checkpointing.load(state, str(path))
-    chunks = [getattr(chunk, "module", chunk) for chunk in model_chunks]
+    chunks = [unwrap_model(chunk) for chunk in model_chunks]
     for key, chunk in zip(model_state, chunks):
         chunk.load_state_dict(loaded[key], strict=True)
     if optimizer is not None:

@@ -442,7 +442,11 @@ class TrainingConfig:
     seed: int = 1234
     device: str = "cuda"
     bf16: bool = True
-    """bf16 autocast on GPU (CPU runs in fp32)."""
+    """Train in bf16 (see mixed_precision); false: fp32 everywhere."""
+    mixed_precision: str = "auto"
+    """How bf16 trains: 'bf16_params' (megatron's mixed precision: bf16 weights and compute, fp32 main
+    gradients, fp32 master weights in the optimizer), 'autocast' (fp32 weights under bf16 autocast) or 'auto'
+    (bf16_params on CUDA; CPU runs in fp32)."""
     recompute: str = "none"
     """Activation recomputation: 'none', 'selective' (attention core) or 'full' (whole layers)."""
     recompute_num_layers: int = 1
@@ -455,6 +459,14 @@ class TrainingConfig:
     """Write checkpoints in a background process (megatron's async torch_dist save): training goes on
     while the shards are written; the checkpoint is renamed into place when every rank has finished."""
     run_dir: str = "runs/default"
+
+    def precision(self) -> str:
+        """What the run does: 'fp32', 'autocast' or 'bf16_params' (from bf16, mixed_precision and device)."""
+        if not self.bf16:
+            return "fp32"
+        if self.mixed_precision == "auto":
+            return "bf16_params" if self.device == "cuda" else "fp32"
+        return self.mixed_precision
 
     def global_batch(self, data_parallel_size: int) -> int:
         """Samples per optimizer step over all data-parallel ranks (the global sample slots of a step)."""
@@ -473,6 +485,8 @@ class TrainingConfig:
         require_positive_integers(self, "training", ("steps", "micro_batch_size", "recompute_num_layers"))
         if self.recompute not in ("none", "selective", "full"):
             raise ConfigError("training.recompute", self.recompute, "choose none, selective or full")
+        if self.mixed_precision not in ("auto", "bf16_params", "autocast"):
+            raise ConfigError("training.mixed_precision", self.mixed_precision, "choose auto, bf16_params or autocast")
         if self.global_batch_size is not None and self.global_batch_size < 1:
             raise ConfigError("training.global_batch_size", self.global_batch_size, "must be positive (or null)")
         if self.device not in ("cpu", "cuda"):

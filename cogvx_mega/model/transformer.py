@@ -210,8 +210,10 @@ class CogVideoXTransformer(MegatronModule):
             input_tensor = input_tensor[0]
         self.decoder.set_input_tensor(input_tensor)
 
-    def conditioning(self, timesteps: Tensor, ofs: Optional[Tensor], dtype: torch.dtype) -> Tensor:
-        """emb [b, time_embed_dim] from integer timesteps (and ofs for 1.5-I2V)."""
+    def conditioning(self, timesteps: Tensor, ofs: Optional[Tensor], dtype: Optional[torch.dtype] = None) -> Tensor:
+        """emb [b, time_embed_dim] from integer timesteps (and ofs for 1.5-I2V), in `dtype` (default: the
+        embedding's own weights' dtype, which every pipeline stage knows, whatever its inputs are)."""
+        dtype = dtype or self.time_embedding.linear_1.weight.dtype
         emb = self.time_embedding(timestep_sinusoid(timesteps, self.model_config.hidden_size).to(dtype))
         if self.ofs_embedding is not None:
             if ofs is None:
@@ -264,7 +266,7 @@ class CogVideoXTransformer(MegatronModule):
         if c != m.in_channels:
             raise ValueError(f"latents have {c} channels; this model takes model.in_channels={m.in_channels}")
         timesteps = torch.as_tensor(timesteps, device=latents.device).reshape(-1).expand(b)
-        emb = self.conditioning(timesteps, ofs, latents.dtype)  # [b, E]
+        emb = self.conditioning(timesteps, ofs)  # [b, E]
         text_length = text_embeds.shape[1]
         seq = self.sequence_length(t, h, w, text_length)
         padded = padded_sequence_length(seq, self.config)  # CP / SP split evenly; the pad is masked everywhere
@@ -346,7 +348,7 @@ class CogVideoXTransformer(MegatronModule):
             timesteps = timesteps.expand(n)
         if timesteps.numel() != n:
             raise ValueError(f"forward_packed got {timesteps.numel()} timesteps for {n} clips: pass one per clip")
-        emb = self.conditioning(timesteps, ofs, latents[0].dtype)  # [n, E]: one row per clip
+        emb = self.conditioning(timesteps, ofs)  # [n, E]: one row per clip
         total, segments = layout.total, layout.segments
         params = layout.sequence_params(device)
         if self.pre_process:

@@ -21,6 +21,16 @@ import torch.distributed as dist
 REPLICATED_MODULES = ("time_embedding", "ofs_embedding")
 
 
+def unwrap_model(chunk: torch.nn.Module) -> torch.nn.Module:
+    """The model inside megatron's wrappers (DDP, Float16Module)."""
+    from megatron.core.distributed import DistributedDataParallel
+    from megatron.core.transformer.module import Float16Module
+
+    while isinstance(chunk, (DistributedDataParallel, Float16Module)):
+        chunk = chunk.module
+    return chunk
+
+
 def build_model_chunks(build_chunk: Callable[..., torch.nn.Module]) -> list[torch.nn.Module]:
     """One model per virtual stage of this pipeline rank: build_chunk(pre_process, post_process, vp_stage)."""
     from megatron.core import parallel_state
@@ -37,7 +47,7 @@ def replicated_parameters(model_chunks) -> list[list[torch.nn.Parameter]]:
     """The conditioning parameters of each chunk, in the same order for every chunk."""
     groups = []
     for chunk in model_chunks:
-        chunk = getattr(chunk, "module", chunk)  # unwrap DDP
+        chunk = unwrap_model(chunk)
         params = []
         for name in REPLICATED_MODULES:
             module = getattr(chunk, name, None)

@@ -105,7 +105,8 @@ def abandon_newer_checkpoints(run_dir: str | os.PathLike, resumed_step: int) -> 
 RESUME_SAFE_FIELDS = {
     "training": {"steps", "lr", "min_lr", "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps",
                  "grad_clip", "device", "bf16", "recompute", "recompute_num_layers", "log_interval", "save_interval",
-                 "keep_checkpoints", "async_save", "run_dir", "micro_batch_size", "global_batch_size"},
+                 "keep_checkpoints", "async_save", "run_dir", "micro_batch_size", "global_batch_size",
+                 "mixed_precision"},  # a change of the optimizer's master weights is refused on its own
     "data": {"num_workers", "online_keep_clips"},
     "diffusion": set(),
 }
@@ -127,6 +128,15 @@ def check_resume_config(meta: dict, config, global_batch: int, path) -> list[str
             if old == new:
                 continue
             (changes if name in safe else refused).append(f"{section}.{name}: {old!r} -> {new!r}")
+    saved_training = meta.get("training")
+    if saved_training is not None:
+        from ..config.schema import TrainingConfig
+
+        known = {f.name for f in dataclasses.fields(TrainingConfig)}
+        saved_precision = TrainingConfig(**{k: v for k, v in saved_training.items() if k in known}).precision()
+        if (saved_precision == "bf16_params") != (config.training.precision() == "bf16_params"):
+            refused.insert(0, f"precision: {saved_precision} -> {config.training.precision()} (the optimizer keeps "
+                              f"fp32 master weights of bf16 parameters in one and not the other)")
     saved_batch = meta.get("global_batch")
     if saved_batch is not None and saved_batch != global_batch:
         refused.insert(0, f"global batch: {saved_batch} -> {global_batch} samples per step")

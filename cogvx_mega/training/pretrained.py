@@ -17,6 +17,7 @@ from ..checkpoint.reader import open_transformer_weights
 from ..checkpoint.sharded import load_sharded_checkpoint
 from ..config.schema import ConfigError, ModelConfig
 from ..model.init import global_parameter_name
+from ..parallel.pipeline import unwrap_model
 from . import checkpoint as ckpt
 
 logger = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ def load_pretrained_weights(model_chunks, path: str, model_config: ModelConfig) 
     weights = open_transformer_weights(path)
     ckpt.check_same_model({"model": dataclasses.asdict(weights.model)}, model_config, path,
                           ignore=ckpt.NOT_IN_THE_WEIGHTS)
-    chunks = [getattr(chunk, "module", chunk) for chunk in model_chunks]
+    chunks = [unwrap_model(chunk) for chunk in model_chunks]
     if weights.kind == "sharded":
         load_sharded_checkpoint(path, chunks)
         return weights.meta

@@ -61,17 +61,22 @@ def build_optimizer(ddp_chunks: list, config: Config):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     t = config.training
+    bf16_params = t.precision() == "bf16_params"  # fp32 master weights of the bf16 parameters in the optimizer
     optimizer_config = OptimizerConfig(optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
                                        adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=t.adam_eps,
-                                       clip_grad=t.grad_clip, bf16=False, fp16=False, params_dtype=torch.float32,
+                                       clip_grad=t.grad_clip, bf16=bf16_params, fp16=False,
+                                       params_dtype=torch.bfloat16 if bf16_params else torch.float32,
                                        use_distributed_optimizer=config.parallel.use_distributed_optimizer,
                                        overlap_param_gather=config.parallel.overlap_param_gather)
     return get_megatron_optimizer(optimizer_config, ddp_chunks)
 
 
 def wrap_data_parallel(model_chunks: list[torch.nn.Module], config: Config) -> list[torch.nn.Module]:
-    """megatron DDP per model chunk: gradients averaged over the data-parallel group into fp32 buffers."""
+    """megatron DDP per model chunk: gradients averaged over the data-parallel group into fp32 buffers. With
+    bf16 parameters (`training.mixed_precision`) each chunk is first cast to bf16 in megatron's Float16Module,
+    which also converts the first stage's inputs and returns the last stage's outputs in fp32."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.transformer.module import Float16Module
 
     from ..parallel.pipeline import finalize_gradients, mark_replicated_copies, synchronize_replicated_parameters
 
@@ -81,9 +86,15 @@ def wrap_data_parallel(model_chunks: list[torch.nn.Module], config: Config) -> l
                                                use_distributed_optimizer=p.use_distributed_optimizer,
                                                bucket_size=p.ddp_bucket_size)
     wrapped = []
+    bf16_params = config.training.precision() == "bf16_params"
     for index, chunk in enumerate(model_chunks):
         chunk.config.finalize_model_grads_func = finalize_gradients  # the schedules call it after backward
-        ddp = DistributedDataParallel(config=chunk.config, ddp_config=ddp_config, module=chunk,
+        module = chunk
+        if bf16_params:
+            chunk.config.bf16 = True
+            chunk.config.pipeline_dtype = torch.bfloat16  # what pipeline stages send each other
+            module = Float16Module(chunk.config, chunk)
+        ddp = DistributedDataParallel(config=chunk.config, ddp_config=ddp_config, module=module,
                                       disable_bucketing=index > 0)
         ddp.broadcast_params()  # every data-parallel replica starts from the first replica's weights
         wrapped.append(ddp)
@@ -146,8 +157,7 @@ class Trainer:
         noised = next(data_iterator)
         if isinstance(noised, NoisedPack):
             return self._forward_pack(noised, model)
-        use_bf16 = self.device.type == "cuda" and self.config.training.bf16
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
+        with self._autocast():
             prediction = model(noised.noisy_latents, noised.text_embeds, noised.timesteps, return_tokens=True)
         m = self.config.model
         padded = self.padded_tokens_per_sample(self._latent_grid(noised.noisy_latents))
@@ -160,8 +170,7 @@ class Trainer:
         return prediction, loss_func
 
     def _forward_pack(self, pack: NoisedPack, model):
-        use_bf16 = self.device.type == "cuda" and self.config.training.bf16
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
+        with self._autocast():
             prediction = model(pack.noisy_latents, pack.text_embeds, pack.timesteps, return_tokens=True,
                                pack_length=pack.length)
         m = self.config.model
@@ -235,6 +244,11 @@ class Trainer:
         reported = self._average_over_data_parallel(self._pipeline_loss(losses))
         self.step += 1
         return {"loss": reported.item(), "grad_norm": float(grad_norm), "lr": lr}
+
+    def _autocast(self):
+        """bf16 autocast for training.mixed_precision=autocast; bf16 parameters need none (Float16Module)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16,
+                              enabled=self.config.training.precision() == "autocast")
 
     def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         """Host tensors go to the GPU through pinned memory, asynchronously (a no-op on CPU)."""

@@ -177,3 +177,20 @@ def test_a_checkpoint_older_than_a_config_field_resumes_at_its_default():
     packed = load_config("tiny", overrides=["data.packing=true", "data.pack_tokens=128", "training.micro_batch_size=1"])
     with pytest.raises(ConfigError, match=r"data\.pack_tokens: None -> 128"):
         check_resume_config(meta, packed, packed.training.global_batch(1), "ckpt")
+
+
+def test_a_resume_may_not_switch_between_fp32_and_bf16_parameters():
+    import dataclasses
+
+    from cogvx_mega.config import ConfigError, load_config
+    from cogvx_mega.training.checkpoint import check_resume_config
+
+    fp32 = load_config("tiny", overrides=["training.device=cuda", "training.bf16=true",
+                                          "training.mixed_precision=autocast"])
+    meta = {section: dataclasses.asdict(getattr(fp32, section)) for section in ("training", "data", "diffusion")}
+    bf16 = load_config("tiny", overrides=["training.device=cuda", "training.bf16=true"])  # auto: bf16_params
+    with pytest.raises(ConfigError, match="precision: autocast -> bf16_params"):
+        check_resume_config(meta, bf16, bf16.training.global_batch(1), "ckpt")
+    no_bf16 = load_config("tiny", overrides=["training.device=cuda", "training.bf16=false"])
+    changes = check_resume_config(meta, no_bf16, no_bf16.training.global_batch(1), "ckpt")
+    assert "training.bf16: True -> False" in changes  # fp32 weights either way: allowed

@@ -19,11 +19,6 @@ def atol(dtype, exact):
     return 2 * torch.finfo(dtype).eps * max(1.0, exact.abs().max().item())
 
 
-@pytest.fixture(autouse=True)
-def interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-
-
 def inputs(s, b, heads_q, heads_k, d, dtype, seed=0, text=2):
     generator = torch.Generator().manual_seed(seed)
     qkv = torch.randn(s, b, heads_q + 2 * heads_k, d, generator=generator)  # megatron's fused projection
