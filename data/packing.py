@@ -132,7 +132,11 @@ class PackedDataset:
         self.shapes = {ref: ClipShape(*grid, model.max_text_seq_length) for ref, grid in self.grids.items()}
         tokens = {ref: clip_tokens(model, shape) for ref, shape in self.shapes.items()}
         self.plan = PackPlan(list(self.grids), tokens, pack_tokens, seed, window)
-        self.skipped = getattr(source, "skipped", 0)
+
+    @property
+    def skipped(self):
+        """The source's clips that could not be used (online mode: clips that failed to decode)."""
+        return getattr(self.source, "skipped", {})
 
     def __len__(self) -> int:
         return len(self.grids)

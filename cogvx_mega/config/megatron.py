@@ -112,9 +112,9 @@ def build_transformer_config(model: ModelConfig, parallel: Optional[ParallelConf
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,
         use_cpu_initialization=on_cpu,
-        # every weight is drawn once, layout-independently, by model.init.initialize_weights (or loaded):
-        # megatron's own initialisation would only be overwritten
-        perform_initialization=False,
+        # megatron's own initialisation stays on although initialize_weights overwrites it: only that path
+        # marks tensor-parallel weights (tensor_model_parallel, partition_dim), which sharding, the gradient
+        # norm and checkpoints read
         # gloo mis-orders batched isend/irecv in the interleaved schedule (silently wrong losses): use
         # separate p2p ops on CPU; NCCL batches them correctly.
         batch_p2p_comm=not on_cpu,
