@@ -6,7 +6,9 @@ timestep is t - T // steps (not the next entry of the spacing), and the last ste
 scales the guidance by 1 + g (1 - cos(π ((steps - t) / steps)^5)) / 2 with t the *training* timestep of the
 step, as the diffusers pipelines compute it (a documented quirk: with 50 steps the scale is nearly constant).
 
-DPM-Solver++(2M) is not built yet (issue 12).
+DPM-Solver++(2M), as `CogVideoXDPMScheduler` (SDE form): each step draws fresh noise from the sampling
+generator (once on the first and last steps, twice elsewhere, the first draw unused), exactly as diffusers
+consumes its generator, so the same seed gives the same video.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-SCHEDULERS = ("ddim",)
+SCHEDULERS = ("ddim", "dpm")
 
 
 def trailing_timesteps(num_train_timesteps: int, steps: int) -> list[int]:
@@ -46,6 +48,35 @@ def ddim_step(alphas_cumprod: Tensor, v_prediction: Tensor, timestep: int, sampl
     return (to_sample * sample + to_x0 * predicted_x0).to(sample.dtype)
 
 
+def _log_snr(alpha_bar: Tensor) -> Tensor:
+    return ((alpha_bar / (1 - alpha_bar)) ** 0.5).log()
+
+
+def dpm_step(alphas_cumprod: Tensor, v_prediction: Tensor, timestep: int, timestep_back: Optional[int],
+             sample: Tensor, previous_x0: Optional[Tensor], num_train_timesteps: int, steps: int,
+             generator: Optional[torch.Generator]) -> tuple[Tensor, Tensor]:
+    """One DPM-Solver++(2M) SDE step: (x_prev, this step's predicted x0, which the next step uses)."""
+    previous = timestep - num_train_timesteps // steps
+    alpha = alphas_cumprod[timestep]
+    alpha_prev = alphas_cumprod[previous] if previous >= 0 else alphas_cumprod.new_tensor(1.0)
+    predicted_x0 = alpha.sqrt() * sample - (1 - alpha).sqrt() * v_prediction
+    lamb, lamb_next = _log_snr(alpha), _log_snr(alpha_prev)
+    h = lamb_next - lamb
+    to_sample = ((1 - alpha_prev) / (1 - alpha)) ** 0.5 * (-h).exp()
+    to_x0 = (-2 * h).expm1() * alpha_prev**0.5
+    to_noise = (1 - alpha_prev) ** 0.5 * (1 - (-2 * h).exp()) ** 0.5
+
+    def noise():
+        return torch.randn(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
+
+    x_prev = to_sample * sample - to_x0 * predicted_x0 + to_noise * noise()
+    if previous_x0 is None or previous < 0:  # first order: the first step, and the last (noise-free) one
+        return x_prev.to(sample.dtype), predicted_x0
+    r = (lamb - _log_snr(alphas_cumprod[timestep_back])) / h
+    denoised = (1 + 1 / (2 * r)) * predicted_x0 - (1 / (2 * r)) * previous_x0
+    return (to_sample * sample - to_x0 * denoised + to_noise * noise()).to(sample.dtype), predicted_x0
+
+
 @dataclass
 class SamplingSettings:
     steps: int = 50
@@ -55,10 +86,12 @@ class SamplingSettings:
 
 
 def sample_latents(model: Callable, latents: Tensor, prompt_embeds: Tensor, negative_embeds: Optional[Tensor],
-                   settings: SamplingSettings, alphas_cumprod: Tensor, ofs=None, progress: bool = False) -> Tensor:
+                   settings: SamplingSettings, alphas_cumprod: Tensor, ofs=None, progress: bool = False,
+                   generator: Optional[torch.Generator] = None) -> Tensor:
     """Denoise `latents` [B, T, C, H, W] (the initial noise) to clean latents with `model(latents, text,
     timesteps[, ofs=])` -> v. Guidance runs when guidance_scale > 1, batching [negative ; prompt] as the
-    pipelines do; `negative_embeds` None means zeros (SAT's unconditional branch)."""
+    pipelines do; `negative_embeds` None means zeros (SAT's unconditional branch). `generator`: the DPM
+    sampler's step noise (the one that drew `latents`, as the pipelines use it)."""
     if settings.scheduler not in SCHEDULERS:
         raise ValueError(f"--scheduler {settings.scheduler}: choose one of {', '.join(SCHEDULERS)}")
     num_train = alphas_cumprod.shape[0]
@@ -75,6 +108,7 @@ def sample_latents(model: Callable, latents: Tensor, prompt_embeds: Tensor, nega
         from tqdm.auto import tqdm
 
         iterator = tqdm(timesteps, desc="denoise", unit="step")
+    previous_x0, timestep_back = None, None
     for timestep in iterator:
         model_input = torch.cat([latents, latents]) if guided else latents
         t = torch.full((model_input.shape[0],), timestep, dtype=torch.long, device=latents.device)
@@ -85,5 +119,11 @@ def sample_latents(model: Callable, latents: Tensor, prompt_embeds: Tensor, nega
                      if settings.dynamic_cfg else settings.guidance_scale)
             unconditional, conditional = v.chunk(2)
             v = unconditional + scale * (conditional - unconditional)
-        latents = ddim_step(alphas_cumprod.to(latents.device), v, timestep, latents, num_train, settings.steps)
+        schedule = alphas_cumprod.to(latents.device)
+        if settings.scheduler == "ddim":
+            latents = ddim_step(schedule, v, timestep, latents, num_train, settings.steps)
+        else:
+            latents, previous_x0 = dpm_step(schedule, v, timestep, timestep_back, latents, previous_x0, num_train,
+                                            settings.steps, generator)
+        timestep_back = timestep
     return latents
