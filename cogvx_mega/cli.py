@@ -12,6 +12,7 @@
     cogvx data scan DIR --output manifest.jsonl [--captions FILE] [--workers N]
     cogvx vae encode VIDEO LATENTS --vae PATH [--frames N] [--sample] [--chunk-frames N]
     cogvx vae decode LATENTS VIDEO --vae PATH [--chunk-frames N] [--fps F]
+    cogvx sample --ckpt CKPT --vae VAE (--prompt TEXT --text-encoder T5 | --prompt-embeds FILE) --output out.mp4
     (under torchrun, `cogvx vae` splits time over all ranks: context parallel)
 
 Errors a user can cause print one line, `cogvx: error: ...`, and exit with status 2 before anything is written.
@@ -276,6 +277,15 @@ def cmd_data_encode(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sample(args: argparse.Namespace) -> int:
+    """A video from a checkpoint (tools/sample.py)."""
+    from .tools.sample import run_sample
+
+    for path in run_sample(args):
+        print(f"wrote {path}")
+    return 0
+
+
 def _vae_process_group(device: str):
     """The world group when launched by torchrun with more than one rank (all ranks split time)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
@@ -364,6 +374,12 @@ def build_parser() -> argparse.ArgumentParser:
     vae.add_argument("--device", choices=("cpu", "cuda"), default=None)
     vae.add_argument("--overwrite", action="store_true")
     vae.set_defaults(func=cmd_vae)
+    from .tools.sample import add_sample_arguments
+
+    sample = sub.add_parser("sample", parents=[verbose_too], help="make a video with a checkpoint (DDIM / DPM-Solver++, "
+                                                                 "classifier-free guidance)")
+    add_sample_arguments(sample)
+    sample.set_defaults(func=cmd_sample)
     return parser
 
 

@@ -11,6 +11,33 @@ from ..checkpoint.vae import read_diffusers_vae_folder, read_vae_checkpoint
 from ..config.schema import ConfigError
 
 
+def load_transformer(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32, backend: str = "local",
+                     **model_overrides):
+    """The whole transformer in this process from a diffusers folder or a cogvx-mega checkpoint (see
+    `cogvx_mega.from_pretrained`), with `model_overrides` of the fields in RUNTIME_MODEL_FIELDS."""
+    import dataclasses
+
+    from ..checkpoint.reader import read_transformer_checkpoint
+    from ..checkpoint.transformer import load_project_state
+    from ..config.schema import RUNTIME_MODEL_FIELDS
+    from ..model.transformer import build_model
+
+    if not Path(path).exists():
+        raise ConfigError("path", str(path), "no such file or folder; pass a diffusers transformer folder or a "
+                                             "cogvx-mega checkpoint folder")
+    for name in model_overrides:
+        if name not in RUNTIME_MODEL_FIELDS:
+            raise ConfigError(name, model_overrides[name], f"from_pretrained overrides only the fields that choose "
+                                                           f"how the model runs ({', '.join(RUNTIME_MODEL_FIELDS)}); "
+                                                           f"the others describe the checkpoint's weights")
+    model_config, state, _ = read_transformer_checkpoint(path)
+    model_config = dataclasses.replace(model_config, backend=backend, **model_overrides)
+    model_config.validate()
+    model = build_model(model_config, device="cpu", params_dtype=torch.float32, run_device=device)
+    load_project_state(model, state, model_config)
+    return model.to(device=device, dtype=dtype).eval()
+
+
 def load_vae(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
     """A `CogVideoXVAE` in eval mode from a diffusers VAE folder, a pipeline folder (vae/) or a cogvx-mega VAE
     checkpoint."""
