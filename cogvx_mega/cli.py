@@ -13,6 +13,7 @@
     cogvx vae encode VIDEO LATENTS --vae PATH [--frames N] [--sample] [--chunk-frames N]
     cogvx vae decode LATENTS VIDEO --vae PATH [--chunk-frames N] [--fps F]
     cogvx sample --ckpt CKPT --vae VAE (--prompt TEXT --text-encoder T5 | --prompt-embeds FILE) --output out.mp4
+    cogvx export diffusers --ckpt CKPT --vae VAE --text-encoder T5 --out DIR [--dtype bf16|fp32] [--overwrite]
     (under torchrun, `cogvx vae` splits time over all ranks: context parallel)
 
 Errors a user can cause print one line, `cogvx: error: ...`, and exit with status 2 before anything is written.
@@ -286,6 +287,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """A complete diffusers pipeline folder from a checkpoint (tools/export.py)."""
+    from .tools.export import export_diffusers
+
+    print(f"wrote {export_diffusers(args.ckpt, args.vae, args.text_encoder, args.out, args.dtype, args.overwrite)}")
+    return 0
+
+
 def _vae_process_group(device: str):
     """The world group when launched by torchrun with more than one rank (all ranks split time)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
@@ -380,6 +389,15 @@ def build_parser() -> argparse.ArgumentParser:
                                                                  "classifier-free guidance)")
     add_sample_arguments(sample)
     sample.set_defaults(func=cmd_sample)
+    export = sub.add_parser("export", parents=[verbose_too], help="write a release: a diffusers pipeline folder")
+    export.add_argument("format", choices=("diffusers",))
+    export.add_argument("--ckpt", required=True, help="a cogvx-mega checkpoint (any layout) or a diffusers folder")
+    export.add_argument("--vae", required=True, help="diffusers AutoencoderKLCogVideoX folder or cogvx-mega VAE")
+    export.add_argument("--text-encoder", required=True, help="local T5 folder (tokenizer and encoder)")
+    export.add_argument("--out", required=True, help="the pipeline folder to write")
+    export.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
+    export.add_argument("--overwrite", action="store_true")
+    export.set_defaults(func=cmd_export)
     return parser
 
 

@@ -24,22 +24,29 @@ def _part_folder(root: Path, part: str, marker_files: Sequence[str]) -> Optional
     return None
 
 
+def t5_parts(path: str) -> tuple[Path, Path]:
+    """(tokenizer folder, encoder folder) of a local T5 folder: both at its top, or a pipeline's tokenizer/ and
+    text_encoder/. One clear error when a part is missing."""
+    root = Path(path)
+    if not root.is_dir():
+        raise ConfigError("--text-encoder", str(path), "no such folder; pass a local T5 folder (tokenizer and "
+                                                       "encoder, or a diffusers pipeline folder): nothing is "
+                                                       "downloaded")
+    tokenizer_dir = _part_folder(root, "tokenizer", _TOKENIZER_FILES)
+    encoder_dir = _part_folder(root, "text_encoder", ("config.json",))
+    if tokenizer_dir is None or encoder_dir is None:
+        missing = "tokenizer (spiece.model / tokenizer.json)" if tokenizer_dir is None else "encoder (config.json)"
+        raise ConfigError("--text-encoder", str(path), f"has no T5 {missing}, neither at its top nor in "
+                                                       f"tokenizer/ / text_encoder/")
+    return tokenizer_dir, encoder_dir
+
+
 class T5TextEncoder:
     """`encode(captions) -> [N, max_length, d_model]` float32 on the CPU (the encoder runs on `device`, in
     bf16 on a GPU unless `dtype` says otherwise)."""
 
     def __init__(self, path: str, max_length: int = 226, device: str = "cpu", dtype: Optional[torch.dtype] = None):
-        root = Path(path)
-        if not root.is_dir():
-            raise ConfigError("--text-encoder", str(path), "no such folder; pass a local T5 folder (tokenizer and "
-                                                           "encoder, or a diffusers pipeline folder): nothing is "
-                                                           "downloaded")
-        tokenizer_dir = _part_folder(root, "tokenizer", _TOKENIZER_FILES)
-        encoder_dir = _part_folder(root, "text_encoder", ("config.json",))
-        if tokenizer_dir is None or encoder_dir is None:
-            missing = "tokenizer (spiece.model / tokenizer.json)" if tokenizer_dir is None else "encoder (config.json)"
-            raise ConfigError("--text-encoder", str(path), f"has no T5 {missing}, neither at its top nor in "
-                                                           f"tokenizer/ / text_encoder/")
+        tokenizer_dir, encoder_dir = t5_parts(path)
         from transformers import AutoTokenizer, T5EncoderModel
 
         self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
