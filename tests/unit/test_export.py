@@ -98,3 +98,20 @@ def test_bad_export_input_is_one_line_exit_2_and_nothing_written(assets, tmp_pat
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0], err
     assert not out.exists() and sorted(p.name for p in (root / "release").iterdir()) == before
+
+
+def test_the_release_example_runs(assets, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root, _ = assets
+    script = Path(__file__).resolve().parents[2] / "examples" / "release.sh"
+    env = {**os.environ, "COGVX": f"{sys.executable} -m cogvx_mega.cli",
+           "SAMPLE_FLAGS": f"--steps 2 --frames {FRAMES} --size {HEIGHT}x{WIDTH} --device cpu"}
+    result = subprocess.run(["bash", str(script), str(root / "transformer"), str(root / "vae"), str(root / "t5"),
+                             str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for name in ("sample.mp4", "sample.gif", "sample-latents.safetensors", "release/model_index.json"):
+        assert (tmp_path / "out" / name).is_file(), name
