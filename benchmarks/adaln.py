@@ -11,24 +11,9 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
-import time
 
 import torch
-
-
-def timed(fn, device: str, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+from timing import median_seconds  # benchmarks/timing.py, beside this script
 
 
 def main() -> None:
@@ -41,7 +26,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from cogvx_mega.kernels.adaln.op import gated_residual, modulated_layer_norm
-    from cogvx_mega.kernels.rope.op import triton_runs_here
+    from cogvx_mega.kernels.backend import triton_runs_here
 
     device, s, h = args.device, args.tokens, args.hidden
     generator = torch.Generator().manual_seed(0)
@@ -80,8 +65,8 @@ def main() -> None:
     print("|---|---|---|")
     for label, fn in variants.items():
         with torch.no_grad():
-            forward = timed(lambda: fn(x, table, weight, bias, branch_bias), device, args.repeats)
-        both = timed(step(fn), device, args.repeats)
+            forward = median_seconds(lambda: fn(x, table, weight, bias, branch_bias), device, args.repeats)
+        both = median_seconds(step(fn), device, args.repeats)
         print(f"| {label} | {forward * 1e3:.3f} | {both * 1e3:.3f} |")
 
 

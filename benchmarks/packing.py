@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
-import time
 
 import torch
+from timing import median_seconds  # benchmarks/timing.py, beside this script
 
 
 def build(args):
@@ -39,18 +38,6 @@ def build(args):
 def synchronize(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
-
-
-def timed(fn, device: str, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        started = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -122,7 +109,10 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     counts = {"packed": len(packs), "padded": args.clips, "bucketed": len(buckets)}
     for name, (fn, real, computed) in variants.items():
-        seconds = timed(fn, device, args.repeats)
+        if not computed:
+            print(f"| {name} | 0 | - | - | - | - | no size has enough clips for a micro-batch |")
+            continue
+        seconds = median_seconds(fn, device, args.repeats)
         print(f"| {name} | {counts[name]} | {real} | {computed} | {real / computed:.3f} | {seconds:.3f} | "
               f"{real / seconds:,.0f} |")
 
@@ -148,10 +138,10 @@ def main() -> None:
                     out.float().sum().backward()
             try:
                 if backward:
-                    cells.append(f"{timed(step, device, args.repeats):.4f}")
+                    cells.append(f"{median_seconds(step, device, args.repeats):.4f}")
                 else:
                     with torch.no_grad():
-                        cells.append(f"{timed(step, device, args.repeats):.4f}")
+                        cells.append(f"{median_seconds(step, device, args.repeats):.4f}")
             except (RuntimeError, ImportError) as error:
                 cells.append(f"not run ({str(error).splitlines()[0][:60]})")
         print(f"| {kernel} | {cells[0]} | {cells[1]} |")

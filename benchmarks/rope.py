@@ -11,24 +11,9 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
-import time
 
 import torch
-
-
-def timed(fn, device: str, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+from timing import median_seconds  # benchmarks/timing.py, beside this script
 
 
 def main() -> None:
@@ -42,7 +27,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
 
-    from cogvx_mega.kernels.rope.op import apply_rope_3d, triton_runs_here
+    from cogvx_mega.kernels.backend import triton_runs_here
+    from cogvx_mega.kernels.rope.op import apply_rope_3d
     from cogvx_mega.kernels.rope.ref import rope_3d_ref
 
     device = args.device
@@ -65,7 +51,7 @@ def main() -> None:
 
     source = torch.empty(moved // 2, dtype=torch.uint8, device=device)
     target = torch.empty_like(source)
-    copy_s = timed(lambda: target.copy_(source), device, args.repeats)  # reads and writes `moved` bytes
+    copy_s = median_seconds(lambda: target.copy_(source), device, args.repeats)  # reads and writes `moved` bytes
     copy_bandwidth = moved / copy_s
     variants = {"torch reference": lambda a, b: apply_rope_3d(a, b, table, "torch")}
     if triton_runs_here(q):
@@ -102,8 +88,8 @@ def main() -> None:
         out = rotate(q, k)[0].float()
         assert (out - check).abs().max().item() <= 0.05 * check.abs().max().item(), label
         with torch.no_grad():
-            forward = timed(lambda: rotate(q, k), device, args.repeats)
-        both = timed(with_backward(rotate), device, args.repeats)
+            forward = median_seconds(lambda: rotate(q, k), device, args.repeats)
+        both = median_seconds(with_backward(rotate), device, args.repeats)
         print(f"| {label} | {forward * 1e3:.3f} | {both * 1e3:.3f} | {moved / forward / 1e9:.1f} | "
               f"{moved / forward / copy_bandwidth:.0%} |")
 

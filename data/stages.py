@@ -38,9 +38,9 @@ class StagedDataset:
 
     def step_batch(self, step: int, slots: range, global_batch: int, seed: int) -> dict:
         dataset = self.dataset_for(step)
-        start = self.stages[self.stage_of(step)][0]
-        batch = dataset.step_batch(step - start, slots, global_batch, seed)
-        return {**batch, "stage": self.stage_of(step)}
+        stage = self._open[0]
+        batch = dataset.step_batch(step - self.stages[stage][0], slots, global_batch, seed)
+        return {**batch, "stage": stage}
 
     @property
     def skipped(self) -> int:

@@ -138,9 +138,14 @@ def gather_sequence(tensor: Tensor, seq_length: int, group, segments=None) -> Te
         return tensor
     gathered = _GatherSequence.apply(tensor, group)  # rank-major, each rank's chunks in its own order
     order = rank_major_positions(seq_length, group, tensor.device, segments)
+    return gathered.index_select(0, inverse_permutation(order))
+
+
+def inverse_permutation(order: Tensor) -> Tensor:
+    """inverse[order[j]] = j: where each natural position sits in `order`."""
     inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(seq_length, device=tensor.device)
-    return gathered.index_select(0, inverse)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return inverse
 
 
 def rank_major_positions(seq_length: int, group, device=None, segments=None) -> Tensor:

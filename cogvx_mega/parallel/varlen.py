@@ -22,7 +22,8 @@ import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 from torch import Tensor
 
-from .context import _AllToAll, _GatherSequence, _size_rank, rank_major_positions, segment_token_indices
+from .context import (_AllToAll, _GatherSequence, _size_rank, inverse_permutation, rank_major_positions,
+                      segment_token_indices)
 
 VARLEN_KERNELS = ("per_clip", "sdpa_mask", "flex", "flash")
 
@@ -176,9 +177,7 @@ def _natural_order(params, group, device) -> tuple[Tensor, Tensor]:
     """(order, inverse): rank-major position j holds natural token order[j]; natural t = rank-major inverse[t]."""
     def build():
         order = rank_major_positions(params.total, group, device, params.segments)
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel(), device=device)
-        return order, inverse
+        return order, inverse_permutation(order)
     return _cached(params, ("order", device), build)
 
 

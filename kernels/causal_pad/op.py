@@ -2,30 +2,17 @@
 reference; backward in torch: it only touches the 2*pad boundary frames)."""
 from __future__ import annotations
 
-import functools
-import os
 from typing import Optional
 
 import torch
 
+from ..backend import triton_runs_here
 from .ref import causal_boundary_input_ref
 
 
-@functools.lru_cache(maxsize=None)
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def use_triton(x: torch.Tensor) -> bool:
-    """The one place that picks the implementation: Triton on CUDA tensors, or anywhere under
-    TRITON_INTERPRET=1 (how the CPU tests run the kernel); the torch reference otherwise."""
-    if not _triton_available():
-        return False
-    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    """Whether the boundary kernel runs in Triton here (`kernels.backend`)."""
+    return triton_runs_here(x)
 
 
 @torch.library.custom_op("cogvx::causal_boundary_input", mutates_args=())

@@ -3,29 +3,13 @@ where it can run, else the torch reference), and `apply_rope_3d`, the one place 
 implementation for `model.rope_impl`."""
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 from torch import Tensor
 
+from ..backend import triton_runs_here
 from .ref import rope_3d_ref
 
 ROPE_IMPLS = ("torch", "triton", "te")
-
-
-@functools.lru_cache(maxsize=None)
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def triton_runs_here(x: Tensor) -> bool:
-    """Triton on CUDA tensors, or anywhere under TRITON_INTERPRET=1 (how the CPU tests run the kernel)."""
-    return _triton_available() and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def _rotate(q: Tensor, k: Tensor, angles: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:

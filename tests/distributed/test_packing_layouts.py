@@ -11,18 +11,13 @@ import pytest
 import torch
 
 from launcher import run_ranks
+from test_layouts import layout
 
 STEPS = 3
 PACKING = ("data.num_synthetic_clips=24", "training.micro_batch_size=1", "training.global_batch_size=4",
            "data.buckets=[9x64x64,1x64x64,5x32x64,9x32x32]", "data.packing=true", "data.pack_tokens=160",
            "model.max_text_seq_length=15", "diffusion.text_dropout=0.3")
 MATRIX_SCALE = 10.0
-
-
-def layout(world: int, tp: int = 1, pp: int = 1, cp: int = 1, *extra: str) -> dict:
-    return {"world": world, "overrides": [f"parallel.tensor_model_parallel_size={tp}",
-                                          f"parallel.pipeline_model_parallel_size={pp}",
-                                          f"parallel.context_parallel_size={cp}", *extra]}
 
 
 LAYOUTS = {

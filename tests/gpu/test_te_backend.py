@@ -1,7 +1,6 @@
 """Transformer Engine backend against the local backend on one GPU (skipped without CUDA and TE)."""
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 import torch

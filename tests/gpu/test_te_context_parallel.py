@@ -9,13 +9,12 @@ Each run is its own spawned process group (NCCL), so CUDA is never initialised i
 """
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
-import socket
 import traceback
 
 import pytest
 import torch
+from spawn import spawn_ranks
 
 pytestmark = pytest.mark.gpu
 
@@ -27,12 +26,6 @@ STEPS = 3
 GLOBAL_BATCH = 2
 # bf16 matmuls and attention in both runs, each rounding differently: losses agree to about 1%
 LOSS_RTOL = 2e-2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _train(rank: int, world_size: int, port: int, overrides: list, results) -> None:
@@ -70,37 +63,14 @@ def _train(rank: int, world_size: int, port: int, overrides: list, results) -> N
         results.put((rank, "error", traceback.format_exc()))
 
 
-def _run(world_size: int, overrides: list) -> list:
-    context = mp.get_context("spawn")
-    results = context.Queue()
-    port = _free_port()
-    ranks = [context.Process(target=_train, args=(rank, world_size, port, overrides, results))
-             for rank in range(world_size)]
-    for process in ranks:
-        process.start()
-    collected = {}
-    try:
-        for _ in ranks:
-            rank, status, value = results.get(timeout=600)
-            if status != "ok":
-                raise AssertionError(f"rank {rank} failed:\n{value}")
-            collected[rank] = value
-    finally:
-        for process in ranks:
-            process.join(timeout=30)
-            if process.is_alive():
-                process.kill()
-    return [collected[rank] for rank in range(world_size)]
-
-
 @pytest.fixture(scope="module")
 def local_single_gpu():
-    return _run(1, ["model.backend=local"])[0]
+    return spawn_ranks(_train, 1, ["model.backend=local"])[0]
 
 
 @pytest.mark.timeout(900)
 def test_te_training_matches_local_backend_on_one_gpu(local_single_gpu):
-    te = _run(1, ["model.backend=te"])[0]
+    te = spawn_ranks(_train, 1, ["model.backend=te"])[0]
     assert [loss for loss, _ in te] == pytest.approx([loss for loss, _ in local_single_gpu], rel=LOSS_RTOL)
     assert [norm for _, norm in te] == pytest.approx([norm for _, norm in local_single_gpu], rel=5e-2)
 
@@ -109,7 +79,7 @@ def test_te_training_matches_local_backend_on_one_gpu(local_single_gpu):
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="TE context parallel at CP=2 needs two GPUs")
 @pytest.mark.parametrize("comm", ["p2p", "all_gather", "a2a"])
 def test_te_context_parallel_matches_local_single_gpu(comm, local_single_gpu):
-    ranks = _run(2, ["model.backend=te", "parallel.context_parallel_size=2",
+    ranks = spawn_ranks(_train, 2, ["model.backend=te", "parallel.context_parallel_size=2",
                      f"parallel.context_parallel_attention={comm}"])
     _assert_same_losses(ranks, local_single_gpu, comm)
 
@@ -117,7 +87,7 @@ def test_te_context_parallel_matches_local_single_gpu(comm, local_single_gpu):
 @pytest.mark.timeout(900)
 @pytest.mark.skipif(torch.cuda.device_count() < 4, reason="hierarchical a2a+p2p at CP=4 needs four GPUs")
 def test_te_hierarchical_context_parallel_matches_local_single_gpu(local_single_gpu):
-    ranks = _run(4, ["model.backend=te", "parallel.context_parallel_size=4",
+    ranks = spawn_ranks(_train, 4, ["model.backend=te", "parallel.context_parallel_size=4",
                      "parallel.context_parallel_attention=a2a+p2p", "parallel.hierarchical_context_parallel_sizes=[2, 2]"])
     _assert_same_losses(ranks, local_single_gpu, "a2a+p2p")
 
@@ -134,6 +104,6 @@ FP8_LOSS_RTOL = 5e-2
 
 @pytest.mark.parametrize("recipe", ["delayed", "current"])
 def test_fp8_training_follows_bf16(recipe, local_single_gpu):
-    history = _run(1, ["model.backend=te", "model.fp8=hybrid", f"model.fp8_recipe={recipe}"])[0]
+    history = spawn_ranks(_train, 1, ["model.backend=te", "model.fp8=hybrid", f"model.fp8_recipe={recipe}"])[0]
     for (loss, _), (ref_loss, _) in zip(history, local_single_gpu):
         assert loss == pytest.approx(ref_loss, rel=FP8_LOSS_RTOL)

@@ -5,13 +5,12 @@ through `parallel.varlen.check_packed_split`, tested on CPU.)"""
 from __future__ import annotations
 
 import importlib.util
-import multiprocessing as mp
 import os
-import socket
 import traceback
 
 import pytest
 import torch
+from spawn import spawn_ranks
 
 pytestmark = pytest.mark.gpu
 
@@ -64,12 +63,6 @@ def test_te_thd_forward_packed_matches_local_backend(tmp_path):
         assert (a.float() - e.float()).abs().max().item() <= 2e-2 * e.abs().max().item()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _train(rank: int, world_size: int, port: int, overrides: list, results) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank))
@@ -96,32 +89,9 @@ def _train(rank: int, world_size: int, port: int, overrides: list, results) -> N
         results.put((rank, "error", traceback.format_exc()))
 
 
-def _run(world_size: int, overrides: list) -> list:
-    context = mp.get_context("spawn")
-    results = context.Queue()
-    port = _free_port()
-    ranks = [context.Process(target=_train, args=(rank, world_size, port, overrides, results))
-             for rank in range(world_size)]
-    for process in ranks:
-        process.start()
-    collected = {}
-    try:
-        for _ in ranks:
-            rank, status, value = results.get(timeout=600)
-            if status != "ok":
-                raise AssertionError(f"rank {rank} failed:\n{value}")
-            collected[rank] = value
-    finally:
-        for process in ranks:
-            process.join(timeout=30)
-            if process.is_alive():
-                process.kill()
-    return [collected[rank] for rank in range(world_size)]
-
-
 @pytest.fixture(scope="module")
 def local_packed():
-    return _run(1, ["model.backend=local"])[0]
+    return spawn_ranks(_train, 1, ["model.backend=local"])[0]
 
 
 def _assert_close(history, reference):
@@ -132,11 +102,11 @@ def _assert_close(history, reference):
 
 @pytest.mark.skipif(not HAS_TE, reason="needs Transformer Engine (pip install -e .[gpu])")
 def test_te_packed_training_matches_local_backend(local_packed):
-    _assert_close(_run(1, ["model.backend=te"])[0], local_packed)
+    _assert_close(spawn_ranks(_train, 1, ["model.backend=te"])[0], local_packed)
 
 
 @pytest.mark.skipif(not HAS_TE or torch.cuda.device_count() < 2, reason="needs TE and two GPUs")
 def test_te_thd_context_parallel_matches_cp1(local_packed):
-    for history in _run(2, ["model.backend=te", "parallel.context_parallel_size=2",
+    for history in spawn_ranks(_train, 2, ["model.backend=te", "parallel.context_parallel_size=2",
                             "parallel.context_parallel_attention=p2p"]):
         _assert_close(history, local_packed)

@@ -1,0 +1,21 @@
+"""Timing shared by the benchmarks: the median of `repeats` calls after one warm-up, synchronising CUDA."""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+
+def median_seconds(fn, device: str, repeats: int) -> float:
+    fn()  # warm-up (compilation, allocator)
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
