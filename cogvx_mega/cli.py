@@ -132,6 +132,11 @@ def run_training(config, resume: Optional[str] = None, init_from: Optional[str] 
             ckpt.check_same_model({"model": dataclasses.asdict(weights.model)}, config.model, init_from,
                                   ignore=ckpt.NOT_IN_THE_WEIGHTS)
     dataset = open_training_data(config)
+    sampler = None
+    if config.training.sample_every:
+        from .tools.sample import training_sampler
+
+        sampler = training_sampler(config)
     ckpt.check_shared_filesystem(run_dir)
     if dims.is_logging_rank:
         if resume_path is not None:
@@ -149,7 +154,7 @@ def run_training(config, resume: Optional[str] = None, init_from: Optional[str] 
         load_pretrained_weights(chunks, init_from, config.model)
         if dims.is_logging_rank:
             logger.info("initialised the weights from %s", init_from)
-    trainer = Trainer(config, dims, chunks, dataset)
+    trainer = Trainer(config, dims, chunks, dataset, sampler=sampler)
     if resume_path is not None:
         trainer.load(str(resume_path))
         if dims.is_logging_rank:

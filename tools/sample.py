@@ -4,8 +4,10 @@ Checks every input before anything heavy runs or anything is written: the checkp
 on latent channels, the frame count must be 1 + 4k, `--prompt` needs `--text-encoder`, and an existing output is
 refused without `--overwrite`. The denoising loop is `cogvx_mega.diffusion.sampler` (DDIM or DPM-Solver++, as
 diffusers' CogVideoX schedulers), the latents are drawn from `--seed` as diffusers' pipelines draw them, and the
-VAE decodes in chunks of `--chunk-frames` latent frames on one device, or context parallel under torchrun.
-Not built yet: image-to-video conditioning, and the transformer under TP/CP (issue 12).
+VAE decodes in chunks of `--chunk-frames` latent frames on one device. Image-to-video models take the first
+frame with `--image`. Under torchrun the transformer runs at the `--tp x --pp x --cp` layout (every rank loads
+only its part of the checkpoint) and the VAE decode splits time over the ranks; rank 0 writes the files.
+What the pipelines do around the loop is `cogvx_mega.training.sampling`, shared with samples during training.
 """
 from __future__ import annotations
 
@@ -86,10 +88,13 @@ def write_gif(path: str, video: torch.Tensor, fps: float) -> None:
 
 
 def run_sample(args) -> list[str]:
-    """Everything `cogvx sample` does; returns the files written."""
-    from .load import load_transformer, load_vae
-    from ..diffusion.sampler import SCHEDULERS, SamplingSettings, sample_latents
+    """Everything `cogvx sample` does; returns the files written (rank 0 writes them under torchrun)."""
+    import torch.distributed as dist
+
+    from .load import load_vae
+    from ..diffusion.sampler import SCHEDULERS, SamplingSettings
     from ..diffusion.schedule import schedule_from_config
+    from ..training.sampling import decode_video, denoise, is_image_to_video, latent_grid, read_image, write_latents
     from ..vae import io
 
     outputs = [args.output] + ([str(Path(args.output).with_suffix(".gif"))] if args.gif else []) + (
@@ -112,21 +117,25 @@ def run_sample(args) -> list[str]:
     if not args.prompt and not args.prompt_embeds:
         raise ConfigError("--prompt", None, "give --prompt TEXT (with --text-encoder) or --prompt-embeds FILE")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_transformer(args.ckpt, device=device)
-    m = model.model_config
-    if m.ofs_embed_dim or m.in_channels != m.out_channels:
-        raise ConfigError("--ckpt", args.ckpt, "is an image-to-video model; image conditioning is not built into "
-                                               "`cogvx sample` yet")
-    vae = load_vae(args.vae, device=device)
-    if vae.config.latent_channels != m.in_channels:
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device == "cuda" else "fp32")]
+    model_config, forward = _sampling_model(args, device, dtype)
+    m = model_config
+    vae = load_vae(args.vae, device=device, dtype=dtype)
+    if vae.config.latent_channels != m.out_channels:
         raise ConfigError("--vae", args.vae, f"makes {vae.config.latent_channels}-channel latents; the checkpoint "
-                                             f"takes {m.in_channels} (another model family)")
+                                             f"denoises {m.out_channels} (another model family)")
+    if is_image_to_video(m) and not args.image:
+        raise ConfigError("--image", None, f"{args.ckpt} is an image-to-video model: give the first frame with "
+                                           f"--image FILE")
+    if args.image and not is_image_to_video(m):
+        raise ConfigError("--image", args.image[0], "this is a text-to-video model; drop --image")
     if args.prompt:
         from ..data.text import T5TextEncoder
 
         encoder = T5TextEncoder(args.text_encoder, max_length=m.max_text_seq_length, device=device)
         prompt_embeds = encoder.encode(list(args.prompt))
         negative = encoder.encode([args.negative_prompt or ""] * len(args.prompt))  # diffusers: T5("")
+        del encoder
     else:
         prompt_embeds = read_tensor_file(args.prompt_embeds, "prompt_embeds", "--prompt-embeds")
         negative = (read_tensor_file(args.negative_prompt_embeds, "negative_prompt_embeds",
@@ -136,37 +145,85 @@ def run_sample(args) -> list[str]:
                                                                  f"{tuple(prompt_embeds.shape)}; the model takes "
                                                                  f"[B, L, {m.text_embed_dim}]")
     batch = prompt_embeds.shape[0]
-    shape = (batch, (args.frames - 1) // 4 + 1, m.in_channels, height // 8, width // 8)
-    generator = torch.Generator().manual_seed(args.seed)
+    images = None
+    if args.image:
+        if len(args.image) not in (1, batch):
+            raise ConfigError("--image", " ".join(args.image), f"give one image, or one per prompt ({batch})")
+        images = torch.stack([read_image(path, height, width) for path in args.image]).expand(batch, -1, -1, -1)
+    grid = latent_grid(m, args.frames, height, width, vae.config.temporal_compression_ratio,
+                       vae.config.spatial_compression_ratio)
+    latents = None
     if args.latents:
         latents = read_tensor_file(args.latents, "latents", "--latents")
-        if tuple(latents.shape) != shape:
+        if tuple(latents.shape) != grid.shape(batch):
             raise ConfigError("--latents", args.latents, f"latents have shape {tuple(latents.shape)}; --frames "
-                                                         f"{args.frames} --size {args.size} need {shape}")
-    else:
-        latents = torch.randn(shape, generator=generator)  # as the pipelines' prepare_latents draws them
+                                                         f"{args.frames} --size {args.size} need {grid.shape(batch)}")
     schedule = schedule_from_config(diffusion_config_for(args.ckpt))
     settings = SamplingSettings(args.steps, args.guidance, args.dynamic_cfg, args.scheduler)
-    latents = sample_latents(model, latents.to(device), prompt_embeds.to(device),
-                             negative.to(device) if negative is not None else None, settings, schedule,
-                             progress=True, generator=generator)
+    distributed = dist.is_initialized() and dist.get_world_size() > 1
+    writer = not distributed or dist.get_rank() == 0
+    latents = denoise(forward, m, vae, grid, prompt_embeds, negative, settings, schedule, args.seed, device,
+                      latents=latents, images=images, progress=writer)
     written = []
-    if args.save_latents:
-        from safetensors.torch import save_file
-
-        tmp = Path(args.save_latents).with_name(f".{Path(args.save_latents).name}.tmp")
-        save_file({"latents": latents.cpu().contiguous()}, str(tmp))
-        os.replace(tmp, args.save_latents)
+    if args.save_latents and writer:
+        write_latents(args.save_latents, latents)
         written.append(args.save_latents)
-    with torch.no_grad():
-        video = vae.decode((latents / vae.config.scaling_factor).permute(0, 2, 1, 3, 4).float(),
-                           chunk_frames=args.chunk_frames)  # [B, 3, F, H, W]
-    io.write_video(args.output, video[:1].cpu(), fps=args.fps)
-    written.append(args.output)
-    if args.gif:
-        write_gif(outputs[1], video[:1].cpu(), args.fps)
-        written.append(outputs[1])
+    video = decode_video(vae, latents, grid, args.chunk_frames, _decode_group(grid) if distributed else None)
+    if writer:
+        io.write_video(args.output, video[:1].cpu(), fps=args.fps)
+        written.append(args.output)
+        if args.gif:
+            write_gif(outputs[1], video[:1].cpu(), args.fps)
+            written.append(outputs[1])
+    if distributed:
+        dist.barrier()
     return written
+
+
+def _sampling_model(args, device: str, dtype: torch.dtype):
+    """(model config, forward) for --ckpt: the whole model in this process, or under torchrun this rank's part
+    of the --tp x --pp x --cp layout, loaded straight from the checkpoint at that layout."""
+    from .load import load_transformer
+    from ..training.sampling import layout_forward
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    sizes = {"--tp": args.tp, "--pp": args.pp, "--cp": args.cp}
+    layout = args.tp * args.pp * args.cp
+    if world == 1:
+        if layout > 1:
+            raise ConfigError("--tp/--pp/--cp", " x ".join(str(v) for v in sizes.values()),
+                              f"a layout of {layout} ranks runs under torchrun --nproc-per-node {layout}")
+        model = load_transformer(args.ckpt, device=device, dtype=dtype)
+        return model.model_config, layout_forward([model], dtype)
+    if layout != world:
+        raise ConfigError("--tp/--pp/--cp", " x ".join(str(v) for v in sizes.values()),
+                          f"the layout must use all {world} ranks of torchrun (TP x PP x CP = {world})")
+    from ..checkpoint.reader import open_transformer_weights
+    from ..config.schema import ParallelConfig
+    from ..model.transformer import build_model_chunks
+    from ..parallel.state import initialize_parallel
+    from ..training.pretrained import load_pretrained_weights
+
+    model_config = open_transformer_weights(args.ckpt).model
+    model_config.backend = "local"
+    parallel = ParallelConfig(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
+                              context_parallel_size=args.cp, sequence_parallel=args.tp > 1)
+    parallel.validate(model_config)
+    initialize_parallel(parallel, device=device, seed=args.seed)
+    chunks = build_model_chunks(model_config, parallel, device=device)
+    load_pretrained_weights(chunks, args.ckpt, model_config)
+    chunks = [chunk.to(dtype).eval() for chunk in chunks]
+    chunks[0].config.pipeline_dtype = dtype  # what the stages send each other
+    return model_config, layout_forward(chunks, dtype)
+
+
+def _decode_group(grid):
+    """The ranks that decode together (context parallel in time): as many as the clip's latent frames allow."""
+    import torch.distributed as dist
+
+    frames = grid.frames - grid.dropped_frames
+    ranks = min(dist.get_world_size(), max(1, (frames - frames % 2) // 2))  # >= 2 latent frames per rank
+    return dist.new_group(list(range(ranks))) if ranks > 1 else None
 
 
 def add_sample_arguments(parser) -> None:
@@ -179,6 +236,8 @@ def add_sample_arguments(parser) -> None:
     parser.add_argument("--negative-prompt-embeds", help="safetensors with negative_prompt_embeds [B, L, D] "
                                                          "(default zeros, SAT's unconditional branch)")
     parser.add_argument("--latents", help="safetensors with the initial latents [B, T, C, H, W]")
+    parser.add_argument("--image", nargs="+", help="image-to-video models: the first frame (one image, or one per "
+                                                   "prompt), resized to --size")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--scheduler", default="dpm", choices=("ddim", "dpm"))
     parser.add_argument("--guidance", type=float, default=6.0)
@@ -192,4 +251,53 @@ def add_sample_arguments(parser) -> None:
     parser.add_argument("--save-latents", help="also write the final latents (before the VAE) as latents")
     parser.add_argument("--chunk-frames", type=int, default=None, help="VAE decode N latent frames at a time")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None)
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="default bf16 on CUDA, fp32 on CPU")
+    parser.add_argument("--tp", type=int, default=1, help="under torchrun: tensor-parallel size")
+    parser.add_argument("--pp", type=int, default=1, help="under torchrun: pipeline-parallel size")
+    parser.add_argument("--cp", type=int, default=1, help="under torchrun: context-parallel size")
     parser.add_argument("--overwrite", action="store_true")
+
+
+def training_sampler(config):
+    """The `TrainingSampler` of a run with training.sample_every: the VAE loaded and the prompts encoded once
+    (T5 freed afterwards), every input checked before the run writes anything."""
+    from .load import load_vae
+    from ..training.sampling import SamplePrompts, TrainingSampler, is_image_to_video, read_image
+
+    s, m = config.sampling, config.model
+    device = config.training.device
+    dtype = torch.bfloat16 if config.training.precision() == "bf16_params" else torch.float32
+    vae_path = s.vae or config.data.vae
+    vae = load_vae(vae_path, device=device, dtype=dtype)
+    if vae.config.latent_channels != m.out_channels:
+        raise ConfigError("sampling.vae", vae_path, f"makes {vae.config.latent_channels}-channel latents; the model "
+                                                    f"denoises {m.out_channels} (another model family)")
+    if s.prompts:
+        from ..data.text import T5TextEncoder
+
+        encoder = T5TextEncoder(s.text_encoder or config.data.text_encoder, max_length=m.max_text_seq_length,
+                                device=device)
+        prompt_embeds = encoder.encode(list(s.prompts))
+        negative = encoder.encode([""] * len(s.prompts))  # diffusers' unconditional branch
+        del encoder
+    else:
+        prompt_embeds = read_tensor_file(s.prompt_embeds, "prompt_embeds", "sampling.prompt_embeds")
+        negative = None
+    if s.negative_prompt_embeds:
+        negative = read_tensor_file(s.negative_prompt_embeds, "negative_prompt_embeds", "sampling.negative_prompt_embeds")
+    if prompt_embeds.dim() != 3 or prompt_embeds.shape[2] != m.text_embed_dim:
+        raise ConfigError("sampling.prompt_embeds", s.prompt_embeds, f"prompt_embeds has shape "
+                                                                     f"{tuple(prompt_embeds.shape)}; the model takes "
+                                                                     f"[N, L, {m.text_embed_dim}]")
+    if negative is not None and negative.shape != prompt_embeds.shape:
+        raise ConfigError("sampling.negative_prompt_embeds", s.negative_prompt_embeds,
+                          f"has shape {tuple(negative.shape)}; the prompts have {tuple(prompt_embeds.shape)}")
+    images = None
+    if is_image_to_video(m):
+        _, height, width = config.sampling_resolution()
+        if len(s.images) not in (1, prompt_embeds.shape[0]):
+            raise ConfigError("sampling.images", s.images, f"give one image, or one per prompt "
+                                                           f"({prompt_embeds.shape[0]})")
+        images = torch.stack([read_image(path, height, width, "sampling.images") for path in s.images])
+        images = images.expand(prompt_embeds.shape[0], -1, -1, -1)
+    return TrainingSampler(config, SamplePrompts(prompt_embeds, negative, images), vae)

@@ -459,6 +459,8 @@ class TrainingConfig:
     """Write checkpoints in a background process (megatron's async torch_dist save): training goes on
     while the shards are written; the checkpoint is renamed into place when every rank has finished."""
     run_dir: str = "runs/default"
+    sample_every: int = 0
+    """Write sample videos every N steps (0: never), as the `sampling` section says."""
 
     def precision(self) -> str:
         """What the run does: 'fp32', 'autocast' or 'bf16_params' (from bf16, mixed_precision and device)."""
@@ -497,6 +499,74 @@ class TrainingConfig:
             raise ConfigError("training.warmup_steps", self.warmup_steps, "must be >= 0")
         if self.keep_checkpoints < 1:
             raise ConfigError("training.keep_checkpoints", self.keep_checkpoints, "keep at least 1")
+        if isinstance(self.sample_every, bool) or not isinstance(self.sample_every, int) or self.sample_every < 0:
+            raise ConfigError("training.sample_every", self.sample_every, "use a number of steps (0: no samples)")
+
+
+@dataclass
+class SamplingConfig:
+    """The videos a run writes every training.sample_every steps (`cogvx sample`'s settings)."""
+
+    prompts: Optional[list[str]] = None
+    """Prompt texts, encoded once with text_encoder (or data.text_encoder)."""
+    prompt_embeds: Optional[str] = None
+    """Or a safetensors file with prompt_embeds [N, L, D] (as `cogvx sample --prompt-embeds`)."""
+    negative_prompt_embeds: Optional[str] = None
+    """A safetensors file with negative_prompt_embeds [N, L, D]; default: T5("") with prompts, zeros with
+    prompt_embeds (SAT's unconditional branch)."""
+    images: Optional[list[str]] = None
+    """Image-to-video models: one image file per prompt, the first frame."""
+    text_encoder: Optional[str] = None
+    """The local T5 folder for prompts (default data.text_encoder)."""
+    vae: Optional[str] = None
+    """The VAE folder that decodes the samples (default data.vae)."""
+    steps: int = 50
+    scheduler: str = "dpm"
+    guidance_scale: float = 6.0
+    dynamic_cfg: bool = False
+    seed: int = 42
+    """Every prompt is drawn from this seed: sample k equals `cogvx sample --seed` of the step's weights."""
+    num_frames: Optional[int] = None
+    height: Optional[int] = None
+    width: Optional[int] = None
+    """The sample resolution; default: the data's (the last stage's with data.stages)."""
+    fps: float = 8.0
+    chunk_frames: Optional[int] = None
+    """Decode this many latent frames at a time (without context parallelism); default: the whole clip."""
+    save_latents: bool = False
+    """Also write each sample's final latents (before the VAE) beside its MP4."""
+
+    def validate(self, model: ModelConfig, training: "TrainingConfig", data: "DataConfig") -> None:
+        require_positive_integers(self, "sampling", ("steps",))
+        if self.scheduler not in ("ddim", "dpm"):
+            raise ConfigError("sampling.scheduler", self.scheduler, "choose ddim or dpm")
+        if self.num_frames is not None:
+            check_frame_count("sampling.num_frames", self.num_frames, model.temporal_compression_ratio)
+        unit = data.spatial_compression_ratio * model.patch_size
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < unit or value % unit):
+                raise ConfigError(f"sampling.{name}", value, f"use a positive multiple of {unit} pixels")
+        if self.prompts is not None and (not isinstance(self.prompts, list) or not self.prompts):
+            raise ConfigError("sampling.prompts", self.prompts, "use a list of prompt texts")
+        if not training.sample_every:
+            return
+        if not self.prompts and not self.prompt_embeds:
+            raise ConfigError("training.sample_every", training.sample_every,
+                              "needs sampling.prompts (with sampling.text_encoder or data.text_encoder) or "
+                              "sampling.prompt_embeds (a safetensors file)")
+        if self.prompts and self.prompt_embeds:
+            raise ConfigError("sampling.prompt_embeds", self.prompt_embeds, "give sampling.prompts or "
+                                                                            "sampling.prompt_embeds, not both")
+        if self.prompts and not (self.text_encoder or data.text_encoder):
+            raise ConfigError("sampling.prompts", self.prompts, "needs sampling.text_encoder (a local T5 folder) "
+                                                                "or data.text_encoder; or use sampling.prompt_embeds")
+        if not (self.vae or data.vae):
+            raise ConfigError("training.sample_every", training.sample_every,
+                              "needs sampling.vae (the VAE folder that decodes the samples) or data.vae")
+        if model.in_channels != model.out_channels and not self.images:
+            raise ConfigError("sampling.images", self.images, "an image-to-video model samples from images: give "
+                                                              "one image file per prompt")
 
 
 @dataclass
@@ -509,6 +579,13 @@ class Config:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+    def sampling_resolution(self) -> tuple[int, int, int]:
+        """(frames, height, width) in pixels of the samples a run writes."""
+        data = self.data.stage_configs()[-1][2]
+        s = self.sampling
+        return (s.num_frames or data.num_frames, s.height or data.height, s.width or data.width)
 
     def validate(self) -> "Config":
         self.model.validate()
@@ -516,6 +593,7 @@ class Config:
         self.diffusion.validate()
         self.data.validate(self.model)
         self.training.validate()
+        self.sampling.validate(self.model, self.training, self.data)
         if self.data.packing and self.training.micro_batch_size != 1:
             raise ConfigError("training.micro_batch_size", self.training.micro_batch_size,
                               "with data.packing a micro-batch is one pack: use 1 (raise data.pack_tokens for more "

@@ -66,8 +66,9 @@ def dpm_step(alphas_cumprod: Tensor, v_prediction: Tensor, timestep: int, timest
     to_x0 = (-2 * h).expm1() * alpha_prev**0.5
     to_noise = (1 - alpha_prev) ** 0.5 * (1 - (-2 * h).exp()) ** 0.5
 
-    def noise():
-        return torch.randn(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
+    def noise():  # drawn where the generator lives (the pipelines' CPU generator), then moved
+        where = generator.device if generator is not None else sample.device
+        return torch.randn(sample.shape, generator=generator, device=where, dtype=sample.dtype).to(sample.device)
 
     x_prev = to_sample * sample - to_x0 * predicted_x0 + to_noise * noise()
     if previous_x0 is None or previous < 0:  # first order: the first step, and the last (noise-free) one
@@ -87,11 +88,13 @@ class SamplingSettings:
 
 def sample_latents(model: Callable, latents: Tensor, prompt_embeds: Tensor, negative_embeds: Optional[Tensor],
                    settings: SamplingSettings, alphas_cumprod: Tensor, ofs=None, progress: bool = False,
-                   generator: Optional[torch.Generator] = None) -> Tensor:
+                   generator: Optional[torch.Generator] = None, image_latents: Optional[Tensor] = None) -> Tensor:
     """Denoise `latents` [B, T, C, H, W] (the initial noise) to clean latents with `model(latents, text,
     timesteps[, ofs=])` -> v. Guidance runs when guidance_scale > 1, batching [negative ; prompt] as the
     pipelines do; `negative_embeds` None means zeros (SAT's unconditional branch). `generator`: the DPM
-    sampler's step noise (the one that drew `latents`, as the pipelines use it)."""
+    sampler's step noise (the one that drew `latents`, as the pipelines use it). `image_latents` [B, T, C', H,
+    W] (image-to-video): concatenated to the noisy latents on the channel axis at every step, in both branches
+    of the guidance, as the I2V pipelines do."""
     if settings.scheduler not in SCHEDULERS:
         raise ValueError(f"--scheduler {settings.scheduler}: choose one of {', '.join(SCHEDULERS)}")
     num_train = alphas_cumprod.shape[0]
@@ -111,6 +114,9 @@ def sample_latents(model: Callable, latents: Tensor, prompt_embeds: Tensor, nega
     previous_x0, timestep_back = None, None
     for timestep in iterator:
         model_input = torch.cat([latents, latents]) if guided else latents
+        if image_latents is not None:
+            condition = torch.cat([image_latents, image_latents]) if guided else image_latents
+            model_input = torch.cat([model_input, condition.to(model_input.dtype)], dim=2)
         t = torch.full((model_input.shape[0],), timestep, dtype=torch.long, device=latents.device)
         with torch.no_grad():
             v = model(model_input, text, t, **extra).float()

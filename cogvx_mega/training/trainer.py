@@ -112,16 +112,19 @@ def wrap_data_parallel(model_chunks: list[torch.nn.Module], config: Config) -> l
 
 
 class Trainer:
-    def __init__(self, config: Config, dims: ParallelDims, model, dataset=None, run_dir: Optional[str] = None):
+    def __init__(self, config: Config, dims: ParallelDims, model, dataset=None, run_dir: Optional[str] = None,
+                 sampler=None):
         """`model`: this rank's chunks (`build_model_chunks`) or one model built at the current layout.
         `dataset`: anything with `step_batch(step, slots, global_batch, seed) -> {"latents", "text_embeds"}`
-        (e.g. `cogvx_mega.data.latent_dataset.LatentDataset`); needed by `fit`."""
+        (e.g. `cogvx_mega.data.latent_dataset.LatentDataset`); needed by `fit`. `sampler`: a
+        `training.sampling.TrainingSampler`, run every `training.sample_every` steps."""
         self.config = config
         self.dims = dims
         self.model_chunks = list(model) if isinstance(model, (list, tuple)) else [model]
         self.model = self.model_chunks[0]
         self.ddp_chunks = wrap_data_parallel(self.model_chunks, config)
         self.dataset = dataset
+        self.sampler = sampler
         self.run_dir = Path(run_dir or config.training.run_dir)
         self.device = torch.device(config.training.device)
         self.micro_batches = config.training.micro_batches_per_step(dims.data_parallel_size)
@@ -372,6 +375,11 @@ class Trainer:
                            / elapsed}
             if "stage" in batch:
                 metrics["stage"] = batch["stage"]
+            if self.sampler is not None and t.sample_every and self.step % t.sample_every == 0:
+                self.finish_parameter_sync()
+                started = time.perf_counter()
+                metrics["samples"] = self.sampler.sample(self)  # paths relative to the run folder
+                metrics["sample_seconds"] = time.perf_counter() - started
             history.append(metrics)
             if is_logger:
                 with metrics_file.open("a") as f:

@@ -22,6 +22,9 @@ class VAEConfig:
     temporal_compression_ratio: int = 4
     scaling_factor: float = 1.15258426
     """Latent scale applied by the diffusion model's data path (not by encode/decode)."""
+    invert_scale_latents: bool = False
+    """Image-to-video conditioning divides the first frame's latent by scaling_factor instead of multiplying
+    it (diffusers' field: the CogVideoX1.5 I2V model was trained that way)."""
     sample_height: int = 480
     sample_width: int = 720
 
@@ -56,7 +59,7 @@ def vae_preset(name: str) -> VAEConfig:
                          temporal_compression_ratio=2, sample_height=32, sample_width=32)
     if name not in scales:
         raise ConfigError("vae preset", name, f"choose one of tiny, {', '.join(scales)}")
-    return VAEConfig(scaling_factor=scales[name])
+    return VAEConfig(scaling_factor=scales[name], invert_scale_latents=name == "cogvideox1.5-5b-i2v")
 
 
 # diffusers config keys that must hold these values for the architecture built here
