@@ -12,7 +12,8 @@
     cogvx data scan DIR --output manifest.jsonl [--captions FILE] [--workers N]
     cogvx vae encode VIDEO LATENTS --vae PATH [--frames N] [--sample] [--chunk-frames N]
     cogvx vae decode LATENTS VIDEO --vae PATH [--chunk-frames N] [--fps F]
-    cogvx sample --ckpt CKPT --vae VAE (--prompt TEXT --text-encoder T5 | --prompt-embeds FILE) --output out.mp4
+    cogvx sample --ckpt CKPT --vae VAE (--prompt TEXT --text-encoder T5 | --prompt-embeds FILE) [--image IMG]
+                 --output out.mp4     (under torchrun: the transformer at --tp x --pp x --cp, the VAE split in time)
     cogvx export diffusers --ckpt CKPT --vae VAE --text-encoder T5 --out DIR [--dtype bf16|fp32] [--overwrite]
     (under torchrun, `cogvx vae` splits time over all ranks: context parallel)
 

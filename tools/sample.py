@@ -207,7 +207,8 @@ def _sampling_model(args, device: str, dtype: torch.dtype):
     model_config = open_transformer_weights(args.ckpt).model
     model_config.backend = "local"
     parallel = ParallelConfig(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
-                              context_parallel_size=args.cp, sequence_parallel=args.tp > 1)
+                              virtual_pipeline_model_parallel_size=args.vpp, context_parallel_size=args.cp,
+                              sequence_parallel=args.tp > 1)
     parallel.validate(model_config)
     initialize_parallel(parallel, device=device, seed=args.seed)
     chunks = build_model_chunks(model_config, parallel, device=device)
@@ -254,6 +255,7 @@ def add_sample_arguments(parser) -> None:
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="default bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--tp", type=int, default=1, help="under torchrun: tensor-parallel size")
     parser.add_argument("--pp", type=int, default=1, help="under torchrun: pipeline-parallel size")
+    parser.add_argument("--vpp", type=int, default=None, help="under torchrun: virtual pipeline stages per rank")
     parser.add_argument("--cp", type=int, default=1, help="under torchrun: context-parallel size")
     parser.add_argument("--overwrite", action="store_true")
 

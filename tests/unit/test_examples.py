@@ -13,10 +13,11 @@ from cogvx_mega.config import load_config
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "configs"
 
 
-@pytest.mark.parametrize("name, world", [("cogvideox-5b-8xh100.yaml", 8), ("tiny.yaml", 1),
-                                               ("tiny-videos.yaml", 1), ("tiny-packing.yaml", 1)])
-def test_example_dry_runs(name, world, capsys):
-    assert main(["train", "--config", str(EXAMPLES / name), "--dry-run", "--world-size", str(world)]) == 0
+@pytest.mark.parametrize("name, world, extra", [
+    ("cogvideox-5b-8xh100.yaml", 8, []), ("tiny.yaml", 1, []), ("tiny-videos.yaml", 1, []),
+    ("tiny-packing.yaml", 1, []), ("tiny-samples.yaml", 1, ["--vae", "VAE", "--text-encoder", "T5"])])
+def test_example_dry_runs(name, world, extra, capsys):
+    assert main(["train", "--config", str(EXAMPLES / name), "--dry-run", "--world-size", str(world), *extra]) == 0
     assert "memory per GPU" in capsys.readouterr().out
 
 
@@ -52,6 +53,22 @@ def test_the_packing_example_trains_through_its_stage_switch(tmp_path):
     assert [m["stage"] for m in metrics] == [0] * switch + [1, 1]
     for m in metrics:
         assert 0.5 < m["packing_efficiency"] <= 1.0, m
+
+
+def test_the_samples_example_writes_a_video_per_prompt(tmp_path):
+    import json
+
+    from cogvx_mega.data.tiny_models import make_tiny_t5, make_tiny_vae
+
+    vae = make_tiny_vae(tmp_path / "vae")
+    t5 = make_tiny_t5(tmp_path / "t5")
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(EXAMPLES / "tiny-samples.yaml"), "--vae", str(vae), "--text-encoder",
+                 str(t5), "--run-dir", str(run), "--steps", "2", "training.sample_every=2",
+                 "sampling.steps=2"]) == 0
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["samples"] == ["samples/step_00000002/sample_00.mp4", "samples/step_00000002/sample_01.mp4"]
+    assert all((run / name).stat().st_size > 0 for name in last["samples"])
 
 
 def test_the_gpu_suite_is_valid_bash_and_names_scripts_that_exist():
