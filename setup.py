@@ -42,6 +42,8 @@ setup(
         "pyyaml",
         "tqdm",
         "matplotlib",
+        "tensorboard",  # the event files of `training.tensorboard` (torch.utils.tensorboard writes them)
+        "scipy",  # `cogvx scaling fit`
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]", "pynvml"],

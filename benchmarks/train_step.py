@@ -53,9 +53,10 @@ def time_train_step(preset: str, device: str, overrides: list[str], warmup: int,
 
 
 def model_flops_per_step(model, tokens: int, batch: int) -> float:
-    """3 x forward FLOPs of a training step: forward = 24 D^2 S + 4 S^2 D per layer and sample."""
-    d = model.hidden_size
-    return 3 * batch * model.num_layers * (24 * d * d * tokens + 4 * tokens * tokens * d)
+    """3 x forward FLOPs of a training step (cogvx_mega.model.flops, the formula the training metrics use)."""
+    from cogvx_mega.model.flops import training_flops
+
+    return training_flops(model, [tokens] * batch)
 
 
 def time_diffusers_step(config, device: str, warmup: int, steps: int) -> list[float]:

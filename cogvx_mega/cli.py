@@ -31,6 +31,7 @@ from typing import Optional, Sequence
 logger = logging.getLogger("cogvx_mega")
 
 EXIT_USER_ERROR = 2
+EXIT_DIVERGED = 3  # training.max_skipped_steps steps in a row were skipped
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser, with_training: bool = True) -> None:
@@ -411,6 +412,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .checkpoint.meta import ConversionError
     from .config.schema import ConfigError
     from .data.manifest import MediaError
+    from .training import TrainingDiverged
     from .vae.time_split import VAEInputError
 
     parser = build_parser()
@@ -437,6 +439,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ConfigError, ConversionError, FileNotFoundError, VAEInputError, MediaError) as error:
         print(f"cogvx: error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except TrainingDiverged as error:
+        print(f"cogvx: error: {error}", file=sys.stderr)
+        return EXIT_DIVERGED
 
 
 if __name__ == "__main__":

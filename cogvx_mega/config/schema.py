@@ -461,6 +461,19 @@ class TrainingConfig:
     run_dir: str = "runs/default"
     sample_every: int = 0
     """Write sample videos every N steps (0: never), as the `sampling` section says."""
+    tensorboard: bool = True
+    """Write TensorBoard event files under <run_dir>/tensorboard (every metric of metrics.jsonl)."""
+    peak_tflops: Optional[float] = None
+    """The per-GPU peak MFU is measured against; default: the device's dense bf16 datasheet peak (x2 with FP8)."""
+    loss_spike_factor: Optional[float] = None
+    """Skip a step whose loss exceeds this factor times the mean of the last loss_spike_window accepted losses
+    (None: skip only non-finite losses, which are always skipped)."""
+    loss_spike_window: int = 20
+    max_skipped_steps: int = 5
+    """Stop the run (after a checkpoint of the last good weights) when this many steps in a row were skipped."""
+    stop_file: Optional[str] = None
+    """When this file appears, every rank stops at the next step boundary after a checkpoint (the SLURM
+    launcher's requeue uses it); the file is removed."""
 
     def precision(self) -> str:
         """What the run does: 'fp32', 'autocast' or 'bf16_params' (from bf16, mixed_precision and device)."""
@@ -499,6 +512,12 @@ class TrainingConfig:
             raise ConfigError("training.warmup_steps", self.warmup_steps, "must be >= 0")
         if self.keep_checkpoints < 1:
             raise ConfigError("training.keep_checkpoints", self.keep_checkpoints, "keep at least 1")
+        require_positive_integers(self, "training", ("loss_spike_window", "max_skipped_steps"))
+        if self.loss_spike_factor is not None and not self.loss_spike_factor > 1:
+            raise ConfigError("training.loss_spike_factor", self.loss_spike_factor, "use a factor above 1 (e.g. 3.0), "
+                                                                                   "or null")
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            raise ConfigError("training.peak_tflops", self.peak_tflops, "use the per-GPU peak in TFLOP/s, or null")
         if isinstance(self.sample_every, bool) or not isinstance(self.sample_every, int) or self.sample_every < 0:
             raise ConfigError("training.sample_every", self.sample_every, "use a number of steps (0: no samples)")
 

@@ -6,9 +6,11 @@ resumable from the step alone, and gives the same losses at every layout and dat
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
+import os
 import math
 import time
 from pathlib import Path
@@ -25,6 +27,7 @@ from ..diffusion.randomness import Stream, slot_normal, slot_uniform
 from ..diffusion.schedule import schedule_from_config
 from ..diffusion.timesteps import sample_timesteps
 from ..parallel.state import ParallelDims, data_parallel_group
+from . import TrainingDiverged
 from . import checkpoint as ckpt
 from .objective import packed_v_prediction_loss, v_prediction_token_loss
 
@@ -137,6 +140,9 @@ class Trainer:
         self.step = 0
         self._last_saved_step: Optional[int] = None  # the step of the newest checkpoint of this run (None: none)
         self._async_saves = None  # megatron AsyncCallsQueue, created by the first async save
+        self.recent_losses: collections.deque = collections.deque(maxlen=config.training.loss_spike_window)
+        self.skipped_in_a_row = 0
+        self.stopped_by_request = False  # fit returned early because training.stop_file appeared
 
     def _average_over_data_parallel(self, value: torch.Tensor) -> torch.Tensor:
         if self.dims.data_parallel_size > 1:
@@ -243,10 +249,29 @@ class Trainer:
         return lr
 
     def _finish_step(self, losses, lr: float) -> dict[str, float]:
+        loss = self._average_over_data_parallel(self._pipeline_loss(losses)).item()  # the same on every rank
+        reason = self._skip_reason(loss)
+        if reason is not None:  # no update: the gradients are dropped (the next step zeroes them)
+            self.step += 1
+            self.skipped_in_a_row += 1
+            return {"loss": loss, "grad_norm": None, "lr": lr, "skipped": True, "skip_reason": reason}
         _, grad_norm, _ = self.optimizer.step()
-        reported = self._average_over_data_parallel(self._pipeline_loss(losses))
         self.step += 1
-        return {"loss": reported.item(), "grad_norm": float(grad_norm), "lr": lr}
+        self.skipped_in_a_row = 0
+        self.recent_losses.append(loss)
+        return {"loss": loss, "grad_norm": float(grad_norm), "lr": lr}
+
+    def _skip_reason(self, loss: float) -> Optional[str]:
+        """Why this step's update is skipped (None: it is not): a non-finite loss, or with
+        training.loss_spike_factor a loss that many times the mean of the recent accepted ones."""
+        if not math.isfinite(loss):
+            return f"non-finite loss {loss}"
+        factor = self.config.training.loss_spike_factor
+        if factor is not None and len(self.recent_losses) >= min(5, self.recent_losses.maxlen):
+            mean = sum(self.recent_losses) / len(self.recent_losses)
+            if loss > factor * mean:
+                return f"loss spike {loss:.4g} > {factor:g} x {mean:.4g} (mean of the last {len(self.recent_losses)})"
+        return None
 
     def _autocast(self):
         """bf16 autocast for training.mixed_precision=autocast; bf16 parameters need none (Float16Module)."""
@@ -342,7 +367,11 @@ class Trainer:
     # --- the loop ----------------------------------------------------------------------------------
     def fit(self, on_step: Optional[Callable[[dict], None]] = None) -> list[dict]:
         """Train until `training.steps`, saving every `save_interval` steps and at the end. A run that is
-        already at its last step (a finished run resumed) neither trains nor saves again."""
+        already at its last step (a finished run resumed) neither trains nor saves again. Returns early, after a
+        checkpoint, when training.stop_file appears; raises TrainingDiverged (after a checkpoint of the last
+        good weights) when training.max_skipped_steps steps in a row were skipped."""
+        from .telemetry import Telemetry
+
         t = self.config.training
         history: list[dict] = []
         is_logger = self.dims.is_logging_rank
@@ -353,51 +382,107 @@ class Trainer:
 
             self.run_dir.mkdir(parents=True, exist_ok=True)
             progress = tqdm(total=t.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        telemetry = Telemetry(self.config, self.device, self.run_dir, is_logger, self.dims.world_size)
         global_batch = self.global_batch
         if self.step >= t.steps and is_logger:
             logger.info("the run is already at step %d of training.steps=%d: nothing to train (raise "
                         "training.steps to continue it)", self.step, t.steps)
-        while self.step < t.steps:
-            batch = self.dataset.step_batch(self.step, self.slots, global_batch, t.seed)
-            started = time.perf_counter()
-            metrics = self.train_step(batch)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            elapsed = max(time.perf_counter() - started, 1e-9)
-            if "packs" in batch:  # global_batch counts packs; tokens are the packs' real tokens
-                metrics = {"step": self.step, **metrics, "clips": batch["clips_in_step"],
-                           "samples_per_s": batch["clips_in_step"] / elapsed,
-                           "tokens_per_s": batch["real_tokens"] / elapsed,
-                           "packing_efficiency": batch["real_tokens"] / (global_batch * batch["pack_tokens"])}
-            else:
-                metrics = {"step": self.step, **metrics, "samples_per_s": global_batch / elapsed,
-                           "tokens_per_s": global_batch * self.tokens_per_sample(self._latent_grid(batch["latents"]))
-                           / elapsed}
-            if "stage" in batch:
-                metrics["stage"] = batch["stage"]
-            if self.sampler is not None and t.sample_every and self.step % t.sample_every == 0:
-                self.finish_parameter_sync()
+        try:
+            while self.step < t.steps:
+                waited = time.perf_counter()
+                batch = self.dataset.step_batch(self.step, self.slots, global_batch, t.seed)
                 started = time.perf_counter()
-                metrics["samples"] = self.sampler.sample(self)  # paths relative to the run folder
-                metrics["sample_seconds"] = time.perf_counter() - started
-            history.append(metrics)
-            if is_logger:
-                with metrics_file.open("a") as f:
-                    f.write(json.dumps(metrics) + "\n")
-                progress.update(1)
+                metrics = self.train_step(batch)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                elapsed = max(time.perf_counter() - started, 1e-9)
+                metrics = {"step": self.step, **metrics, **self._throughput(batch, elapsed)}
                 if self.step % t.log_interval == 0:
-                    progress.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
-            if on_step is not None:
-                on_step(metrics)
-            if t.save_interval and self.step % t.save_interval == 0 and self.step < t.steps:
-                self.save()
-            self.finalize_saves()
-        if progress is not None:
-            progress.close()
+                    metrics.update(telemetry.step_fields(self._step_flops(batch), elapsed, started - waited))
+                if metrics.get("skipped") and is_logger:
+                    logger.warning("step %d skipped: %s (%d in a row)", self.step, metrics["skip_reason"],
+                                   self.skipped_in_a_row)
+                if self.sampler is not None and t.sample_every and self.step % t.sample_every == 0:
+                    self.finish_parameter_sync()
+                    started = time.perf_counter()
+                    metrics["samples"] = self.sampler.sample(self)  # paths relative to the run folder
+                    metrics["sample_seconds"] = time.perf_counter() - started
+                history.append(metrics)
+                if is_logger:
+                    with metrics_file.open("a") as f:
+                        f.write(json.dumps(metrics) + "\n")
+                    telemetry.write(metrics)
+                    progress.update(1)
+                    if self.step % t.log_interval == 0:
+                        progress.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
+                if on_step is not None:
+                    on_step(metrics)
+                if self.skipped_in_a_row >= t.max_skipped_steps:
+                    self._save_if_needed()
+                    raise TrainingDiverged(f"{self.skipped_in_a_row} steps in a row were skipped (the last: "
+                                           f"{metrics['skip_reason']}) at step {self.step}; the last good weights "
+                                           f"are saved: resume with a lower training.lr, or from an earlier "
+                                           f"checkpoint (training.max_skipped_steps={t.max_skipped_steps})")
+                if self._stop_requested():
+                    self._save_if_needed()
+                    self.stopped_by_request = True
+                    if is_logger:
+                        Path(t.stop_file).unlink(missing_ok=True)
+                        logger.info("stopped at step %d on request (%s): checkpoint saved", self.step, t.stop_file)
+                    break
+                if t.save_interval and self.step % t.save_interval == 0 and self.step < t.steps:
+                    self.save()
+                self.finalize_saves()
+        finally:
+            if progress is not None:
+                progress.close()
+            telemetry.close()
+        self._save_if_needed()
+        return history
+
+    def _save_if_needed(self) -> None:
+        """A checkpoint of this step unless there is one (then every save is completed)."""
         if self._last_saved_step != self.step:
             self.save()
         self.finalize_saves(blocking=True)
-        return history
+
+    def _stop_requested(self) -> bool:
+        """training.stop_file exists (the logging rank looks; every rank gets its answer)."""
+        stop_file = self.config.training.stop_file
+        if not stop_file:
+            return False
+        flag = torch.tensor([1.0 if self.dims.is_logging_rank and os.path.exists(stop_file) else 0.0],
+                            device=self.device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _throughput(self, batch: dict, elapsed: float) -> dict:
+        global_batch = self.global_batch
+        if "packs" in batch:  # global_batch counts packs; tokens are the packs' real tokens
+            fields = {"clips": batch["clips_in_step"], "samples_per_s": batch["clips_in_step"] / elapsed,
+                      "tokens_per_s": batch["real_tokens"] / elapsed,
+                      "packing_efficiency": batch["real_tokens"] / (global_batch * batch["pack_tokens"])}
+        else:
+            fields = {"samples_per_s": global_batch / elapsed,
+                      "tokens_per_s": global_batch * self.tokens_per_sample(self._latent_grid(batch["latents"]))
+                      / elapsed}
+        if "stage" in batch:
+            fields["stage"] = batch["stage"]
+        return fields
+
+    def _step_flops(self, batch: dict) -> float:
+        """Model FLOPs of the step over all ranks (`cogvx_mega.model.flops`)."""
+        from ..model.flops import training_flops
+        from ..model.transformer import sequence_length
+
+        m = self.config.model
+        if "packs" in batch:
+            tokens = [sequence_length(m, *shape, m.max_text_seq_length)
+                      for shapes in batch["clip_shapes_of_step"] for shape in shapes]
+        else:
+            tokens = [self.tokens_per_sample(self._latent_grid(batch["latents"]))] * self.global_batch
+        return training_flops(m, tokens)
 
     # --- checkpoints -------------------------------------------------------------------------------
     def checkpoint_meta(self) -> dict:

@@ -55,7 +55,8 @@ def test_metrics_and_checkpoint_retention(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
     for row in rows:
-        assert set(row) == {"step", "loss", "grad_norm", "lr", "samples_per_s", "tokens_per_s"}
+        assert set(row) == {"step", "loss", "grad_norm", "lr", "samples_per_s", "tokens_per_s", "tflops_per_gpu",
+                            "data_wait_s", "host_rss_gib"}
         assert row["tokens_per_s"] == pytest.approx(row["samples_per_s"] * 64)  # 16 text + 3*4*4 video tokens
     kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert kept == ["step_00000004", "step_00000005"]

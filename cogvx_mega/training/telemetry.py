@@ -1,0 +1,117 @@
+"""What a run reports beside the loss, every `training.log_interval` steps, into metrics.jsonl and TensorBoard.
+
+* Throughput: model TFLOP/s of the step (`cogvx_mega.model.flops`, the benchmark's formula) per GPU, and MFU
+  against the device's dense bf16 peak (FP8 runs: twice that), or `training.peak_tflops`.
+* The data loader: `data_wait_s`, the seconds the step waited for its batch.
+* The GPU of the logging rank through NVML (pynvml): utilisation, memory used, power, temperature, and
+  torch's peak allocation over the interval. Without pynvml or a GPU these fields are left out quietly.
+* Host memory of the logging rank (resident set).
+
+TensorBoard event files go to `<run_dir>/tensorboard` (every numeric metric as a scalar, sample paths as
+text) when `training.tensorboard` is on.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..model.flops import peak_tflops_of
+
+logger = logging.getLogger(__name__)
+
+
+class GpuMonitor:
+    """NVML readings of one CUDA device; `read()` is {} when NVML is unavailable."""
+
+    def __init__(self, device: torch.device):
+        self.handle = None
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            uuid = getattr(torch.cuda.get_device_properties(device), "uuid", None)
+            if uuid is not None:
+                self.handle = pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{uuid}")
+            else:
+                self.handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+            self.nvml = pynvml
+        except Exception as error:  # no pynvml, no driver, a container without NVML: telemetry goes on without
+            logger.debug("no NVML telemetry: %s", error)
+            self.handle = None
+
+    def read(self) -> dict[str, float]:
+        if self.handle is None:
+            return {}
+        nvml, handle = self.nvml, self.handle
+        values = {}
+        readers = {
+            "gpu_util_pct": lambda: nvml.nvmlDeviceGetUtilizationRates(handle).gpu,
+            "gpu_mem_used_gib": lambda: nvml.nvmlDeviceGetMemoryInfo(handle).used / 2**30,
+            "gpu_power_w": lambda: nvml.nvmlDeviceGetPowerUsage(handle) / 1000.0,
+            "gpu_temp_c": lambda: nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU),
+        }
+        for name, read in readers.items():
+            try:
+                values[name] = float(read())
+            except Exception:  # a reading a device does not support is left out
+                pass
+        return values
+
+
+class Telemetry:
+    def __init__(self, config, device: torch.device, run_dir: Path, is_logger: bool, world_size: int):
+        t = config.training
+        self.device, self.world_size, self.is_logger = device, world_size, is_logger
+        self.model_config = config.model
+        self.gpu = GpuMonitor(device) if device.type == "cuda" and is_logger else None
+        self.peak_tflops: Optional[float] = t.peak_tflops
+        if self.peak_tflops is None and device.type == "cuda":
+            self.peak_tflops = peak_tflops_of(torch.cuda.get_device_name(device), fp8=config.model.fp8 is not None)
+        self.writer = None
+        if is_logger and t.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+    def step_fields(self, flops: float, elapsed: float, data_wait: float) -> dict[str, float]:
+        """The fields of one logged step (every rank may call it; only the logging rank reads devices)."""
+        tflops = flops / elapsed / self.world_size / 1e12  # per GPU
+        fields = {"tflops_per_gpu": tflops, "data_wait_s": data_wait}
+        if self.peak_tflops:
+            fields["mfu"] = tflops / self.peak_tflops
+        if not self.is_logger:
+            return fields
+        if self.gpu is not None:
+            fields.update(self.gpu.read())
+        if self.device.type == "cuda":
+            fields["gpu_mem_peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            torch.cuda.reset_peak_memory_stats(self.device)
+        try:
+            import psutil
+
+            fields["host_rss_gib"] = psutil.Process(os.getpid()).memory_info().rss / 2**30
+        except Exception:
+            pass
+        return fields
+
+    def write(self, metrics: dict) -> None:
+        """TensorBoard scalars of a metrics record (logging rank)."""
+        if self.writer is None:
+            return
+        step = metrics["step"]
+        for name, value in metrics.items():
+            if name != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(f"train/{name}", value, step)
+        if metrics.get("samples"):
+            self.writer.add_text("samples", "\n".join(metrics["samples"]), step)
+        if metrics.get("skipped"):
+            self.writer.add_text("skipped_steps", f"step {step}: {metrics.get('skip_reason')}", step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()
