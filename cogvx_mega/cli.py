@@ -14,6 +14,7 @@
     cogvx vae decode LATENTS VIDEO --vae PATH [--chunk-frames N] [--fps F]
     cogvx sample --ckpt CKPT --vae VAE (--prompt TEXT --text-encoder T5 | --prompt-embeds FILE) [--image IMG]
                  --output out.mp4     (under torchrun: the transformer at --tp x --pp x --cp, the VAE split in time)
+    cogvx launch slurm --nodes N --gpus-per-node G [--partition P --time T ...] [--dry-run] -- TRAIN_ARGS
     cogvx export diffusers --ckpt CKPT --vae VAE --text-encoder T5 --out DIR [--dtype bf16|fp32] [--overwrite]
     (under torchrun, `cogvx vae` splits time over all ranks: context parallel)
 
@@ -178,6 +179,20 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(describe_layout(config, world))
         return 0
     run_training(config, resume=args.resume, init_from=args.init_from)
+    return 0
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    """A training job for a cluster scheduler (tools/launch.py)."""
+    from .tools.launch import launch_slurm, train_arguments
+
+    train_args = train_arguments(args)
+    config = resolve_config(build_parser().parse_args(["train", *train_args]))
+    result = launch_slurm(args, train_args, config)
+    if args.dry_run:
+        print(result, end="")
+    else:
+        print(f"submitted job {result}; log: {config.training.run_dir}/slurm/")
     return 0
 
 
@@ -390,6 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     vae.add_argument("--device", choices=("cpu", "cuda"), default=None)
     vae.add_argument("--overwrite", action="store_true")
     vae.set_defaults(func=cmd_vae)
+    from .tools.launch import add_launch_arguments
     from .tools.sample import add_sample_arguments
 
     sample = sub.add_parser("sample", parents=[verbose_too], help="make a video with a checkpoint (DDIM / DPM-Solver++, "
@@ -405,6 +421,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     export.add_argument("--overwrite", action="store_true")
     export.set_defaults(func=cmd_export)
+    launch = sub.add_parser("launch", parents=[verbose_too], help="run training as a cluster job")
+    launch_sub = launch.add_subparsers(dest="launcher", required=True)
+    slurm = launch_sub.add_parser("slurm", parents=[verbose_too],
+                                  help="an sbatch job (srun + torchrun) that requeues itself at the time limit")
+    add_launch_arguments(slurm)
+    slurm.set_defaults(func=cmd_launch)
     return parser
 
 

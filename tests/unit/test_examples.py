@@ -71,6 +71,22 @@ def test_the_samples_example_writes_a_video_per_prompt(tmp_path):
     assert all((run / name).stat().st_size > 0 for name in last["samples"])
 
 
+def test_the_slurm_example_dry_runs_on_the_5b_example(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root = EXAMPLES.parents[1]
+    cogvx = f"{sys.executable} -m cogvx_mega.cli"
+    result = subprocess.run(["bash", str(root / "examples" / "launch-slurm.sh"), "cache.zarr", str(tmp_path / "run"),
+                             "--dry-run"], cwd=root, capture_output=True, text=True,
+                            env={**os.environ, "COGVX": cogvx})
+    assert result.returncode == 0, result.stderr
+    assert "#SBATCH --nodes=2" in result.stdout and "#SBATCH --gpus-per-node=8" in result.stdout
+    assert "--config examples/configs/cogvideox-5b-8xh100.yaml" in result.stdout
+    assert not (tmp_path / "run").exists()
+
+
 def test_the_gpu_suite_is_valid_bash_and_names_scripts_that_exist():
     import subprocess
 
