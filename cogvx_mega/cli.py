@@ -14,6 +14,7 @@
     cogvx vae decode LATENTS VIDEO --vae PATH [--chunk-frames N] [--fps F]
     cogvx sample --ckpt CKPT --vae VAE (--prompt TEXT --text-encoder T5 | --prompt-embeds FILE) [--image IMG]
                  --output out.mp4     (under torchrun: the transformer at --tp x --pp x --cp, the VAE split in time)
+    cogvx scaling plan|run|fit SPEC [--table runs.csv] [--json]
     cogvx launch slurm --nodes N --gpus-per-node G [--partition P --time T ...] [--dry-run] -- TRAIN_ARGS
     cogvx export diffusers --ckpt CKPT --vae VAE --text-encoder T5 --out DIR [--dtype bf16|fp32] [--overwrite]
     (under torchrun, `cogvx vae` splits time over all ranks: context parallel)
@@ -193,6 +194,48 @@ def cmd_launch(args: argparse.Namespace) -> int:
         print(result, end="")
     else:
         print(f"submitted job {result}; log: {config.training.run_dir}/slurm/")
+    return 0
+
+
+def cmd_scaling(args: argparse.Namespace) -> int:
+    """Scaling-law experiments (tools/scaling.py)."""
+    import json
+    import shlex
+    from pathlib import Path
+
+    from .config.schema import ConfigError
+    from .tools import scaling
+
+    if args.action == "fit" and args.table:
+        rows = scaling.read_table(args.table)
+        out = Path(args.out or Path(args.table).with_suffix("")).resolve()
+    else:
+        if not args.spec:
+            raise ConfigError("SPEC", None, f"`cogvx scaling {args.action}` needs the spec file")
+        spec = scaling.read_spec(args.spec)
+        runs = scaling.plan_runs(spec)
+        if args.action == "plan":
+            print(scaling.describe_plan(runs))
+            return 0
+        if args.action == "run":
+            slurm = shlex.split(args.slurm) if args.slurm else None
+            scaling.run_all(spec, runs, nproc_per_node=args.nproc_per_node, slurm=slurm)
+            return 0
+        rows = []
+        for run in runs:
+            loss = scaling.final_loss(run, spec.final_window)
+            if loss is None:
+                logger.warning("%s is not finished: left out of the fit", run.name)
+            else:
+                rows.append((float(run.params), float(run.tokens), loss))
+        out = Path(args.out or Path(spec.run_root) / "fit")
+    fit = scaling.fit_scaling_law(*zip(*rows)) if len(rows) >= 5 else scaling.fit_scaling_law([], [], [])
+    written = scaling.write_fit(rows, fit, out)
+    if args.json:
+        print(json.dumps(fit))
+    else:
+        print(" ".join(f"{name}={fit[name]:.4g}" for name in scaling.FIT_NAMES))
+        print(f"wrote {', '.join(str(p) for p in written)}")
     return 0
 
 
@@ -421,6 +464,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     export.add_argument("--overwrite", action="store_true")
     export.set_defaults(func=cmd_export)
+    from .tools.scaling import add_scaling_arguments
+
+    scaling = sub.add_parser("scaling", parents=[verbose_too], help="scaling-law experiments: plan, run and fit a "
+                                                                    "sweep of model sizes and token budgets")
+    add_scaling_arguments(scaling)
+    scaling.set_defaults(func=cmd_scaling)
     launch = sub.add_parser("launch", parents=[verbose_too], help="run training as a cluster job")
     launch_sub = launch.add_subparsers(dest="launcher", required=True)
     slurm = launch_sub.add_parser("slurm", parents=[verbose_too],

@@ -87,6 +87,11 @@ def test_the_slurm_example_dry_runs_on_the_5b_example(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_the_scaling_example_plans(capsys):
+    assert main(["scaling", "plan", str(EXAMPLES.parent / "scaling" / "tiny-sweep.yaml")]) == 0
+    assert "9 runs" in capsys.readouterr().out
+
+
 def test_the_gpu_suite_is_valid_bash_and_names_scripts_that_exist():
     import subprocess
 
