@@ -115,6 +115,10 @@ def read_spec(path: str) -> ScalingSpec:
     except yaml.YAMLError as error:
         raise ConfigError("SPEC", path, f"could not parse it: {error}") from None
     spec = _build(ScalingSpec, values, "")
+    try:  # YAML 1.1 reads 5.0e4 (no sign in the exponent) as a string
+        spec.tokens = [float(t) for t in spec.tokens] if isinstance(spec.tokens, list) else spec.tokens
+    except (TypeError, ValueError):
+        pass
     if not spec.tokens or not all(isinstance(t, (int, float)) and t > 0 for t in spec.tokens):
         raise ConfigError("tokens", spec.tokens, "give a list of positive token budgets, e.g. [1.0e9, 2.0e9]")
     rule = spec.models
