@@ -14,6 +14,7 @@
     cogvx vae decode LATENTS VIDEO --vae PATH [--chunk-frames N] [--fps F]
     cogvx sample --ckpt CKPT --vae VAE (--prompt TEXT --text-encoder T5 | --prompt-embeds FILE) [--image IMG]
                  --output out.mp4     (under torchrun: the transformer at --tp x --pp x --cp, the VAE split in time)
+    cogvx plan --preset P --gpus N --gpu-mem GiB [--frames F --size HxW --fp8 --json]
     cogvx scaling plan|run|fit SPEC [--table runs.csv] [--json]
     cogvx launch slurm --nodes N --gpus-per-node G [--partition P --time T ...] [--dry-run] -- TRAIN_ARGS
     cogvx export diffusers --ckpt CKPT --vae VAE --text-encoder T5 --out DIR [--dtype bf16|fp32] [--overwrite]
@@ -236,6 +237,39 @@ def cmd_scaling(args: argparse.Namespace) -> int:
     else:
         print(" ".join(f"{name}={fit[name]:.4g}" for name in scaling.FIT_NAMES))
         print(f"wrote {', '.join(str(p) for p in written)}")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """The layouts that fit a GPU budget, fastest first (tools/plan.py)."""
+    import json
+
+    from .config import load_config
+    from .config.schema import ConfigError
+    from .tools.plan import describe_plans, plan_layouts
+
+    try:
+        height, width = (int(v) for v in args.size.lower().split("x"))
+    except ValueError:
+        raise ConfigError("--size", args.size, "write HEIGHTxWIDTH in pixels, e.g. 480x720") from None
+    for flag, value in (("--gpus", args.gpus), ("--gpus-per-node", args.gpus_per_node),
+                        ("--global-batch", args.global_batch)):
+        if value < 1:
+            raise ConfigError(flag, value, "use a positive number")
+    if not args.gpu_mem > 0:
+        raise ConfigError("--gpu-mem", args.gpu_mem, "give the GPU memory in GiB, e.g. 80")
+    config = load_config(args.preset, overrides=[
+        f"data.num_frames={args.frames}", f"data.height={height}", f"data.width={width}", "data.buckets=null",
+        "training.device=cuda", "training.micro_batch_size=1", f"training.global_batch_size={args.global_batch}",
+        *args.overrides])
+    plans, considered = plan_layouts(config, args.gpus, args.gpu_mem, args.gpus_per_node, fp8=args.fp8)
+    if args.json:
+        print(json.dumps({"considered": considered, "layouts": [plan.as_dict() for plan in plans]}))
+    else:
+        print(describe_plans(plans, considered, limit=args.top))
+    if not plans:
+        raise ConfigError("--gpus", args.gpus, f"no layout of {args.gpus} GPUs fits {args.gpu_mem:g} GiB at "
+                                               f"{args.frames} frames {args.size}; add GPUs or lower the resolution")
     return 0
 
 
@@ -465,6 +499,21 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--overwrite", action="store_true")
     export.set_defaults(func=cmd_export)
     from .tools.scaling import add_scaling_arguments
+
+    plan = sub.add_parser("plan", parents=[verbose_too], help="the TP/PP/VPP/CP/DP/recompute layouts that fit a "
+                                                              "GPU budget, ranked by predicted step time")
+    plan.add_argument("--preset", required=True)
+    plan.add_argument("--gpus", type=int, required=True)
+    plan.add_argument("--gpu-mem", type=float, required=True, help="GiB per GPU")
+    plan.add_argument("--gpus-per-node", type=int, default=8)
+    plan.add_argument("--frames", type=int, default=49)
+    plan.add_argument("--size", default="480x720", help="HEIGHTxWIDTH in pixels")
+    plan.add_argument("--global-batch", type=int, default=64)
+    plan.add_argument("--fp8", action="store_true")
+    plan.add_argument("--top", type=int, default=20, help="rows to print")
+    plan.add_argument("--json", action="store_true")
+    plan.add_argument("overrides", nargs="*", metavar="section.field=value")
+    plan.set_defaults(func=cmd_plan)
 
     scaling = sub.add_parser("scaling", parents=[verbose_too], help="scaling-law experiments: plan, run and fit a "
                                                                     "sweep of model sizes and token budgets")

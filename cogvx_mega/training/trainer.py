@@ -478,8 +478,8 @@ class Trainer:
 
         m = self.config.model
         if "packs" in batch:
-            tokens = [sequence_length(m, *shape, m.max_text_seq_length)
-                      for shapes in batch["clip_shapes_of_step"] for shape in shapes]
+            tokens = [sequence_length(m, c.latent_frames, c.latent_height, c.latent_width, c.text_length)
+                      for shapes in batch["clip_shapes_of_step"] for c in shapes]
         else:
             tokens = [self.tokens_per_sample(self._latent_grid(batch["latents"]))] * self.global_batch
         return training_flops(m, tokens)
