@@ -528,6 +528,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _CurrentStderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is now (a handler made in an earlier main() of the same process, e.g. a
+    notebook or a test, must not write to a stream that has since been replaced or closed)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from .checkpoint.meta import ConversionError
     from .config.schema import ConfigError
@@ -548,7 +561,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # Configure our own logger; other libraries keep theirs (megatron's is only quietened, above).
     for previous in [h for h in logger.handlers if getattr(h, "_cogvx_cli", False)]:
         logger.removeHandler(previous)  # main() called again in one process (tests, notebooks)
-    handler = logging.StreamHandler()
+    handler = _CurrentStderrHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
     handler._cogvx_cli = True
     logger.addHandler(handler)

@@ -100,6 +100,18 @@ def test_plan_run_resume_and_no_rerun(tmp_path, capsys):
     assert not (tmp_path / "runs" / "fit").exists()
 
 
+def test_run_through_the_slurm_launcher_makes_one_job_per_run(tmp_path, capfd):
+    spec_file = write_spec(tmp_path)
+    assert main(["scaling", "run", str(spec_file), "--slurm", "--nodes 1 --gpus-per-node 2 --time 01:00:00 "
+                                                              "--dry-run"]) == 0
+    out = capfd.readouterr().out
+    assert out.count("#!/bin/bash") == 2
+    for name in ("L2-H2x16-D512", "L4-H4x16-D512"):
+        assert f"#SBATCH --job-name=scaling-{name}" in out
+        assert f"--run-dir {tmp_path / 'runs' / name}" in out
+    assert "--nproc-per-node 2" in out and "training.global_batch_size=2" in out
+
+
 @pytest.mark.parametrize("extra, needle", [({"learning_rate": 1.0}, "learning_rate"),
                                             ({"models": {"heads": [2], "depth": 3}}, "models.depth"),
                                             ({"tokens": []}, "tokens")])

@@ -146,6 +146,7 @@ def test_k_skipped_steps_in_a_row_stop_the_run_after_a_checkpoint(tmp_path, caps
         raise TrainingDiverged("3 steps in a row were skipped")
 
     monkeypatch.setattr(cli, "run_training", diverge)
+    capsys.readouterr()  # the warnings of the run above
     assert cli.main(["train", "--preset", "tiny", "--device", "cpu"]) == cli.EXIT_DIVERGED == 3
     error = capsys.readouterr().err.strip().splitlines()
     assert error == ["cogvx: error: 3 steps in a row were skipped"]
