@@ -230,7 +230,7 @@ def cmd_scaling(args: argparse.Namespace) -> int:
             else:
                 rows.append((float(run.params), float(run.tokens), loss))
         out = Path(args.out or Path(spec.run_root) / "fit")
-    fit = scaling.fit_scaling_law(*zip(*rows)) if len(rows) >= 5 else scaling.fit_scaling_law([], [], [])
+    fit = scaling.fit_scaling_law(rows)
     written = scaling.write_fit(rows, fit, out)
     if args.json:
         print(json.dumps(fit))
@@ -246,12 +246,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     from .config import load_config
     from .config.schema import ConfigError
+    from .config.schema import parse_size
     from .tools.plan import describe_plans, plan_layouts
 
-    try:
-        height, width = (int(v) for v in args.size.lower().split("x"))
-    except ValueError:
-        raise ConfigError("--size", args.size, "write HEIGHTxWIDTH in pixels, e.g. 480x720") from None
+    height, width = parse_size("--size", args.size)
     for flag, value in (("--gpus", args.gpus), ("--gpus-per-node", args.gpus_per_node),
                         ("--global-batch", args.global_batch)):
         if value < 1:

@@ -320,7 +320,8 @@ class LayoutPrediction:
                 **{f"{name}_seconds": value for name, value in self.parts.items()}}
 
 
-def predict_step_seconds(config: Config, world_size: int, gpus_per_node: int, fp8: bool) -> tuple[float, dict]:
+def predict_step_seconds(config: Config, world_size: int, gpus_per_node: int, fp8: bool,
+                         parameters: int) -> tuple[float, dict]:
     """Seconds per optimizer step on a GPU layout: GEMMs and attention at the measured throughputs (full
     recompute runs the forward again; selective the attention forward), the pipeline bubble of 1F1B
     ((PP - 1) / (M x VPP) of the compute), TP/SP and CP communication per layer on NVLink (over InfiniBand
@@ -361,9 +362,8 @@ def predict_step_seconds(config: Config, world_size: int, gpus_per_node: int, fp
     # CP (all-to-all attention): q, k, v and the output each exchanged forward, twice that backward
     cp_bytes = (cp - 1) / cp * 4 * (passes + 1) * cp_tokens * d * 2 / tp * layers_per_stage * samples_per_gpu_pass
     cp_time = cp_bytes / bandwidth(tp * cp) if cp > 1 else 0.0
-    params = max(plan.parameters_per_tp_rank for plan in plan_layout(config))
     dp_ranks = dp * cp
-    dp_time = (2 * (dp_ranks - 1) / dp_ranks * params * 4 / bandwidth(world_size)) if dp_ranks > 1 else 0.0
+    dp_time = (2 * (dp_ranks - 1) / dp_ranks * parameters * 4 / bandwidth(world_size)) if dp_ranks > 1 else 0.0
     parts = {"compute": compute, "bubble": bubble, "tp_comm": tp_time, "cp_comm": cp_time, "dp_comm": dp_time}
     return sum(parts.values()), parts
 
@@ -403,7 +403,8 @@ def plan_layouts(config: Config, gpus: int, gpu_mem_gib: float, gpus_per_node: i
                             memory = estimate_memory(candidate, gpus)
                             if memory.total > headroom * gpu_mem_gib * 2**30:
                                 continue
-                            seconds, parts = predict_step_seconds(candidate, gpus, gpus_per_node, fp8)
+                            seconds, parts = predict_step_seconds(candidate, gpus, gpus_per_node, fp8,
+                                                                  memory.parameters)
                             fitting.append(LayoutPrediction(tp, pp, vpp, cp, dp, recompute, distributed, memory,
                                                             seconds, parts))
     fitting.sort(key=lambda p: (p.step_seconds, p.memory.total))

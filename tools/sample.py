@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..config.schema import ConfigError, DiffusionConfig, check_frame_count
+from ..config.schema import ConfigError, DiffusionConfig, check_frame_count, parse_size
 
 logger = logging.getLogger(__name__)
 
@@ -91,10 +91,9 @@ def run_sample(args) -> list[str]:
     """Everything `cogvx sample` does; returns the files written (rank 0 writes them under torchrun)."""
     import torch.distributed as dist
 
-    from .load import load_vae
     from ..diffusion.sampler import SCHEDULERS, SamplingSettings
     from ..diffusion.schedule import schedule_from_config
-    from ..training.sampling import decode_video, denoise, is_image_to_video, latent_grid, read_image, write_latents
+    from ..training.sampling import decode_video, denoise, is_image_to_video, latent_grid, write_latents
     from ..vae import io
 
     outputs = [args.output] + ([str(Path(args.output).with_suffix(".gif"))] if args.gif else []) + (
@@ -103,10 +102,7 @@ def run_sample(args) -> list[str]:
         if os.path.exists(path) and not args.overwrite:
             raise ConfigError("--output", path, "already exists; pass --overwrite or another path")
     check_frame_count("--frames", args.frames, 4)
-    try:
-        height, width = (int(v) for v in args.size.lower().split("x"))
-    except ValueError:
-        raise ConfigError("--size", args.size, "write HEIGHTxWIDTH in pixels, e.g. 480x720") from None
+    height, width = parse_size("--size", args.size)
     if height % 16 or width % 16:
         raise ConfigError("--size", args.size, "height and width must be multiples of 16 (VAE 8x, patch 2)")
     if args.scheduler not in SCHEDULERS:
@@ -120,36 +116,18 @@ def run_sample(args) -> list[str]:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device == "cuda" else "fp32")]
     model_config, forward = _sampling_model(args, device, dtype)
     m = model_config
-    vae = load_vae(args.vae, device=device, dtype=dtype)
-    if vae.config.latent_channels != m.out_channels:
-        raise ConfigError("--vae", args.vae, f"makes {vae.config.latent_channels}-channel latents; the checkpoint "
-                                             f"denoises {m.out_channels} (another model family)")
+    vae = load_family_vae(args.vae, "--vae", m, device, dtype)
     if is_image_to_video(m) and not args.image:
         raise ConfigError("--image", None, f"{args.ckpt} is an image-to-video model: give the first frame with "
                                            f"--image FILE")
     if args.image and not is_image_to_video(m):
         raise ConfigError("--image", args.image[0], "this is a text-to-video model; drop --image")
-    if args.prompt:
-        from ..data.text import T5TextEncoder
-
-        encoder = T5TextEncoder(args.text_encoder, max_length=m.max_text_seq_length, device=device)
-        prompt_embeds = encoder.encode(list(args.prompt))
-        negative = encoder.encode([args.negative_prompt or ""] * len(args.prompt))  # diffusers: T5("")
-        del encoder
-    else:
-        prompt_embeds = read_tensor_file(args.prompt_embeds, "prompt_embeds", "--prompt-embeds")
-        negative = (read_tensor_file(args.negative_prompt_embeds, "negative_prompt_embeds",
-                                     "--negative-prompt-embeds") if args.negative_prompt_embeds else None)  # SAT: 0
-    if prompt_embeds.dim() != 3 or prompt_embeds.shape[2] != m.text_embed_dim:
-        raise ConfigError("--prompt-embeds", args.prompt_embeds, f"prompt_embeds has shape "
-                                                                 f"{tuple(prompt_embeds.shape)}; the model takes "
-                                                                 f"[B, L, {m.text_embed_dim}]")
+    prompt_embeds, negative = prompt_embeddings(
+        m, device, prompts=args.prompt, text_encoder=args.text_encoder, negative_prompt=args.negative_prompt,
+        embeds_file=args.prompt_embeds, negative_file=args.negative_prompt_embeds,
+        flags=("--prompt-embeds", "--negative-prompt-embeds"))
     batch = prompt_embeds.shape[0]
-    images = None
-    if args.image:
-        if len(args.image) not in (1, batch):
-            raise ConfigError("--image", " ".join(args.image), f"give one image, or one per prompt ({batch})")
-        images = torch.stack([read_image(path, height, width) for path in args.image]).expand(batch, -1, -1, -1)
+    images = first_frames(args.image, batch, height, width, "--image") if args.image else None
     grid = latent_grid(m, args.frames, height, width, vae.config.temporal_compression_ratio,
                        vae.config.spatial_compression_ratio)
     latents = None
@@ -263,43 +241,67 @@ def add_sample_arguments(parser) -> None:
 def training_sampler(config):
     """The `TrainingSampler` of a run with training.sample_every: the VAE loaded and the prompts encoded once
     (T5 freed afterwards), every input checked before the run writes anything."""
-    from .load import load_vae
-    from ..training.sampling import SamplePrompts, TrainingSampler, is_image_to_video, read_image
+    from ..training.sampling import SamplePrompts, TrainingSampler, is_image_to_video
 
     s, m = config.sampling, config.model
     device = config.training.device
     dtype = torch.bfloat16 if config.training.precision() == "bf16_params" else torch.float32
-    vae_path = s.vae or config.data.vae
-    vae = load_vae(vae_path, device=device, dtype=dtype)
-    if vae.config.latent_channels != m.out_channels:
-        raise ConfigError("sampling.vae", vae_path, f"makes {vae.config.latent_channels}-channel latents; the model "
-                                                    f"denoises {m.out_channels} (another model family)")
-    if s.prompts:
-        from ..data.text import T5TextEncoder
-
-        encoder = T5TextEncoder(s.text_encoder or config.data.text_encoder, max_length=m.max_text_seq_length,
-                                device=device)
-        prompt_embeds = encoder.encode(list(s.prompts))
-        negative = encoder.encode([""] * len(s.prompts))  # diffusers' unconditional branch
-        del encoder
-    else:
-        prompt_embeds = read_tensor_file(s.prompt_embeds, "prompt_embeds", "sampling.prompt_embeds")
-        negative = None
-    if s.negative_prompt_embeds:
-        negative = read_tensor_file(s.negative_prompt_embeds, "negative_prompt_embeds", "sampling.negative_prompt_embeds")
-    if prompt_embeds.dim() != 3 or prompt_embeds.shape[2] != m.text_embed_dim:
-        raise ConfigError("sampling.prompt_embeds", s.prompt_embeds, f"prompt_embeds has shape "
-                                                                     f"{tuple(prompt_embeds.shape)}; the model takes "
-                                                                     f"[N, L, {m.text_embed_dim}]")
-    if negative is not None and negative.shape != prompt_embeds.shape:
-        raise ConfigError("sampling.negative_prompt_embeds", s.negative_prompt_embeds,
-                          f"has shape {tuple(negative.shape)}; the prompts have {tuple(prompt_embeds.shape)}")
+    vae = load_family_vae(s.vae or config.data.vae, "sampling.vae", m, device, dtype)
+    prompt_embeds, negative = prompt_embeddings(
+        m, device, prompts=s.prompts, text_encoder=s.text_encoder or config.data.text_encoder, negative_prompt=None,
+        embeds_file=s.prompt_embeds, negative_file=s.negative_prompt_embeds,
+        flags=("sampling.prompt_embeds", "sampling.negative_prompt_embeds"))
     images = None
     if is_image_to_video(m):
         _, height, width = config.sampling_resolution()
-        if len(s.images) not in (1, prompt_embeds.shape[0]):
-            raise ConfigError("sampling.images", s.images, f"give one image, or one per prompt "
-                                                           f"({prompt_embeds.shape[0]})")
-        images = torch.stack([read_image(path, height, width, "sampling.images") for path in s.images])
-        images = images.expand(prompt_embeds.shape[0], -1, -1, -1)
+        images = first_frames(s.images, prompt_embeds.shape[0], height, width, "sampling.images")
     return TrainingSampler(config, SamplePrompts(prompt_embeds, negative, images), vae)
+
+
+# --- inputs shared by `cogvx sample` and samples during training ---------------------------------------------
+def load_family_vae(path: str, flag: str, model_config, device: str, dtype: torch.dtype):
+    """The VAE at `path`, refused when its latents are not the ones the model denoises (another family)."""
+    from .load import load_vae
+
+    vae = load_vae(path, device=device, dtype=dtype)
+    if vae.config.latent_channels != model_config.out_channels:
+        raise ConfigError(flag, path, f"makes {vae.config.latent_channels}-channel latents; the model denoises "
+                                      f"{model_config.out_channels} (another model family)")
+    return vae
+
+
+def prompt_embeddings(model_config, device: str, *, prompts, text_encoder, negative_prompt, embeds_file,
+                      negative_file, flags: tuple[str, str]):
+    """(prompt embeddings [N, L, D], negative embeddings or None) from prompt texts through the T5 at
+    `text_encoder` (negatives: T5(negative_prompt or ""), diffusers' unconditional branch) or from safetensors
+    files (no negative file: None, SAT's zeros); a negative file overrides the T5 negatives. Shapes checked."""
+    embeds_flag, negative_flag = flags
+    negative = None
+    if prompts:
+        from ..data.text import T5TextEncoder
+
+        encoder = T5TextEncoder(text_encoder, max_length=model_config.max_text_seq_length, device=device)
+        prompt_embeds = encoder.encode(list(prompts))
+        if not negative_file:
+            negative = encoder.encode([negative_prompt or ""] * len(prompts))
+        del encoder
+    else:
+        prompt_embeds = read_tensor_file(embeds_file, "prompt_embeds", embeds_flag)
+    if negative_file:
+        negative = read_tensor_file(negative_file, "negative_prompt_embeds", negative_flag)
+    if prompt_embeds.dim() != 3 or prompt_embeds.shape[2] != model_config.text_embed_dim:
+        raise ConfigError(embeds_flag, embeds_file, f"prompt_embeds has shape {tuple(prompt_embeds.shape)}; the "
+                                                    f"model takes [N, L, {model_config.text_embed_dim}]")
+    if negative is not None and negative.shape != prompt_embeds.shape:
+        raise ConfigError(negative_flag, negative_file, f"has shape {tuple(negative.shape)}; the prompts have "
+                                                        f"{tuple(prompt_embeds.shape)}")
+    return prompt_embeds, negative
+
+
+def first_frames(paths, batch: int, height: int, width: int, flag: str) -> torch.Tensor:
+    """The I2V first frames [batch, 3, H, W]: one image for every prompt, or one per prompt."""
+    from ..training.sampling import read_image
+
+    if len(paths) not in (1, batch):
+        raise ConfigError(flag, " ".join(paths), f"give one image, or one per prompt ({batch})")
+    return torch.stack([read_image(path, height, width, flag) for path in paths]).expand(batch, -1, -1, -1)

@@ -137,6 +137,7 @@ def plan_runs(spec: ScalingSpec) -> list[PlannedRun]:
     """Every run of the spec, each config resolved and validated (a bad spec fails here, before anything runs)."""
     from ..config import load_config
     from ..model.flops import training_flops
+    from ..model.transformer import sequence_length
 
     base = load_config(spec.preset, overrides=list(spec.overrides))
     rule = spec.models
@@ -157,8 +158,6 @@ def plan_runs(spec: ScalingSpec) -> list[PlannedRun]:
         model = [f"model.num_layers={layers}", f"model.num_attention_heads={heads}",
                  f"model.attention_head_dim={head_dim}"]
         config = load_config(spec.preset, overrides=[*spec.overrides, *model])
-        from ..model.transformer import sequence_length
-
         m = config.model
         tokens_per_sample = sequence_length(m, *config.data.latent_shape(m), m.max_text_seq_length)
         steps = max(1, math.ceil(budget / (tokens_per_sample * spec.global_batch)))
@@ -232,15 +231,16 @@ def final_loss(run: PlannedRun, window: int) -> Optional[float]:
 
 
 # --- the fit ------------------------------------------------------------------------------------------------
-def fit_scaling_law(params, tokens, losses, huber_delta: float = 1e-3) -> dict[str, float]:
-    """E, A, alpha, B, beta of L = E + A/N^alpha + B/D^beta (Hoffmann et al. 2022, approach 3)."""
+def fit_scaling_law(rows: list[tuple[float, float, float]], huber_delta: float = 1e-3) -> dict[str, float]:
+    """E, A, alpha, B, beta of L = E + A/N^alpha + B/D^beta over (params, tokens, loss) rows (Hoffmann et al.
+    2022, approach 3)."""
     import numpy as np
     from scipy.optimize import minimize
     from scipy.special import logsumexp
 
-    n, d, y = (np.log(np.asarray(v, dtype=np.float64)) for v in (params, tokens, losses))
-    if len(y) < 5:
-        raise ConfigError("runs", len(y), "the fit has 5 parameters: give at least 5 finished runs or table rows")
+    if len(rows) < 5:
+        raise ConfigError("runs", len(rows), "the fit has 5 parameters: give at least 5 finished runs or table rows")
+    n, d, y = np.log(np.asarray(rows, dtype=np.float64)).T
 
     def objective(x):  # the Huber loss of the log residuals and its gradient
         a, b, e, alpha, beta = x

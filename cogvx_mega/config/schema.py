@@ -653,6 +653,15 @@ def check_frame_count(field_name: str, frames, temporal_compression_ratio: int) 
                           f"frame counts must be 1+{temporal_compression_ratio}k (1, 5, 9, ..., 49)")
 
 
+def parse_size(field_name: str, text: str) -> tuple[int, int]:
+    """(height, width) of HEIGHTxWIDTH in pixels."""
+    try:
+        height, width = (int(v) for v in str(text).lower().split("x"))
+    except ValueError:
+        raise ConfigError(field_name, text, "write HEIGHTxWIDTH in pixels, e.g. 480x720") from None
+    return height, width
+
+
 def model_config_from_dict(values: dict) -> ModelConfig:
     """Build a ModelConfig from a saved dict, refusing unknown keys."""
     known = {f.name for f in dataclasses.fields(ModelConfig)}

@@ -134,7 +134,7 @@ def layout_forward(chunks: Sequence[torch.nn.Module], dtype: torch.dtype = torch
     from ..parallel.pipeline import unwrap_model
 
     first = unwrap_model(chunks[0])
-    pipeline = _pipeline_group(first)
+    pipeline = first.pg_collection.pp  # the groups the model was built with (a whole model: its own, size 1)
     if pipeline is None or dist.get_world_size(pipeline) == 1:
         def whole(latents, text, timesteps, ofs=None):
             return chunks[0](latents.to(dtype), text.to(dtype), timesteps, ofs=ofs).float()
@@ -182,15 +182,6 @@ def layout_forward(chunks: Sequence[torch.nn.Module], dtype: torch.dtype = torch
         return v
 
     return pipelined
-
-
-def _pipeline_group(model):
-    from megatron.core import parallel_state
-
-    if not parallel_state.model_parallel_is_initialized():
-        return None
-    group = getattr(model, "pp_group", None)
-    return group if group is not None else parallel_state.get_pipeline_model_parallel_group()
 
 
 # --- samples during training ---------------------------------------------------------------------------
