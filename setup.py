@@ -53,7 +53,7 @@ setup(
         # the T5 text encoder (transformers, sentencepiece), the latent cache (zarr v3, tensorstore)
         "data": ["av", "Pillow", "nvidia-dali-cuda130", "transformers", "sentencepiece", "zarr>=3", "tensorstore"],
         "triton": ["triton"],  # the Triton kernels on CPU (TRITON_INTERPRET=1); CUDA torch wheels bring it
-        "test": ["pytest", "pytest-timeout", "pytest-xdist", "diffusers==0.42.1", "transformers", "sentencepiece", "av", "triton",
+        "test": ["pytest", "pytest-timeout", "pytest-xdist", "diffusers==0.42.1", "peft", "transformers", "sentencepiece", "av", "triton",
                  "Pillow", "nvidia-dali-cuda130", "zarr>=3", "tensorstore"],
     },
     entry_points={"console_scripts": ["cogvx = cogvx_mega.cli:main"]},

@@ -1,9 +1,10 @@
 """The latent cache: `cogvx data encode --manifest M --vae VAE --text-encoder T5 --output cache.zarr`.
 
-A zarr v3 store. Per bucket (`FRAMESxHEIGHTxWIDTH`, see `buckets.py`) three arrays, chunked one clip per
+A zarr v3 store. Per bucket (`FRAMESxHEIGHTxWIDTH`, see `buckets.py`) four arrays, chunked one clip per
 chunk: `<bucket>/mean` and `<bucket>/logvar` [N, C, T', H/8, W/8] (the VAE posterior's moments, before the
-latent scale, so training draws a fresh posterior sample every time, REFERENCE §5) and `<bucket>/text`
-[N, L, D] (T5 embeddings). The clip table (source path, caption, bucket, index) is in the store's
+latent scale, so training draws a fresh posterior sample every time, REFERENCE §5), `<bucket>/text`
+[N, L, D] (T5 embeddings) and `<bucket>/first_frame` [N, 3, H, W] uint8 (the clip's first frame, which
+image-to-video training noises and encodes at every step; caches written before it existed lack it). The clip table (source path, caption, bucket, index) is in the store's
 attributes, with the VAE's latent scale and what the cache was made from.
 
 Work is split into shards of `shard_clips` consecutive clips of one bucket; shard s belongs to rank
@@ -35,6 +36,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = "cogvx-mega/latent-cache-v1"
+FIRST_FRAME = "first_frame"
+"""The array of each clip's first frame, uint8 [3, H, W] (image-to-video training encodes it at every step)."""
 COMMITS = "commits"
 
 
@@ -123,6 +126,8 @@ def create_store(path: Path, plan: CachePlan, latent_channels: int, text_length:
                                fill_value=0.0)
         group.create_array(f"{name}/text", shape=(count, text_length, text_width), chunks=(1, text_length, text_width),
                            dtype="float32", fill_value=0.0)
+        group.create_array(f"{name}/{FIRST_FRAME}", shape=(count, 3, bucket.height, bucket.width),
+                           chunks=(1, 3, bucket.height, bucket.width), dtype="uint8", fill_value=0)
         table.extend({"bucket": name, "index": i, "path": r["path"], "caption": r["caption"]}
                      for i, r in enumerate(items))
     group.attrs.update({"format": CACHE_FORMAT, "fingerprint": plan.fingerprint, "clips": table,
@@ -155,6 +160,7 @@ def write_shard(path: Path, plan: CachePlan, shard: Shard, encoder: "ClipEncoder
         group[f"{shard.bucket}/mean"][index] = pair[0]
         group[f"{shard.bucket}/logvar"][index] = pair[1]
         group[f"{shard.bucket}/text"][index] = encoded.text[offset]
+        group[f"{shard.bucket}/{FIRST_FRAME}"][index] = encoded.first_frames[offset]
     marker = {"clips": shard.stop - shard.start, "failed": failed}
     write_text_atomically(path / shard.marker, json.dumps(marker))
     return marker

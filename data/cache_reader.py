@@ -21,7 +21,7 @@ import torch
 
 from ..config.schema import ConfigError
 from ..diffusion.randomness import Stream, slot_normal
-from .cache import CACHE_FORMAT, committed, usable_clips
+from .cache import CACHE_FORMAT, FIRST_FRAME, committed, usable_clips
 
 
 def epoch_batches(usable: dict[str, list[int]], global_batch: int, seed: int, epoch: int) -> list[tuple[str, list[int]]]:
@@ -77,7 +77,10 @@ class BucketedBatches:
 class CacheDataset(BucketedBatches):
     """`step_batch(step, slots, global_batch, seed)` -> {"latents" [n, T', C, H, W], "text_embeds" [n, L, D]}."""
 
-    def __init__(self, path: str, text_length: Optional[int] = None, latent_channels: Optional[int] = None):
+    def __init__(self, path: str, text_length: Optional[int] = None, latent_channels: Optional[int] = None,
+                 image_latents=None):
+        """`image_latents` (a `first_frames.FirstFrameLatents`): image-to-video training; every batch then also
+        carries `image_latents` [n, 1, C, h, w] of the clips' stored first frames."""
         import tensorstore as ts
         import zarr
 
@@ -96,10 +99,17 @@ class CacheDataset(BucketedBatches):
         super().__init__(usable_clips(self.path, markers))
         if not self.usable:
             raise ConfigError("--data", path, "holds no usable clip (every clip failed to encode)")
+        if image_latents is not None:
+            missing = [b for b in self.usable if not (self.path / b / FIRST_FRAME / "zarr.json").is_file()]
+            if missing:
+                raise ConfigError("--data", path, f"holds no first frames (bucket {missing[0]}): an image-to-video "
+                                                  f"model trains on each clip's first frame; re-encode the cache with "
+                                                  f"this version of `cogvx data encode`")
         self.arrays = {bucket: {name: ts.open({"driver": "zarr3", "kvstore": {"driver": "file",
                                                                              "path": str(self.path / bucket / name)}},
                                              read=True).result()
-                                for name in ("mean", "logvar", "text")} for bucket in self.usable}
+                                for name in self._arrays_read(image_latents)} for bucket in self.usable}
+        self.image_latents = image_latents
         first = next(iter(self.arrays.values()))
         text_shape = tuple(first["text"].shape[1:])
         if text_length is not None and text_shape[0] != text_length:
@@ -107,9 +117,17 @@ class CacheDataset(BucketedBatches):
                                               f"model.max_text_seq_length={text_length}")
         channels = first["mean"].shape[1]
         if latent_channels is not None and channels != latent_channels:
-            raise ConfigError("--data", path, f"latents have {channels} channels; the model takes "
-                                              f"model.in_channels={latent_channels}")
+            raise ConfigError("--data", path, f"latents have {channels} channels; the model's video latents have "
+                                              f"model.out_channels={latent_channels}")
         self._pending: dict[tuple, dict] = {}
+
+    @staticmethod
+    def _arrays_read(image_latents) -> tuple[str, ...]:
+        return ("mean", "logvar", "text", FIRST_FRAME) if image_latents is not None else ("mean", "logvar", "text")
+
+    @property
+    def provides_image_latents(self) -> bool:
+        return self.image_latents is not None
 
     def clip_table(self) -> dict:
         """{(bucket, index): latent grid (T', H', W')} of every usable clip, for packing (`data/packing.py`)."""
@@ -135,7 +153,7 @@ class CacheDataset(BucketedBatches):
         bucket, clips = self.batch_of_step(step, global_batch, seed)
         mine = clips[slots.start:slots.stop]
         arrays = self.arrays[bucket]
-        futures = {name: [arrays[name][index].read() for index in mine] for name in ("mean", "logvar", "text")}
+        futures = {name: [arrays[name][index].read() for index in mine] for name in arrays}
         return {"bucket": bucket, "futures": futures}
 
     def step_batch(self, step: int, slots: range, global_batch: int, seed: int) -> dict[str, torch.Tensor]:
@@ -146,4 +164,7 @@ class CacheDataset(BucketedBatches):
         values = {name: torch.from_numpy(np.stack([f.result() for f in futures]))
                   for name, futures in request["futures"].items()}
         latents = posterior_latents(values["mean"], values["logvar"], slots, seed, step, self.scaling_factor)
-        return {"latents": latents, "text_embeds": values["text"]}
+        batch = {"latents": latents, "text_embeds": values["text"]}
+        if self.image_latents is not None:
+            batch["image_latents"] = self.image_latents(values[FIRST_FRAME], slots, seed, step)
+        return batch

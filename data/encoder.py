@@ -25,6 +25,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from ..diffusion.image_condition import first_frame_pixels
 from .buckets import Bucket
 from .decode import DecodeSpec, decode_clip
 from .manifest import MediaError
@@ -40,6 +41,8 @@ class EncodedClips:
     """[n, L, D] float32 T5 embeddings of the captions (also for the clips that failed)."""
     failures: list[Optional[str]]
     """Per clip: why it could not be used, or None."""
+    first_frames: list[Optional[np.ndarray]]
+    """Per clip: its first frame, uint8 [3, H, W] (the image of image-to-video training), or None."""
 
 
 class _DecodeLater:
@@ -138,15 +141,19 @@ class ClipEncoder:
         """The clips' moments and caption embeddings; `decoded`: their futures from `decode_ahead` (else they
         are decoded now). A clip that cannot be decoded (MediaError, OSError) gets None and its reason."""
         decoded = decoded if decoded is not None else self.decode_ahead(records, bucket)
-        moments, failures = [], []
+        moments, failures, first_frames = [], [], []
         for record, pending in zip(records, decoded):
             try:
-                moments.append(self.encode_video(pending.result()))
+                video = pending.result()
+                moments.append(self.encode_video(video))
+                first_frames.append(first_frame_pixels(video).cpu().numpy())
                 failures.append(None)
             except (MediaError, OSError) as error:
                 moments.append(None)
+                first_frames.append(None)
                 failures.append(str(error))
-        return EncodedClips(moments, self.encode_text([record["caption"] for record in records]), failures)
+        return EncodedClips(moments, self.encode_text([record["caption"] for record in records]), failures,
+                            first_frames)
 
     def close(self) -> None:
         if self._pool is not None:

@@ -22,12 +22,21 @@ SINGLE_BUCKET = "all"  # the bucket name of a dataset whose clips all have one s
 
 
 class LatentDataset:
-    def __init__(self, latents: Tensor, text_embeds: Tensor, captions: Optional[list[str]] = None):
+    def __init__(self, latents: Tensor, text_embeds: Tensor, captions: Optional[list[str]] = None,
+                 first_frames: Optional[Tensor] = None, image_latents=None):
+        """`first_frames` [N, 3, H, W] uint8 and `image_latents` (a `first_frames.FirstFrameLatents`): the
+        image-to-video inputs; every batch then carries `image_latents` [n, 1, C, h, w]."""
         if latents.shape[0] != text_embeds.shape[0]:
             raise ValueError(f"{latents.shape[0]} latent clips but {text_embeds.shape[0]} text embeddings")
         self.latents = latents
         self.text_embeds = text_embeds
         self.captions = captions or [""] * latents.shape[0]
+        self.first_frames = first_frames
+        self.image_latents = image_latents
+
+    @property
+    def provides_image_latents(self) -> bool:
+        return self.image_latents is not None
 
     def __len__(self) -> int:
         return self.latents.shape[0]
@@ -58,7 +67,10 @@ class LatentDataset:
     def step_batch(self, step: int, slots: range, global_batch: int, seed: int) -> dict[str, Tensor]:
         """The samples of global slots `slots` of step `step` (what a data-parallel rank trains on)."""
         mine = global_sample_indices(step, global_batch, len(self), seed)[slots.start:slots.stop]
-        return {"latents": self.latents[mine], "text_embeds": self.text_embeds[mine]}
+        batch = {"latents": self.latents[mine], "text_embeds": self.text_embeds[mine]}
+        if self.image_latents is not None:
+            batch["image_latents"] = self.image_latents(self.first_frames[mine], slots, seed, step)
+        return batch
 
     def save(self, folder: str) -> Path:
         from safetensors.torch import save_file
@@ -132,13 +144,21 @@ class BucketedLatentDataset:
 
 def synthetic_dataset_for(config):
     """The synthetic moving-shapes dataset at the config's resolution and model widths; with data.buckets, the
-    clips are spread over the buckets in turn (a `BucketedLatentDataset`)."""
-    from .synthetic import generate_synthetic_dataset
+    clips are spread over the buckets in turn (a `BucketedLatentDataset`). An image-to-video model gets the
+    clips' first frames too, encoded by the toy encoder (`first_frames.ToyFirstFrameLatents`)."""
+    from ..config.schema import ConfigError
+    from .synthetic import generate_synthetic_clips, generate_synthetic_dataset
 
     data, model = config.data, config.model
+    channels = model.out_channels  # the video latents; an image-to-video model takes twice as many channels in
+    image_to_video = model.in_channels != model.out_channels
     if data.buckets:
         from .buckets import Bucket
 
+        if image_to_video:
+            raise ConfigError("data.buckets", data.buckets, "the synthetic data has no first frames per bucket for "
+                                                            "an image-to-video model: use one resolution "
+                                                            "(data.buckets=null), or a latent cache")
         names = data.bucket_names()
         buckets = {}
         for number, name in enumerate(names):
@@ -147,11 +167,15 @@ def synthetic_dataset_for(config):
             if count == 0:
                 continue
             latents, texts, _ = generate_synthetic_dataset(
-                count, bucket.frames, bucket.height, bucket.width, model.in_channels, model.text_embed_dim,
+                count, bucket.frames, bucket.height, bucket.width, channels, model.text_embed_dim,
                 model.max_text_seq_length, seed=config.training.seed * 101 + number)
             buckets[bucket.name] = (latents, texts)
         return BucketedLatentDataset(buckets)
-    latents, texts, captions = generate_synthetic_dataset(
-        data.num_synthetic_clips, data.num_frames, data.height, data.width, model.in_channels,
-        model.text_embed_dim, model.max_text_seq_length, seed=config.training.seed)
-    return LatentDataset(latents, texts, captions)
+    clips = generate_synthetic_clips(data.num_synthetic_clips, data.num_frames, data.height, data.width, channels,
+                                     model.text_embed_dim, model.max_text_seq_length, seed=config.training.seed)
+    if not image_to_video:
+        return LatentDataset(clips.latents, clips.text_embeds, clips.captions)
+    from .first_frames import ToyFirstFrameLatents
+
+    return LatentDataset(clips.latents, clips.text_embeds, clips.captions, first_frames=clips.first_frames,
+                         image_latents=ToyFirstFrameLatents(clips.image_encoder, config.diffusion))

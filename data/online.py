@@ -35,14 +35,17 @@ class OnlineDataset(BucketedBatches):
     encoding the clips of `plan` with `encoder` as they are needed."""
 
     def __init__(self, plan: CachePlan, encoder: ClipEncoder, scaling_factor: float, keep_clips: int = 256,
-                 compression: tuple[int, int] = (4, 8)):
-        """`compression`: the VAE's (temporal, spatial) factors, which give each bucket's latent grid."""
+                 compression: tuple[int, int] = (4, 8), image_latents=None):
+        """`compression`: the VAE's (temporal, spatial) factors, which give each bucket's latent grid.
+        `image_latents` (a `first_frames.FirstFrameLatents`): image-to-video training; every batch then also
+        carries `image_latents` [n, 1, C, h, w] of the clips' first frames."""
+        self.image_latents = image_latents
         super().__init__({bucket: list(range(len(items))) for bucket, items in plan.clips.items() if items})
         self.plan, self.encoder, self.scaling_factor, self.keep_clips = plan, encoder, scaling_factor, keep_clips
         self.compression = compression
         self.skipped: dict[tuple[str, int], str] = {}
         """(bucket, index) -> why the clip could not be used."""
-        self._kept: OrderedDict[tuple[str, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = OrderedDict()
+        self._kept: OrderedDict[tuple[str, int], tuple[np.ndarray, ...]] = OrderedDict()
         self._decoding: dict[tuple[str, int], object] = {}
         self._reported: set[tuple[str, int]] = set()
 
@@ -69,7 +72,7 @@ class OnlineDataset(BucketedBatches):
             if encoded.moments[offset] is None:
                 self.skipped[clip] = encoded.failures[offset]
                 continue
-            self._kept[clip] = (*encoded.moments[offset], encoded.text[offset])
+            self._kept[clip] = (*encoded.moments[offset], encoded.text[offset], encoded.first_frames[offset])
 
     def _clip_or_replacement(self, clip: tuple[str, int]) -> tuple[str, int]:
         """The clip, or when it does not decode, the next one of its bucket (in index order, wrapping) that does."""
@@ -119,7 +122,7 @@ class OnlineDataset(BucketedBatches):
             self._encode([ref for ref in refs if ref[0] == bucket])
         values = self._use([self._clip_or_replacement(ref) for ref in refs])
         latents, texts = [], []
-        for slot, (mean, logvar, text) in zip(slots, values):
+        for slot, (mean, logvar, text, _) in zip(slots, values):
             latents.append(posterior_latents(torch.from_numpy(mean)[None], torch.from_numpy(logvar)[None],
                                              range(slot, slot + 1), seed, step, self.scaling_factor)[0])
             texts.append(torch.from_numpy(text))
@@ -135,9 +138,16 @@ class OnlineDataset(BucketedBatches):
         self._encode(mine)
         self._start_decoding(upcoming)  # decoded in the background while this step trains
         values = self._use([self._clip_or_replacement(clip) for clip in mine])
-        mean, logvar, text = (torch.from_numpy(np.stack(parts)) for parts in zip(*values))
+        mean, logvar, text, first = (torch.from_numpy(np.stack(parts)) for parts in zip(*values))
         latents = posterior_latents(mean, logvar, slots, seed, step, self.scaling_factor)
-        return {"latents": latents, "text_embeds": text}
+        batch = {"latents": latents, "text_embeds": text}
+        if self.image_latents is not None:
+            batch["image_latents"] = self.image_latents(first, slots, seed, step)
+        return batch
+
+    @property
+    def provides_image_latents(self) -> bool:
+        return self.image_latents is not None
 
     def close(self) -> None:
         cancel(list(self._decoding.values()))
@@ -146,8 +156,15 @@ class OnlineDataset(BucketedBatches):
 
 
 def open_online_dataset(plan: CachePlan, vae, text_encoder, config, device: Optional[str] = None) -> OnlineDataset:
-    """Online mode over `plan` with a loaded VAE and T5 (see `cogvx_mega.tools.training_data`)."""
-    encoder = ClipEncoder(vae, text_encoder, config.data.fps, device or config.training.device,
-                          workers=config.data.num_workers)
+    """Online mode over `plan` with a loaded VAE and T5 (see `cogvx_mega.tools.training_data`); an image-to-video
+    model's first frames are encoded with the same VAE."""
+    device = device or config.training.device
+    encoder = ClipEncoder(vae, text_encoder, config.data.fps, device, workers=config.data.num_workers)
+    image_latents = None
+    if config.model.in_channels != config.model.out_channels:
+        from .first_frames import VAEFirstFrameLatents
+
+        image_latents = VAEFirstFrameLatents(vae, config.diffusion, device)
     return OnlineDataset(plan, encoder, float(vae.config.scaling_factor), keep_clips=config.data.online_keep_clips,
-                         compression=(config.model.temporal_compression_ratio, config.data.spatial_compression_ratio))
+                         compression=(config.model.temporal_compression_ratio, config.data.spatial_compression_ratio),
+                         image_latents=image_latents)

@@ -114,18 +114,52 @@ class ToyTextEncoder:
 def generate_synthetic_dataset(num_clips: int, frames: int, height: int, width: int, latent_channels: int,
                                text_dim: int, text_length: int, seed: int = 0):
     """(latents [N, T', C, h, w], text_embeds [N, L, D], captions) — deterministic in the seed."""
+    clips = generate_synthetic_clips(num_clips, frames, height, width, latent_channels, text_dim, text_length, seed)
+    return clips.latents, clips.text_embeds, clips.captions
+
+
+@dataclass
+class SyntheticClips:
+    latents: Tensor
+    """[N, T', C, h, w], normalised to zero mean and unit std over the dataset."""
+    text_embeds: Tensor
+    captions: list
+    first_frames: Tensor
+    """[N, 3, H, W] uint8: each clip's first frame (the image of image-to-video training)."""
+    image_encoder: "ToyImageEncoder"
+    """Encodes (noised) first frames as the video latents were encoded: latent frame 0 of the same clip."""
+
+
+class ToyImageEncoder:
+    """A first frame [n, 3, H, W] in [-1, 1] -> [n, 1, C, h, w] through the toy video encoder and the dataset's
+    normalisation (the synthetic stand-in for the VAE encoding of an image-to-video model's first frame)."""
+
+    def __init__(self, video_encoder: ToyVideoEncoder, mean: float, std: float):
+        self.video_encoder, self.mean, self.std = video_encoder, mean, std
+
+    def __call__(self, frames: Tensor) -> Tensor:
+        latents = torch.stack([self.video_encoder(frame[:, None].float().cpu()) for frame in frames])
+        return (latents - self.mean) / self.std
+
+
+def generate_synthetic_clips(num_clips: int, frames: int, height: int, width: int, latent_channels: int,
+                             text_dim: int, text_length: int, seed: int = 0) -> SyntheticClips:
     generator = torch.Generator().manual_seed(seed)
     video_encoder = ToyVideoEncoder(latent_channels, seed=seed)
     text_encoder = ToyTextEncoder(text_dim, text_length, seed=seed)
-    latents, texts, captions = [], [], []
+    latents, texts, captions, first = [], [], [], []
     for _ in range(num_clips):
         spec = random_clip_spec(generator)
-        latents.append(video_encoder(render_clip(spec, frames, height, width)))
+        video = render_clip(spec, frames, height, width)
+        latents.append(video_encoder(video))
+        first.append(((video[:, 0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))
         texts.append(text_encoder(spec.caption))
         captions.append(spec.caption)
     latents = torch.stack(latents)
-    latents = (latents - latents.mean()) / latents.std()  # unit scale, as the VAE latent scale intends
-    return latents, torch.stack(texts), captions
+    mean, std = float(latents.mean()), float(latents.std())
+    latents = (latents - mean) / std  # unit scale, as the VAE latent scale intends
+    return SyntheticClips(latents, torch.stack(texts), captions, torch.stack(first),
+                          ToyImageEncoder(video_encoder, mean, std))
 
 
 def write_video_file(path, frames, fps: float, codec: str = "libx264", pixel_format: str = "yuv420p",

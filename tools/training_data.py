@@ -33,6 +33,12 @@ def open_stage_data(config):
     from ..data.packing import packed_dataset_for
 
     dataset = open_source_data(config)
+    m = config.model
+    if m.in_channels != m.out_channels and not getattr(dataset, "provides_image_latents", False):
+        raise ConfigError("--data", config.data.source, "gives no first frames, and an image-to-video model trains on "
+                                                        "the first frame's latent: use --data synthetic, a latent "
+                                                        "cache (cogvx data encode) with --vae, or a manifest (online "
+                                                        "mode)")
     return packed_dataset_for(dataset, config) or dataset
 
 
@@ -43,7 +49,8 @@ def open_source_data(config):
     if os.path.isfile(os.path.join(source, "zarr.json")):  # a latent cache written by `cogvx data encode`
         from ..data.cache_reader import CacheDataset
 
-        return CacheDataset(source, config.model.max_text_seq_length, config.model.in_channels)
+        return CacheDataset(source, config.model.max_text_seq_length, config.model.out_channels,
+                            image_latents=cache_image_latents(config))
     if os.path.isfile(source):
         return open_online_data(config)
     if not os.path.isdir(source):
@@ -76,16 +83,35 @@ def open_online_data(config):
                                                  f"{', '.join(data.bucket_names())}")
     device = config.training.device
     vae, text_encoder = load_encoders(config, data.vae, data.text_encoder, device)
-    if vae.config.latent_channels != config.model.in_channels:
-        raise ConfigError("--vae", data.vae, f"makes {vae.config.latent_channels}-channel latents; the model takes "
-                                             f"model.in_channels={config.model.in_channels}")
+    if vae.config.latent_channels != config.model.out_channels:
+        raise ConfigError("--vae", data.vae, f"makes {vae.config.latent_channels}-channel latents; the model's video "
+                                             f"latents have model.out_channels={config.model.out_channels}")
     return open_online_dataset(plan, vae, text_encoder, config, device)
+
+
+def cache_image_latents(config):
+    """Image-to-video training on a latent cache: the encoder of the stored first frames (the VAE of data.vae);
+    None for a text-to-video model."""
+    m, data = config.model, config.data
+    if m.in_channels == m.out_channels:
+        return None
+    if not data.vae:
+        raise ConfigError("--vae", None, f"an image-to-video model encodes each clip's first frame at every step: pass "
+                                         f"--vae FOLDER (the VAE that encoded {data.source})")
+    from ..data.first_frames import VAEFirstFrameLatents
+    from .load import load_vae
+
+    vae = load_vae(data.vae, device=config.training.device)
+    if vae.config.latent_channels != m.out_channels:
+        raise ConfigError("--vae", data.vae, f"makes {vae.config.latent_channels}-channel latents; the model's video "
+                                             f"latents have model.out_channels={m.out_channels}")
+    return VAEFirstFrameLatents(vae, config.diffusion, config.training.device)
 
 
 def open_latent_folder(config) -> LatentDataset:
     source = config.data.source
     dataset = LatentDataset.load(source)
-    expected = (config.data.latent_shape(config.model), config.model.in_channels)
+    expected = (config.data.latent_shape(config.model), config.model.out_channels)
     t, c, h, w = dataset.latents.shape[1:]
     if ((t, h, w), c) != expected:
         raise ConfigError("--data", source, f"latents are [T={t}, C={c}, H={h}, W={w}] but the config expects "

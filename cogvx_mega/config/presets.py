@@ -64,8 +64,29 @@ def tiny() -> Config:
     )
 
 
+def tiny_i2v() -> Config:
+    """`tiny` as a 5B-I2V model: image latent channels in, learned positions at the sample resolution."""
+    config = tiny()
+    config.preset = "tiny-i2v"
+    config.model = dataclasses.replace(config.model, in_channels=8, positional_embedding="rope+learned")
+    return config
+
+
+def tiny15_i2v() -> Config:
+    """`tiny` as a 1.5-I2V model: p_t = 2 Linear patches without the conv bias, the ofs embedding; 13 frames
+    (4 latent frames, whole temporal patches)."""
+    config = tiny()
+    config.preset = "tiny1.5-i2v"
+    config.model = dataclasses.replace(config.model, in_channels=8, patch_size_t=2, patch_bias=False,
+                                       ofs_embed_dim=config.model.time_embed_dim, sample_frames=13)
+    config.data = dataclasses.replace(config.data, num_frames=13)
+    return config
+
+
 PRESETS: dict[str, Callable[[], Config]] = {
     "tiny": tiny,
+    "tiny-i2v": tiny_i2v,
+    "tiny1.5-i2v": tiny15_i2v,
     "cogvideox-2b": cogvideox_2b,
     "cogvideox-5b": cogvideox_5b,
     "cogvideox-5b-i2v": cogvideox_5b_i2v,

@@ -129,6 +129,10 @@ class ModelConfig:
                                                   "in_channels", "out_channels", "time_embed_dim", "text_embed_dim",
                                                   "max_text_seq_length", "patch_size", "sample_height",
                                                   "sample_width"))
+        if self.in_channels not in (self.out_channels, 2 * self.out_channels):
+            raise ConfigError("model.in_channels", self.in_channels,
+                              f"use out_channels={self.out_channels} (text-to-video) or twice that (image-to-video: "
+                              f"noisy latents and the image latent)")
         if self.positional_embedding not in POSITIONAL_EMBEDDINGS:
             raise ConfigError("model.positional_embedding", self.positional_embedding,
                               f"choose one of {', '.join(POSITIONAL_EMBEDDINGS)}")
@@ -277,6 +281,15 @@ class DiffusionConfig:
     """'explicit_uniform': data-parallel rank r draws from its own interval; 'uniform': all of 0..T-1."""
     text_dropout: float = 0.1
     """Fraction of samples whose text embedding is replaced by zeros."""
+    image_noise_log_sigma_mean: float = -3.0
+    image_noise_log_sigma_std: float = 0.5
+    """Image-to-video: the first frame gets pixel noise of level sigma = exp(N(mean, std)) before it is encoded
+    (SAT's augmentation: mean -3, std 0.5, sigma ~ 0.05)."""
+    image_dropout: float = 0.05
+    """Image-to-video: fraction of samples trained without the image (all-zero conditioning; SAT's
+    noised_image_dropout)."""
+    ofs: float = 2.0
+    """The 1.5-I2V model's ofs input in training (the pipelines use 2.0 at inference)."""
 
     def validate(self) -> None:
         if self.timestep_sampling not in TIMESTEP_SAMPLING:
@@ -284,6 +297,10 @@ class DiffusionConfig:
                               f"choose one of {', '.join(TIMESTEP_SAMPLING)}")
         if not 0.0 <= self.text_dropout < 1.0:
             raise ConfigError("diffusion.text_dropout", self.text_dropout, "use a fraction in [0, 1)")
+        if not 0.0 <= self.image_dropout < 1.0:
+            raise ConfigError("diffusion.image_dropout", self.image_dropout, "use a fraction in [0, 1)")
+        if not self.image_noise_log_sigma_std >= 0:
+            raise ConfigError("diffusion.image_noise_log_sigma_std", self.image_noise_log_sigma_std, "use 0 or more")
         if self.snr_shift_scale <= 0:
             raise ConfigError("diffusion.snr_shift_scale", self.snr_shift_scale, "must be positive")
         if self.num_train_timesteps < 2:
@@ -588,6 +605,57 @@ class SamplingConfig:
                                                               "one image file per prompt")
 
 
+LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+"""The linears LoRA can adapt: attention QKV and out (diffusers: attn1.to_q/to_k/to_v, attn1.to_out.0), FFN in and
+out (ff.net.0.proj, ff.net.2)."""
+
+
+@dataclass
+class FinetuneConfig:
+    """LoRA fine-tuning (`finetune.lora_rank=R`): rank-R adapters on the transformer's linears, the base weights
+    frozen (no gradients, no optimizer state). The base weights come from --init-from."""
+
+    lora_rank: Optional[int] = None
+    """None: no LoRA (the whole model trains)."""
+    lora_alpha: Optional[float] = None
+    """The adapters' scale is lora_alpha / lora_rank (PEFT's convention); None: lora_alpha = lora_rank."""
+    lora_targets: list = field(default_factory=lambda: list(LORA_TARGETS))
+    lora_dropout: float = 0.0
+    """Dropout on the adapter's input (training only)."""
+
+    @property
+    def lora(self) -> bool:
+        return self.lora_rank is not None
+
+    @property
+    def lora_scale(self) -> float:
+        return (self.lora_alpha if self.lora_alpha is not None else self.lora_rank) / self.lora_rank
+
+    def validate(self) -> None:
+        if self.lora_rank is None:
+            return
+        if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 1:
+            raise ConfigError("finetune.lora_rank", self.lora_rank, "use a positive integer rank (e.g. 64), or null")
+        targets = self.lora_targets
+        if not isinstance(targets, list) or not targets:
+            raise ConfigError("finetune.lora_targets", targets, f"use a list of {', '.join(LORA_TARGETS)}")
+        unknown = [t for t in targets if t not in LORA_TARGETS]
+        if unknown or len(set(targets)) != len(targets):
+            raise ConfigError("finetune.lora_targets", targets, f"{unknown or 'a repeated name'} is not a LoRA target "
+                                                                f"of this model; choose from {', '.join(LORA_TARGETS)}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError("finetune.lora_dropout", self.lora_dropout, "use a fraction in [0, 1)")
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            raise ConfigError("finetune.lora_alpha", self.lora_alpha, "use a positive number, or null (= lora_rank)")
+
+    def as_meta(self) -> Optional[dict]:
+        """What a LoRA checkpoint records of its adapters (None without LoRA)."""
+        if not self.lora:
+            return None
+        return {"rank": self.lora_rank, "alpha": self.lora_alpha if self.lora_alpha is not None else self.lora_rank,
+                "targets": list(self.lora_targets), "dropout": self.lora_dropout}
+
+
 @dataclass
 class Config:
     """Everything a run needs. `preset` records where the defaults came from."""
@@ -599,6 +667,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def sampling_resolution(self) -> tuple[int, int, int]:
         """(frames, height, width) in pixels of the samples a run writes."""
@@ -613,6 +682,10 @@ class Config:
         self.data.validate(self.model)
         self.training.validate()
         self.sampling.validate(self.model, self.training, self.data)
+        self.finetune.validate()
+        if self.model.in_channels != self.model.out_channels and self.data.packing:
+            raise ConfigError("data.packing", True, "image-to-video training does not pack clips yet: use "
+                                                    "data.packing=false")
         if self.data.packing and self.training.micro_batch_size != 1:
             raise ConfigError("training.micro_batch_size", self.training.micro_batch_size,
                               "with data.packing a micro-batch is one pack: use 1 (raise data.pack_tokens for more "

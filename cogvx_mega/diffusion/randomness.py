@@ -22,6 +22,12 @@ class Stream(enum.IntEnum):
     NOISE = 2
     TEXT_DROP = 3
     VAE_POSTERIOR = 4
+    IMAGE_NOISE = 5
+    """Image-to-video: the augmentation noise level and pixel noise of the first frame."""
+    IMAGE_POSTERIOR = 6
+    """Image-to-video: the VAE posterior draw of the noised first frame's latent."""
+    IMAGE_DROP = 7
+    """Image-to-video: whether the image conditioning is dropped (unconditional training)."""
 
 
 def slot_seed(seed: int, step: int, slot: int, stream: Stream) -> int:

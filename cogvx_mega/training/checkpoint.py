@@ -110,6 +110,7 @@ RESUME_SAFE_FIELDS = {
                  "loss_spike_window", "max_skipped_steps", "stop_file"},  # a change of the optimizer's master weights is refused on its own
     "data": {"num_workers", "online_keep_clips"},
     "diffusion": set(),
+    "finetune": set(),
 }
 
 

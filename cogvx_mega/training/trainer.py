@@ -22,6 +22,7 @@ import torch.distributed as dist
 from ..checkpoint.meta import SHARDED_FORMAT, read_checkpoint_meta
 from ..checkpoint.sharded import load_sharded_checkpoint, save_sharded_checkpoint
 from ..config.schema import Config, ConfigError
+from ..diffusion.image_condition import conditioning_latents, image_drop_mask
 from ..diffusion.loss import NoisedBatch, make_training_batch
 from ..diffusion.randomness import Stream, slot_normal, slot_uniform
 from ..diffusion.schedule import schedule_from_config
@@ -159,7 +160,19 @@ class Trainer:
                                      step=step, num_train_timesteps=diffusion.num_train_timesteps)
         noise = slot_normal(sample_shape, slots, seed=seed, step=step, stream=Stream.NOISE)
         drop = slot_uniform(slots, seed=seed, step=step, stream=Stream.TEXT_DROP)
-        return {"noise": noise, "timesteps": timesteps, "text_drop_mask": drop < diffusion.text_dropout}
+        out = {"noise": noise, "timesteps": timesteps, "text_drop_mask": drop < diffusion.text_dropout}
+        if self.image_to_video:
+            out["image_drop_mask"] = image_drop_mask(slots, seed=seed, step=step, dropout=diffusion.image_dropout)
+        return out
+
+    @property
+    def image_to_video(self) -> bool:
+        m = self.config.model
+        return m.in_channels != m.out_channels
+
+    def _ofs(self):
+        """The 1.5-I2V model's ofs input (None for the models without it)."""
+        return self.config.diffusion.ofs if self.config.model.ofs_embed_dim else None
 
     def _forward_step(self, data_iterator, model):
         """megatron schedule callback: one micro-batch forward, and the loss function for its output."""
@@ -167,7 +180,8 @@ class Trainer:
         if isinstance(noised, NoisedPack):
             return self._forward_pack(noised, model)
         with self._autocast():
-            prediction = model(noised.noisy_latents, noised.text_embeds, noised.timesteps, return_tokens=True)
+            prediction = model(noised.noisy_latents, noised.text_embeds, noised.timesteps, ofs=self._ofs(),
+                               return_tokens=True)
         m = self.config.model
         padded = self.padded_tokens_per_sample(self._latent_grid(noised.noisy_latents))
 
@@ -320,11 +334,19 @@ class Trainer:
             raise ValueError(f"train_step got {latents.shape[0]} samples; this rank takes {self.samples_per_rank} "
                              f"({self.micro_batches} micro-batches of {t.micro_batch_size})")
         randomness = self.step_randomness(self.step, self.slots, latents.shape[1:])
-        randomness.update({k: batch[k] for k in ("noise", "timesteps", "text_drop_mask") if k in batch})
+        randomness.update({k: batch[k] for k in ("noise", "timesteps", "text_drop_mask", "image_drop_mask")
+                           if k in batch})
         to_device = self._to_device
         noised = make_training_batch(to_device(latents), to_device(batch["text_embeds"]), to_device(randomness["noise"]),
                                      to_device(randomness["timesteps"]), self.alphas_cumprod,
                                      to_device(randomness["text_drop_mask"]))
+        if self.image_to_video:  # [noisy video ‖ image latent in frame 0, zeros after]; v and the loss stay on video
+            if "image_latents" not in batch:
+                raise ValueError("an image-to-video model trains on batches with image_latents [n, 1, C, h, w] (the "
+                                 "first frame's latent); this dataset gives none")
+            condition = conditioning_latents(to_device(batch["image_latents"]).to(noised.noisy_latents.dtype),
+                                             latents.shape[1], randomness["image_drop_mask"])
+            noised.noisy_latents = torch.cat([noised.noisy_latents, condition], dim=2)
         micro = t.micro_batch_size
         micro_batches = [NoisedBatch(**{f.name: getattr(noised, f.name)[i * micro:(i + 1) * micro]
                                         for f in dataclasses.fields(NoisedBatch)})

@@ -192,3 +192,39 @@ def test_online_mode_packs_give_the_losses_of_the_cache_packs(cache, tmp_path):
     online, cached = losses_of(runs["online"]), losses_of(runs["cache"])
     assert len(online) == 3
     assert max(abs(a - b) / abs(b) for a, b in zip(online, cached)) <= 1e-6, (online, cached)
+
+
+I2V_ARGS = [*TRAIN_ARGS, "model.in_channels=8", "--steps", "4"]  # the tiny model as an image-to-video model
+
+
+def test_i2v_from_the_cache_and_online_mode_agree(cache, tmp_path):
+    from cogvx_mega.data.cache import read_cache_arrays
+
+    root = cache.parent
+    first = cache / "5x32x48" / "first_frame"
+    assert first.is_dir()  # the cache stores each clip's first frame beside its moments
+    cached = main(["train", "--data", str(cache), "--vae", str(root / "vae"), "--run-dir", str(tmp_path / "c"),
+                   *I2V_ARGS])
+    online = main(["train", "--data", str(root / "manifest.jsonl"), "--vae", str(root / "vae"), "--text-encoder",
+                   str(root / "t5"), "--run-dir", str(tmp_path / "o"), *I2V_ARGS])
+    assert cached == online == 0
+    a, b = losses_of(tmp_path / "c"), losses_of(tmp_path / "o")
+    assert len(a) == 4 and max(abs(x - y) / abs(y) for x, y in zip(a, b)) <= 1e-6, (a, b)
+    assert read_cache_arrays(cache)["5x32x48"]["mean"].shape[1] == 4
+
+
+def test_i2v_needs_the_vae_and_first_frames_of_a_cache(cache, tmp_path, capsys):
+    import shutil
+
+    code = main(["train", "--data", str(cache), "--run-dir", str(tmp_path / "a"), *I2V_ARGS])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--vae" in err[0], err
+    old = tmp_path / "old.zarr"  # a cache written before first frames were stored
+    shutil.copytree(cache, old)
+    for bucket in ("5x32x48", "1x32x32"):
+        shutil.rmtree(old / bucket / "first_frame")
+    code = main(["train", "--data", str(old), "--vae", str(cache.parent / "vae"), "--run-dir", str(tmp_path / "b"),
+                 *I2V_ARGS])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "no first frames" in err[0], err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
