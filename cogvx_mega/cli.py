@@ -18,6 +18,8 @@
     cogvx scaling plan|run|fit SPEC [--table runs.csv] [--json]
     cogvx launch slurm --nodes N --gpus-per-node G [--partition P --time T ...] [--dry-run] -- TRAIN_ARGS
     cogvx export diffusers --ckpt CKPT --vae VAE --text-encoder T5 --out DIR [--dtype bf16|fp32] [--overwrite]
+    cogvx export lora --ckpt LORA_CKPT --out DIR     pytorch_lora_weights.safetensors for load_lora_weights
+    cogvx train ... finetune.lora_rank=R --init-from BASE [--init-lora DIR]    LoRA fine-tuning
     (under torchrun, `cogvx vae` splits time over all ranks: context parallel)
 
 Errors a user can cause print one line, `cogvx: error: ...`, and exit with status 2 before anything is written.
@@ -60,6 +62,9 @@ def _add_config_arguments(parser: argparse.ArgumentParser, with_training: bool =
     parser.add_argument("--init-from", metavar="PATH",
                         help="start from these weights (diffusers transformer or pipeline folder, single-file or "
                              "sharded cogvx-mega checkpoint) at step 0 with a fresh optimizer")
+    parser.add_argument("--init-lora", metavar="DIR",
+                        help="with --init-from: merge this diffusers/PEFT LoRA (pytorch_lora_weights.safetensors) "
+                             "into the weights before training")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the layout, each pipeline rank's layers and parameter counts; do not train")
     parser.add_argument("--world-size", type=int, help="with --dry-run: the world size to plan for")
@@ -86,7 +91,8 @@ def resolve_config(args: argparse.Namespace):
     return load_config(args.preset, args.config_file, [*args.overrides, *_flag_overrides(args)])
 
 
-def run_training(config, resume: Optional[str] = None, init_from: Optional[str] = None) -> list[dict]:
+def run_training(config, resume: Optional[str] = None, init_from: Optional[str] = None,
+                 init_lora: Optional[str] = None) -> list[dict]:
     """`cogvx train`: every check that can fail runs before anything is written (one clear error), then
     the resolved config is written, the weights come from `--resume` (model, optimizer, step) or
     `--init-from` (weights only, step 0), and the run trains. With both, an existing checkpoint of the run
@@ -105,6 +111,10 @@ def run_training(config, resume: Optional[str] = None, init_from: Optional[str] 
 
     run_dir = config.training.run_dir
     device = config.training.device
+    lora = config.finetune.lora
+    lora_base = None  # LoRA: what the adapters' checkpoints point at
+    if init_lora is not None and init_from is None:
+        raise ConfigError("--init-lora", init_lora, "a LoRA file is merged into base weights: pass --init-from BASE")
     if device == "cuda":
         import torch
 
@@ -125,17 +135,35 @@ def run_training(config, resume: Optional[str] = None, init_from: Optional[str] 
                                                             "start a run from it with --init-from instead")
         ckpt.check_same_model(meta, config.model, resume_path)
         changes = ckpt.check_resume_config(meta, config, global_batch, resume_path)
+        if lora and meta.get("lora"):
+            from .checkpoint.lora import check_base
+
+            check_base(meta["lora"], config.model, str(resume_path))
+            lora_base = {k: meta["lora"].get(k) for k in ("base", "base_fingerprint", "base_lora")}
     else:
         existing = ckpt.list_checkpoints(run_dir)
         if existing:
             raise ConfigError("--run-dir", run_dir, f"already holds checkpoints of a run (newest {existing[-1].name}); "
                                                     f"pass --resume auto to continue it, or use another --run-dir")
+        if lora and init_from is None:
+            raise ConfigError("finetune.lora_rank", config.finetune.lora_rank, "LoRA adapts pretrained weights: pass "
+                                                                             "--init-from BASE (a diffusers folder or "
+                                                                             "a checkpoint)")
         if init_from is not None:
             from .checkpoint.reader import open_transformer_weights
 
             weights = open_transformer_weights(init_from)
             ckpt.check_same_model({"model": dataclasses.asdict(weights.model)}, config.model, init_from,
                                   ignore=ckpt.NOT_IN_THE_WEIGHTS)
+            if init_lora is not None:
+                from .checkpoint.lora import deltas_from_diffusers_lora
+
+                deltas_from_diffusers_lora(init_lora, config.model)  # a bad file fails here, before anything is written
+            if lora:
+                from .checkpoint.lora import base_fingerprint
+
+                lora_base = {"base": os.path.abspath(init_from), "base_fingerprint": base_fingerprint(init_from),
+                             "base_lora": os.path.abspath(init_lora) if init_lora else None}
     dataset = open_training_data(config)
     sampler = None
     if config.training.sample_every:
@@ -156,10 +184,20 @@ def run_training(config, resume: Optional[str] = None, init_from: Optional[str] 
                                 recompute=config.training.recompute,
                                 recompute_num_layers=config.training.recompute_num_layers)
     if resume_path is None and init_from is not None:
-        load_pretrained_weights(chunks, init_from, config.model)
+        load_pretrained_weights(chunks, init_from, config.model, lora=init_lora)
         if dims.is_logging_rank:
-            logger.info("initialised the weights from %s", init_from)
+            logger.info("initialised the weights from %s%s", init_from, f" with {init_lora} merged" if init_lora else "")
+    elif lora_base is not None:  # a LoRA run resumes on its base; the checkpoint holds the adapters
+        load_pretrained_weights(chunks, lora_base["base"], config.model, lora=lora_base["base_lora"])
+    if lora:
+        from .model.lora import apply_lora
+
+        adapted = apply_lora(chunks, config.finetune, config.training.seed)
+        if dims.is_logging_rank:
+            logger.info("LoRA rank %d on %d linears of this rank (%s); the base weights are frozen",
+                        config.finetune.lora_rank, adapted, ", ".join(config.finetune.lora_targets))
     trainer = Trainer(config, dims, chunks, dataset, sampler=sampler)
+    trainer.lora_base = lora_base
     if resume_path is not None:
         trainer.load(str(resume_path))
         if dims.is_logging_rank:
@@ -180,7 +218,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         world = args.world_size or int(os.environ.get("WORLD_SIZE", config.parallel.model_parallel_size))
         print(describe_layout(config, world))
         return 0
-    run_training(config, resume=args.resume, init_from=args.init_from)
+    run_training(config, resume=args.resume, init_from=args.init_from, init_lora=args.init_lora)
     return 0
 
 
@@ -385,9 +423,19 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """A complete diffusers pipeline folder from a checkpoint (tools/export.py)."""
+    """A complete diffusers pipeline folder, or a LoRA's diffusers adapters, from a checkpoint (tools/export.py)."""
+    from .config.schema import ConfigError
+
+    if args.format == "lora":
+        from .tools.export import export_lora
+
+        print(f"wrote {export_lora(args.ckpt, args.out, args.overwrite)}")
+        return 0
     from .tools.export import export_diffusers
 
+    for flag, value in (("--vae", args.vae), ("--text-encoder", args.text_encoder)):
+        if not value:
+            raise ConfigError(flag, value, "`cogvx export diffusers` writes a whole pipeline and needs it")
     print(f"wrote {export_diffusers(args.ckpt, args.vae, args.text_encoder, args.out, args.dtype, args.overwrite)}")
     return 0
 
@@ -487,11 +535,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                                  "classifier-free guidance)")
     add_sample_arguments(sample)
     sample.set_defaults(func=cmd_sample)
-    export = sub.add_parser("export", parents=[verbose_too], help="write a release: a diffusers pipeline folder")
-    export.add_argument("format", choices=("diffusers",))
+    export = sub.add_parser("export", parents=[verbose_too], help="write a release: a diffusers pipeline folder "
+                                                                  "(diffusers), or a LoRA's adapters (lora)")
+    export.add_argument("format", choices=("diffusers", "lora"))
     export.add_argument("--ckpt", required=True, help="a cogvx-mega checkpoint (any layout) or a diffusers folder")
-    export.add_argument("--vae", required=True, help="diffusers AutoencoderKLCogVideoX folder or cogvx-mega VAE")
-    export.add_argument("--text-encoder", required=True, help="local T5 folder (tokenizer and encoder)")
+    export.add_argument("--vae", help="diffusers: AutoencoderKLCogVideoX folder or cogvx-mega VAE")
+    export.add_argument("--text-encoder", help="diffusers: local T5 folder (tokenizer and encoder)")
     export.add_argument("--out", required=True, help="the pipeline folder to write")
     export.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     export.add_argument("--overwrite", action="store_true")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import logging
 from pathlib import Path
 
 import torch
@@ -22,6 +23,8 @@ import torch
 from ..checkpoint.atomic import atomic_directory
 from ..checkpoint.meta import is_project_checkpoint
 from ..config.schema import ConfigError
+
+logger = logging.getLogger(__name__)
 
 SHARD_BYTES = 5 * 2**30
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -137,3 +140,30 @@ def export_diffusers(ckpt: str, vae: str, text_encoder: str, out: str, dtype: st
             "vae": ["diffusers", "AutoencoderKLCogVideoX"]}, indent=2))
         (tmp / "README.md").write_text(model_card(model_config, meta, ckpt))
     return Path(out)
+
+
+def export_lora(ckpt: str, out: str, overwrite: bool = False) -> Path:
+    """`cogvx export lora`: a LoRA training checkpoint's adapters as `pytorch_lora_weights.safetensors` in the
+    PEFT/diffusers names `CogVideoXPipeline.load_lora_weights` reads (scale folded into B)."""
+    from ..checkpoint.lora import (check_base, diffusers_lora_state, lora_scale, read_lora_adapters,
+                                   write_lora_folder)
+    from ..checkpoint.meta import read_checkpoint_meta
+    from ..config.schema import model_config_from_dict
+
+    if Path(out).exists() and not overwrite:
+        raise ConfigError("--out", out, "already exists; pass --overwrite or another folder")
+    if not Path(ckpt).exists():
+        raise ConfigError("--ckpt", ckpt, "no such file or folder")
+    meta = read_checkpoint_meta(ckpt)
+    lora = meta.get("lora")
+    if not lora:
+        raise ConfigError("--ckpt", ckpt, "is not a LoRA checkpoint (no adapters); `cogvx export diffusers` writes "
+                                          "the whole model")
+    model = model_config_from_dict(meta["model"])
+    check_base(lora, model, ckpt)
+    if lora.get("base_lora"):
+        logger.warning("%s was trained on its base with %s merged; the exported adapters hold only what this run "
+                       "learned: load both LoRAs in diffusers", ckpt, lora["base_lora"])
+    state = diffusers_lora_state(read_lora_adapters(ckpt, meta), lora_scale(lora), model)
+    return write_lora_folder(state, out, {"rank": lora["rank"], "alpha": lora["alpha"], "targets": lora["targets"],
+                                          "base": lora["base"], "step": meta.get("step")})

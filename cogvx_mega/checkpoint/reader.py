@@ -51,10 +51,15 @@ def open_transformer_weights(path: str | os.PathLike) -> TransformerWeights:
 
 def read_transformer_checkpoint(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, Tensor], dict]:
     """(model config, the whole project-named state, metadata) of any accepted format, in this process:
-    nothing is built, no process group is touched."""
+    nothing is built, no process group is touched. A LoRA checkpoint gives its base with the adapters merged."""
     from .sharded import read_sharded_model_state
 
     weights = open_transformer_weights(path)
+    if weights.kind == "sharded" and weights.meta.get("lora"):  # adapters + a pointer to the base: merged here
+        from .lora import read_merged_lora_checkpoint
+
+        model, state = read_merged_lora_checkpoint(weights.path, weights.meta)
+        return model, state, weights.meta
     if weights.kind == "sharded":
         model, state = read_sharded_model_state(weights.path, weights.meta)
         return model, state, weights.meta

@@ -30,15 +30,19 @@ logger = logging.getLogger(__name__)
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
-def model_sharded_state(model_chunks) -> dict:
-    """{'model': ...} for one chunk, {'model0': ..., 'model1': ...} for virtual pipeline chunks.
+def model_sharded_state(model_chunks, keep: Optional[Callable[[str], bool]] = None) -> dict:
+    """{'model': ...} for one chunk, {'model0': ..., 'model1': ...} for virtual pipeline chunks; with `keep`,
+    only the tensors whose names it accepts (a LoRA run saves its adapters alone).
 
     Tensors are keyed by their global names, so the nesting does not tie a checkpoint to a layout.
     """
     chunks = [unwrap_model(chunk) for chunk in model_chunks]
+    states = [chunk.sharded_state_dict() for chunk in chunks]
+    if keep is not None:
+        states = [{key: value for key, value in state.items() if keep(key)} for state in states]
     if len(chunks) == 1:
-        return {"model": chunks[0].sharded_state_dict()}
-    return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
+        return {"model": states[0]}
+    return {f"model{i}": state for i, state in enumerate(states)}
 
 
 def _barrier() -> None:
@@ -49,7 +53,8 @@ def _barrier() -> None:
 
 
 def save_sharded_checkpoint(path: str | Path, model_chunks, optimizer, meta: dict, async_queue=None,
-                            on_complete: Optional[Callable[[], None]] = None) -> Path:
+                            on_complete: Optional[Callable[[], None]] = None,
+                            keep: Optional[Callable[[str], bool]] = None) -> Path:
     """Every rank writes its shards into a hidden temporary folder; rank 0 then adds the metadata (which
     marks the checkpoint complete) and renames it into place. A run killed mid-save leaves only the
     temporary folder, which no reader lists and the next save of that step replaces.
@@ -69,7 +74,7 @@ def save_sharded_checkpoint(path: str | Path, model_chunks, optimizer, meta: dic
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    model_state = model_sharded_state(model_chunks)
+    model_state = model_sharded_state(model_chunks, keep)
     state = {**model_state, "step": meta["step"],
              "optimizer": optimizer.sharded_state_dict(model_state, is_loading=False, metadata=OPTIMIZER_METADATA)}
 
@@ -155,12 +160,14 @@ def _tolerate_missing_step(distributed) -> None:
     distributed._cogvx_tolerant_step = True
 
 
-def load_sharded_checkpoint(path: str | Path, model_chunks, optimizer=None) -> None:
+def load_sharded_checkpoint(path: str | Path, model_chunks, optimizer=None,
+                            keep: Optional[Callable[[str], bool]] = None) -> None:
     """Load a torch_dist checkpoint into this rank's chunks (and optimizer) at the current layout; every
-    rank reads only the shards its own parameters need."""
+    rank reads only the shards its own parameters need. With `keep`, only those tensors (the rest of the
+    chunks stays as it is)."""
     from megatron.core import dist_checkpointing
 
-    model_state = model_sharded_state(model_chunks)
+    model_state = model_sharded_state(model_chunks, keep)
     state = dict(model_state)
     if optimizer is not None:
         _materialise_adam_state(optimizer)
@@ -168,7 +175,10 @@ def load_sharded_checkpoint(path: str | Path, model_chunks, optimizer=None) -> N
     loaded = dist_checkpointing.load(state, str(path))
     chunks = [unwrap_model(chunk) for chunk in model_chunks]
     for key, chunk in zip(model_state, chunks):
-        chunk.load_state_dict(loaded[key], strict=True)
+        result = chunk.load_state_dict(loaded[key], strict=keep is None)
+        if keep is not None and (result.unexpected_keys or [k for k in result.missing_keys if keep(k)]):
+            raise ConfigError("checkpoint", str(path), f"does not fit this model (unexpected "
+                                                       f"{result.unexpected_keys[:3]})")
     if optimizer is not None:
         for distributed in _distributed_optimizers(optimizer):
             _tolerate_missing_step(distributed)

@@ -120,8 +120,8 @@ def reduce_replicated_gradients(model_chunks) -> None:
     """Sum the conditioning gradients over all copies (this rank's chunks, then the pipeline group)."""
     from megatron.core import parallel_state
 
-    groups = replicated_parameters(model_chunks)
-    if not groups or not groups[0]:
+    groups = [[p for p in params if p.requires_grad] for params in replicated_parameters(model_chunks)]
+    if not groups or not groups[0]:  # none, or frozen (LoRA fine-tuning)
         return
     pp_size = parallel_state.get_pipeline_model_parallel_world_size()
     if len(groups) == 1 and pp_size == 1:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import Optional
 
 import torch
 
@@ -24,19 +25,51 @@ logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def load_pretrained_weights(model_chunks, path: str, model_config: ModelConfig) -> dict:
+def load_pretrained_weights(model_chunks, path: str, model_config: ModelConfig, lora: Optional[str] = None) -> dict:
     """Copy the weights at `path` into this rank's chunks (call before wrapping them for training);
-    returns the checkpoint's metadata. The model config must match the checkpoint's (backend aside)."""
+    returns the checkpoint's metadata. The model config must match the checkpoint's (backend aside).
+
+    A LoRA training checkpoint loads as its base with the adapters merged; `lora` (a diffusers/PEFT LoRA
+    folder or file) is merged into the weights as well. Each rank adds only its shard of every delta."""
     from megatron.core.utils import get_pg_rank, get_pg_size
 
     weights = open_transformer_weights(path)
+    meta = weights.meta
+    deltas: dict = {}
+    while weights.kind == "sharded" and weights.meta.get("lora"):  # adapters over a base (over a base ...)
+        from ..checkpoint.lora import checkpoint_deltas
+
+        base, more = checkpoint_deltas(weights.path, weights.meta, weights.model)
+        for key, delta in more.items():
+            deltas[key] = deltas[key] + delta if key in deltas else delta
+        weights = open_transformer_weights(base)
     ckpt.check_same_model({"model": dataclasses.asdict(weights.model)}, model_config, path,
                           ignore=ckpt.NOT_IN_THE_WEIGHTS)
+    if lora is not None:
+        from ..checkpoint.lora import deltas_from_diffusers_lora
+
+        for key, delta in deltas_from_diffusers_lora(lora, model_config).items():
+            deltas[key] = deltas[key] + delta if key in deltas else delta
     chunks = [unwrap_model(chunk) for chunk in model_chunks]
     if weights.kind == "sharded":
-        load_sharded_checkpoint(path, chunks)
-        return weights.meta
-    source = weights.source
+        load_sharded_checkpoint(weights.path, chunks)
+    else:
+        _copy_from_source(chunks, weights.source, path)
+    if deltas:
+        _add_deltas(chunks, deltas, path if lora is None else lora)
+    return meta
+
+
+def _shard_of(param, full_shape, tp_size: int, tp_rank: int) -> tuple[Optional[int], int]:
+    """(partition dim, start) of this rank's slice of a tensor-parallel parameter (None: whole)."""
+    if getattr(param, "tensor_model_parallel", False) and tp_size > 1:
+        return param.partition_dim, tp_rank * param.shape[param.partition_dim]
+    return None, 0
+
+
+def _copy_from_source(chunks, source, path) -> None:
+    from megatron.core.utils import get_pg_rank, get_pg_size
+
     available = source.keys()
     for chunk in chunks:
         tp_size, tp_rank = get_pg_size(chunk.tp_group), get_pg_rank(chunk.tp_group)
@@ -44,15 +77,27 @@ def load_pretrained_weights(model_chunks, path: str, model_config: ModelConfig) 
             key = global_parameter_name(chunk, name)
             if key not in available:
                 raise ConfigError("--init-from", str(path), f"has no tensor for {key!r}")
-            if getattr(param, "tensor_model_parallel", False) and tp_size > 1:
-                dim = param.partition_dim
-                start = tp_rank * param.shape[dim]
-                value = source.read(key, dim, start, start + param.shape[dim])
-            else:
-                value = source.read(key)
+            dim, start = _shard_of(param, None, tp_size, tp_rank)
+            value = source.read(key) if dim is None else source.read(key, dim, start, start + param.shape[dim])
             if tuple(value.shape) != tuple(param.shape):
                 raise ConfigError("--init-from", str(path), f"{key}: shape {tuple(value.shape)} does not fit this "
                                                             f"rank's parameter {tuple(param.shape)}")
             param.copy_(value)
-    return weights.meta
 
+
+def _add_deltas(chunks, deltas: dict, path) -> None:
+    """Add this rank's slice of each LoRA delta (full-size, project keys) to its weights."""
+    from megatron.core.utils import get_pg_rank, get_pg_size
+
+    for chunk in chunks:
+        tp_size, tp_rank = get_pg_size(chunk.tp_group), get_pg_rank(chunk.tp_group)
+        for name, param in chunk.named_parameters():
+            delta = deltas.get(global_parameter_name(chunk, name))
+            if delta is None:
+                continue
+            dim, start = _shard_of(param, delta.shape, tp_size, tp_rank)
+            piece = delta if dim is None else delta.narrow(dim, start, param.shape[dim])
+            if tuple(piece.shape) != tuple(param.shape):
+                raise ConfigError("--init-lora", str(path), f"{name}: the LoRA delta {tuple(delta.shape)} does not fit "
+                                                            f"the model's weight")
+            param.copy_((param.float() + piece.to(param.device)).to(param.dtype))

@@ -91,8 +91,11 @@ def wrap_data_parallel(model_chunks: list[torch.nn.Module], config: Config) -> l
                                                bucket_size=p.ddp_bucket_size)
     wrapped = []
     bf16_params = config.training.precision() == "bf16_params"
+    finalize = finalize_gradients
+    if config.finetune.lora:
+        finalize = _finalize_gradients_with_lora
     for index, chunk in enumerate(model_chunks):
-        chunk.config.finalize_model_grads_func = finalize_gradients  # the schedules call it after backward
+        chunk.config.finalize_model_grads_func = finalize  # the schedules call it after backward
         module = chunk
         if bf16_params:
             chunk.config.bf16 = True
@@ -113,6 +116,15 @@ def wrap_data_parallel(model_chunks: list[torch.nn.Module], config: Config) -> l
     synchronize_replicated_parameters(model_chunks)
     mark_replicated_copies(model_chunks)
     return wrapped
+
+
+def _finalize_gradients_with_lora(model_chunks, num_tokens=None, **kwargs) -> None:
+    """finalize_gradients, then the LoRA factors' tensor-parallel sums (`model.lora.reduce_lora_gradients`)."""
+    from ..model.lora import reduce_lora_gradients
+    from ..parallel.pipeline import finalize_gradients
+
+    finalize_gradients(model_chunks, num_tokens, **kwargs)
+    reduce_lora_gradients(model_chunks)
 
 
 class Trainer:
@@ -144,6 +156,9 @@ class Trainer:
         self.recent_losses: collections.deque = collections.deque(maxlen=config.training.loss_spike_window)
         self.skipped_in_a_row = 0
         self.stopped_by_request = False  # fit returned early because training.stop_file appeared
+        self.lora_base: Optional[dict] = None
+        """LoRA runs: {"base": path, "base_fingerprint": ..., "base_lora": path or None}, what the adapters'
+        checkpoints point at (set by whoever loaded the base weights)."""
 
     def _average_over_data_parallel(self, value: torch.Tensor) -> torch.Tensor:
         if self.dims.data_parallel_size > 1:
@@ -518,7 +533,21 @@ class Trainer:
                            "context_parallel_size": self.dims.context_parallel_size,
                            "data_parallel_size": self.dims.data_parallel_size},
                 "training": dataclasses.asdict(c.training), "diffusion": dataclasses.asdict(c.diffusion),
-                "data": dataclasses.asdict(c.data)}
+                "data": dataclasses.asdict(c.data), "finetune": dataclasses.asdict(c.finetune),
+                **({"lora": {**c.finetune.as_meta(), **self._lora_base()}} if c.finetune.lora else {})}
+
+    def _lora_base(self) -> dict:
+        if self.lora_base is None:
+            raise ValueError("a LoRA run saves adapters that point at their base: set Trainer.lora_base")
+        return self.lora_base
+
+    def _checkpoint_keys(self):
+        """Which model tensors a checkpoint holds: all, or a LoRA run's adapters alone."""
+        if not self.config.finetune.lora:
+            return None
+        from ..model.lora import is_lora_parameter
+
+        return is_lora_parameter
 
     def save(self) -> Path:
         """A sharded checkpoint of model, optimizer and step at run_dir/checkpoints/step_<N>/ (all ranks take part).
@@ -538,7 +567,8 @@ class Trainer:
             queue = self._async_saves
         self._last_saved_step = self.step
         return save_sharded_checkpoint(ckpt.step_folder(self.run_dir, self.step), self.ddp_chunks, self.optimizer,
-                                       self.checkpoint_meta(), async_queue=queue, on_complete=self._prune_checkpoints)
+                                       self.checkpoint_meta(), async_queue=queue, on_complete=self._prune_checkpoints,
+                                       keep=self._checkpoint_keys())
 
     def _prune_checkpoints(self) -> None:
         if self.dims.is_logging_rank:  # runs after the save's closing barrier: every rank is past the old ones
@@ -556,6 +586,9 @@ class Trainer:
             raise ConfigError("--resume", str(path), "holds weights only (no optimizer state or step); start a run "
                                                      "from it with --init-from instead")
         ckpt.check_same_model(meta, self.config.model, path)
-        load_sharded_checkpoint(path, self.ddp_chunks, self.optimizer)
+        if bool(meta.get("lora")) != self.config.finetune.lora:
+            raise ConfigError("--resume", str(path), "a LoRA checkpoint resumes a LoRA run and a full checkpoint a full "
+                                                     "run: keep finetune.lora_rank as it was saved")
+        load_sharded_checkpoint(path, self.ddp_chunks, self.optimizer, keep=self._checkpoint_keys())
         self.step = int(meta.get("step", 0))
         self._last_saved_step = self.step

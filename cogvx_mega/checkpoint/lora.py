@@ -1,0 +1,252 @@
+"""LoRA checkpoints and LoRA files, as tensors (no model is built here).
+
+A LoRA training checkpoint is a torch-dist-v1 checkpoint whose model part holds only the adapters
+(`decoder.layers.{i}.<path>.lora_A|B`, stacked over layers by megatron like every layer tensor) and whose
+metadata names the base weights (`meta["lora"]`: rank, alpha, targets, dropout, base path, base
+fingerprint). Readers rebuild the fine-tuned model as base + alpha/rank * B A per adapted linear.
+
+diffusers / PEFT LoRA files (`pytorch_lora_weights.safetensors`, what `CogVideoXPipeline.load_lora_weights`
+reads) name the adapters of diffusers' modules: `transformer.transformer_blocks.{i}.attn1.to_q.lora_A.weight`
+and `...lora_B.weight`. Our fused QKV adapter (A shared by q, k and v; B rows in megatron's per-head order) is
+written as three adapters with the same A; the scale is folded into B, so the file needs no alpha (PEFT's
+default alpha = rank gives scale 1).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..config.schema import ConfigError, ModelConfig
+from .meta import ConversionError
+from .transformer import PROJECT_LAYER, fuse_qkv_per_head, split_qkv_per_head
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+# target -> (path in a layer, diffusers module(s) in a block)
+_DIFFUSERS_MODULES = {
+    "linear_qkv": ("self_attention.linear_qkv", ("attn1.to_q", "attn1.to_k", "attn1.to_v")),
+    "linear_proj": ("self_attention.linear_proj", ("attn1.to_out.0",)),
+    "linear_fc1": ("mlp.linear_fc1", ("ff.net.0.proj",)),
+    "linear_fc2": ("mlp.linear_fc2", ("ff.net.2",)),
+}
+_DIFFUSERS_BLOCK = "transformer.transformer_blocks.{i}."
+
+
+def lora_weight_key(layer: int, target: str) -> str:
+    """The project key of the base weight a target adapts in layer `layer`."""
+    return PROJECT_LAYER.format(i=layer) + _DIFFUSERS_MODULES[target][0] + ".weight"
+
+
+# --- fingerprints of the base -------------------------------------------------------------------------------
+
+def base_fingerprint(path: str | os.PathLike) -> str:
+    """A short digest that changes when the base weights at `path` change: the model config and two tensors
+    read lazily (diffusers or single-file), or the metadata of a sharded checkpoint (a step of one run)."""
+    from .reader import open_transformer_weights
+
+    weights = open_transformer_weights(path)
+    digest = hashlib.sha256(json.dumps(_weights_config(weights.model), sort_keys=True).encode())
+    if weights.source is None:
+        digest.update(json.dumps(weights.meta, sort_keys=True, default=str).encode())
+    else:
+        for key in ("time_embedding.linear_1.weight", "patch_embed.text_proj.weight"):
+            digest.update(weights.source.read(key).float().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _weights_config(model: ModelConfig) -> dict:
+    import dataclasses
+
+    from ..config.schema import RUNTIME_MODEL_FIELDS
+
+    return {k: v for k, v in dataclasses.asdict(model).items() if k not in (*RUNTIME_MODEL_FIELDS, "latent_scale")}
+
+
+def check_base(lora_meta: dict, model: ModelConfig, where: str) -> Path:
+    """The base of a LoRA checkpoint, checked: it exists, holds this model and is the weights it was trained
+    on (its fingerprint); one clear error otherwise."""
+    from .reader import open_transformer_weights
+
+    base = Path(lora_meta["base"])
+    if not base.exists():
+        raise ConfigError("checkpoint", where, f"is a LoRA checkpoint of the base {base}, which does not exist any "
+                                               f"more; put the base weights back at that path")
+    base_model = open_transformer_weights(base).model
+    if _weights_config(base_model) != _weights_config(model):
+        raise ConfigError("checkpoint", where, f"is a LoRA checkpoint whose base {base} holds another model; it "
+                                               f"does not match the adapters")
+    found = base_fingerprint(base)
+    if found != lora_meta.get("base_fingerprint"):
+        raise ConfigError("checkpoint", where, f"is a LoRA checkpoint whose base {base} has changed since training "
+                                               f"(fingerprint {found}, trained on {lora_meta.get('base_fingerprint')}); "
+                                               f"the adapters do not fit other base weights")
+    return base
+
+
+# --- adapters of a LoRA training checkpoint -------------------------------------------------------------------
+
+def read_lora_adapters(path: str | os.PathLike, meta: dict) -> dict[tuple[int, str], tuple[Tensor, Tensor]]:
+    """{(layer, target): (A [r, in], B [out, r])} of a LoRA training checkpoint, read in this process."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    lora, layers = meta["lora"], int(meta["model"]["num_layers"])
+    reader = FileSystemReader(str(path))
+    try:
+        stored = reader.read_metadata().state_dict_metadata
+    except Exception as error:  # noqa: BLE001 - any unreadable .metadata is the same user-facing fault
+        raise ConfigError("checkpoint", str(path), f"its torch_dist metadata cannot be read ({error}); the "
+                                                   f"checkpoint is damaged") from None
+    buffers = {}
+    for target in lora["targets"]:
+        for factor in ("lora_A", "lora_B"):
+            key = f"decoder.layers.{_DIFFUSERS_MODULES[target][0]}.{factor}"
+            entry = stored.get(key)
+            if not isinstance(entry, TensorStorageMetadata):
+                raise ConfigError("checkpoint", str(path), f"has no adapter tensor {key!r}; the LoRA checkpoint is "
+                                                           f"damaged")
+            buffers[key] = torch.empty(entry.size, dtype=entry.properties.dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load(buffers, storage_reader=reader, no_dist=True)
+    out = {}
+    for target in lora["targets"]:
+        a, b = (buffers[f"decoder.layers.{_DIFFUSERS_MODULES[target][0]}.{f}"] for f in ("lora_A", "lora_B"))
+        for layer in range(layers):
+            out[(layer, target)] = (a[layer].float().clone(), b[layer].float().clone())
+    return out
+
+
+def lora_scale(lora_meta: dict) -> float:
+    return float(lora_meta["alpha"]) / float(lora_meta["rank"])
+
+
+def adapter_deltas(adapters: dict, scale: float) -> dict[str, Tensor]:
+    """{project weight key: scale * B A} of every adapted linear."""
+    return {lora_weight_key(layer, target): scale * b @ a for (layer, target), (a, b) in adapters.items()}
+
+
+def merge_deltas(state: dict[str, Tensor], deltas: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A copy of a project state with the deltas added (in the weights' dtype, computed in fp32)."""
+    merged = dict(state)
+    for key, delta in deltas.items():
+        if key not in merged or tuple(merged[key].shape) != tuple(delta.shape):
+            raise ConversionError(f"the LoRA adapter of {key} does not fit the base weights "
+                                  f"({tuple(delta.shape)} vs {tuple(merged[key].shape) if key in merged else 'none'})")
+        merged[key] = (merged[key].float() + delta).to(merged[key].dtype)
+    return merged
+
+
+def read_merged_lora_checkpoint(path: str | os.PathLike, meta: dict) -> tuple[ModelConfig, dict[str, Tensor]]:
+    """(model config, base + adapters as one project state) of a LoRA training checkpoint."""
+    from ..config.schema import model_config_from_dict
+    from .reader import read_transformer_checkpoint
+
+    model = model_config_from_dict(meta["model"])
+    base = check_base(meta["lora"], model, str(path))
+    _, state, _ = read_transformer_checkpoint(base)
+    if meta["lora"].get("base_lora"):  # a diffusers LoRA merged into the base before training (--init-lora)
+        state = merge_deltas(state, deltas_from_diffusers_lora(meta["lora"]["base_lora"], model))
+    return model, merge_deltas(state, adapter_deltas(read_lora_adapters(path, meta), lora_scale(meta["lora"])))
+
+
+def checkpoint_deltas(path: str | os.PathLike, meta: dict, model: ModelConfig) -> tuple[Path, dict[str, Tensor]]:
+    """(base path, {project weight key: delta}) of a LoRA training checkpoint: its adapters, plus the diffusers
+    LoRA that was merged into the base before training, if any."""
+    base = check_base(meta["lora"], model, str(path))
+    deltas = adapter_deltas(read_lora_adapters(path, meta), lora_scale(meta["lora"]))
+    if meta["lora"].get("base_lora"):
+        for key, delta in deltas_from_diffusers_lora(meta["lora"]["base_lora"], model).items():
+            deltas[key] = deltas[key] + delta if key in deltas else delta
+    return base, deltas
+
+
+# --- diffusers / PEFT LoRA files ------------------------------------------------------------------------------
+
+def diffusers_lora_state(adapters: dict, scale: float, model: ModelConfig) -> dict[str, Tensor]:
+    """The PEFT/diffusers tensors of our adapters (scale folded into B)."""
+    out = {}
+    for (layer, target), (a, b) in sorted(adapters.items()):
+        prefix = _DIFFUSERS_BLOCK.format(i=layer)
+        names = _DIFFUSERS_MODULES[target][1]
+        parts = split_qkv_per_head(b, model.num_attention_heads) if target == "linear_qkv" else (b,)
+        for name, part in zip(names, parts):
+            out[f"{prefix}{name}.lora_A.weight"] = a.contiguous().clone()
+            out[f"{prefix}{name}.lora_B.weight"] = (scale * part).contiguous()
+    return out
+
+
+def write_lora_folder(state: dict[str, Tensor], folder: str | os.PathLike, metadata: dict) -> Path:
+    from safetensors.torch import save_file
+
+    from .atomic import atomic_directory
+
+    with atomic_directory(folder) as tmp:
+        save_file(state, str(tmp / LORA_FILE), metadata={"format": "pt", "cogvx_mega": json.dumps(metadata)})
+    return Path(folder)
+
+
+def deltas_from_diffusers_lora(path: str | os.PathLike, model: ModelConfig) -> dict[str, Tensor]:
+    """{project weight key: delta W} of a diffusers/PEFT LoRA file (or a folder holding one) for this model.
+    The scale is alpha / rank from the file's adapter metadata where it has some, else 1 (PEFT's default)."""
+    from safetensors import safe_open
+
+    file = Path(path)
+    if file.is_dir():
+        file = file / LORA_FILE
+    if not file.is_file():
+        raise ConfigError("--init-lora", str(path), f"no {LORA_FILE} there; pass a diffusers LoRA folder or file")
+    with safe_open(str(file), framework="pt") as handle:
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        header = handle.metadata() or {}
+    alpha = None
+    if "lora_adapter_metadata" in header:  # diffusers' save_lora_weights(..., transformer_lora_adapter_metadata)
+        config = json.loads(header["lora_adapter_metadata"])
+        config = config.get("transformer", config) if isinstance(config, dict) else {}
+        alpha = config.get("lora_alpha")
+    modules: dict[str, dict[str, Tensor]] = {}
+    for key, tensor in tensors.items():
+        name = key[len("transformer."):] if key.startswith("transformer.") else key
+        for factor in ("lora_A", "lora_B"):
+            marker = f".{factor}."
+            if marker in name:
+                modules.setdefault(name.split(marker)[0], {})[factor] = tensor.float()
+                break
+        else:
+            raise ConfigError("--init-lora", str(path), f"holds {key!r}, which is not a PEFT LoRA tensor "
+                                                        f"(lora_A / lora_B)")
+    by_diffusers_name = {f"transformer_blocks.{i}.{name}": (i, target, index)
+                         for i in range(model.num_layers)
+                         for target, (_, names) in _DIFFUSERS_MODULES.items() for index, name in enumerate(names)}
+    deltas: dict[str, list] = {}
+    for module, factors in modules.items():
+        if module not in by_diffusers_name or set(factors) != {"lora_A", "lora_B"}:
+            raise ConfigError("--init-lora", str(path), f"adapts {module!r}, which this model has no adapter place "
+                                                        f"for (or its lora_A / lora_B is missing); LoRA targets here "
+                                                        f"are the attention q/k/v/out and FFN linears")
+        layer, target, index = by_diffusers_name[module]
+        a, b = factors["lora_A"], factors["lora_B"]
+        scale = 1.0 if alpha is None else float(alpha) / a.shape[0]
+        parts = deltas.setdefault(lora_weight_key(layer, target), [None] * len(_DIFFUSERS_MODULES[target][1]))
+        parts[index] = scale * b @ a
+    out = {}
+    for key, parts in deltas.items():
+        if len(parts) == 3:  # q, k, v -> megatron's fused per-head rows; a missing one adapts nothing
+            reference = next(p for p in parts if p is not None)
+            parts = [p if p is not None else torch.zeros_like(reference) for p in parts]
+            out[key] = fuse_qkv_per_head(*parts, model.num_attention_heads)
+        else:
+            out[key] = parts[0]
+    return out
+
+
+def lora_meta_of(meta: dict) -> Optional[dict]:
+    return meta.get("lora") if isinstance(meta, dict) else None
