@@ -24,6 +24,9 @@ LAYOUTS = [
                                  "training.recompute=full"]),
     ("DP2 + distributed optimizer", 2, ["parallel.use_distributed_optimizer=true"]),
     ("CP2", 2, ["parallel.context_parallel_size=2"]),
+    ("LoRA r8", 1, ["finetune.lora_rank=8"]),
+    ("LoRA r8, TP2 + SP", 2, ["finetune.lora_rank=8", "parallel.tensor_model_parallel_size=2",
+                              "parallel.sequence_parallel=true"]),
 ]
 
 

@@ -231,17 +231,38 @@ def estimate_memory(config: Config, world_size: int) -> MemoryEstimate:
             activations = flight * one_layer + head
             rule = (f"{flight:g} layer activations in flight x {per_layer:.3g} x "
                     f"{micro_tokens:,} tokens x {m.hidden_size} x {element} B")
+        # LoRA: the adapters join the weights; gradients and optimizer state exist for them alone
+        adapters = lora_parameters_per_tp_rank(config, layers[rank])
+        trained = adapters if config.finetune.lora else params
+        params += adapters
         if precision == "bf16_params":
-            weights, gradients, optimizer, copies = 2 * params, 4 * params, 12 * params // sharding, 0
+            weights, gradients, optimizer, copies = 2 * params, 4 * trained, 12 * trained // sharding, 0
         else:
-            weights, gradients, optimizer = 4 * params, 4 * params, 8 * params // sharding
+            weights, gradients, optimizer = 4 * params, 4 * trained, 8 * trained // sharding
             copies = 2 * params if precision == "autocast" and t.device == "cuda" else 0
-        optimizer += int(OPTIMIZER_WORKSPACE_BYTES_PER_PARAMETER * params / sharding)
+        optimizer += int(OPTIMIZER_WORKSPACE_BYTES_PER_PARAMETER * trained / sharding)
         return MemoryEstimate(parameters=params, weights=weights, gradients=gradients, optimizer=optimizer,
                               compute_copies=copies, activations=int(activations), activation_rule=rule,
                               precision=precision)
 
     return max((rank_estimate(rank) for rank in per_rank), key=lambda estimate: estimate.total)
+
+
+def lora_parameters_per_tp_rank(config: Config, num_layers: int) -> int:
+    """Adapter parameters of `num_layers` layers on one tensor-parallel rank (0 without LoRA): per target,
+    A [r, in] and B [out, r] with the split side divided by TP (`cogvx_mega.model.lora`)."""
+    f, m = config.finetune, config.model
+    if not f.lora:
+        return 0
+    tp, h, r = config.parallel.tensor_model_parallel_size, m.hidden_size, f.lora_rank
+    ffn = m.ffn_hidden_size or 4 * h
+    shapes = {"linear_qkv": (h, 3 * h, True), "linear_proj": (h, h, False), "linear_fc1": (h, ffn, True),
+              "linear_fc2": (ffn, h, False)}  # (in, out, column parallel)
+    per_layer = 0
+    for target in f.lora_targets:
+        fan_in, fan_out, column = shapes[target]
+        per_layer += r * fan_in + r * fan_out // tp if column else r * fan_in // tp + r * fan_out
+    return per_layer * num_layers
 
 
 def measure_peak_memory(config: Config, steps: int = 2) -> int:
@@ -270,6 +291,10 @@ def measure_peak_memory(config: Config, steps: int = 2) -> int:
         chunks = build_model_chunks(config.model, config.parallel, device=config.training.device,
                                     seed=config.training.seed, recompute=config.training.recompute,
                                     recompute_num_layers=config.training.recompute_num_layers)
+        if config.finetune.lora:  # adapters over the (random) base: the memory of a LoRA run
+            from ..model.lora import apply_lora
+
+            apply_lora(chunks, config.finetune, config.training.seed)
         trainer = Trainer(config, dims, chunks, dataset)
         for batch in batches:
             trainer.train_step(batch)

@@ -92,31 +92,12 @@ def check_base(lora_meta: dict, model: ModelConfig, where: str) -> Path:
 
 def read_lora_adapters(path: str | os.PathLike, meta: dict) -> dict[tuple[int, str], tuple[Tensor, Tensor]]:
     """{(layer, target): (A [r, in], B [out, r])} of a LoRA training checkpoint, read in this process."""
-    import warnings
-
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    from .sharded import read_stored_tensors
 
     lora, layers = meta["lora"], int(meta["model"]["num_layers"])
-    reader = FileSystemReader(str(path))
-    try:
-        stored = reader.read_metadata().state_dict_metadata
-    except Exception as error:  # noqa: BLE001 - any unreadable .metadata is the same user-facing fault
-        raise ConfigError("checkpoint", str(path), f"its torch_dist metadata cannot be read ({error}); the "
-                                                   f"checkpoint is damaged") from None
-    buffers = {}
-    for target in lora["targets"]:
-        for factor in ("lora_A", "lora_B"):
-            key = f"decoder.layers.{_DIFFUSERS_MODULES[target][0]}.{factor}"
-            entry = stored.get(key)
-            if not isinstance(entry, TensorStorageMetadata):
-                raise ConfigError("checkpoint", str(path), f"has no adapter tensor {key!r}; the LoRA checkpoint is "
-                                                           f"damaged")
-            buffers[key] = torch.empty(entry.size, dtype=entry.properties.dtype)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        dcp.load(buffers, storage_reader=reader, no_dist=True)
+    keys = [f"decoder.layers.{_DIFFUSERS_MODULES[target][0]}.{factor}" for target in lora["targets"]
+            for factor in ("lora_A", "lora_B")]
+    buffers = read_stored_tensors(path, keys, "the LoRA checkpoint is damaged")
     out = {}
     for target in lora["targets"]:
         a, b = (buffers[f"decoder.layers.{_DIFFUSERS_MODULES[target][0]}.{f}"] for f in ("lora_A", "lora_B"))

@@ -189,19 +189,16 @@ def load_sharded_checkpoint(path: str | Path, model_chunks, optimizer=None,
 _LAYER_KEY = PROJECT_LAYER.format(i=0)[: -len("0.")]  # "decoder.layers."
 
 
-def read_sharded_model_state(path: str | Path, meta: dict) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """The whole model of a torch_dist checkpoint saved at any layout, read into this process through
-    torch.distributed.checkpoint's single-process load: no model is built and no process group is
-    created or used. Returns project names (`decoder.layers.{i}.*`), the optimizer is not read."""
+def read_stored_tensors(path: str | Path, keys, missing_hint: str) -> dict[str, torch.Tensor]:
+    """The whole tensors `keys` of a torch_dist checkpoint (global names, as stored), read into this process
+    through torch.distributed.checkpoint's single-process load; one clear error when the checkpoint's
+    metadata is unreadable or a key is not there (`missing_hint` says why that would be)."""
     import warnings
 
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    model_config = model_config_from_dict(meta["model"])
-    wanted = project_keys(model_config)
-    per_layer = {key.split(".", 3)[3] for key in wanted if key.startswith(_LAYER_KEY)}
     reader = FileSystemReader(str(path))
     try:
         stored = reader.read_metadata().state_dict_metadata
@@ -209,15 +206,27 @@ def read_sharded_model_state(path: str | Path, meta: dict) -> tuple[ModelConfig,
         raise ConfigError("checkpoint", str(path), f"its torch_dist metadata cannot be read ({error}); the "
                                                    f"checkpoint is damaged") from None
     buffers: dict[str, torch.Tensor] = {}
-    for key in [k for k in wanted if not k.startswith(_LAYER_KEY)] + [_LAYER_KEY + rest for rest in per_layer]:
+    for key in keys:
         entry = stored.get(key)
         if not isinstance(entry, TensorStorageMetadata):
-            raise ConfigError("checkpoint", str(path), f"has no tensor {key!r}; it was not written for this model "
-                                                       f"config (or is damaged)")
+            raise ConfigError("checkpoint", str(path), f"has no tensor {key!r}; {missing_hint}")
         buffers[key] = torch.empty(entry.size, dtype=entry.properties.dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "torch.distributed is not initialized: loading in one process" is the intent
         dcp.load(buffers, storage_reader=reader, no_dist=True)
+    return buffers
+
+
+def read_sharded_model_state(path: str | Path, meta: dict) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """The whole model of a torch_dist checkpoint saved at any layout, read into this process through
+    torch.distributed.checkpoint's single-process load: no model is built and no process group is
+    created or used. Returns project names (`decoder.layers.{i}.*`), the optimizer is not read."""
+    model_config = model_config_from_dict(meta["model"])
+    wanted = project_keys(model_config)
+    per_layer = {key.split(".", 3)[3] for key in wanted if key.startswith(_LAYER_KEY)}
+    buffers = read_stored_tensors(path, [k for k in wanted if not k.startswith(_LAYER_KEY)]
+                                  + [_LAYER_KEY + rest for rest in per_layer],
+                                  "it was not written for this model config (or is damaged)")
     state = {key: value for key, value in buffers.items() if not key.startswith(_LAYER_KEY)}
     for rest in per_layer:
         stacked = buffers[_LAYER_KEY + rest]  # [num_layers, ...]

@@ -15,7 +15,8 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "configs"
 
 @pytest.mark.parametrize("name, world, extra", [
     ("cogvideox-5b-8xh100.yaml", 8, []), ("tiny.yaml", 1, []), ("tiny-videos.yaml", 1, []),
-    ("tiny-packing.yaml", 1, []), ("tiny-samples.yaml", 1, ["--vae", "VAE", "--text-encoder", "T5"])])
+    ("tiny-packing.yaml", 1, []), ("tiny-samples.yaml", 1, ["--vae", "VAE", "--text-encoder", "T5"]),
+    ("tiny-lora.yaml", 1, []), ("tiny-i2v.yaml", 1, [])])
 def test_example_dry_runs(name, world, extra, capsys):
     assert main(["train", "--config", str(EXAMPLES / name), "--dry-run", "--world-size", str(world), *extra]) == 0
     assert "memory per GPU" in capsys.readouterr().out
@@ -100,3 +101,22 @@ def test_the_gpu_suite_is_valid_bash_and_names_scripts_that_exist():
     assert subprocess.run(["bash", "-n", str(suite)]).returncode == 0
     scripts = set(re.findall(r"(benchmarks/\w+\.py|tests/gpu)", suite.read_text()))
     assert scripts and all((root / script).exists() for script in scripts), scripts
+
+
+def test_the_i2v_example_trains(tmp_path):
+    assert main(["train", "--config", str(EXAMPLES / "tiny-i2v.yaml"), "--run-dir", str(tmp_path), "--steps", "2"]) == 0
+    assert (tmp_path / "checkpoints" / "step_00000002").is_dir()
+
+
+def test_the_lora_example_trains_and_exports_for_diffusers(tmp_path):
+    from families import make_tiny_preset_diffusers_model
+    from safetensors import safe_open
+
+    make_tiny_preset_diffusers_model().save_pretrained(tmp_path / "base")
+    assert main(["train", "--config", str(EXAMPLES / "tiny-lora.yaml"), "--init-from", str(tmp_path / "base"),
+                 "--run-dir", str(tmp_path / "run"), "--steps", "2"]) == 0
+    assert main(["export", "lora", "--ckpt", str(tmp_path / "run" / "checkpoints" / "step_00000002"), "--out",
+                 str(tmp_path / "lora")]) == 0
+    with safe_open(str(tmp_path / "lora" / "pytorch_lora_weights.safetensors"), framework="pt") as f:
+        keys = set(f.keys())
+    assert "transformer.transformer_blocks.7.attn1.to_v.lora_B.weight" in keys and len(keys) == 8 * 6 * 2

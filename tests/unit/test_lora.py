@@ -90,6 +90,18 @@ def test_diffusers_load_lora_weights_equals_our_adapted_and_merged_models(lora_r
     assert main(["convert", "project-to-diffusers", str(checkpoint), str(tmp_path / "merged")]) == 0
     exported = CogVideoXTransformer3DModel.from_pretrained(tmp_path / "merged").eval()
     assert (diffusers_output(exported, latents, text, timesteps) - adapted).abs().max() <= 1e-5
+    # a release of the LoRA checkpoint holds the merged transformer
+    from diffusers import AutoencoderKLCogVideoX
+    from text_encoder import make_tiny_t5
+
+    AutoencoderKLCogVideoX(block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=4,
+                           latent_channels=4).save_pretrained(tmp_path / "vae")
+    make_tiny_t5(tmp_path / "t5", d_model=32)
+    assert main(["export", "diffusers", "--ckpt", str(checkpoint), "--vae", str(tmp_path / "vae"), "--text-encoder",
+                 str(tmp_path / "t5"), "--out", str(tmp_path / "release")]) == 0
+    released = CogVideoXTransformer3DModel.from_pretrained(tmp_path / "release", subfolder="transformer")
+    for name, tensor in exported.state_dict().items():
+        assert torch.equal(released.state_dict()[name], tensor), name
 
 
 def test_init_lora_merges_a_diffusers_lora_into_the_base(lora_run, tmp_path):
