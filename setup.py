@@ -44,6 +44,7 @@ setup(
         "matplotlib",
         "tensorboard",  # the event files of `training.tensorboard` (torch.utils.tensorboard writes them)
         "scipy",  # `cogvx scaling fit`
+        "google-crc32c",  # checksums of every checkpoint file (`cogvx checkpoint verify`, resume)
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]", "pynvml"],

@@ -18,6 +18,7 @@
     cogvx scaling plan|run|fit SPEC [--table runs.csv] [--json]
     cogvx launch slurm --nodes N --gpus-per-node G [--partition P --time T ...] [--dry-run] -- TRAIN_ARGS
     cogvx export diffusers --ckpt CKPT --vae VAE --text-encoder T5 --out DIR [--dtype bf16|fp32] [--overwrite]
+    cogvx checkpoint verify CKPT | list RUN_DIR      sizes and CRC32C of every file (exit 1: damaged)
     cogvx export lora --ckpt LORA_CKPT --out DIR     pytorch_lora_weights.safetensors for load_lora_weights
     cogvx train ... finetune.lora_rank=R --init-from BASE [--init-lora DIR]    LoRA fine-tuning
     (under torchrun, `cogvx vae` splits time over all ranks: context parallel)
@@ -422,6 +423,62 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_checkpoint(args: argparse.Namespace) -> int:
+    """`cogvx checkpoint verify DIR` (exit 0: intact, 1: damaged, the bad file named) and `cogvx checkpoint list
+    RUN_DIR` (each checkpoint's step, layout, size and state from its recorded sizes)."""
+    import time
+    from pathlib import Path
+
+    from .checkpoint.verify import describe, folder_bytes, verify_checkpoint, verify_files
+    from .config.schema import ConfigError
+
+    path = Path(args.path)
+    if args.action == "verify":
+        if not path.is_dir():
+            raise ConfigError("DIR", args.path, "no such folder; pass a checkpoint folder (checkpoints/step_*)")
+        started = time.perf_counter()
+        verdict = verify_checkpoint(path)
+        seconds = time.perf_counter() - started
+        if not verdict.ok:
+            for problem in verdict.problems:
+                print(f"{path}: damaged: {problem}")
+            return 1
+        if not verdict.recorded:
+            print(f"{path}: unverified: its metadata is readable but it lists no files (written before checkpoints "
+                  f"recorded them)")
+            return 0
+        print(f"{path}: ok: {verdict.files} files, {verdict.bytes / 1e6:,.1f} MB, sizes and CRC32C checked in "
+              f"{seconds:.2f} s")
+        return 0
+    from .training.checkpoint import checkpoints_folder
+
+    root = checkpoints_folder(path)
+    if not root.is_dir():
+        raise ConfigError("RUN_DIR", args.path, "holds no checkpoints/ folder; pass a run folder (--run-dir)")
+    rows = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if folder.name.startswith("abandoned-after-"):  # a line left by resuming an older checkpoint
+            inner = sorted(p.name for p in folder.iterdir() if p.is_dir())
+            rows.append((folder.name, "", "", "", f"abandoned line: {', '.join(inner)}"))
+            continue
+        verdict = verify_files(folder, checksum_share=(0, 1) if args.checksums else None)
+        step, layout = describe(verdict.meta)
+        state = verdict.state
+        if folder.name.startswith("damaged-"):
+            state = "set aside by a resume (damaged)"
+        rows.append((folder.name, step, layout, f"{folder_bytes(folder) / 1e6:,.1f} MB", state))
+    if not rows:
+        print(f"{root}: no checkpoints")
+        return 0
+    widths = [max(len(str(row[i])) for row in rows + [("folder", "step", "layout", "size", "state")])
+              for i in range(5)]
+    for row in [("folder", "step", "layout", "size", "state"), *rows]:
+        print("  ".join(str(value).ljust(width) for value, width in zip(row, widths)).rstrip())
+    if not args.checksums:
+        print("(sizes only: --checksums, or `cogvx checkpoint verify DIR`, also compares every CRC32C)")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     """A complete diffusers pipeline folder, or a LoRA's diffusers adapters, from a checkpoint (tools/export.py)."""
     from .config.schema import ConfigError
@@ -460,6 +517,7 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", module=r"megatron(\.|$)")
     warnings.filterwarnings("ignore", module=r"transformer_engine(\.|$)")
     warnings.filterwarnings("ignore", message=r".*torch\.distributed is disabled, unavailable or uninitialized")
+    warnings.filterwarnings("ignore", message=r".*deprecating ShardedTensor")  # megatron's loads still use it
     logging.getLogger("megatron").setLevel(logging.ERROR)
 
 
@@ -545,6 +603,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     export.add_argument("--overwrite", action="store_true")
     export.set_defaults(func=cmd_export)
+    checkpoint = sub.add_parser("checkpoint", parents=[verbose_too], help="check checkpoints: verify one (sizes "
+                                                                          "and CRC32C of every file) or list a run's")
+    checkpoint.add_argument("action", choices=("verify", "list"))
+    checkpoint.add_argument("path", metavar="DIR", help="verify: a checkpoint folder; list: a run folder")
+    checkpoint.add_argument("--checksums", action="store_true", help="list: compare every file's CRC32C too "
+                                                                     "(reads every checkpoint whole)")
+    checkpoint.set_defaults(func=cmd_checkpoint)
     from .tools.scaling import add_scaling_arguments
 
     plan = sub.add_parser("plan", parents=[verbose_too], help="the TP/PP/VPP/CP/DP/recompute layouts that fit a "

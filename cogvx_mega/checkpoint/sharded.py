@@ -19,7 +19,9 @@ import torch
 
 from ..config.schema import ConfigError, ModelConfig, model_config_from_dict
 from ..parallel.pipeline import unwrap_model
+from . import faults
 from .atomic import swap_into_place
+from .verify import files_written_by, record_files
 from .meta import META_FILE, SHARDED_FORMAT
 from .transformer import PROJECT_LAYER, project_keys
 
@@ -55,8 +57,9 @@ def _barrier() -> None:
 def save_sharded_checkpoint(path: str | Path, model_chunks, optimizer, meta: dict, async_queue=None,
                             on_complete: Optional[Callable[[], None]] = None,
                             keep: Optional[Callable[[str], bool]] = None) -> Path:
-    """Every rank writes its shards into a hidden temporary folder; rank 0 then adds the metadata (which
-    marks the checkpoint complete) and renames it into place. A run killed mid-save leaves only the
+    """Every rank writes its shards into a hidden temporary folder and records their sizes and CRC32Cs; rank 0
+    then adds the metadata (which marks the checkpoint complete and lists every file, `checkpoint.verify`)
+    and renames it into place. A run killed mid-save leaves only the
     temporary folder, which no reader lists and the next save of that step replaces.
 
     `meta` is the metadata to record (model config, step, training config, ...); the format is added here.
@@ -79,21 +82,31 @@ def save_sharded_checkpoint(path: str | Path, model_chunks, optimizer, meta: dic
              "optimizer": optimizer.sharded_state_dict(model_state, is_loading=False, metadata=OPTIMIZER_METADATA)}
 
     def complete() -> None:
-        _barrier()
+        _barrier()  # every rank's shards are on disk: each checksums its own, rank 0 records them all
+        files = record_files(tmp, files_written_by(tmp, dist.get_rank() if dist.is_initialized() else 0))
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            gathered = [None] * dist.get_world_size() if is_writer else None
+            dist.gather_object(files, gathered, dst=0)
+            if is_writer:
+                files = {name: record for part in gathered for name, record in part.items()}
         if is_writer:
-            (tmp / META_FILE).write_text(json.dumps({"format": SHARDED_FORMAT, **meta}, indent=2))
+            (tmp / META_FILE).write_text(json.dumps({"format": SHARDED_FORMAT, **meta, "files": files}, indent=2))
+            faults.maybe_kill("rename", meta["step"])
             swap_into_place(tmp, final)
         _barrier()
         if on_complete is not None:
             on_complete()
 
     if async_queue is None:
+        faults.watch_save(tmp, meta["step"])
         dist_checkpointing.save(state, str(tmp))
+        faults.maybe_kill("save", meta["step"], "after-write")  # the watch missed a quick write
         complete()
     else:
         request = dist_checkpointing.save(state, str(tmp), async_sharded_save=True)
         request.add_finalize_fn(complete)
         async_queue.schedule_async_request(request)
+        faults.maybe_kill("async_write", meta["step"])
     return final
 
 

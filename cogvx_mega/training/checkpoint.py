@@ -72,16 +72,48 @@ def repair_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
 
 
 def find_resume_checkpoint(resume: Optional[str], run_dir: str | os.PathLike) -> Optional[Path]:
-    """The checkpoint `--resume` names: 'auto' is the newest complete one of the run (None if it has none)."""
+    """The checkpoint `--resume` names, verified (`checkpoint.verify`: every file's size, and this rank's share
+    of the checksums; every rank of the job calls this together).
+
+    'auto' is the newest complete checkpoint of the run that verifies (None if it has none): a damaged one is
+    reported in one warning line, moved aside into `checkpoints/damaged-step_<N>-<time>/` (never deleted) and
+    the one before it is tried. An explicit folder that does not verify is one clear error."""
+    from ..checkpoint.verify import verify_on_every_rank
+
     if resume is None:
         return None
-    if resume == "auto":
-        found = list_checkpoints(run_dir)
-        return found[-1] if found else None
-    if not is_project_checkpoint(resume):
-        raise ConfigError("--resume", resume, "no complete cogvx-mega checkpoint there; pass 'auto' or a "
-                                              "checkpoints/step_* folder")
-    return Path(resume)
+    if resume != "auto":
+        if not is_project_checkpoint(resume):
+            raise ConfigError("--resume", resume, "no complete cogvx-mega checkpoint there; pass 'auto' or a "
+                                                  "checkpoints/step_* folder")
+        verdict = verify_on_every_rank(resume)
+        if not verdict.ok:
+            raise ConfigError("--resume", resume, f"the checkpoint is damaged ({verdict.problems[0]}); resume from "
+                                                  f"an earlier one, or --resume auto to take the newest that verifies")
+        return Path(resume)
+    for folder in reversed(list_checkpoints(run_dir)):
+        verdict = verify_on_every_rank(folder)
+        if verdict.ok:
+            return folder
+        _set_aside_damaged(folder, verdict.problems)
+    return None
+
+
+def _set_aside_damaged(folder: Path, problems: list[str]) -> None:
+    """Rank 0 moves a damaged checkpoint aside and says so in one line; every rank waits for it."""
+    import logging
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        target = folder.parent / f"damaged-{folder.name}-{stamp}"
+        os.replace(folder, target)
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        logging.getLogger(__name__).warning("checkpoint %s is damaged: %s%s; moved to %s, resuming from the one "
+                                            "before", folder.name, problems[0], more, target.name)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
 
 
 def abandon_newer_checkpoints(run_dir: str | os.PathLike, resumed_step: int) -> Optional[Path]:

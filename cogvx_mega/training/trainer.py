@@ -19,6 +19,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
+from ..checkpoint import faults
 from ..checkpoint.meta import SHARDED_FORMAT, read_checkpoint_meta
 from ..checkpoint.sharded import load_sharded_checkpoint, save_sharded_checkpoint
 from ..config.schema import Config, ConfigError
@@ -284,6 +285,7 @@ class Trainer:
             self.step += 1
             self.skipped_in_a_row += 1
             return {"loss": loss, "grad_norm": None, "lr": lr, "skipped": True, "skip_reason": reason}
+        faults.maybe_kill("step", self.step)
         _, grad_norm, _ = self.optimizer.step()
         self.step += 1
         self.skipped_in_a_row = 0

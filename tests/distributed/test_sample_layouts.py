@@ -63,7 +63,9 @@ def test_cogvx_sample_at_tp_pp_vpp_and_cp_equals_one_process(assets, tmp_path):
     for name in layouts:
         assert (latents[name] - latents["one"]).abs().max().item() <= 1e-5, name
         assert frames[name].shape == frames["one"].shape, name
-        assert (frames[name] - frames["one"]).abs().mean().item() < 0.5, name
+        # H.264 turns 1e-6 latent differences into different rounding of a few pixels (0.51 of 255 seen at TP2);
+        # a wrong layout differs by tens
+        assert (frames[name] - frames["one"]).abs().mean().item() < 1.0, name
 
 
 def run_training(rank: int, world_size: int, root: str, run_dir: str, layout: tuple) -> list:
