@@ -14,8 +14,8 @@ transformer format. The folder is written atomically; an existing one is refused
 from __future__ import annotations
 
 import json
-import shutil
 import logging
+import shutil
 from pathlib import Path
 
 import torch

@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -228,6 +227,3 @@ def deltas_from_diffusers_lora(path: str | os.PathLike, model: ModelConfig) -> d
             out[key] = parts[0]
     return out
 
-
-def lora_meta_of(meta: dict) -> Optional[dict]:
-    return meta.get("lora") if isinstance(meta, dict) else None

@@ -11,7 +11,6 @@ A checkpoint written before files were recorded verifies by its metadata alone (
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -170,6 +169,3 @@ def describe(meta: Optional[dict]) -> tuple[str, str]:
 def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
 
-
-def meta_with_files(meta: dict, files: dict) -> str:
-    return json.dumps({**meta, "files": files}, indent=2)

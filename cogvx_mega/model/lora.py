@@ -134,21 +134,14 @@ def _add_adapter(linear: nn.Module, column: bool, finetune: FinetuneConfig, seed
     tp_size, tp_rank = get_pg_size(linear.tp_group), get_pg_rank(linear.tp_group)
     weight = linear.weight
     rank = finetune.lora_rank
-    if column:
-        full_in = weight.shape[1]
-    else:
-        full_in = weight.shape[1] * tp_size
+    full_in = weight.shape[1] if column else weight.shape[1] * tp_size
     # A of the whole model, drawn from (seed, layer, target) alone so every layout starts from the same adapters
     # (PEFT's kaiming-uniform with a = sqrt(5): U(-1/sqrt(in), 1/sqrt(in))); B = 0
     generator = torch.Generator().manual_seed(slot_seed(seed, layer_number, 0, _TARGET_STREAM[target]))
     bound = 1.0 / math.sqrt(full_in)
     a_full = (torch.rand(rank, full_in, generator=generator) * 2 - 1) * bound
-    if column:
-        lora_a = a_full
-        lora_b = torch.zeros(weight.shape[0], rank)
-    else:
-        lora_a = a_full.chunk(tp_size, dim=1)[tp_rank].clone()
-        lora_b = torch.zeros(weight.shape[0], rank)
+    lora_a = a_full if column else a_full.chunk(tp_size, dim=1)[tp_rank].clone()
+    lora_b = torch.zeros(weight.shape[0], rank)  # [out/tp, r] for column, [out, r] for row parallel
     linear.__class__ = _adapted_class(column)
     linear.lora_A = nn.Parameter(lora_a.to(device=weight.device, dtype=weight.dtype))
     linear.lora_B = nn.Parameter(lora_b.to(device=weight.device, dtype=weight.dtype))

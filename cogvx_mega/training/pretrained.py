@@ -31,8 +31,6 @@ def load_pretrained_weights(model_chunks, path: str, model_config: ModelConfig, 
 
     A LoRA training checkpoint loads as its base with the adapters merged; `lora` (a diffusers/PEFT LoRA
     folder or file) is merged into the weights as well. Each rank adds only its shard of every delta."""
-    from megatron.core.utils import get_pg_rank, get_pg_size
-
     weights = open_transformer_weights(path)
     meta = weights.meta
     deltas: dict = {}
@@ -60,7 +58,7 @@ def load_pretrained_weights(model_chunks, path: str, model_config: ModelConfig, 
     return meta
 
 
-def _shard_of(param, full_shape, tp_size: int, tp_rank: int) -> tuple[Optional[int], int]:
+def _shard_of(param, tp_size: int, tp_rank: int) -> tuple[Optional[int], int]:
     """(partition dim, start) of this rank's slice of a tensor-parallel parameter (None: whole)."""
     if getattr(param, "tensor_model_parallel", False) and tp_size > 1:
         return param.partition_dim, tp_rank * param.shape[param.partition_dim]
@@ -77,7 +75,7 @@ def _copy_from_source(chunks, source, path) -> None:
             key = global_parameter_name(chunk, name)
             if key not in available:
                 raise ConfigError("--init-from", str(path), f"has no tensor for {key!r}")
-            dim, start = _shard_of(param, None, tp_size, tp_rank)
+            dim, start = _shard_of(param, tp_size, tp_rank)
             value = source.read(key) if dim is None else source.read(key, dim, start, start + param.shape[dim])
             if tuple(value.shape) != tuple(param.shape):
                 raise ConfigError("--init-from", str(path), f"{key}: shape {tuple(value.shape)} does not fit this "
@@ -95,7 +93,7 @@ def _add_deltas(chunks, deltas: dict, path) -> None:
             delta = deltas.get(global_parameter_name(chunk, name))
             if delta is None:
                 continue
-            dim, start = _shard_of(param, delta.shape, tp_size, tp_rank)
+            dim, start = _shard_of(param, tp_size, tp_rank)
             piece = delta if dim is None else delta.narrow(dim, start, param.shape[dim])
             if tuple(piece.shape) != tuple(param.shape):
                 raise ConfigError("--init-lora", str(path), f"{name}: the LoRA delta {tuple(delta.shape)} does not fit "
