@@ -73,7 +73,10 @@ def main() -> None:
           f"{verify_seconds / load_seconds:.0%} to the load")
     import shutil
 
+    from cogvx_mega.parallel import cpu_compat
+
     shutil.rmtree(run_dir, ignore_errors=True)
+    cpu_compat.release_checkpoint_queue()  # the writer's queue server is a child that os._exit would orphan
     os._exit(0)
 
 
