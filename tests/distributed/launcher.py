@@ -8,17 +8,23 @@ from __future__ import annotations
 import io
 import multiprocessing as mp
 import os
-import socket
 import traceback
 from typing import Any, Callable
 
 import torch
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def host_store():
+    """The rendezvous store, served by the parent on a port the kernel picks and the parent keeps bound.
+
+    Asking for a free port and handing its number to rank 0 races: between the probe and rank 0's bind, any
+    outgoing connection on the machine (another test worker's ranks talking to their own store) may be given
+    the same number as its ephemeral source port, and rank 0 then fails with EADDRINUSE. The parent binds
+    once instead and the ranks all connect as clients, as torchrun's agent store does
+    (TORCHELASTIC_USE_AGENT_STORE: env:// rendezvous then makes every rank a client)."""
+    from torch.distributed import TCPStore
+
+    return TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
 
 
 def _rank_main(rank: int, world_size: int, port: int, fn: Callable, args: tuple, results, timeout: float) -> None:
@@ -32,7 +38,7 @@ def _rank_main(rank: int, world_size: int, port: int, fn: Callable, args: tuple,
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
-                      LOCAL_RANK=str(rank))
+                      LOCAL_RANK=str(rank), TORCHELASTIC_USE_AGENT_STORE="True")
     try:
         value = fn(rank, world_size, *args)
         # by value: a pickled tensor would otherwise travel as a shared-memory handle that the parent
@@ -49,7 +55,7 @@ def _rank_main(rank: int, world_size: int, port: int, fn: Callable, args: tuple,
 
         try:
             if dist.is_initialized():
-                dist.barrier()  # rank 0 hosts the store: nobody leaves while a peer still needs it
+                dist.barrier()  # nobody leaves (tearing its communicator down) while a peer still needs it
             shutdown()
             from cogvx_mega.parallel import cpu_compat
 
@@ -66,7 +72,8 @@ def run_ranks(world_size: int, fn: Callable, *args, timeout: float = 120.0) -> l
     """fn(rank, world_size, *args) on each rank; returns the values by rank or raises with the failing traceback."""
     context = mp.get_context("fork")
     results = context.Queue()
-    port = free_port()
+    store = host_store()
+    port = store.port
     processes = [context.Process(target=_rank_main, args=(r, world_size, port, fn, args, results, timeout))
                  for r in range(world_size)]
     for p in processes:
@@ -83,4 +90,5 @@ def run_ranks(world_size: int, fn: Callable, *args, timeout: float = 120.0) -> l
             p.join(timeout=5)
             if p.is_alive():
                 p.kill()
+        del store  # stops the server once every rank has gone
     return [values[r] for r in range(world_size)]
