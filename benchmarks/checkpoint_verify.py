@@ -10,7 +10,6 @@ cache before each measurement (root only), so both read from the disk instead of
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import tempfile
 import time
@@ -73,11 +72,7 @@ def main() -> None:
           f"{verify_seconds / load_seconds:.0%} to the load")
     import shutil
 
-    from cogvx_mega.parallel import cpu_compat
-
     shutil.rmtree(run_dir, ignore_errors=True)
-    cpu_compat.release_checkpoint_queue()  # the writer's queue server is a child that os._exit would orphan
-    os._exit(0)
 
 
 if __name__ == "__main__":
