@@ -1,29 +1,31 @@
 """Install cogvx-mega.
 
-The repository keeps `kernels/`, `data/` and `tools/` at the top level for readability, but
-they are installed as `cogvx_mega.kernels`, `cogvx_mega.data` and `cogvx_mega.tools` so the
-package never claims generic top-level module names.
+The repository keeps `kernels/`, `data/` and `tools/` at the top level for readability, but they are installed as
+`cogvx_mega.kernels`, `cogvx_mega.data` and `cogvx_mega.tools`, so the package never claims generic top-level
+module names. Every package is found by discovery: the packages under cogvx_mega/, each of data/ and tools/ as
+cogvx_mega.<folder> with what is inside it, and each kernel package kernels/<op>/ as cogvx_mega.kernels.<op>.
+
+kernels/ itself has no `__init__.py` (the package's own is cogvx_mega/kernels/, beside the backend choice): a
+command run in the repository root (`python -m ...`, `torchrun -m ...`, setup.py itself) has the root on sys.path,
+where a regular package kernels/ would shadow Hugging Face's `kernels`, which transformers imports.
 """
-from setuptools import setup
+from setuptools import find_packages, setup
 
-TOP_LEVEL_SUBPACKAGES = {"kernels": "kernels", "data": "data", "tools": "tools"}
 
-packages = [
-    "cogvx_mega",
-    "cogvx_mega.config",
-    "cogvx_mega.model",
-    "cogvx_mega.parallel",
-    "cogvx_mega.diffusion",
-    "cogvx_mega.training",
-    "cogvx_mega.vae",
-    "cogvx_mega.checkpoint",
-]
-package_dir = {"cogvx_mega": "cogvx_mega"}
-for name, folder in TOP_LEVEL_SUBPACKAGES.items():
-    packages.append(f"cogvx_mega.{name}")
-    package_dir[f"cogvx_mega.{name}"] = folder
-packages.append("cogvx_mega.kernels.causal_pad")
-package_dir["cogvx_mega.kernels.causal_pad"] = "kernels/causal_pad"
+def discover_packages() -> tuple[list[str], dict[str, str]]:
+    """(packages, package_dir) of everything the distribution installs."""
+    packages = ["cogvx_mega", *(f"cogvx_mega.{name}" for name in find_packages("cogvx_mega"))]
+    package_dir = {"cogvx_mega": "cogvx_mega"}
+    for folder in ("data", "tools"):
+        packages += [f"cogvx_mega.{folder}", *(f"cogvx_mega.{folder}.{name}" for name in find_packages(folder))]
+        package_dir[f"cogvx_mega.{folder}"] = folder
+    for name in find_packages("kernels"):
+        packages.append(f"cogvx_mega.kernels.{name}")
+        package_dir[f"cogvx_mega.kernels.{name}"] = f"kernels/{name.replace('.', '/')}"
+    return packages, package_dir
+
+
+packages, package_dir = discover_packages()
 
 setup(
     name="cogvx-mega",

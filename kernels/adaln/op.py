@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..backend import triton_runs_here
+from cogvx_mega.kernels.backend import triton_runs_here
 
 ADALN_IMPLS = ("torch", "triton")
 

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from ..backend import triton_runs_here
+from cogvx_mega.kernels.backend import triton_runs_here
 from .ref import causal_boundary_input_ref
 
 

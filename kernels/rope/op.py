@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..backend import triton_runs_here
+from cogvx_mega.kernels.backend import triton_runs_here
 from .ref import rope_3d_ref
 
 ROPE_IMPLS = ("torch", "triton", "te")
