@@ -1,6 +1,6 @@
 """Expert AdaLN, forward + backward: the fused Triton ops (LayerNorm + shift/scale, gated residual add) vs the
-unfused torch sequence the layer runs with model.adaln_impl=torch (LayerNorm, per-token gather of the
-modulation, multiply-add, branch bias, gated add), on one branch of one layer.
+unfused torch sequence the layer runs with model.adaln_impl=torch (`modulate` and `gated_add`: LayerNorm,
+per-token lookup of the modulation, multiply-add, branch bias, gated add), on one branch of one layer.
 
     python benchmarks/adaln.py --device cuda                 # 17,776 tokens x 3072 (CogVideoX-5B), bf16 branch
     python benchmarks/adaln.py --device cpu --tokens 2048 --hidden 512
@@ -13,7 +13,7 @@ import argparse
 import platform
 
 import torch
-from timing import median_seconds  # benchmarks/timing.py, beside this script
+from timing import emit_result, median_seconds  # benchmarks/timing.py, beside this script
 
 
 def main() -> None:
@@ -25,7 +25,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
 
-    from cogvx_mega.kernels.adaln.op import gated_residual, modulated_layer_norm
+    from cogvx_mega.kernels.adaln.op import gated_add, gated_residual, modulate, modulated_layer_norm
     from cogvx_mega.kernels.backend import triton_runs_here
 
     device, s, h = args.device, args.tokens, args.hidden
@@ -40,10 +40,8 @@ def main() -> None:
     branch_dtype = torch.bfloat16 if device == "cuda" else torch.float32
 
     def unfused(x, table, weight, bias, branch_bias):
-        shift, scale, gate = table[index].unbind(2)
-        normed = torch.nn.functional.layer_norm(x, (h,), weight, bias, 1e-5) * (1 + scale) + shift
-        out = normed.to(branch_dtype)  # the branch (identity here) runs in the compute dtype
-        return x + gate * (out + branch_bias)
+        normed = modulate(torch.nn.functional.layer_norm(x, (h,), weight, bias, 1e-5), table, index)
+        return gated_add(x, normed.to(branch_dtype), branch_bias, table, index)  # the branch: identity
 
     def fused(x, table, weight, bias, branch_bias):
         normed = modulated_layer_norm(x, weight, bias, 1e-5, table, index)
@@ -68,6 +66,8 @@ def main() -> None:
             forward = median_seconds(lambda: fn(x, table, weight, bias, branch_bias), device, args.repeats)
         both = median_seconds(step(fn), device, args.repeats)
         print(f"| {label} | {forward * 1e3:.3f} | {both * 1e3:.3f} |")
+        emit_result(kind="adaln", variant=label, device_type=device, tokens=s, hidden=h, forward_ms=forward * 1e3,
+                    forward_backward_ms=both * 1e3)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import argparse
 import platform
 
 import torch
-from timing import median_seconds  # benchmarks/timing.py, beside this script
+from timing import emit_result, median_seconds  # benchmarks/timing.py, beside this script
 
 
 def main() -> None:
@@ -92,6 +92,9 @@ def main() -> None:
         both = median_seconds(with_backward(rotate), device, args.repeats)
         print(f"| {label} | {forward * 1e3:.3f} | {both * 1e3:.3f} | {moved / forward / 1e9:.1f} | "
               f"{moved / forward / copy_bandwidth:.0%} |")
+        emit_result(kind="rope", variant=label, device_type=device, tokens=s, heads=heads, dtype=str(dtype),
+                    forward_ms=forward * 1e3, forward_backward_ms=both * 1e3, forward_gbps=moved / forward / 1e9,
+                    copy_gbps=copy_bandwidth / 1e9, of_copy=moved / forward / copy_bandwidth)
 
 
 if __name__ == "__main__":

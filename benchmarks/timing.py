@@ -19,3 +19,10 @@ def median_seconds(fn, device: str, repeats: int) -> float:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - started)
     return statistics.median(times)
+
+
+def emit_result(**fields) -> None:
+    """One machine-readable line, `RESULT {json}`, that benchmarks/gpu_suite.py reads its targets from."""
+    import json
+
+    print("RESULT " + json.dumps(fields), flush=True)

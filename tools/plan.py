@@ -88,14 +88,16 @@ def describe_layout(config: Config, world_size: int) -> str:
 
 
 # Activations of one transformer layer, in elements per token and hidden unit, kept for the backward pass
-# (local backend, attention through torch SDPA, which keeps no S x S scores): 31, and 1.7 for the patch
+# (local backend, attention through torch SDPA, which keeps no S x S scores): 28.4, and 1.7 for the patch
 # embedding, head and loss, measured from the allocator's events of tiny models on CPU (fp32; 2 to 8 layers,
-# hidden 64 and 128, 400 to 1,200 tokens per micro-batch: `benchmarks/memory_peaks.py`). Korthikanti et al.
-# count 34 bytes = 17 bf16 elements for a GPT layer; the expert adaLN's modulated norms and gates keep more.
-ACTIVATION_ELEMENTS_PER_TOKEN_HIDDEN = 31.0
+# hidden 64 and 128, 400 to 1,200 tokens per micro-batch: `benchmarks/memory_peaks.py`; 31 before the expert
+# AdaLN looked its modulation up per token once instead of keeping a gathered (shift, scale, gate) copy and
+# 1 + scale). Korthikanti et al. count 34 bytes = 17 bf16 elements for a GPT layer; the expert AdaLN's
+# modulated norms and gates keep more.
+ACTIVATION_ELEMENTS_PER_TOKEN_HIDDEN = 28.4
 HEAD_ELEMENTS_PER_TOKEN_HIDDEN = 1.7
 # How the layout changes a layer's share (measured the same way at TP2 and CP2): without sequence parallel 12.4
-# of the 31 elements (attention and MLP internals) are split over TP and the rest is replicated; with it every
+# of the per-layer elements (attention and MLP internals) are split over TP and the rest is replicated; with it every
 # element is split but the rank keeps 12% more (the gathered inputs of the column-parallel layers); context
 # parallelism keeps 14% more per local token (the all-to-all / all-gather buffers of the attention).
 TP_SPLIT_ELEMENTS = 12.4
@@ -105,8 +107,6 @@ CONTEXT_PARALLEL_FACTOR = 1.14
 # the 1 of the layer's input (measured at CP2 over 400 to 1,200 tokens; why is not yet understood: the
 # all-to-all attention inside the recomputed region is the suspect), and no separate recomputed layer.
 CONTEXT_PARALLEL_FULL_RECOMPUTE_ELEMENTS = 14.6
-# torch's Adam (foreach) workspace during the optimizer step, bytes per parameter (measured as above)
-OPTIMIZER_WORKSPACE_BYTES_PER_PARAMETER = 0.4
 
 
 @dataclass
@@ -240,7 +240,6 @@ def estimate_memory(config: Config, world_size: int) -> MemoryEstimate:
         else:
             weights, gradients, optimizer = 4 * params, 4 * trained, 8 * trained // sharding
             copies = 2 * params if precision == "autocast" and t.device == "cuda" else 0
-        optimizer += int(OPTIMIZER_WORKSPACE_BYTES_PER_PARAMETER * trained / sharding)
         return MemoryEstimate(parameters=params, weights=weights, gradients=gradients, optimizer=optimizer,
                               compute_copies=copies, activations=int(activations), activation_rule=rule,
                               precision=precision)

@@ -25,6 +25,9 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 from megatron.core.utils import get_pg_rank, get_pg_size, make_viewless_tensor
 from torch import Tensor, nn
 
+from cogvx_mega.kernels.adaln.op import gated_add, gated_residual, modulate, modulated_layer_norm
+from cogvx_mega.kernels.rope.op import apply_rope_3d
+
 from ..parallel.context import CP_ATTENTION_KINDS, context_parallel_attention, sdpa
 from ..parallel.varlen import check_packed_split, packed_attention
 
@@ -87,8 +90,6 @@ class RotarySelfAttention(SelfAttention):
                                                   split_qkv=split_qkv)
         if self._rotary_table is None:
             return out
-        from ..kernels.rope.op import apply_rope_3d
-
         query, key, *rest = out  # [s, b, heads, d] each
         query, key = apply_rope_3d(query, key, self._rotary_table, self.config.rope_impl)
         return (query, key, *rest)
@@ -177,17 +178,11 @@ class ExpertAdaLNLayer(MegatronModule):
         """hidden + gate * branch(LN(hidden) * (1 + scale) + shift), each token with its own row of `table`
         [2 rows, 3, h] (shift, scale, gate), picked by `condition` [s, b]."""
         if self.config.adaln_impl == "triton":  # fused: no [s, b, h] modulation tensors (kernels/adaln)
-            from ..kernels.adaln.op import gated_residual, modulated_layer_norm
-
             normed = modulated_layer_norm(hidden_states, norm.weight, norm.bias, norm.eps, table, condition)
             out, bias = branch(normed, **branch_kwargs)
             return gated_residual(hidden_states, out, bias, table, condition)
-        shift, scale, gate = table[condition].unbind(2)  # [s, b, h] each: the token's own expert and sample/clip
-        normed = norm(hidden_states) * (1 + scale) + shift
-        out, bias = branch(normed, **branch_kwargs)
-        if bias is not None:
-            out = out + bias
-        return hidden_states + gate * out
+        out, bias = branch(modulate(norm(hidden_states), table, condition), **branch_kwargs)
+        return gated_add(hidden_states, out, bias, table, condition)
 
     def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None,
                 context: Optional[Tensor] = None, context_mask: Optional[Tensor] = None,

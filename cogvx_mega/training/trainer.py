@@ -28,10 +28,12 @@ from ..diffusion.loss import NoisedBatch, make_training_batch
 from ..diffusion.randomness import Stream, slot_normal, slot_uniform
 from ..diffusion.schedule import schedule_from_config
 from ..diffusion.timesteps import sample_timesteps
+from ..parallel import cpu_compat
 from ..parallel.state import ParallelDims, data_parallel_group
 from . import TrainingDiverged
 from . import checkpoint as ckpt
 from .objective import packed_v_prediction_loss, v_prediction_token_loss
+from .optimizer import build_optimizer, use_fused_cpu_adam, warmup_cosine
 
 logger = logging.getLogger(__name__)
 
@@ -47,33 +49,6 @@ class NoisedPack:
     length: int
     loss_scale: float
     """Turns the pack's sum of per-clip v-MSEs into its share of the mean over the step's clips."""
-
-
-def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, lr: float, min_lr: float) -> float:
-    """LR at `step` (0-based): linear warmup to lr, then cosine decay to min_lr at total_steps."""
-    if warmup_steps and step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
-
-
-def build_optimizer(ddp_chunks: list, config: Config):
-    """megatron's optimizer (Adam with decoupled weight decay; no decay on biases and norms).
-
-    It clips and reports the gradient norm across the model-parallel groups, so sharded and
-    replicated parameters are counted exactly once at any layout.
-    """
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-
-    t = config.training
-    bf16_params = t.precision() == "bf16_params"  # fp32 master weights of the bf16 parameters in the optimizer
-    optimizer_config = OptimizerConfig(optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
-                                       adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=t.adam_eps,
-                                       clip_grad=t.grad_clip, bf16=bf16_params, fp16=False,
-                                       params_dtype=torch.bfloat16 if bf16_params else torch.float32,
-                                       use_distributed_optimizer=config.parallel.use_distributed_optimizer,
-                                       overlap_param_gather=config.parallel.overlap_param_gather)
-    return get_megatron_optimizer(optimizer_config, ddp_chunks)
 
 
 def wrap_data_parallel(model_chunks: list[torch.nn.Module], config: Config) -> list[torch.nn.Module]:
@@ -116,6 +91,8 @@ def wrap_data_parallel(model_chunks: list[torch.nn.Module], config: Config) -> l
         first.param_sync_func = pick([ddp.start_param_sync for ddp in wrapped])
     synchronize_replicated_parameters(model_chunks)
     mark_replicated_copies(model_chunks)
+    if cpu_compat.is_enabled():
+        cpu_compat.fuse_weight_gradient_accumulation(model_chunks)
     return wrapped
 
 
@@ -592,5 +569,6 @@ class Trainer:
             raise ConfigError("--resume", str(path), "a LoRA checkpoint resumes a LoRA run and a full checkpoint a full "
                                                      "run: keep finetune.lora_rank as it was saved")
         load_sharded_checkpoint(path, self.ddp_chunks, self.optimizer, keep=self._checkpoint_keys())
+        use_fused_cpu_adam(self.optimizer)
         self.step = int(meta.get("step", 0))
         self._last_saved_step = self.step

@@ -1,5 +1,6 @@
 """`modulated_layer_norm` and `gated_residual`: custom ops (Triton kernels where Triton runs, else torch doing
-the same arithmetic) with their backward, and `ADALN_IMPLS`, the choice `model.adaln_impl` makes.
+the same arithmetic) with their backward (`model.adaln_impl=triton`); `modulate` and `gated_add`, the same
+arithmetic in plain torch ops (`model.adaln_impl=torch`); and `ADALN_IMPLS`, the choice.
 
 Gradients of the modulation table are sums over the tokens of each row, taken as a one-hot matrix product
 (deterministic, unlike scattered atomic adds)."""
@@ -126,6 +127,25 @@ def _residual_backward(ctx, grad):
 
 
 _residual_op.register_autograd(_residual_backward, setup_context=_residual_setup)
+
+
+# --- the torch path (model.adaln_impl=torch) ---------------------------------------------------------------
+
+def modulate(normed: Tensor, table: Tensor, index: Tensor) -> Tensor:
+    """normed * (1 + scale[index]) + shift[index] for normed [..., h] (a LayerNorm's output), index [...] into
+    table [R, 3, h]: each token's row is looked up with `embedding`, whose backward sums the rows' gradients
+    without the sort of an indexed add, and 1 + scale is formed on the small table, not per token."""
+    rows, hidden = table.shape[0], table.shape[-1]
+    shift_scale = torch.cat([table[:, :1], 1 + table[:, 1:2]], dim=1).reshape(rows, 2 * hidden)
+    shift, scale = torch.nn.functional.embedding(index, shift_scale).unflatten(-1, (2, hidden)).unbind(-2)
+    return torch.addcmul(shift, normed, scale)
+
+
+def gated_add(x: Tensor, branch: Tensor, branch_bias: Optional[Tensor], table: Tensor, index: Tensor) -> Tensor:
+    """x + gate[index] * (branch + branch_bias) for x, branch [..., h], in plain torch ops."""
+    if branch_bias is not None:
+        branch = branch + branch_bias
+    return torch.addcmul(x, torch.nn.functional.embedding(index, table[:, 2]), branch)
 
 
 # --- public -------------------------------------------------------------------------------------------------

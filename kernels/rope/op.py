@@ -45,6 +45,14 @@ def _backward(ctx, grad_q, grad_k):
 rope_3d.register_autograd(_backward, setup_context=_setup_context)
 
 
+def rope_3d_complex(x: Tensor, rotation: Tensor) -> Tensor:
+    """The torch path: each channel pair (2i, 2i+1) of x [s, b, heads, d] read as one complex number and
+    multiplied by the unit rotation [s, 1, 1, d/2] (complex64) in one op, forward and backward (the reference's
+    arithmetic in fp32, without its per-half temporaries) -> x rotated, in x's dtype."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())  # [s, b, heads, d/2]
+    return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)
+
+
 def pair_angles(table: Tensor) -> Tensor:
     """Megatron-style angle table [s, 1, 1, d] (each angle repeated for its channel pair) -> [s, d/2] fp32."""
     return table.reshape(table.shape[0], -1)[:, ::2].float().contiguous()
@@ -52,11 +60,12 @@ def pair_angles(table: Tensor) -> Tensor:
 
 def apply_rope_3d(q: Tensor, k: Tensor, table: Tensor, impl: str) -> tuple[Tensor, Tensor]:
     """Rotate q and k [s, b, heads, d] by the per-token angle table [s, 1, 1, d] with `model.rope_impl`:
-    'torch' (the reference), 'triton' (the kernel; the reference where Triton cannot run) or 'te'
-    (Transformer Engine's fused RoPE, CUDA)."""
+    'torch' (the reference's arithmetic as one complex multiply), 'triton' (the kernel; the reference where
+    Triton cannot run) or 'te' (Transformer Engine's fused RoPE, CUDA)."""
     if impl == "torch":
         angles = pair_angles(table)
-        return rope_3d_ref(q, angles), rope_3d_ref(k, angles)
+        rotation = torch.polar(torch.ones_like(angles), angles)[:, None, None, :]  # [s, 1, 1, d/2] complex64
+        return rope_3d_complex(q, rotation), rope_3d_complex(k, rotation)
     if impl == "triton":
         return rope_3d(q, k, pair_angles(table))
     if impl == "te":

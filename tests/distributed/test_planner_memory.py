@@ -20,8 +20,10 @@ HELD_OUT = [
                            "parallel.pipeline_model_parallel_size=2", "training.global_batch_size=4"]),
 ]
 # The known gap: full recompute under context parallelism keeps far more than the layer inputs, and the
-# constant measured at CP2 alone does not carry over to CP2 x PP2 (+22% there). Strict: fixing the model
-# makes this test pass, which fails the run until the xfail is removed.
+# constant measured at CP2 alone does not carry over to CP2 x PP2, where the planner over-predicts by 16-22%
+# (22% before the expert AdaLN stopped keeping a gathered modulation copy; 16-19% over four runs since, 10% once:
+# CP peaks move by several percent from run to run). The test holds the gap to its side and size: the plan never
+# under-predicts this layout, and over-predicts it by less than 35%.
 CP_FULL_RECOMPUTE = [("CP2 x PP2 + full recompute", 4, [
     "parallel.context_parallel_size=2", "parallel.pipeline_model_parallel_size=2", "training.global_batch_size=4",
     "training.recompute=full"])]
@@ -41,7 +43,8 @@ def test_predicted_peak_memory_is_within_15_percent_of_the_measured_peak():
     check(rows)
 
 
-@pytest.mark.xfail(strict=True, reason="full recompute under CP x PP: the memory model is off by about 22%")
 @pytest.mark.timeout(300)
-def test_full_recompute_under_context_and_pipeline_parallel():
-    check(memory_peaks.run_all(CP_FULL_RECOMPUTE))
+def test_full_recompute_under_context_and_pipeline_parallel_is_over_predicted_within_35_percent():
+    [(name, measured, predicted)] = memory_peaks.run_all(CP_FULL_RECOMPUTE)
+    assert measured <= predicted <= 1.35 * measured, f"{name}: measured {measured / 1e6:.2f} MB, predicted " \
+                                                     f"{predicted / 1e6:.2f} MB ({predicted / measured - 1:+.1%})"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cogvx_mega.kernels.adaln.op import gated_residual, modulated_layer_norm
+from cogvx_mega.kernels.adaln.op import gated_add, gated_residual, modulate, modulated_layer_norm
 from cogvx_mega.kernels.adaln.ref import gated_residual_ref, modulated_layer_norm_ref
 
 
@@ -69,6 +69,23 @@ def test_gated_residual_matches_the_reference(mode, dtype, with_bias):
     else:
         compare(lambda x, y, t: gated_residual(x, y, None, t, index),
                 lambda x, y, t: gated_residual_ref(x, y, None, t, index), [x, branch, table], dtype, grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_torch_path_matches_the_reference(dtype):
+    """`modulate` and `gated_add`, the plain torch ops of model.adaln_impl=torch, forward and backward."""
+    generator = torch.Generator().manual_seed(3)
+    tokens, hidden, rows = 13, 24, 4
+    x = 3 * torch.randn(tokens, hidden, generator=generator) + 1
+    weight, bias = 1 + 0.1 * torch.randn(hidden, generator=generator), 0.1 * torch.randn(hidden, generator=generator)
+    branch, branch_bias = torch.randn(tokens, hidden, generator=generator), torch.randn(hidden, generator=generator)
+    table = 0.5 * torch.randn(rows, 3, hidden, generator=generator)
+    index = torch.randint(0, rows, (tokens,), generator=generator)
+    grad = torch.randn(tokens, hidden, generator=generator)
+    compare(lambda x, w, b, t: modulate(torch.nn.functional.layer_norm(x, (hidden,), w, b, 1e-5), t, index),
+            lambda x, w, b, t: modulated_layer_norm_ref(x, w, b, 1e-5, t, index), [x, weight, bias, table], dtype, grad)
+    compare(lambda x, y, b, t: gated_add(x, y, b, t, index),
+            lambda x, y, b, t: gated_residual_ref(x, y, b, t, index), [x, branch, branch_bias, table], dtype, grad)
 
 
 @pytest.mark.parametrize("family", ["rope-5b", "sincos-2b"])

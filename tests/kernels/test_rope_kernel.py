@@ -8,9 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cogvx_mega.kernels.rope.op import rope_3d
+from cogvx_mega.kernels.rope.op import apply_rope_3d, rope_3d
 from cogvx_mega.kernels.rope.ref import rope_3d_ref
-
 
 
 def atol(dtype, exact):
@@ -28,9 +27,11 @@ def inputs(s, b, heads_q, heads_k, d, dtype, seed=0, text=2):
     return q, k, angles
 
 
+@pytest.mark.parametrize("implementation", ["triton", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(7, 2, 3, 1, 16), (5, 1, 4, 4, 24), (1, 3, 1, 2, 2)])
-def test_forward_and_backward_match_the_reference(dtype, shape):
+def test_forward_and_backward_match_the_reference(implementation, dtype, shape):
+    """The kernel (`rope_3d`) and the torch path (`apply_rope_3d(..., "torch")`, one complex multiply)."""
     s, b, heads_q, heads_k, d = shape
     generator = torch.Generator().manual_seed(0)
     qkv = torch.randn(s, b, heads_q + 2 * heads_k, d, generator=generator)  # megatron's fused projection
@@ -50,7 +51,11 @@ def test_forward_and_backward_match_the_reference(dtype, shape):
     reference = lambda q, k: (rope_3d_ref(q, angles), rope_3d_ref(k, angles))  # noqa: E731
     reference32 = run(reference, torch.float32)
     reference_low = run(reference, dtype)
-    kernel = run(lambda q, k: rope_3d(q, k, angles), dtype)
+    if implementation == "triton":
+        kernel = run(lambda q, k: rope_3d(q, k, angles), dtype)
+    else:  # the model's angle table [s, 1, 1, d]: each pair's angle twice
+        table = angles.repeat_interleave(2, dim=1)[:, None, None, :]
+        kernel = run(lambda q, k: apply_rope_3d(q, k, table, "torch"), dtype)
     for name, got, low, exact in zip(("q", "k", "grad q", "grad k"), kernel, reference_low, reference32):
         bound = 2 * (low - exact).abs().max().item() + atol(dtype, exact)
         assert (got - exact).abs().max().item() <= bound, (name, dtype, shape)
