@@ -9,7 +9,7 @@ def from_pretrained(path, device="cpu", dtype=None, backend="local", **model_ove
     """See `cogvx_mega.api.from_pretrained`."""
     import torch
 
-    from .api import from_pretrained as _from_pretrained
+    from cogvx_mega.api import from_pretrained as _from_pretrained
 
     return _from_pretrained(path, device=device, dtype=dtype or torch.float32, backend=backend, **model_overrides)
 
@@ -18,7 +18,7 @@ def load_vae(path, device="cpu", dtype=None):
     """See `cogvx_mega.api.load_vae`."""
     import torch
 
-    from .api import load_vae as _load_vae
+    from cogvx_mega.api import load_vae as _load_vae
 
     return _load_vae(path, device=device, dtype=dtype or torch.float32)
 

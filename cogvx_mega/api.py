@@ -15,7 +15,7 @@ def from_pretrained(path: str, device: str = "cpu", dtype: torch.dtype = torch.f
     as they are (the model runs on this process alone). `model_overrides` set the model config fields that
     choose how it runs (`RUNTIME_MODEL_FIELDS`: e.g. `rope_impl="triton"`, `packed_attention="flex"`).
     """
-    from .tools.load import load_transformer
+    from cogvx_mega.tools.load import load_transformer
 
     return load_transformer(path, device=device, dtype=dtype, backend=backend, **model_overrides)
 
@@ -25,6 +25,6 @@ def load_vae(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32)
     vae/) or a cogvx-mega VAE checkpoint. Returns a `CogVideoXVAE` in eval mode:
     `encode(video [B,3,T,H,W] in [-1,1], sample=False) -> latents [B,16,T',H',W']` (before the latent scale,
     `model.config.scaling_factor`) and `decode(latents) -> video`; pass `group=` for context parallel."""
-    from .tools.load import load_vae as _load_vae
+    from cogvx_mega.tools.load import load_vae as _load_vae
 
     return _load_vae(path, device=device, dtype=dtype)

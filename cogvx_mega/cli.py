@@ -87,7 +87,7 @@ def _flag_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def resolve_config(args: argparse.Namespace):
-    from .config import load_config
+    from cogvx_mega.config import load_config
 
     return load_config(args.preset, args.config_file, [*args.overrides, *_flag_overrides(args)])
 
@@ -100,15 +100,15 @@ def run_training(config, resume: Optional[str] = None, init_from: Optional[str] 
     wins (a requeued fine-tuning job continues), otherwise the run starts from the `--init-from` weights."""
     import torch.distributed as dist
 
-    from .checkpoint.meta import SHARDED_FORMAT, read_checkpoint_meta
-    from .config import write_resolved_config
-    from .config.schema import ConfigError
-    from .tools.training_data import open_training_data
-    from .model.transformer import build_model_chunks
-    from .parallel.state import initialize_parallel
-    from .training import checkpoint as ckpt
-    from .training.pretrained import load_pretrained_weights
-    from .training.trainer import Trainer
+    from cogvx_mega.checkpoint.meta import SHARDED_FORMAT, read_checkpoint_meta
+    from cogvx_mega.config import write_resolved_config
+    from cogvx_mega.config.schema import ConfigError
+    from cogvx_mega.tools.training_data import open_training_data
+    from cogvx_mega.model.transformer import build_model_chunks
+    from cogvx_mega.parallel.state import initialize_parallel
+    from cogvx_mega.training import checkpoint as ckpt
+    from cogvx_mega.training.pretrained import load_pretrained_weights
+    from cogvx_mega.training.trainer import Trainer
 
     run_dir = config.training.run_dir
     device = config.training.device
@@ -137,7 +137,7 @@ def run_training(config, resume: Optional[str] = None, init_from: Optional[str] 
         ckpt.check_same_model(meta, config.model, resume_path)
         changes = ckpt.check_resume_config(meta, config, global_batch, resume_path)
         if lora and meta.get("lora"):
-            from .checkpoint.lora import check_base
+            from cogvx_mega.checkpoint.lora import check_base
 
             check_base(meta["lora"], config.model, str(resume_path))
             lora_base = {k: meta["lora"].get(k) for k in ("base", "base_fingerprint", "base_lora")}
@@ -151,24 +151,24 @@ def run_training(config, resume: Optional[str] = None, init_from: Optional[str] 
                                                                              "--init-from BASE (a diffusers folder or "
                                                                              "a checkpoint)")
         if init_from is not None:
-            from .checkpoint.reader import open_transformer_weights
+            from cogvx_mega.checkpoint.reader import open_transformer_weights
 
             weights = open_transformer_weights(init_from)
             ckpt.check_same_model({"model": dataclasses.asdict(weights.model)}, config.model, init_from,
                                   ignore=ckpt.NOT_IN_THE_WEIGHTS)
             if init_lora is not None:
-                from .checkpoint.lora import deltas_from_diffusers_lora
+                from cogvx_mega.checkpoint.lora import deltas_from_diffusers_lora
 
                 deltas_from_diffusers_lora(init_lora, config.model)  # a bad file fails here, before anything is written
             if lora:
-                from .checkpoint.lora import base_fingerprint
+                from cogvx_mega.checkpoint.lora import base_fingerprint
 
                 lora_base = {"base": os.path.abspath(init_from), "base_fingerprint": base_fingerprint(init_from),
                              "base_lora": os.path.abspath(init_lora) if init_lora else None}
     dataset = open_training_data(config)
     sampler = None
     if config.training.sample_every:
-        from .tools.sample import training_sampler
+        from cogvx_mega.tools.sample import training_sampler
 
         sampler = training_sampler(config)
     ckpt.check_shared_filesystem(run_dir)
@@ -191,7 +191,7 @@ def run_training(config, resume: Optional[str] = None, init_from: Optional[str] 
     elif lora_base is not None:  # a LoRA run resumes on its base; the checkpoint holds the adapters
         load_pretrained_weights(chunks, lora_base["base"], config.model, lora=lora_base["base_lora"])
     if lora:
-        from .model.lora import apply_lora
+        from cogvx_mega.model.lora import apply_lora
 
         adapted = apply_lora(chunks, config.finetune, config.training.seed)
         if dims.is_logging_rank:
@@ -214,7 +214,7 @@ def run_training(config, resume: Optional[str] = None, init_from: Optional[str] 
 def cmd_train(args: argparse.Namespace) -> int:
     config = resolve_config(args)
     if args.dry_run:
-        from .tools.plan import describe_layout
+        from cogvx_mega.tools.plan import describe_layout
 
         world = args.world_size or int(os.environ.get("WORLD_SIZE", config.parallel.model_parallel_size))
         print(describe_layout(config, world))
@@ -225,7 +225,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_launch(args: argparse.Namespace) -> int:
     """A training job for a cluster scheduler (tools/launch.py)."""
-    from .tools.launch import launch_slurm, train_arguments
+    from cogvx_mega.tools.launch import launch_slurm, train_arguments
 
     train_args = train_arguments(args)
     config = resolve_config(build_parser().parse_args(["train", *train_args]))
@@ -243,8 +243,8 @@ def cmd_scaling(args: argparse.Namespace) -> int:
     import shlex
     from pathlib import Path
 
-    from .config.schema import ConfigError
-    from .tools import scaling
+    from cogvx_mega.config.schema import ConfigError
+    from cogvx_mega.tools import scaling
 
     if args.action == "fit" and args.table:
         rows = scaling.read_table(args.table)
@@ -283,10 +283,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     """The layouts that fit a GPU budget, fastest first (tools/plan.py)."""
     import json
 
-    from .config import load_config
-    from .config.schema import ConfigError
-    from .config.schema import parse_size
-    from .tools.plan import describe_plans, plan_layouts
+    from cogvx_mega.config import load_config
+    from cogvx_mega.config.schema import ConfigError
+    from cogvx_mega.config.schema import parse_size
+    from cogvx_mega.tools.plan import describe_plans, plan_layouts
 
     height, width = parse_size("--size", args.size)
     for flag, value in (("--gpus", args.gpus), ("--gpus-per-node", args.gpus_per_node),
@@ -311,25 +311,25 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from cogvx_mega.demo import run_demo
 
     run_demo(run_dir=args.run_dir, steps=args.steps)
     return 0
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .config.schema import ConfigError
+    from cogvx_mega.config.schema import ConfigError
 
     if not os.path.exists(args.source):
         raise ConfigError("SOURCE", args.source, "no such file or folder")
     if os.path.exists(args.destination) and not args.overwrite:
         raise ConfigError("DESTINATION", args.destination, "already exists; pass --overwrite or another path")
     if args.direction.startswith("vae-"):
-        from .tools.convert_vae import convert_vae
+        from cogvx_mega.tools.convert_vae import convert_vae
 
         convert_vae(args.direction, args.source, args.destination, preset=args.preset)
     else:
-        from .tools.convert_transformer import convert_transformer
+        from cogvx_mega.tools.convert_transformer import convert_transformer
 
         convert_transformer(args.direction, args.source, args.destination, preset=args.preset,
                             config_file=args.config_file, overrides=args.overrides)
@@ -341,9 +341,9 @@ def cmd_vae(args: argparse.Namespace) -> int:
     """Encode a video file to a latent file or back; context parallel over all ranks under torchrun."""
     import torch
 
-    from .api import load_vae
-    from .config.schema import ConfigError
-    from .vae import io
+    from cogvx_mega.api import load_vae
+    from cogvx_mega.config.schema import ConfigError
+    from cogvx_mega.vae import io
 
     if os.path.exists(args.output) and not args.overwrite:
         raise ConfigError("OUTPUT", args.output, "already exists; pass --overwrite or another path")
@@ -381,8 +381,8 @@ def cmd_data(args: argparse.Namespace) -> int:
     """`cogvx data scan DIR --output manifest.jsonl`: probe every media file, write the usable clips."""
     from pathlib import Path
 
-    from .config.schema import ConfigError
-    from .data.manifest import find_media, read_captions, scan, write_manifest
+    from cogvx_mega.config.schema import ConfigError
+    from cogvx_mega.data.manifest import find_media, read_captions, scan, write_manifest
 
     root = Path(args.source)
     if not root.is_dir():
@@ -407,7 +407,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 def cmd_data_encode(args: argparse.Namespace) -> int:
     """`cogvx data encode`: manifest -> decode -> VAE moments + T5 embeddings -> a zarr latent cache; every
     rank under torchrun takes its share of the shards, and a restarted encode resumes."""
-    from .tools.data_encode import encode_manifest
+    from cogvx_mega.tools.data_encode import encode_manifest
 
     encode_manifest(resolve_config(args), args.manifest, args.vae, args.text_encoder, args.output,
                     shard_clips=args.shard_clips, device=args.device, overwrite=args.overwrite)
@@ -416,7 +416,7 @@ def cmd_data_encode(args: argparse.Namespace) -> int:
 
 def cmd_sample(args: argparse.Namespace) -> int:
     """A video from a checkpoint (tools/sample.py)."""
-    from .tools.sample import run_sample
+    from cogvx_mega.tools.sample import run_sample
 
     for path in run_sample(args):
         print(f"wrote {path}")
@@ -429,8 +429,8 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from .checkpoint.verify import describe, folder_bytes, verify_checkpoint, verify_files
-    from .config.schema import ConfigError
+    from cogvx_mega.checkpoint.verify import describe, folder_bytes, verify_checkpoint, verify_files
+    from cogvx_mega.config.schema import ConfigError
 
     path = Path(args.path)
     if args.action == "verify":
@@ -450,7 +450,7 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
         print(f"{path}: ok: {verdict.files} files, {verdict.bytes / 1e6:,.1f} MB, sizes and CRC32C checked in "
               f"{seconds:.2f} s")
         return 0
-    from .training.checkpoint import checkpoints_folder
+    from cogvx_mega.training.checkpoint import checkpoints_folder
 
     root = checkpoints_folder(path)
     if not root.is_dir():
@@ -481,14 +481,14 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """A complete diffusers pipeline folder, or a LoRA's diffusers adapters, from a checkpoint (tools/export.py)."""
-    from .config.schema import ConfigError
+    from cogvx_mega.config.schema import ConfigError
 
     if args.format == "lora":
-        from .tools.export import export_lora
+        from cogvx_mega.tools.export import export_lora
 
         print(f"wrote {export_lora(args.ckpt, args.out, args.overwrite)}")
         return 0
-    from .tools.export import export_diffusers
+    from cogvx_mega.tools.export import export_diffusers
 
     for flag, value in (("--vae", args.vae), ("--text-encoder", args.text_encoder)):
         if not value:
@@ -503,7 +503,7 @@ def _vae_process_group(device: str):
         return None
     import torch.distributed as dist
 
-    from .parallel.state import init_torch_distributed
+    from cogvx_mega.parallel.state import init_torch_distributed
 
     init_torch_distributed(device)
     return dist.group.WORLD
@@ -586,8 +586,8 @@ def build_parser() -> argparse.ArgumentParser:
     vae.add_argument("--device", choices=("cpu", "cuda"), default=None)
     vae.add_argument("--overwrite", action="store_true")
     vae.set_defaults(func=cmd_vae)
-    from .tools.launch import add_launch_arguments
-    from .tools.sample import add_sample_arguments
+    from cogvx_mega.tools.launch import add_launch_arguments
+    from cogvx_mega.tools.sample import add_sample_arguments
 
     sample = sub.add_parser("sample", parents=[verbose_too], help="make a video with a checkpoint (DDIM / DPM-Solver++, "
                                                                  "classifier-free guidance)")
@@ -610,7 +610,7 @@ def build_parser() -> argparse.ArgumentParser:
     checkpoint.add_argument("--checksums", action="store_true", help="list: compare every file's CRC32C too "
                                                                      "(reads every checkpoint whole)")
     checkpoint.set_defaults(func=cmd_checkpoint)
-    from .tools.scaling import add_scaling_arguments
+    from cogvx_mega.tools.scaling import add_scaling_arguments
 
     plan = sub.add_parser("plan", parents=[verbose_too], help="the TP/PP/VPP/CP/DP/recompute layouts that fit a "
                                                               "GPU budget, ranked by predicted step time")
@@ -654,11 +654,11 @@ class _CurrentStderrHandler(logging.StreamHandler):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .checkpoint.meta import ConversionError
-    from .config.schema import ConfigError
-    from .data.manifest import MediaError
-    from .training import TrainingDiverged
-    from .vae.time_split import VAEInputError
+    from cogvx_mega.checkpoint.meta import ConversionError
+    from cogvx_mega.config.schema import ConfigError
+    from cogvx_mega.data.manifest import MediaError
+    from cogvx_mega.training import TrainingDiverged
+    from cogvx_mega.vae.time_split import VAEInputError
 
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)

@@ -73,7 +73,7 @@ DEMO_CLIPS = 24
 
 def write_demo_clips(folder: Path, count: int, config) -> None:
     """Moving shapes at 24 fps, long enough for the config's frame count at data.fps, as H.264 files."""
-    from .data.synthetic import random_clip_spec, render_clip_uint8, write_video_file
+    from cogvx_mega.data.synthetic import random_clip_spec, render_clip_uint8, write_video_file
 
     folder.mkdir(parents=True, exist_ok=True)
     d = config.data
@@ -89,16 +89,16 @@ def write_demo_clips(folder: Path, count: int, config) -> None:
 def run_demo(run_dir: str = "runs/demo", steps: int = 300) -> dict:
     import shutil
 
-    from .checkpoint.transformer import write_diffusers_folder
-    from .data.manifest import find_media, scan, write_manifest
-    from .config import load_config, write_resolved_config
-    from .data.cache_reader import CacheDataset
-    from .data.synthetic import COLOURS, DIRECTIONS, SHAPES, SPEEDS
-    from .data.tiny_models import make_tiny_t5, make_tiny_vae
-    from .model.transformer import build_model_chunks
-    from .parallel.state import initialize_parallel
-    from .tools.data_encode import encode_manifest
-    from .training.trainer import Trainer
+    from cogvx_mega.checkpoint.transformer import write_diffusers_folder
+    from cogvx_mega.data.manifest import find_media, scan, write_manifest
+    from cogvx_mega.config import load_config, write_resolved_config
+    from cogvx_mega.data.cache_reader import CacheDataset
+    from cogvx_mega.data.synthetic import COLOURS, DIRECTIONS, SHAPES, SPEEDS
+    from cogvx_mega.data.tiny_models import make_tiny_t5, make_tiny_vae
+    from cogvx_mega.model.transformer import build_model_chunks
+    from cogvx_mega.parallel.state import initialize_parallel
+    from cogvx_mega.tools.data_encode import encode_manifest
+    from cogvx_mega.training.trainer import Trainer
 
     run = Path(run_dir)
     shutil.rmtree(run, ignore_errors=True)

@@ -25,13 +25,13 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
 
-from ..checkpoint.atomic import write_text_atomically
-from ..config.schema import ConfigError
-from .buckets import Bucket, group_by_bucket
-from .manifest import read_manifest
+from cogvx_mega.checkpoint.atomic import write_text_atomically
+from cogvx_mega.config.schema import ConfigError
+from cogvx_mega.data.buckets import Bucket, group_by_bucket
+from cogvx_mega.data.manifest import read_manifest
 
 if TYPE_CHECKING:
-    from .encoder import ClipEncoder
+    from cogvx_mega.data.encoder import ClipEncoder
 
 logger = logging.getLogger(__name__)
 

@@ -19,9 +19,9 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..config.schema import ConfigError
-from ..diffusion.randomness import Stream, slot_normal
-from .cache import CACHE_FORMAT, FIRST_FRAME, committed, usable_clips
+from cogvx_mega.config.schema import ConfigError
+from cogvx_mega.diffusion.randomness import Stream, slot_normal
+from cogvx_mega.data.cache import CACHE_FORMAT, FIRST_FRAME, committed, usable_clips
 
 
 def epoch_batches(usable: dict[str, list[int]], global_batch: int, seed: int, epoch: int) -> list[tuple[str, list[int]]]:

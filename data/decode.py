@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .manifest import IMAGE_SUFFIXES, MediaError, _import_av
+from cogvx_mega.data.manifest import IMAGE_SUFFIXES, MediaError, _import_av
 
 
 @dataclass(frozen=True)

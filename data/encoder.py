@@ -25,10 +25,10 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from ..diffusion.image_condition import first_frame_pixels
-from .buckets import Bucket
-from .decode import DecodeSpec, decode_clip
-from .manifest import MediaError
+from cogvx_mega.diffusion.image_condition import first_frame_pixels
+from cogvx_mega.data.buckets import Bucket
+from cogvx_mega.data.decode import DecodeSpec, decode_clip
+from cogvx_mega.data.manifest import MediaError
 
 logger = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ..diffusion.image_condition import noised_first_frames, pixels_to_unit_range
-from ..diffusion.randomness import Stream, slot_normal
+from cogvx_mega.diffusion.image_condition import noised_first_frames, pixels_to_unit_range
+from cogvx_mega.diffusion.randomness import Stream, slot_normal
 
 
 class FirstFrameLatents:

@@ -75,7 +75,7 @@ class LatentDataset:
     def save(self, folder: str) -> Path:
         from safetensors.torch import save_file
 
-        from ..checkpoint.atomic import atomic_directory
+        from cogvx_mega.checkpoint.atomic import atomic_directory
 
         with atomic_directory(folder) as tmp:
             save_file({"latents": self.latents.contiguous(), "text_embeds": self.text_embeds.contiguous()},
@@ -116,7 +116,7 @@ class BucketedLatentDataset:
     (`cache_reader.BucketedBatches`); with data.packing the clips of all buckets are packed together."""
 
     def __init__(self, buckets: dict):
-        from .cache_reader import BucketedBatches
+        from cogvx_mega.data.cache_reader import BucketedBatches
 
         self.buckets = buckets
         self.batches = BucketedBatches({name: list(range(latents.shape[0])) for name, (latents, _) in buckets.items()})
@@ -146,14 +146,14 @@ def synthetic_dataset_for(config):
     """The synthetic moving-shapes dataset at the config's resolution and model widths; with data.buckets, the
     clips are spread over the buckets in turn (a `BucketedLatentDataset`). An image-to-video model gets the
     clips' first frames too, encoded by the toy encoder (`first_frames.ToyFirstFrameLatents`)."""
-    from ..config.schema import ConfigError
-    from .synthetic import generate_synthetic_clips, generate_synthetic_dataset
+    from cogvx_mega.config.schema import ConfigError
+    from cogvx_mega.data.synthetic import generate_synthetic_clips, generate_synthetic_dataset
 
     data, model = config.data, config.model
     channels = model.out_channels  # the video latents; an image-to-video model takes twice as many channels in
     image_to_video = model.in_channels != model.out_channels
     if data.buckets:
-        from .buckets import Bucket
+        from cogvx_mega.data.buckets import Bucket
 
         if image_to_video:
             raise ConfigError("data.buckets", data.buckets, "the synthetic data has no first frames per bucket for "
@@ -175,7 +175,7 @@ def synthetic_dataset_for(config):
                                      model.text_embed_dim, model.max_text_seq_length, seed=config.training.seed)
     if not image_to_video:
         return LatentDataset(clips.latents, clips.text_embeds, clips.captions)
-    from .first_frames import ToyFirstFrameLatents
+    from cogvx_mega.data.first_frames import ToyFirstFrameLatents
 
     return LatentDataset(clips.latents, clips.text_embeds, clips.captions, first_frames=clips.first_frames,
                          image_latents=ToyFirstFrameLatents(clips.image_encoder, config.diffusion))

@@ -141,7 +141,7 @@ def probe_media(path: str | Path) -> dict:
 
 def read_captions(file: str | Path, root: Optional[Path] = None) -> dict[str, str]:
     """path -> caption from a JSONL or CSV captions file (relative paths are taken relative to `root`)."""
-    from ..config.schema import ConfigError
+    from cogvx_mega.config.schema import ConfigError
 
     file = Path(file)
     if not file.is_file():
@@ -217,13 +217,13 @@ def scan(paths: Iterable[Path], captions: Optional[dict[str, str]] = None, worke
 
 def write_manifest(records: list[ClipRecord], path: str | Path) -> Path:
     """One JSON line per clip, written atomically (a temporary sibling renamed into place)."""
-    from ..checkpoint.atomic import write_text_atomically
+    from cogvx_mega.checkpoint.atomic import write_text_atomically
 
     return write_text_atomically(path, "".join(record.to_json() + "\n" for record in records))
 
 
 def read_manifest(path: str | Path) -> list[dict]:
-    from ..config.schema import ConfigError
+    from cogvx_mega.config.schema import ConfigError
 
     file = Path(path)
     if not file.is_file():

@@ -22,10 +22,10 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .buckets import Bucket
-from .cache import CachePlan
-from .cache_reader import BucketedBatches, posterior_latents
-from .encoder import ClipEncoder, cancel
+from cogvx_mega.data.buckets import Bucket
+from cogvx_mega.data.cache import CachePlan
+from cogvx_mega.data.cache_reader import BucketedBatches, posterior_latents
+from cogvx_mega.data.encoder import ClipEncoder, cancel
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ def open_online_dataset(plan: CachePlan, vae, text_encoder, config, device: Opti
     encoder = ClipEncoder(vae, text_encoder, config.data.fps, device, workers=config.data.num_workers)
     image_latents = None
     if config.model.in_channels != config.model.out_channels:
-        from .first_frames import VAEFirstFrameLatents
+        from cogvx_mega.data.first_frames import VAEFirstFrameLatents
 
         image_latents = VAEFirstFrameLatents(vae, config.diffusion, device)
     return OnlineDataset(plan, encoder, float(vae.config.scaling_factor), keep_clips=config.data.online_keep_clips,

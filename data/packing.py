@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..config.schema import ConfigError
+from cogvx_mega.config.schema import ConfigError
 
 ClipRef = tuple  # (bucket name, clip index within the bucket): one clip of a dataset
 
@@ -123,7 +123,7 @@ class PackedDataset:
     `read_clips(refs, slots, step, seed)` -> (latents list, text list)."""
 
     def __init__(self, source, model, pack_tokens: int, seed: int, window: int = 4096):
-        from ..model.packing import ClipShape, clip_tokens
+        from cogvx_mega.model.packing import ClipShape, clip_tokens
 
         self.source = source
         self.model = model

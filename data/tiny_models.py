@@ -42,8 +42,8 @@ def make_tiny_vae(path: Path, latent_channels: int = 4) -> Path:
     """A random CogVideoX VAE with the real structure at small widths (8x spatial, 4x temporal), saved as
     a cogvx-mega VAE checkpoint. Its posterior is made sharp (log-variance -8), as a trained VAE's is, so
     the latents carry the video."""
-    from ..checkpoint.vae import save_vae_checkpoint
-    from ..vae import CogVideoXVAE, VAEConfig
+    from cogvx_mega.checkpoint.vae import save_vae_checkpoint
+    from cogvx_mega.vae import CogVideoXVAE, VAEConfig
 
     torch.manual_seed(0)
     config = VAEConfig(block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=4,

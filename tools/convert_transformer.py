@@ -8,13 +8,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..checkpoint.meta import is_project_checkpoint
-from ..checkpoint.reader import read_project_checkpoint
-from ..checkpoint.single_file import save_project_checkpoint
-from ..checkpoint.transformer import (check_project_state, diffusers_to_project, expected_shapes,
-                                      read_diffusers_folder, sat_to_project, write_diffusers_folder)
-from ..checkpoint.weights import read_sat_state
-from ..config.schema import ConfigError
+from cogvx_mega.checkpoint.meta import is_project_checkpoint
+from cogvx_mega.checkpoint.reader import read_project_checkpoint
+from cogvx_mega.checkpoint.single_file import save_project_checkpoint
+from cogvx_mega.checkpoint.transformer import (check_project_state, diffusers_to_project, expected_shapes,
+                                               read_diffusers_folder, sat_to_project, write_diffusers_folder)
+from cogvx_mega.checkpoint.weights import read_sat_state
+from cogvx_mega.config.schema import ConfigError
 
 DIRECTIONS = ("diffusers-to-project", "project-to-diffusers", "sat-to-project")
 
@@ -36,7 +36,7 @@ def convert_transformer(direction: str, source: str, destination: str, preset: O
         if not (preset or config_file):
             raise ConfigError("--preset", None, "SAT checkpoints carry no config: name the model with --preset "
                                                 "(and --config / overrides for custom sizes)")
-        from ..config import load_config
+        from cogvx_mega.config import load_config
 
         model = load_config(preset, config_file, overrides).model
         ours = sat_to_project(read_sat_state(source), model)

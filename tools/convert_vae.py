@@ -7,12 +7,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from ..checkpoint.meta import is_project_checkpoint
-from ..checkpoint.vae import (read_diffusers_vae_folder, read_vae_checkpoint, sat_vae_to_project, save_vae_checkpoint,
-                              write_diffusers_vae_folder)
-from ..checkpoint.weights import read_sat_state
-from ..config.schema import ConfigError
-from ..vae import vae_preset
+from cogvx_mega.checkpoint.meta import is_project_checkpoint
+from cogvx_mega.checkpoint.vae import (read_diffusers_vae_folder, read_vae_checkpoint, sat_vae_to_project,
+                                       save_vae_checkpoint, write_diffusers_vae_folder)
+from cogvx_mega.checkpoint.weights import read_sat_state
+from cogvx_mega.config.schema import ConfigError
+from cogvx_mega.vae import vae_preset
 
 DIRECTIONS = ("vae-diffusers-to-project", "vae-project-to-diffusers", "vae-sat-to-project")
 

@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from ..config.schema import ConfigError
-from ..data.cache import check_output, committed, create_store, encode_cache, plan_from_manifest
-from ..data.encoder import ClipEncoder
-from ..data.text import T5TextEncoder
-from .load import load_vae
+from cogvx_mega.config.schema import ConfigError
+from cogvx_mega.data.cache import check_output, committed, create_store, encode_cache, plan_from_manifest
+from cogvx_mega.data.encoder import ClipEncoder
+from cogvx_mega.data.text import T5TextEncoder
+from cogvx_mega.tools.load import load_vae
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def encode_manifest(config, manifest: str, vae_path: str, text_encoder_path: str
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if world > 1:
-        from ..parallel.state import init_torch_distributed
+        from cogvx_mega.parallel.state import init_torch_distributed
 
         init_torch_distributed(device)  # on CUDA: this rank's GPU, before the models go there
     rank = dist.get_rank() if world > 1 else 0

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint.atomic import atomic_directory
-from ..checkpoint.meta import is_project_checkpoint
-from ..config.schema import ConfigError
+from cogvx_mega.checkpoint.atomic import atomic_directory
+from cogvx_mega.checkpoint.meta import is_project_checkpoint
+from cogvx_mega.config.schema import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -91,11 +91,11 @@ def model_card(model_config, meta: dict, source: str) -> str:
 
 def export_diffusers(ckpt: str, vae: str, text_encoder: str, out: str, dtype: str = "fp32",
                      overwrite: bool = False) -> Path:
-    from ..checkpoint.reader import read_transformer_checkpoint
-    from ..checkpoint.transformer import diffusers_config_from_model, project_to_diffusers
-    from ..checkpoint.vae import read_diffusers_vae_folder, read_vae_checkpoint, write_diffusers_vae_folder
-    from ..data.text import t5_parts
-    from .sample import diffusion_config_for
+    from cogvx_mega.checkpoint.reader import read_transformer_checkpoint
+    from cogvx_mega.checkpoint.transformer import diffusers_config_from_model, project_to_diffusers
+    from cogvx_mega.checkpoint.vae import read_diffusers_vae_folder, read_vae_checkpoint, write_diffusers_vae_folder
+    from cogvx_mega.data.text import t5_parts
+    from cogvx_mega.tools.sample import diffusion_config_for
 
     if Path(out).exists() and not overwrite:
         raise ConfigError("--out", out, "already exists; pass --overwrite or another folder")
@@ -145,10 +145,10 @@ def export_diffusers(ckpt: str, vae: str, text_encoder: str, out: str, dtype: st
 def export_lora(ckpt: str, out: str, overwrite: bool = False) -> Path:
     """`cogvx export lora`: a LoRA training checkpoint's adapters as `pytorch_lora_weights.safetensors` in the
     PEFT/diffusers names `CogVideoXPipeline.load_lora_weights` reads (scale folded into B)."""
-    from ..checkpoint.lora import (check_base, diffusers_lora_state, lora_scale, read_lora_adapters,
-                                   write_lora_folder)
-    from ..checkpoint.meta import read_checkpoint_meta
-    from ..config.schema import model_config_from_dict
+    from cogvx_mega.checkpoint.lora import (check_base, diffusers_lora_state, lora_scale, read_lora_adapters,
+                                            write_lora_folder)
+    from cogvx_mega.checkpoint.meta import read_checkpoint_meta
+    from cogvx_mega.config.schema import model_config_from_dict
 
     if Path(out).exists() and not overwrite:
         raise ConfigError("--out", out, "already exists; pass --overwrite or another folder")

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from ..config.schema import ConfigError
+from cogvx_mega.config.schema import ConfigError
 
 STOP_FILE_NAME = ".stop-requested"
 # NCCL and torch settings for multi-node runs (each a fact of the libraries, overridable with --env)

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint.meta import is_project_checkpoint
-from ..checkpoint.vae import read_diffusers_vae_folder, read_vae_checkpoint
-from ..config.schema import ConfigError
+from cogvx_mega.checkpoint.meta import is_project_checkpoint
+from cogvx_mega.checkpoint.vae import read_diffusers_vae_folder, read_vae_checkpoint
+from cogvx_mega.config.schema import ConfigError
 
 
 def load_transformer(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32, backend: str = "local",
@@ -17,10 +17,10 @@ def load_transformer(path: str, device: str = "cpu", dtype: torch.dtype = torch.
     `cogvx_mega.from_pretrained`), with `model_overrides` of the fields in RUNTIME_MODEL_FIELDS."""
     import dataclasses
 
-    from ..checkpoint.reader import read_transformer_checkpoint
-    from ..checkpoint.transformer import load_project_state
-    from ..config.schema import RUNTIME_MODEL_FIELDS
-    from ..model.transformer import build_model
+    from cogvx_mega.checkpoint.reader import read_transformer_checkpoint
+    from cogvx_mega.checkpoint.transformer import load_project_state
+    from cogvx_mega.config.schema import RUNTIME_MODEL_FIELDS
+    from cogvx_mega.model.transformer import build_model
 
     if not Path(path).exists():
         raise ConfigError("path", str(path), "no such file or folder; pass a diffusers transformer folder or a "
@@ -41,7 +41,7 @@ def load_transformer(path: str, device: str = "cpu", dtype: torch.dtype = torch.
 def load_vae(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
     """A `CogVideoXVAE` in eval mode from a diffusers VAE folder, a pipeline folder (vae/) or a cogvx-mega VAE
     checkpoint."""
-    from ..vae import CogVideoXVAE
+    from cogvx_mega.vae import CogVideoXVAE
 
     folder = Path(path)
     if not folder.exists():

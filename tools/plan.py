@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from typing import Optional
 from types import SimpleNamespace
 
-from ..config.schema import Config, ConfigError
+from cogvx_mega.config.schema import Config, ConfigError
 
 # Tensor-parallel shards: column-parallel weights and biases, row-parallel weights.
 _TP_SHARDED = ("self_attention.linear_qkv.", "mlp.linear_fc1.", "self_attention.linear_proj.weight",
@@ -28,8 +28,8 @@ def plan_layout(config: Config) -> list[StagePlan]:
     from megatron.core.transformer.transformer_block import get_num_layers_to_build
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-    from ..config.megatron import build_transformer_config
-    from ..checkpoint.transformer import expected_shapes
+    from cogvx_mega.config.megatron import build_transformer_config
+    from cogvx_mega.checkpoint.transformer import expected_shapes
 
     p = config.parallel
     transformer_config = build_transformer_config(config.model, p)
@@ -152,8 +152,8 @@ def in_flight_layers(config: Config, micro_batches: int, layers_on_rank: int) ->
 def longest_sequence(config: Config) -> int:
     """Tokens of the longest micro-batch sequence over all data stages: the pack budget with data.packing,
     else the largest bucket's joint sequence (text + video)."""
-    from ..data.buckets import Bucket
-    from ..model.transformer import sequence_length
+    from cogvx_mega.data.buckets import Bucket
+    from cogvx_mega.model.transformer import sequence_length
 
     m = config.model
     longest = 0
@@ -182,7 +182,7 @@ def estimate_memory(config: Config, world_size: int) -> MemoryEstimate:
       layer's input instead, plus one layer recomputed; selective recompute keeps the same as none here
       (SDPA stores no attention scores); times the in-flight micro-batches of the first pipeline rank.
     """
-    from ..parallel.context import padded_sequence_length
+    from cogvx_mega.parallel.context import padded_sequence_length
 
     p, t, m = config.parallel, config.training, config.model
     dp = p.data_parallel_size(world_size)
@@ -273,10 +273,10 @@ def measure_peak_memory(config: Config, steps: int = 2) -> int:
 
     from torch.profiler import ProfilerActivity, profile
 
-    from ..data.latent_dataset import synthetic_dataset_for
-    from ..model.transformer import build_model_chunks
-    from ..parallel.state import initialize_parallel
-    from ..training.trainer import Trainer
+    from cogvx_mega.data.latent_dataset import synthetic_dataset_for
+    from cogvx_mega.model.transformer import build_model_chunks
+    from cogvx_mega.parallel.state import initialize_parallel
+    from cogvx_mega.training.trainer import Trainer
 
     dims = initialize_parallel(config.parallel, device=config.training.device, seed=config.training.seed)
     dataset = synthetic_dataset_for(config)
@@ -291,7 +291,7 @@ def measure_peak_memory(config: Config, steps: int = 2) -> int:
                                     seed=config.training.seed, recompute=config.training.recompute,
                                     recompute_num_layers=config.training.recompute_num_layers)
         if config.finetune.lora:  # adapters over the (random) base: the memory of a LoRA run
-            from ..model.lora import apply_lora
+            from cogvx_mega.model.lora import apply_lora
 
             apply_lora(chunks, config.finetune, config.training.seed)
         trainer = Trainer(config, dims, chunks, dataset)
@@ -350,8 +350,8 @@ def predict_step_seconds(config: Config, world_size: int, gpus_per_node: int, fp
     recompute runs the forward again; selective the attention forward), the pipeline bubble of 1F1B
     ((PP - 1) / (M x VPP) of the compute), TP/SP and CP communication per layer on NVLink (over InfiniBand
     when the group leaves the node), and the gradient all-reduce over data parallel (not overlapped)."""
-    from ..model.flops import training_flops
-    from ..parallel.context import padded_sequence_length
+    from cogvx_mega.model.flops import training_flops
+    from cogvx_mega.parallel.context import padded_sequence_length
 
     p, t, m = config.parallel, config.training, config.model
     dp = p.data_parallel_size(world_size)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..config.schema import ConfigError, DiffusionConfig, check_frame_count, parse_size
+from cogvx_mega.config.schema import ConfigError, DiffusionConfig, check_frame_count, parse_size
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def read_tensor_file(path: str, key: str, flag: str) -> torch.Tensor:
 def diffusion_config_for(ckpt: str) -> DiffusionConfig:
     """The schedule the checkpoint was trained with: a training checkpoint's recorded diffusion config, or a
     diffusers pipeline's scheduler config beside the transformer folder; else the defaults."""
-    from ..checkpoint.meta import read_checkpoint_meta
+    from cogvx_mega.checkpoint.meta import read_checkpoint_meta
 
     defaults = DiffusionConfig()
     try:
@@ -91,10 +91,10 @@ def run_sample(args) -> list[str]:
     """Everything `cogvx sample` does; returns the files written (rank 0 writes them under torchrun)."""
     import torch.distributed as dist
 
-    from ..diffusion.sampler import SCHEDULERS, SamplingSettings
-    from ..diffusion.schedule import schedule_from_config
-    from ..training.sampling import decode_video, denoise, is_image_to_video, latent_grid, write_latents
-    from ..vae import io
+    from cogvx_mega.diffusion.sampler import SCHEDULERS, SamplingSettings
+    from cogvx_mega.diffusion.schedule import schedule_from_config
+    from cogvx_mega.training.sampling import decode_video, denoise, is_image_to_video, latent_grid, write_latents
+    from cogvx_mega.vae import io
 
     outputs = [args.output] + ([str(Path(args.output).with_suffix(".gif"))] if args.gif else []) + (
         [args.save_latents] if args.save_latents else [])
@@ -161,8 +161,8 @@ def run_sample(args) -> list[str]:
 def _sampling_model(args, device: str, dtype: torch.dtype):
     """(model config, forward) for --ckpt: the whole model in this process, or under torchrun this rank's part
     of the --tp x --pp x --cp layout, loaded straight from the checkpoint at that layout."""
-    from .load import load_transformer
-    from ..training.sampling import layout_forward
+    from cogvx_mega.tools.load import load_transformer
+    from cogvx_mega.training.sampling import layout_forward
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     sizes = {"--tp": args.tp, "--pp": args.pp, "--cp": args.cp}
@@ -176,11 +176,11 @@ def _sampling_model(args, device: str, dtype: torch.dtype):
     if layout != world:
         raise ConfigError("--tp/--pp/--cp", " x ".join(str(v) for v in sizes.values()),
                           f"the layout must use all {world} ranks of torchrun (TP x PP x CP = {world})")
-    from ..checkpoint.reader import open_transformer_weights
-    from ..config.schema import ParallelConfig
-    from ..model.transformer import build_model_chunks
-    from ..parallel.state import initialize_parallel
-    from ..training.pretrained import load_pretrained_weights
+    from cogvx_mega.checkpoint.reader import open_transformer_weights
+    from cogvx_mega.config.schema import ParallelConfig
+    from cogvx_mega.model.transformer import build_model_chunks
+    from cogvx_mega.parallel.state import initialize_parallel
+    from cogvx_mega.training.pretrained import load_pretrained_weights
 
     model_config = open_transformer_weights(args.ckpt).model
     model_config.backend = "local"
@@ -241,7 +241,7 @@ def add_sample_arguments(parser) -> None:
 def training_sampler(config):
     """The `TrainingSampler` of a run with training.sample_every: the VAE loaded and the prompts encoded once
     (T5 freed afterwards), every input checked before the run writes anything."""
-    from ..training.sampling import SamplePrompts, TrainingSampler, is_image_to_video
+    from cogvx_mega.training.sampling import SamplePrompts, TrainingSampler, is_image_to_video
 
     s, m = config.sampling, config.model
     device = config.training.device
@@ -261,7 +261,7 @@ def training_sampler(config):
 # --- inputs shared by `cogvx sample` and samples during training ---------------------------------------------
 def load_family_vae(path: str, flag: str, model_config, device: str, dtype: torch.dtype):
     """The VAE at `path`, refused when its latents are not the ones the model denoises (another family)."""
-    from .load import load_vae
+    from cogvx_mega.tools.load import load_vae
 
     vae = load_vae(path, device=device, dtype=dtype)
     if vae.config.latent_channels != model_config.out_channels:
@@ -278,7 +278,7 @@ def prompt_embeddings(model_config, device: str, *, prompts, text_encoder, negat
     embeds_flag, negative_flag = flags
     negative = None
     if prompts:
-        from ..data.text import T5TextEncoder
+        from cogvx_mega.data.text import T5TextEncoder
 
         encoder = T5TextEncoder(text_encoder, max_length=model_config.max_text_seq_length, device=device)
         prompt_embeds = encoder.encode(list(prompts))
@@ -300,7 +300,7 @@ def prompt_embeddings(model_config, device: str, *, prompts, text_encoder, negat
 
 def first_frames(paths, batch: int, height: int, width: int, flag: str) -> torch.Tensor:
     """The I2V first frames [batch, 3, H, W]: one image for every prompt, or one per prompt."""
-    from ..training.sampling import read_image
+    from cogvx_mega.training.sampling import read_image
 
     if len(paths) not in (1, batch):
         raise ConfigError(flag, " ".join(paths), f"give one image, or one per prompt ({batch})")

@@ -38,7 +38,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from ..config.schema import ConfigError
+from cogvx_mega.config.schema import ConfigError
 
 FIT_NAMES = ("E", "A", "alpha", "B", "beta")
 
@@ -135,9 +135,9 @@ def read_spec(path: str) -> ScalingSpec:
 
 def plan_runs(spec: ScalingSpec) -> list[PlannedRun]:
     """Every run of the spec, each config resolved and validated (a bad spec fails here, before anything runs)."""
-    from ..config import load_config
-    from ..model.flops import training_flops
-    from ..model.transformer import sequence_length
+    from cogvx_mega.config import load_config
+    from cogvx_mega.model.flops import training_flops
+    from cogvx_mega.model.transformer import sequence_length
 
     base = load_config(spec.preset, overrides=list(spec.overrides))
     rule = spec.models

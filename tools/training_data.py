@@ -8,8 +8,8 @@ import dataclasses
 import logging
 import os
 
-from ..config.schema import ConfigError
-from ..data.latent_dataset import LatentDataset, synthetic_dataset_for
+from cogvx_mega.config.schema import ConfigError
+from cogvx_mega.data.latent_dataset import LatentDataset, synthetic_dataset_for
 
 logger = logging.getLogger(__name__)
 
@@ -22,7 +22,7 @@ def open_training_data(config):
     stages = config.data.stage_configs()
     if len(stages) == 1:
         return open_stage_data(config)
-    from ..data.stages import StagedDataset
+    from cogvx_mega.data.stages import StagedDataset
 
     return StagedDataset([(start, end, (lambda data=data: open_stage_data(dataclasses.replace(config, data=data))))
                           for start, end, data in stages])
@@ -30,7 +30,7 @@ def open_training_data(config):
 
 def open_stage_data(config):
     """One stage's dataset: the source, packed when data.packing is on."""
-    from ..data.packing import packed_dataset_for
+    from cogvx_mega.data.packing import packed_dataset_for
 
     dataset = open_source_data(config)
     m = config.model
@@ -47,7 +47,7 @@ def open_source_data(config):
     if source == "synthetic":
         return synthetic_dataset_for(config)
     if os.path.isfile(os.path.join(source, "zarr.json")):  # a latent cache written by `cogvx data encode`
-        from ..data.cache_reader import CacheDataset
+        from cogvx_mega.data.cache_reader import CacheDataset
 
         return CacheDataset(source, config.model.max_text_seq_length, config.model.out_channels,
                             image_latents=cache_image_latents(config))
@@ -64,9 +64,9 @@ def open_online_data(config):
     """Online mode over the manifest `data.source` (see `cogvx_mega.data.online`)."""
     import torch.distributed as dist
 
-    from ..data.cache import plan_from_manifest
-    from ..data.online import open_online_dataset
-    from .data_encode import load_encoders
+    from cogvx_mega.data.cache import plan_from_manifest
+    from cogvx_mega.data.online import open_online_dataset
+    from cogvx_mega.tools.data_encode import load_encoders
 
     data = config.data
     for flag, value in (("--vae", data.vae), ("--text-encoder", data.text_encoder)):
@@ -98,8 +98,8 @@ def cache_image_latents(config):
     if not data.vae:
         raise ConfigError("--vae", None, f"an image-to-video model encodes each clip's first frame at every step: pass "
                                          f"--vae FOLDER (the VAE that encoded {data.source})")
-    from ..data.first_frames import VAEFirstFrameLatents
-    from .load import load_vae
+    from cogvx_mega.data.first_frames import VAEFirstFrameLatents
+    from cogvx_mega.tools.load import load_vae
 
     vae = load_vae(data.vae, device=config.training.device)
     if vae.config.latent_channels != m.out_channels:

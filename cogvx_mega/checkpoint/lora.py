@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..config.schema import ConfigError, ModelConfig
-from .meta import ConversionError
-from .transformer import PROJECT_LAYER, fuse_qkv_per_head, split_qkv_per_head
+from cogvx_mega.config.schema import ConfigError, ModelConfig
+from cogvx_mega.checkpoint.meta import ConversionError
+from cogvx_mega.checkpoint.transformer import PROJECT_LAYER, fuse_qkv_per_head, split_qkv_per_head
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 # target -> (path in a layer, diffusers module(s) in a block)
@@ -46,7 +46,7 @@ def lora_weight_key(layer: int, target: str) -> str:
 def base_fingerprint(path: str | os.PathLike) -> str:
     """A short digest that changes when the base weights at `path` change: the model config and two tensors
     read lazily (diffusers or single-file), or the metadata of a sharded checkpoint (a step of one run)."""
-    from .reader import open_transformer_weights
+    from cogvx_mega.checkpoint.reader import open_transformer_weights
 
     weights = open_transformer_weights(path)
     digest = hashlib.sha256(json.dumps(_weights_config(weights.model), sort_keys=True).encode())
@@ -61,7 +61,7 @@ def base_fingerprint(path: str | os.PathLike) -> str:
 def _weights_config(model: ModelConfig) -> dict:
     import dataclasses
 
-    from ..config.schema import RUNTIME_MODEL_FIELDS
+    from cogvx_mega.config.schema import RUNTIME_MODEL_FIELDS
 
     return {k: v for k, v in dataclasses.asdict(model).items() if k not in (*RUNTIME_MODEL_FIELDS, "latent_scale")}
 
@@ -69,7 +69,7 @@ def _weights_config(model: ModelConfig) -> dict:
 def check_base(lora_meta: dict, model: ModelConfig, where: str) -> Path:
     """The base of a LoRA checkpoint, checked: it exists, holds this model and is the weights it was trained
     on (its fingerprint); one clear error otherwise."""
-    from .reader import open_transformer_weights
+    from cogvx_mega.checkpoint.reader import open_transformer_weights
 
     base = Path(lora_meta["base"])
     if not base.exists():
@@ -91,7 +91,7 @@ def check_base(lora_meta: dict, model: ModelConfig, where: str) -> Path:
 
 def read_lora_adapters(path: str | os.PathLike, meta: dict) -> dict[tuple[int, str], tuple[Tensor, Tensor]]:
     """{(layer, target): (A [r, in], B [out, r])} of a LoRA training checkpoint, read in this process."""
-    from .sharded import read_stored_tensors
+    from cogvx_mega.checkpoint.sharded import read_stored_tensors
 
     lora, layers = meta["lora"], int(meta["model"]["num_layers"])
     keys = [f"decoder.layers.{_DIFFUSERS_MODULES[target][0]}.{factor}" for target in lora["targets"]
@@ -127,8 +127,8 @@ def merge_deltas(state: dict[str, Tensor], deltas: dict[str, Tensor]) -> dict[st
 
 def read_merged_lora_checkpoint(path: str | os.PathLike, meta: dict) -> tuple[ModelConfig, dict[str, Tensor]]:
     """(model config, base + adapters as one project state) of a LoRA training checkpoint."""
-    from ..config.schema import model_config_from_dict
-    from .reader import read_transformer_checkpoint
+    from cogvx_mega.config.schema import model_config_from_dict
+    from cogvx_mega.checkpoint.reader import read_transformer_checkpoint
 
     model = model_config_from_dict(meta["model"])
     base = check_base(meta["lora"], model, str(path))
@@ -167,7 +167,7 @@ def diffusers_lora_state(adapters: dict, scale: float, model: ModelConfig) -> di
 def write_lora_folder(state: dict[str, Tensor], folder: str | os.PathLike, metadata: dict) -> Path:
     from safetensors.torch import save_file
 
-    from .atomic import atomic_directory
+    from cogvx_mega.checkpoint.atomic import atomic_directory
 
     with atomic_directory(folder) as tmp:
         save_file(state, str(tmp / LORA_FILE), metadata={"format": "pt", "cogvx_mega": json.dumps(metadata)})

@@ -9,11 +9,12 @@ from typing import Optional
 
 from torch import Tensor
 
-from ..config.schema import ConfigError, ModelConfig, model_config_from_dict
-from .meta import SHARDED_FORMAT, SINGLE_FORMAT, TRANSFORMER_FORMATS, is_project_checkpoint, read_checkpoint_meta
-from .single_file import open_single_file_checkpoint
-from .transformer import open_diffusers_transformer
-from .weights import TensorSource
+from cogvx_mega.config.schema import ConfigError, ModelConfig, model_config_from_dict
+from cogvx_mega.checkpoint.meta import (SHARDED_FORMAT, SINGLE_FORMAT, TRANSFORMER_FORMATS, is_project_checkpoint,
+                                        read_checkpoint_meta)
+from cogvx_mega.checkpoint.single_file import open_single_file_checkpoint
+from cogvx_mega.checkpoint.transformer import open_diffusers_transformer
+from cogvx_mega.checkpoint.weights import TensorSource
 
 
 @dataclass
@@ -52,11 +53,11 @@ def open_transformer_weights(path: str | os.PathLike) -> TransformerWeights:
 def read_transformer_checkpoint(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, Tensor], dict]:
     """(model config, the whole project-named state, metadata) of any accepted format, in this process:
     nothing is built, no process group is touched. A LoRA checkpoint gives its base with the adapters merged."""
-    from .sharded import read_sharded_model_state
+    from cogvx_mega.checkpoint.sharded import read_sharded_model_state
 
     weights = open_transformer_weights(path)
     if weights.kind == "sharded" and weights.meta.get("lora"):  # adapters + a pointer to the base: merged here
-        from .lora import read_merged_lora_checkpoint
+        from cogvx_mega.checkpoint.lora import read_merged_lora_checkpoint
 
         model, state = read_merged_lora_checkpoint(weights.path, weights.meta)
         return model, state, weights.meta

@@ -17,13 +17,13 @@ from typing import Callable, Optional
 
 import torch
 
-from ..config.schema import ConfigError, ModelConfig, model_config_from_dict
-from ..parallel.pipeline import unwrap_model
-from . import faults
-from .atomic import swap_into_place
-from .verify import files_written_by, record_files
-from .meta import META_FILE, SHARDED_FORMAT
-from .transformer import PROJECT_LAYER, project_keys
+from cogvx_mega.config.schema import ConfigError, ModelConfig, model_config_from_dict
+from cogvx_mega.parallel.pipeline import unwrap_model
+from cogvx_mega.checkpoint import faults
+from cogvx_mega.checkpoint.atomic import swap_into_place
+from cogvx_mega.checkpoint.verify import files_written_by, record_files
+from cogvx_mega.checkpoint.meta import META_FILE, SHARDED_FORMAT
+from cogvx_mega.checkpoint.transformer import PROJECT_LAYER, project_keys
 
 logger = logging.getLogger(__name__)
 

@@ -9,10 +9,10 @@ from typing import Optional
 
 import torch
 
-from ..config.schema import ConfigError, ModelConfig, model_config_from_dict
-from .atomic import atomic_directory
-from .meta import META_FILE, MODEL_FILE, SINGLE_FORMAT
-from .weights import SafetensorsTensors
+from cogvx_mega.config.schema import ConfigError, ModelConfig, model_config_from_dict
+from cogvx_mega.checkpoint.atomic import atomic_directory
+from cogvx_mega.checkpoint.meta import META_FILE, MODEL_FILE, SINGLE_FORMAT
+from cogvx_mega.checkpoint.weights import SafetensorsTensors
 
 
 def write_single_file_checkpoint(path: str | os.PathLike, tensors: dict, meta: dict) -> Path:

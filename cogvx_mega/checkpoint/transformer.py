@@ -20,10 +20,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..config.schema import ModelConfig
-from .atomic import atomic_directory
-from .meta import ConversionError
-from .weights import DictTensors, TensorSource, open_diffusers_weights
+from cogvx_mega.config.schema import ModelConfig
+from cogvx_mega.checkpoint.atomic import atomic_directory
+from cogvx_mega.checkpoint.meta import ConversionError
+from cogvx_mega.checkpoint.weights import DictTensors, TensorSource, open_diffusers_weights
 
 # --- configs ---------------------------------------------------------------------------------------------
 

@@ -12,15 +12,15 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .atomic import atomic_directory
-from .meta import MODEL_FILE, VAE_FORMAT, ConversionError, read_checkpoint_meta
-from .single_file import write_single_file_checkpoint
-from .weights import read_diffusers_weights
+from cogvx_mega.checkpoint.atomic import atomic_directory
+from cogvx_mega.checkpoint.meta import MODEL_FILE, VAE_FORMAT, ConversionError, read_checkpoint_meta
+from cogvx_mega.checkpoint.single_file import write_single_file_checkpoint
+from cogvx_mega.checkpoint.weights import read_diffusers_weights
 
 
 def vae_expected_shapes(config) -> dict[str, torch.Size]:
     """Shape of every VAE tensor for `config`, from the model built on the meta device (no memory)."""
-    from ..vae import CogVideoXVAE
+    from cogvx_mega.vae import CogVideoXVAE
 
     with torch.device("meta"):
         model = CogVideoXVAE(config)
@@ -75,7 +75,7 @@ def sat_vae_to_project(state: dict[str, Tensor], config) -> dict[str, Tensor]:
 
 def read_diffusers_vae_folder(path: str):
     """(VAEConfig, state) from a diffusers `AutoencoderKLCogVideoX` folder or a pipeline folder with vae/."""
-    from ..vae.config import vae_config_from_diffusers
+    from cogvx_mega.vae.config import vae_config_from_diffusers
 
     folder = Path(path)
     if (folder / "vae" / "config.json").is_file():
@@ -95,7 +95,7 @@ def read_diffusers_vae_folder(path: str):
 def write_diffusers_vae_folder(state: dict[str, Tensor], config, path: str) -> Path:
     from safetensors.torch import save_file
 
-    from ..vae.config import vae_config_to_diffusers
+    from cogvx_mega.vae.config import vae_config_to_diffusers
 
     check_vae_state(state, config)
     with atomic_directory(path) as tmp:
@@ -114,7 +114,7 @@ def save_vae_checkpoint(path: str, state: dict[str, Tensor], config, extra: Opti
 def read_vae_checkpoint(path: str):
     from safetensors.torch import load_file
 
-    from ..vae.config import vae_config_from_dict
+    from cogvx_mega.vae.config import vae_config_from_dict
 
     meta = read_checkpoint_meta(path)
     if meta.get("format") != VAE_FORMAT:

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from ..config.schema import ConfigError
-from .meta import META_FILE, read_checkpoint_meta
+from cogvx_mega.config.schema import ConfigError
+from cogvx_mega.checkpoint.meta import META_FILE, read_checkpoint_meta
 
 CHUNK_BYTES = 8 << 20
 _RANK_FILE = re.compile(r"^__(\d+)_\d+\.distcp$")

@@ -14,7 +14,7 @@ from typing import Iterable, Optional
 import torch
 from torch import Tensor
 
-from .meta import ConversionError
+from cogvx_mega.checkpoint.meta import ConversionError
 
 
 class TensorSource:

@@ -10,8 +10,8 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
-from .presets import get_preset
-from .schema import Config, ConfigError
+from cogvx_mega.config.presets import get_preset
+from cogvx_mega.config.schema import Config, ConfigError
 
 
 def load_config(preset: Optional[str] = None, config_file: Optional[str] = None,

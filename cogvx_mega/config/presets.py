@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-from .schema import Config, ConfigError, DataConfig, DiffusionConfig, ModelConfig, TrainingConfig
+from cogvx_mega.config.schema import Config, ConfigError, DataConfig, DiffusionConfig, ModelConfig, TrainingConfig
 
 
 def cogvideox_2b() -> Config:

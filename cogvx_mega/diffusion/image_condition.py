@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .randomness import Stream, slot_generator, slot_uniform
+from cogvx_mega.diffusion.randomness import Stream, slot_generator, slot_uniform
 
 
 def noised_first_frames(frames: Tensor, slots: Sequence[int], *, seed: int, step: int, log_sigma_mean: float,

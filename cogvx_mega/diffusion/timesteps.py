@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-from .randomness import Stream, slot_generator
+from cogvx_mega.diffusion.randomness import Stream, slot_generator
 
 
 def stratum(slot: int, global_batch: int, num_train_timesteps: int = 1000) -> tuple[int, int]:

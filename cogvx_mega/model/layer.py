@@ -28,8 +28,8 @@ from torch import Tensor, nn
 from cogvx_mega.kernels.adaln.op import gated_add, gated_residual, modulate, modulated_layer_norm
 from cogvx_mega.kernels.rope.op import apply_rope_3d
 
-from ..parallel.context import CP_ATTENTION_KINDS, context_parallel_attention, sdpa
-from ..parallel.varlen import check_packed_split, packed_attention
+from cogvx_mega.parallel.context import CP_ATTENTION_KINDS, context_parallel_attention, sdpa
+from cogvx_mega.parallel.varlen import check_packed_split, packed_attention
 
 # Order of the 12 modulation chunks of one layer: the attention half, then the FFN half
 # (the same order as diffusers' norm1.linear followed by norm2.linear).

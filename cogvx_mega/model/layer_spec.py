@@ -7,8 +7,8 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from .layer import (AdaLNModulation, ExpertAdaLNLayer, ExpertAdaLNLayerSubmodules, LayerNorm, QKLayerNorm,
-                    RotarySelfAttention, SDPACoreAttention)
+from cogvx_mega.model.layer import (AdaLNModulation, ExpertAdaLNLayer, ExpertAdaLNLayerSubmodules, LayerNorm,
+                                    QKLayerNorm, RotarySelfAttention, SDPACoreAttention)
 
 
 def local_layer_spec() -> ModuleSpec:
@@ -37,7 +37,7 @@ def _checked_te_attention(base: type) -> type:
     """TE's attention behind the packed-split check: TE's thd context parallel silently truncates a clip whose
     span is not a multiple of 2 x CP, so such a pack is refused before it reaches TE."""
     if base not in _CHECKED_TE_ATTENTION:
-        from ..parallel.varlen import check_packed_split
+        from cogvx_mega.parallel.varlen import check_packed_split
 
         class CheckedTEDotProductAttention(base):
             def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,

@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config.schema import ConfigError, FinetuneConfig
-from ..diffusion.randomness import slot_seed
+from cogvx_mega.config.schema import ConfigError, FinetuneConfig
+from cogvx_mega.diffusion.randomness import slot_seed
 
 # LoRA target -> the linear's path inside a layer, and whether it is column parallel
 LORA_MODULE_PATHS = {"linear_qkv": ("self_attention.linear_qkv", True),
@@ -159,7 +159,7 @@ def apply_lora(model_chunks, finetune: FinetuneConfig, seed: int) -> int:
     are wrapped for training) and freeze everything else; returns the number of adapted linears."""
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
-    from ..parallel.pipeline import unwrap_model
+    from cogvx_mega.parallel.pipeline import unwrap_model
 
     adapted = 0
     for chunk in model_chunks:
@@ -183,7 +183,7 @@ def apply_lora(model_chunks, finetune: FinetuneConfig, seed: int) -> int:
 
 
 def lora_parameters(model_chunks) -> list[nn.Parameter]:
-    from ..parallel.pipeline import unwrap_model
+    from cogvx_mega.parallel.pipeline import unwrap_model
 
     return [param for chunk in model_chunks for name, param in unwrap_model(chunk).named_parameters()
             if is_lora_parameter(name)]

@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from ..config.schema import ModelConfig
+from cogvx_mega.config.schema import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ class PackLayout:
 
     def sequence_params(self, device=None):
         """megatron/TE thd parameters of this pack (`parallel.varlen.PackedSequenceParams`)."""
-        from ..parallel.varlen import packed_sequence_params
+        from cogvx_mega.parallel.varlen import packed_sequence_params
 
         return packed_sequence_params(self.lengths, self.segments, device)
 
@@ -88,7 +88,7 @@ def plan_pack_layout(model: ModelConfig, clips: Sequence[ClipShape], transformer
     """The layout of `clips` packed in this order at the model's parallel layout (`transformer_config`'s
     CP and sequence-parallel sizes). `length`: a fixed pack length (every pack of a step the same size, as
     pipeline parallel needs); it must hold the clips and split evenly."""
-    from ..parallel.context import sequence_split_unit
+    from cogvx_mega.parallel.context import sequence_split_unit
 
     if not clips:
         raise ValueError("a pack needs at least one clip")

@@ -17,15 +17,15 @@ from megatron.core.transformer.transformer_block import (TransformerBlock, Trans
 from megatron.core.utils import get_pg_rank
 from torch import Tensor, nn
 
-from ..config.schema import ModelConfig
-from ..parallel.context import (gather_sequence, padded_sequence_length, rank_major_positions,
-                                sequence_split_unit, split_sequence)
-from ..parallel.pipeline import REPLICATED_MODULES
-from ..parallel.sequence import gather_tokens, local_tokens, mark_sequence_parallel, scatter_tokens
-from .layer import LayerNorm
-from .layer_spec import layer_spec_for, masks_padded_keys
-from .packing import ClipShape, PackLayout, plan_pack_layout, video_tokens
-from .positions import rope_3d_angles, sincos_3d, timestep_sinusoid
+from cogvx_mega.config.schema import ModelConfig
+from cogvx_mega.parallel.context import (gather_sequence, padded_sequence_length, rank_major_positions,
+                                         sequence_split_unit, split_sequence)
+from cogvx_mega.parallel.pipeline import REPLICATED_MODULES
+from cogvx_mega.parallel.sequence import gather_tokens, local_tokens, mark_sequence_parallel, scatter_tokens
+from cogvx_mega.model.layer import LayerNorm
+from cogvx_mega.model.layer_spec import layer_spec_for, masks_padded_keys
+from cogvx_mega.model.packing import ClipShape, PackLayout, plan_pack_layout, video_tokens
+from cogvx_mega.model.positions import rope_3d_angles, sincos_3d, timestep_sinusoid
 
 
 class TableCache:
@@ -142,7 +142,7 @@ class CogVideoXTransformer(MegatronModule):
         a training layout, `single_process_groups()` for a whole model in one process)."""
         super().__init__(config=transformer_config)
         if pg_collection is None:
-            from ..parallel.state import model_parallel_groups
+            from cogvx_mega.parallel.state import model_parallel_groups
 
             pg_collection = model_parallel_groups()
         self.pg_collection = pg_collection
@@ -408,10 +408,10 @@ def build_model_chunks(model: ModelConfig, parallel=None, device: str = "cpu",
                        recompute_num_layers: int = 1) -> list[CogVideoXTransformer]:
     """This rank's model chunks (one per virtual pipeline stage) at megatron's current layout, initialised
     independently of the layout. Call `initialize_parallel` first."""
-    from ..config.megatron import build_transformer_config
-    from ..parallel.pipeline import build_model_chunks as build_stage_chunks
-    from ..parallel.state import model_parallel_groups
-    from .init import initialize_weights
+    from cogvx_mega.config.megatron import build_transformer_config
+    from cogvx_mega.parallel.pipeline import build_model_chunks as build_stage_chunks
+    from cogvx_mega.parallel.state import model_parallel_groups
+    from cogvx_mega.model.init import initialize_weights
 
     transformer_config = build_transformer_config(model, parallel, params_dtype=params_dtype, device=device,
                                                   recompute=recompute, recompute_num_layers=recompute_num_layers)
@@ -426,11 +426,11 @@ def build_model(model: ModelConfig, device: str = "cpu", params_dtype: torch.dty
                 seed: int = 1234, run_device: Optional[str] = None) -> CogVideoXTransformer:
     """The whole model in this process, on its own (`single_process_groups`): it never involves another rank
     and leaves a running job's groups alone."""
-    from ..config.megatron import build_transformer_config
-    from ..parallel.state import single_process_groups
-    from .init import initialize_weights
+    from cogvx_mega.config.megatron import build_transformer_config
+    from cogvx_mega.parallel.state import single_process_groups
+    from cogvx_mega.model.init import initialize_weights
 
-    from ..config.megatron import resolve_rope_impl
+    from cogvx_mega.config.megatron import resolve_rope_impl
 
     # 'auto' choices for the device the model will run on (`run_device`, default `device`)
     model = dataclasses.replace(model, rope_impl=resolve_rope_impl(model.rope_impl, run_device or device))

@@ -15,8 +15,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ..config.schema import ParallelConfig
-from . import cpu_compat
+from cogvx_mega.config.schema import ParallelConfig
+from cogvx_mega.parallel import cpu_compat
 
 logger = logging.getLogger(__name__)
 

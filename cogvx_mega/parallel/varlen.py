@@ -22,8 +22,8 @@ import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 from torch import Tensor
 
-from .context import (_AllToAll, _GatherSequence, _size_rank, inverse_permutation, rank_major_positions,
-                      segment_token_indices)
+from cogvx_mega.parallel.context import (_AllToAll, _GatherSequence, _size_rank, inverse_permutation,
+                                         rank_major_positions, segment_token_indices)
 
 VARLEN_KERNELS = ("per_clip", "sdpa_mask", "flex", "flash")
 

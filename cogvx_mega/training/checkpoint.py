@@ -12,9 +12,9 @@ import uuid
 from pathlib import Path
 from typing import Optional
 
-from ..checkpoint.atomic import repair_interrupted_swap
-from ..checkpoint.meta import is_project_checkpoint
-from ..config.schema import RUNTIME_MODEL_FIELDS, ConfigError, ModelConfig, model_config_from_dict
+from cogvx_mega.checkpoint.atomic import repair_interrupted_swap
+from cogvx_mega.checkpoint.meta import is_project_checkpoint
+from cogvx_mega.config.schema import RUNTIME_MODEL_FIELDS, ConfigError, ModelConfig, model_config_from_dict
 
 STEP_PREFIX = "step_"
 
@@ -78,7 +78,7 @@ def find_resume_checkpoint(resume: Optional[str], run_dir: str | os.PathLike) ->
     'auto' is the newest complete checkpoint of the run that verifies (None if it has none): a damaged one is
     reported in one warning line, moved aside into `checkpoints/damaged-step_<N>-<time>/` (never deleted) and
     the one before it is tried. An explicit folder that does not verify is one clear error."""
-    from ..checkpoint.verify import verify_on_every_rank
+    from cogvx_mega.checkpoint.verify import verify_on_every_rank
 
     if resume is None:
         return None
@@ -164,7 +164,7 @@ def check_resume_config(meta: dict, config, global_batch: int, path) -> list[str
             (changes if name in safe else refused).append(f"{section}.{name}: {old!r} -> {new!r}")
     saved_training = meta.get("training")
     if saved_training is not None:
-        from ..config.schema import TrainingConfig
+        from cogvx_mega.config.schema import TrainingConfig
 
         known = {f.name for f in dataclasses.fields(TrainingConfig)}
         saved_precision = TrainingConfig(**{k: v for k, v in saved_training.items() if k in known}).precision()

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..model.transformer import patchify
-from ..parallel.context import split_sequence
+from cogvx_mega.model.transformer import patchify
+from cogvx_mega.parallel.context import split_sequence
 
 
 def target_tokens(target: Tensor, text_length: int, patch_size: int, patch_size_t,

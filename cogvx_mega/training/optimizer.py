@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from ..config.schema import Config
+from cogvx_mega.config.schema import Config
 
 
 def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, lr: float, min_lr: float) -> float:

@@ -14,12 +14,12 @@ from typing import Optional
 
 import torch
 
-from ..checkpoint.reader import open_transformer_weights
-from ..checkpoint.sharded import load_sharded_checkpoint
-from ..config.schema import ConfigError, ModelConfig
-from ..model.init import global_parameter_name
-from ..parallel.pipeline import unwrap_model
-from . import checkpoint as ckpt
+from cogvx_mega.checkpoint.reader import open_transformer_weights
+from cogvx_mega.checkpoint.sharded import load_sharded_checkpoint
+from cogvx_mega.config.schema import ConfigError, ModelConfig
+from cogvx_mega.model.init import global_parameter_name
+from cogvx_mega.parallel.pipeline import unwrap_model
+from cogvx_mega.training import checkpoint as ckpt
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def load_pretrained_weights(model_chunks, path: str, model_config: ModelConfig, 
     meta = weights.meta
     deltas: dict = {}
     while weights.kind == "sharded" and weights.meta.get("lora"):  # adapters over a base (over a base ...)
-        from ..checkpoint.lora import checkpoint_deltas
+        from cogvx_mega.checkpoint.lora import checkpoint_deltas
 
         base, more = checkpoint_deltas(weights.path, weights.meta, weights.model)
         for key, delta in more.items():
@@ -44,7 +44,7 @@ def load_pretrained_weights(model_chunks, path: str, model_config: ModelConfig, 
     ckpt.check_same_model({"model": dataclasses.asdict(weights.model)}, model_config, path,
                           ignore=ckpt.NOT_IN_THE_WEIGHTS)
     if lora is not None:
-        from ..checkpoint.lora import deltas_from_diffusers_lora
+        from cogvx_mega.checkpoint.lora import deltas_from_diffusers_lora
 
         for key, delta in deltas_from_diffusers_lora(lora, model_config).items():
             deltas[key] = deltas[key] + delta if key in deltas else delta

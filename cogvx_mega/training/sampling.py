@@ -25,8 +25,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..config.schema import ConfigError
-from ..diffusion.sampler import SamplingSettings, sample_latents
+from cogvx_mega.config.schema import ConfigError
+from cogvx_mega.diffusion.sampler import SamplingSettings, sample_latents
 
 logger = logging.getLogger(__name__)
 
@@ -129,9 +129,9 @@ def layout_forward(chunks: Sequence[torch.nn.Module], dtype: torch.dtype = torch
     """`forward(latents, text, timesteps, ofs=None) -> v` (float32, on every rank) for this rank's model chunks
     at megatron's current layout (a single whole model, or the chunks of a TP/PP/VPP/CP layout). Inputs are
     cast to `dtype`, the weights' dtype."""
-    from ..model.transformer import sequence_length
-    from ..parallel.context import padded_sequence_length
-    from ..parallel.pipeline import unwrap_model
+    from cogvx_mega.model.transformer import sequence_length
+    from cogvx_mega.parallel.context import padded_sequence_length
+    from cogvx_mega.parallel.pipeline import unwrap_model
 
     first = unwrap_model(chunks[0])
     pipeline = first.pg_collection.pp  # the groups the model was built with (a whole model: its own, size 1)
@@ -213,9 +213,9 @@ class TrainingSampler:
         the run folder), on every rank."""
         from megatron.core import parallel_state
 
-        from ..diffusion.schedule import schedule_from_config
-        from ..vae import io
-        from . import checkpoint as ckpt
+        from cogvx_mega.diffusion.schedule import schedule_from_config
+        from cogvx_mega.vae import io
+        from cogvx_mega.training import checkpoint as ckpt
 
         s, m = self.config.sampling, self.config.model
         frames, height, width = self.config.sampling_resolution()

@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from ..model.flops import peak_tflops_of
+from cogvx_mega.model.flops import peak_tflops_of
 
 logger = logging.getLogger(__name__)
 

@@ -19,21 +19,21 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from ..checkpoint import faults
-from ..checkpoint.meta import SHARDED_FORMAT, read_checkpoint_meta
-from ..checkpoint.sharded import load_sharded_checkpoint, save_sharded_checkpoint
-from ..config.schema import Config, ConfigError
-from ..diffusion.image_condition import conditioning_latents, image_drop_mask
-from ..diffusion.loss import NoisedBatch, make_training_batch
-from ..diffusion.randomness import Stream, slot_normal, slot_uniform
-from ..diffusion.schedule import schedule_from_config
-from ..diffusion.timesteps import sample_timesteps
-from ..parallel import cpu_compat
-from ..parallel.state import ParallelDims, data_parallel_group
-from . import TrainingDiverged
-from . import checkpoint as ckpt
-from .objective import packed_v_prediction_loss, v_prediction_token_loss
-from .optimizer import build_optimizer, use_fused_cpu_adam, warmup_cosine
+from cogvx_mega.checkpoint import faults
+from cogvx_mega.checkpoint.meta import SHARDED_FORMAT, read_checkpoint_meta
+from cogvx_mega.checkpoint.sharded import load_sharded_checkpoint, save_sharded_checkpoint
+from cogvx_mega.config.schema import Config, ConfigError
+from cogvx_mega.diffusion.image_condition import conditioning_latents, image_drop_mask
+from cogvx_mega.diffusion.loss import NoisedBatch, make_training_batch
+from cogvx_mega.diffusion.randomness import Stream, slot_normal, slot_uniform
+from cogvx_mega.diffusion.schedule import schedule_from_config
+from cogvx_mega.diffusion.timesteps import sample_timesteps
+from cogvx_mega.parallel import cpu_compat
+from cogvx_mega.parallel.state import ParallelDims, data_parallel_group
+from cogvx_mega.training import TrainingDiverged
+from cogvx_mega.training import checkpoint as ckpt
+from cogvx_mega.training.objective import packed_v_prediction_loss, v_prediction_token_loss
+from cogvx_mega.training.optimizer import build_optimizer, use_fused_cpu_adam, warmup_cosine
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,8 @@ def wrap_data_parallel(model_chunks: list[torch.nn.Module], config: Config) -> l
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.transformer.module import Float16Module
 
-    from ..parallel.pipeline import finalize_gradients, mark_replicated_copies, synchronize_replicated_parameters
+    from cogvx_mega.parallel.pipeline import (finalize_gradients, mark_replicated_copies,
+                                              synchronize_replicated_parameters)
 
     p = config.parallel
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=p.overlap_grad_reduce,
@@ -98,8 +99,8 @@ def wrap_data_parallel(model_chunks: list[torch.nn.Module], config: Config) -> l
 
 def _finalize_gradients_with_lora(model_chunks, num_tokens=None, **kwargs) -> None:
     """finalize_gradients, then the LoRA factors' tensor-parallel sums (`model.lora.reduce_lora_gradients`)."""
-    from ..model.lora import reduce_lora_gradients
-    from ..parallel.pipeline import finalize_gradients
+    from cogvx_mega.model.lora import reduce_lora_gradients
+    from cogvx_mega.parallel.pipeline import finalize_gradients
 
     finalize_gradients(model_chunks, num_tokens, **kwargs)
     reduce_lora_gradients(model_chunks)
@@ -202,7 +203,7 @@ class Trainer:
     def _noised_packs(self, batch: dict) -> list[NoisedPack]:
         """This rank's packs, noised: every clip's noise, timestep and text dropout keyed on its global slot
         (its place among the step's clips), timesteps stratified over the step's clips."""
-        from ..model.packing import padded_pack_length
+        from cogvx_mega.model.packing import padded_pack_length
 
         seed, diffusion, m = self.config.training.seed, self.config.diffusion, self.config.model
         clips_in_step = batch["clips_in_step"]
@@ -369,13 +370,13 @@ class Trainer:
 
     def padded_tokens_per_sample(self, latent_grid: Optional[tuple[int, int, int]] = None) -> int:
         """The sequence the model runs on: padded to split evenly over CP (and TP under sequence parallel)."""
-        from ..parallel.context import padded_sequence_length
+        from cogvx_mega.parallel.context import padded_sequence_length
 
         return padded_sequence_length(self.tokens_per_sample(latent_grid), self.model.config)
 
     def tokens_per_sample(self, latent_grid: Optional[tuple[int, int, int]] = None) -> int:
         """Tokens of one sample at `latent_grid` (default: the config's resolution)."""
-        from ..model.transformer import sequence_length
+        from cogvx_mega.model.transformer import sequence_length
 
         m = self.config.model
         return sequence_length(m, *(latent_grid or self.config.data.latent_shape(m)), m.max_text_seq_length)
@@ -386,7 +387,7 @@ class Trainer:
         already at its last step (a finished run resumed) neither trains nor saves again. Returns early, after a
         checkpoint, when training.stop_file appears; raises TrainingDiverged (after a checkpoint of the last
         good weights) when training.max_skipped_steps steps in a row were skipped."""
-        from .telemetry import Telemetry
+        from cogvx_mega.training.telemetry import Telemetry
 
         t = self.config.training
         history: list[dict] = []
@@ -489,8 +490,8 @@ class Trainer:
 
     def _step_flops(self, batch: dict) -> float:
         """Model FLOPs of the step over all ranks (`cogvx_mega.model.flops`)."""
-        from ..model.flops import training_flops
-        from ..model.transformer import sequence_length
+        from cogvx_mega.model.flops import training_flops
+        from cogvx_mega.model.transformer import sequence_length
 
         m = self.config.model
         if "packs" in batch:
@@ -524,7 +525,7 @@ class Trainer:
         """Which model tensors a checkpoint holds: all, or a LoRA run's adapters alone."""
         if not self.config.finetune.lora:
             return None
-        from ..model.lora import is_lora_parameter
+        from cogvx_mega.model.lora import is_lora_parameter
 
         return is_lora_parameter
 

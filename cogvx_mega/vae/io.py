@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from ..config.schema import ConfigError
+from cogvx_mega.config.schema import ConfigError
 
 
 def _import_av():

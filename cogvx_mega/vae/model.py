@@ -13,8 +13,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .config import VAEConfig
-from .time_split import ChunkedTime, ContextParallelTime, TimeSplit, VAEInputError, gather_time, shard_sizes
+from cogvx_mega.vae.config import VAEConfig
+from cogvx_mega.vae.time_split import (ChunkedTime, ContextParallelTime, TimeSplit, VAEInputError, gather_time,
+                                       shard_sizes)
 
 
 class CausalConv3d(nn.Module):

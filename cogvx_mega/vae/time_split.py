@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..kernels.causal_pad import causal_boundary_input
+from cogvx_mega.kernels.causal_pad import causal_boundary_input
 
 
 class VAEInputError(ValueError):

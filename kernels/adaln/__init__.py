@@ -5,6 +5,6 @@ packed clip and expert) instead of six [s, b, h] tensors per layer.
 `ref.py` is the torch reference, `triton.py` the kernels, `op.py` the custom ops with autograd and the one
 place that picks between them (`model.adaln_impl`).
 """
-from .op import gated_residual, modulated_layer_norm
+from cogvx_mega.kernels.adaln.op import gated_residual, modulated_layer_norm
 
 __all__ = ["gated_residual", "modulated_layer_norm"]

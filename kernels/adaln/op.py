@@ -46,7 +46,7 @@ def _norm_backward_torch(grad, x, weight, bias, table, index, mean, rstd):
 def _norm_op(x: Tensor, weight: Tensor, bias: Tensor, eps: float, table: Tensor,
              index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     if triton_runs_here(x):
-        from .triton import modulated_norm_forward
+        from cogvx_mega.kernels.adaln.triton import modulated_norm_forward
 
         return modulated_norm_forward(x, weight, bias, eps, table, index)
     return _norm_forward_torch(x, weight, bias, eps, table, index)
@@ -67,7 +67,7 @@ def _norm_backward(ctx, grad, _grad_mean, _grad_rstd):
     x, weight, bias, table, index, mean, rstd = ctx.saved_tensors
     grad = grad.contiguous()
     if triton_runs_here(x):
-        from .triton import modulated_norm_backward
+        from cogvx_mega.kernels.adaln.triton import modulated_norm_backward
 
         dx, dy_xhat, g_y = modulated_norm_backward(grad, x, weight, bias, table, index, mean, rstd)
     else:
@@ -89,7 +89,7 @@ _norm_op.register_autograd(_norm_backward, setup_context=_norm_setup)
 @torch.library.custom_op("cogvx::gated_residual", mutates_args=())
 def _residual_op(x: Tensor, branch: Tensor, branch_bias: Optional[Tensor], table: Tensor, index: Tensor) -> Tensor:
     if triton_runs_here(x):
-        from .triton import gated_residual_forward
+        from cogvx_mega.kernels.adaln.triton import gated_residual_forward
 
         return gated_residual_forward(x, branch, branch_bias, table, index)
     full = branch.float() if branch_bias is None else branch.float() + branch_bias.float()
@@ -113,7 +113,7 @@ def _residual_backward(ctx, grad):
     branch_bias = branch_bias if ctx.has_bias else None
     grad = grad.contiguous()
     if triton_runs_here(grad):
-        from .triton import gated_residual_backward
+        from cogvx_mega.kernels.adaln.triton import gated_residual_backward
 
         d_branch, g_branch = gated_residual_backward(grad, branch, branch_bias, table, index)
     else:

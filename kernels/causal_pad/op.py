@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from cogvx_mega.kernels.backend import triton_runs_here
-from .ref import causal_boundary_input_ref
+from cogvx_mega.kernels.causal_pad.ref import causal_boundary_input_ref
 
 
 def use_triton(x: torch.Tensor) -> bool:
@@ -18,7 +18,7 @@ def use_triton(x: torch.Tensor) -> bool:
 @torch.library.custom_op("cogvx::causal_boundary_input", mutates_args=())
 def _boundary_op(x: torch.Tensor, halo: Optional[torch.Tensor], pad: int) -> torch.Tensor:
     if use_triton(x):
-        from .triton import causal_boundary_input_triton
+        from cogvx_mega.kernels.causal_pad.triton import causal_boundary_input_triton
 
         return causal_boundary_input_triton(x, halo, pad)
     return causal_boundary_input_ref(x, halo, pad).contiguous()

@@ -5,6 +5,6 @@ launch rotates q and k, forward and backward), `op.py` the custom op with autogr
 picks between them. Per-token angles make packed multi-clip sequences work: each token carries its own clip's
 position. Used by the expert-AdaLN layer's attention (`model.rope_impl`).
 """
-from .op import apply_rope_3d, rope_3d
+from cogvx_mega.kernels.rope.op import apply_rope_3d, rope_3d
 
 __all__ = ["apply_rope_3d", "rope_3d"]

@@ -7,14 +7,14 @@ import torch
 from torch import Tensor
 
 from cogvx_mega.kernels.backend import triton_runs_here
-from .ref import rope_3d_ref
+from cogvx_mega.kernels.rope.ref import rope_3d_ref
 
 ROPE_IMPLS = ("torch", "triton", "te")
 
 
 def _rotate(q: Tensor, k: Tensor, angles: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
     if triton_runs_here(q):
-        from .triton import rope_3d_triton
+        from cogvx_mega.kernels.rope.triton import rope_3d_triton
 
         return rope_3d_triton(q, k, angles, (angles != 0).any(dim=1), inverse)
     sign = -1.0 if inverse else 1.0
