@@ -137,9 +137,9 @@ def run_training(config, resume: Optional[str] = None, init_from: Optional[str] 
         ckpt.check_same_model(meta, config.model, resume_path)
         changes = ckpt.check_resume_config(meta, config, global_batch, resume_path)
         if lora and meta.get("lora"):
-            from cogvx_mega.checkpoint.lora import check_base
+            from cogvx_mega.checkpoint.reader import check_lora_base
 
-            check_base(meta["lora"], config.model, str(resume_path))
+            check_lora_base(meta["lora"], config.model, str(resume_path))
             lora_base = {k: meta["lora"].get(k) for k in ("base", "base_fingerprint", "base_lora")}
     else:
         existing = ckpt.list_checkpoints(run_dir)
@@ -161,7 +161,7 @@ def run_training(config, resume: Optional[str] = None, init_from: Optional[str] 
 
                 deltas_from_diffusers_lora(init_lora, config.model)  # a bad file fails here, before anything is written
             if lora:
-                from cogvx_mega.checkpoint.lora import base_fingerprint
+                from cogvx_mega.checkpoint.reader import base_fingerprint
 
                 lora_base = {"base": os.path.abspath(init_from), "base_fingerprint": base_fingerprint(init_from),
                              "base_lora": os.path.abspath(init_lora) if init_lora else None}

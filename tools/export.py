@@ -145,8 +145,8 @@ def export_diffusers(ckpt: str, vae: str, text_encoder: str, out: str, dtype: st
 def export_lora(ckpt: str, out: str, overwrite: bool = False) -> Path:
     """`cogvx export lora`: a LoRA training checkpoint's adapters as `pytorch_lora_weights.safetensors` in the
     PEFT/diffusers names `CogVideoXPipeline.load_lora_weights` reads (scale folded into B)."""
-    from cogvx_mega.checkpoint.lora import (check_base, diffusers_lora_state, lora_scale, read_lora_adapters,
-                                            write_lora_folder)
+    from cogvx_mega.checkpoint.lora import diffusers_lora_state, lora_scale, read_lora_adapters, write_lora_folder
+    from cogvx_mega.checkpoint.reader import check_lora_base
     from cogvx_mega.checkpoint.meta import read_checkpoint_meta
     from cogvx_mega.config.schema import model_config_from_dict
 
@@ -160,7 +160,7 @@ def export_lora(ckpt: str, out: str, overwrite: bool = False) -> Path:
         raise ConfigError("--ckpt", ckpt, "is not a LoRA checkpoint (no adapters); `cogvx export diffusers` writes "
                                           "the whole model")
     model = model_config_from_dict(meta["model"])
-    check_base(lora, model, ckpt)
+    check_lora_base(lora, model, ckpt)
     if lora.get("base_lora"):
         logger.warning("%s was trained on its base with %s merged; the exported adapters hold only what this run "
                        "learned: load both LoRAs in diffusers", ckpt, lora["base_lora"])

@@ -1,4 +1,6 @@
-"""LoRA checkpoints and LoRA files, as tensors (no model is built here).
+"""LoRA checkpoints and LoRA files, as tensors (no model is built here): a leaf that reads adapters and merges
+deltas into weights it is given. Following a LoRA checkpoint to its base (and that base to its own base) is the
+reader's job (`checkpoint.reader.resolve_lora_chain`).
 
 A LoRA training checkpoint is a torch-dist-v1 checkpoint whose model part holds only the adapters
 (`decoder.layers.{i}.<path>.lora_A|B`, stacked over layers by megatron like every layer tensor) and whose
@@ -13,7 +15,6 @@ default alpha = rank gives scale 1).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -39,52 +40,6 @@ _DIFFUSERS_BLOCK = "transformer.transformer_blocks.{i}."
 def lora_weight_key(layer: int, target: str) -> str:
     """The project key of the base weight a target adapts in layer `layer`."""
     return PROJECT_LAYER.format(i=layer) + _DIFFUSERS_MODULES[target][0] + ".weight"
-
-
-# --- fingerprints of the base -------------------------------------------------------------------------------
-
-def base_fingerprint(path: str | os.PathLike) -> str:
-    """A short digest that changes when the base weights at `path` change: the model config and two tensors
-    read lazily (diffusers or single-file), or the metadata of a sharded checkpoint (a step of one run)."""
-    from cogvx_mega.checkpoint.reader import open_transformer_weights
-
-    weights = open_transformer_weights(path)
-    digest = hashlib.sha256(json.dumps(_weights_config(weights.model), sort_keys=True).encode())
-    if weights.source is None:
-        digest.update(json.dumps(weights.meta, sort_keys=True, default=str).encode())
-    else:
-        for key in ("time_embedding.linear_1.weight", "patch_embed.text_proj.weight"):
-            digest.update(weights.source.read(key).float().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
-def _weights_config(model: ModelConfig) -> dict:
-    import dataclasses
-
-    from cogvx_mega.config.schema import RUNTIME_MODEL_FIELDS
-
-    return {k: v for k, v in dataclasses.asdict(model).items() if k not in (*RUNTIME_MODEL_FIELDS, "latent_scale")}
-
-
-def check_base(lora_meta: dict, model: ModelConfig, where: str) -> Path:
-    """The base of a LoRA checkpoint, checked: it exists, holds this model and is the weights it was trained
-    on (its fingerprint); one clear error otherwise."""
-    from cogvx_mega.checkpoint.reader import open_transformer_weights
-
-    base = Path(lora_meta["base"])
-    if not base.exists():
-        raise ConfigError("checkpoint", where, f"is a LoRA checkpoint of the base {base}, which does not exist any "
-                                               f"more; put the base weights back at that path")
-    base_model = open_transformer_weights(base).model
-    if _weights_config(base_model) != _weights_config(model):
-        raise ConfigError("checkpoint", where, f"is a LoRA checkpoint whose base {base} holds another model; it "
-                                               f"does not match the adapters")
-    found = base_fingerprint(base)
-    if found != lora_meta.get("base_fingerprint"):
-        raise ConfigError("checkpoint", where, f"is a LoRA checkpoint whose base {base} has changed since training "
-                                               f"(fingerprint {found}, trained on {lora_meta.get('base_fingerprint')}); "
-                                               f"the adapters do not fit other base weights")
-    return base
 
 
 # --- adapters of a LoRA training checkpoint -------------------------------------------------------------------
@@ -114,6 +69,13 @@ def adapter_deltas(adapters: dict, scale: float) -> dict[str, Tensor]:
     return {lora_weight_key(layer, target): scale * b @ a for (layer, target), (a, b) in adapters.items()}
 
 
+def accumulate_deltas(total: dict[str, Tensor], more: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Add `more` into `total` key by key (both {project weight key: delta}); returns `total`."""
+    for key, delta in more.items():
+        total[key] = total[key] + delta if key in total else delta
+    return total
+
+
 def merge_deltas(state: dict[str, Tensor], deltas: dict[str, Tensor]) -> dict[str, Tensor]:
     """A copy of a project state with the deltas added (in the weights' dtype, computed in fp32)."""
     merged = dict(state)
@@ -123,30 +85,6 @@ def merge_deltas(state: dict[str, Tensor], deltas: dict[str, Tensor]) -> dict[st
                                   f"({tuple(delta.shape)} vs {tuple(merged[key].shape) if key in merged else 'none'})")
         merged[key] = (merged[key].float() + delta).to(merged[key].dtype)
     return merged
-
-
-def read_merged_lora_checkpoint(path: str | os.PathLike, meta: dict) -> tuple[ModelConfig, dict[str, Tensor]]:
-    """(model config, base + adapters as one project state) of a LoRA training checkpoint."""
-    from cogvx_mega.config.schema import model_config_from_dict
-    from cogvx_mega.checkpoint.reader import read_transformer_checkpoint
-
-    model = model_config_from_dict(meta["model"])
-    base = check_base(meta["lora"], model, str(path))
-    _, state, _ = read_transformer_checkpoint(base)
-    if meta["lora"].get("base_lora"):  # a diffusers LoRA merged into the base before training (--init-lora)
-        state = merge_deltas(state, deltas_from_diffusers_lora(meta["lora"]["base_lora"], model))
-    return model, merge_deltas(state, adapter_deltas(read_lora_adapters(path, meta), lora_scale(meta["lora"])))
-
-
-def checkpoint_deltas(path: str | os.PathLike, meta: dict, model: ModelConfig) -> tuple[Path, dict[str, Tensor]]:
-    """(base path, {project weight key: delta}) of a LoRA training checkpoint: its adapters, plus the diffusers
-    LoRA that was merged into the base before training, if any."""
-    base = check_base(meta["lora"], model, str(path))
-    deltas = adapter_deltas(read_lora_adapters(path, meta), lora_scale(meta["lora"]))
-    if meta["lora"].get("base_lora"):
-        for key, delta in deltas_from_diffusers_lora(meta["lora"]["base_lora"], model).items():
-            deltas[key] = deltas[key] + delta if key in deltas else delta
-    return base, deltas
 
 
 # --- diffusers / PEFT LoRA files ------------------------------------------------------------------------------

@@ -1,7 +1,11 @@
 """One entry point for transformer weights in any format we accept: a diffusers transformer folder, a
-diffusers pipeline folder (its transformer/), a single-v1 or a torch-dist-v1 project checkpoint."""
+diffusers pipeline folder (its transformer/), a single-v1 or a torch-dist-v1 project checkpoint; and the one
+place that follows a LoRA checkpoint to the base weights it was trained on (`resolve_lora_chain`)."""
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,7 +13,9 @@ from typing import Optional
 
 from torch import Tensor
 
-from cogvx_mega.config.schema import ConfigError, ModelConfig, model_config_from_dict
+from cogvx_mega.checkpoint.lora import (accumulate_deltas, adapter_deltas, deltas_from_diffusers_lora, lora_scale,
+                                        merge_deltas, read_lora_adapters)
+from cogvx_mega.config.schema import RUNTIME_MODEL_FIELDS, ConfigError, ModelConfig, model_config_from_dict
 from cogvx_mega.checkpoint.meta import (SHARDED_FORMAT, SINGLE_FORMAT, TRANSFORMER_FORMATS, is_project_checkpoint,
                                         read_checkpoint_meta)
 from cogvx_mega.checkpoint.single_file import open_single_file_checkpoint
@@ -56,17 +62,14 @@ def read_transformer_checkpoint(path: str | os.PathLike) -> tuple[ModelConfig, d
     from cogvx_mega.checkpoint.sharded import read_sharded_model_state
 
     weights = open_transformer_weights(path)
-    if weights.kind == "sharded" and weights.meta.get("lora"):  # adapters + a pointer to the base: merged here
-        from cogvx_mega.checkpoint.lora import read_merged_lora_checkpoint
-
-        model, state = read_merged_lora_checkpoint(weights.path, weights.meta)
-        return model, state, weights.meta
-    if weights.kind == "sharded":
-        model, state = read_sharded_model_state(weights.path, weights.meta)
-        return model, state, weights.meta
-    if weights.kind == "diffusers":
-        weights.source.check_nothing_unused()
-    return weights.model, weights.source.read_all(), weights.meta
+    base, deltas = resolve_lora_chain(weights)
+    if base.kind == "sharded":
+        _, state = read_sharded_model_state(base.path, base.meta)
+    else:
+        if base.kind == "diffusers":
+            base.source.check_nothing_unused()
+        state = base.source.read_all()
+    return weights.model, merge_deltas(state, deltas) if deltas else state, weights.meta
 
 
 def read_project_checkpoint(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, Tensor], dict]:
@@ -74,3 +77,57 @@ def read_project_checkpoint(path: str | os.PathLike) -> tuple[ModelConfig, dict[
     if not is_project_checkpoint(path):
         read_checkpoint_meta(path)  # raises the clear "no cogvx_checkpoint.json" error
     return read_transformer_checkpoint(path)
+
+
+# --- LoRA checkpoints and their bases -------------------------------------------------------------------------
+
+def resolve_lora_chain(weights: TransformerWeights) -> tuple[TransformerWeights, dict[str, Tensor]]:
+    """(the full weights under a LoRA checkpoint, {project weight key: the summed delta}) of `weights`: a LoRA
+    training checkpoint holds adapters and points at its base (checked to be the weights it was trained on),
+    which may itself be a LoRA checkpoint; each level adds its adapters (alpha / rank * B A) and the diffusers
+    LoRA merged into its base before training (`--init-lora`), if any. Full weights give themselves and {}."""
+    deltas: dict[str, Tensor] = {}
+    while weights.kind == "sharded" and weights.meta.get("lora"):
+        lora = weights.meta["lora"]
+        base = check_lora_base(lora, weights.model, str(weights.path))
+        accumulate_deltas(deltas, adapter_deltas(read_lora_adapters(weights.path, weights.meta), lora_scale(lora)))
+        if lora.get("base_lora"):
+            accumulate_deltas(deltas, deltas_from_diffusers_lora(lora["base_lora"], weights.model))
+        weights = open_transformer_weights(base)
+    return weights, deltas
+
+
+def _weights_config(model: ModelConfig) -> dict:
+    """The model fields that are properties of the weights (not how the model runs, not the VAE's scale)."""
+    return {k: v for k, v in dataclasses.asdict(model).items() if k not in (*RUNTIME_MODEL_FIELDS, "latent_scale")}
+
+
+def base_fingerprint(path: str | os.PathLike) -> str:
+    """A short digest that changes when the base weights at `path` change: the model config and two tensors
+    read lazily (diffusers or single-file), or the metadata of a sharded checkpoint (a step of one run)."""
+    weights = open_transformer_weights(path)
+    digest = hashlib.sha256(json.dumps(_weights_config(weights.model), sort_keys=True).encode())
+    if weights.source is None:
+        digest.update(json.dumps(weights.meta, sort_keys=True, default=str).encode())
+    else:
+        for key in ("time_embedding.linear_1.weight", "patch_embed.text_proj.weight"):
+            digest.update(weights.source.read(key).float().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def check_lora_base(lora_meta: dict, model: ModelConfig, where: str) -> Path:
+    """The base of a LoRA checkpoint, checked: it exists, holds this model and is the weights it was trained
+    on (its fingerprint); one clear error otherwise."""
+    base = Path(lora_meta["base"])
+    if not base.exists():
+        raise ConfigError("checkpoint", where, f"is a LoRA checkpoint of the base {base}, which does not exist any "
+                                               f"more; put the base weights back at that path")
+    if _weights_config(open_transformer_weights(base).model) != _weights_config(model):
+        raise ConfigError("checkpoint", where, f"is a LoRA checkpoint whose base {base} holds another model; it "
+                                               f"does not match the adapters")
+    found = base_fingerprint(base)
+    if found != lora_meta.get("base_fingerprint"):
+        raise ConfigError("checkpoint", where, f"is a LoRA checkpoint whose base {base} has changed since training "
+                                               f"(fingerprint {found}, trained on {lora_meta.get('base_fingerprint')}); "
+                                               f"the adapters do not fit other base weights")
+    return base

@@ -14,7 +14,8 @@ from typing import Optional
 
 import torch
 
-from cogvx_mega.checkpoint.reader import open_transformer_weights
+from cogvx_mega.checkpoint.lora import accumulate_deltas, deltas_from_diffusers_lora
+from cogvx_mega.checkpoint.reader import open_transformer_weights, resolve_lora_chain
 from cogvx_mega.checkpoint.sharded import load_sharded_checkpoint
 from cogvx_mega.config.schema import ConfigError, ModelConfig
 from cogvx_mega.model.init import global_parameter_name
@@ -31,23 +32,12 @@ def load_pretrained_weights(model_chunks, path: str, model_config: ModelConfig, 
 
     A LoRA training checkpoint loads as its base with the adapters merged; `lora` (a diffusers/PEFT LoRA
     folder or file) is merged into the weights as well. Each rank adds only its shard of every delta."""
-    weights = open_transformer_weights(path)
-    meta = weights.meta
-    deltas: dict = {}
-    while weights.kind == "sharded" and weights.meta.get("lora"):  # adapters over a base (over a base ...)
-        from cogvx_mega.checkpoint.lora import checkpoint_deltas
-
-        base, more = checkpoint_deltas(weights.path, weights.meta, weights.model)
-        for key, delta in more.items():
-            deltas[key] = deltas[key] + delta if key in deltas else delta
-        weights = open_transformer_weights(base)
+    requested = open_transformer_weights(path)
+    weights, deltas = resolve_lora_chain(requested)  # a LoRA checkpoint: its base (over a base ...) and the deltas
     ckpt.check_same_model({"model": dataclasses.asdict(weights.model)}, model_config, path,
                           ignore=ckpt.NOT_IN_THE_WEIGHTS)
     if lora is not None:
-        from cogvx_mega.checkpoint.lora import deltas_from_diffusers_lora
-
-        for key, delta in deltas_from_diffusers_lora(lora, model_config).items():
-            deltas[key] = deltas[key] + delta if key in deltas else delta
+        accumulate_deltas(deltas, deltas_from_diffusers_lora(lora, model_config))
     chunks = [unwrap_model(chunk) for chunk in model_chunks]
     if weights.kind == "sharded":
         load_sharded_checkpoint(weights.path, chunks)
@@ -55,7 +45,7 @@ def load_pretrained_weights(model_chunks, path: str, model_config: ModelConfig, 
         _copy_from_source(chunks, weights.source, path)
     if deltas:
         _add_deltas(chunks, deltas, path if lora is None else lora)
-    return meta
+    return requested.meta
 
 
 def _shard_of(param, tp_size: int, tp_rank: int) -> tuple[Optional[int], int]:
