@@ -217,10 +217,14 @@ def write_records(out: Path, device: str, records: dict) -> None:
 
 def run_plan(plan: str, rehearse: bool, out: Path) -> int:
     out.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="cogvx-rehearsal-")) if rehearse else None
+    work = Path(tempfile.mkdtemp(prefix="cogvx-rehearsal-" if rehearse else "cogvx-suite-"))
     site = str(work / "site") if rehearse else DEVICE_SITE
     shim = rehearsal_shim(work / "shim") if rehearse else None
     env = step_environment(site, rehearse, shim)
+    # setuptools builds in a scratch folder: a build/lib in the checkout keeps every file it ever held (a module
+    # since deleted or turned into a package would be installed again)
+    (work / "distutils.cfg").write_text(f"[build]\nbuild_base = {work / 'build'}\n[egg_info]\negg_base = {work}\n")
+    env["DIST_EXTRA_CONFIG"] = str(work / "distutils.cfg")
     if not rehearse:
         shutil.rmtree(site, ignore_errors=True)
     records: dict = {}
@@ -261,8 +265,7 @@ def run_plan(plan: str, rehearse: bool, out: Path) -> int:
                 print(record["output"][-3000:])
                 break  # nothing else can run without the project
     finally:
-        if work is not None:
-            shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
     print()
     for target in targets(records, plan):
         print(target)

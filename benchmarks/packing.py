@@ -24,7 +24,7 @@ from timing import median_seconds  # benchmarks/timing.py, beside this script
 
 
 def build(args):
-    from cogvx_mega.config.schema import ModelConfig
+    from cogvx_mega.config.model import ModelConfig
     from cogvx_mega.model.transformer import build_model
 
     model = ModelConfig(num_layers=args.layers, num_attention_heads=args.heads, attention_head_dim=args.head_dim,

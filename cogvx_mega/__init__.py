@@ -23,4 +23,11 @@ def load_vae(path, device="cpu", dtype=None):
     return _load_vae(path, device=device, dtype=dtype or torch.float32)
 
 
-__all__ = ["from_pretrained", "load_vae", "__version__"]
+def train(config, resume=None, init_from=None, init_lora=None):
+    """See `cogvx_mega.api.train`."""
+    from cogvx_mega.api import train as _train
+
+    return _train(config, resume=resume, init_from=init_from, init_lora=init_lora)
+
+
+__all__ = ["from_pretrained", "load_vae", "train", "__version__"]

@@ -28,3 +28,12 @@ def load_vae(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32)
     from cogvx_mega.tools.load import load_vae as _load_vae
 
     return _load_vae(path, device=device, dtype=dtype)
+
+
+def train(config, resume: str | None = None, init_from: str | None = None, init_lora: str | None = None) -> list[dict]:
+    """Train a run as `cogvx train` does (in this process, or on every rank under torchrun): `config` from
+    `cogvx_mega.config.load_config`; `resume` 'auto' or a checkpoint folder; `init_from` weights to start from
+    (with a diffusers LoRA `init_lora` merged). Returns each step's metrics."""
+    from cogvx_mega.run.training import run_training
+
+    return run_training(config, resume=resume, init_from=init_from, init_lora=init_lora)

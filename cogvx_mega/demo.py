@@ -91,14 +91,11 @@ def run_demo(run_dir: str = "runs/demo", steps: int = 300) -> dict:
 
     from cogvx_mega.checkpoint.transformer import write_diffusers_folder
     from cogvx_mega.data.manifest import find_media, scan, write_manifest
-    from cogvx_mega.config import load_config, write_resolved_config
-    from cogvx_mega.data.cache_reader import CacheDataset
+    from cogvx_mega.config import load_config
     from cogvx_mega.data.synthetic import COLOURS, DIRECTIONS, SHAPES, SPEEDS
     from cogvx_mega.data.tiny_models import make_tiny_t5, make_tiny_vae
-    from cogvx_mega.model.transformer import build_model_chunks
-    from cogvx_mega.parallel.state import initialize_parallel
+    from cogvx_mega.run.training import prepare_training
     from cogvx_mega.tools.data_encode import encode_manifest
-    from cogvx_mega.training.trainer import Trainer
 
     run = Path(run_dir)
     shutil.rmtree(run, ignore_errors=True)
@@ -118,14 +115,11 @@ def run_demo(run_dir: str = "runs/demo", steps: int = 300) -> dict:
     encode_manifest(config, str(run / "manifest.jsonl"), str(run / "models" / "vae"), str(run / "models" / "t5"),
                     str(run / "cache.zarr"), shard_clips=8, device="cpu")
     config.data.source = str(run / "cache.zarr")
-    dataset = CacheDataset(config.data.source, config.model.max_text_seq_length, config.model.in_channels)
-    write_resolved_config(config, str(run))
 
     print(f"[4/6] training preset 'tiny' for {steps} steps on CPU from the cache")
-    dims = initialize_parallel(config.parallel, device="cpu", seed=config.training.seed)
-    (model,) = build_model_chunks(config.model, config.parallel, device="cpu", seed=config.training.seed)
-    trainer = Trainer(config, dims, [model], dataset, run_dir=str(run))
-    history = trainer.fit()
+    training = prepare_training(config)  # the same setup as `cogvx train` (it writes the resolved config)
+    dataset, model = training.dataset, training.trainer.model
+    history = training.fit()
     checkpoint = sorted((run / "checkpoints").glob("step_*"))[-1]
 
     print(f"[5/6] converting {checkpoint} to diffusers format")

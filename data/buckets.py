@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
-from cogvx_mega.config.schema import ConfigError, check_frame_count
+from cogvx_mega.config.errors import ConfigError, check_frame_count
 
 
 @dataclass(frozen=True, order=True)

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 import numpy as np
 
 from cogvx_mega.checkpoint.atomic import write_text_atomically
-from cogvx_mega.config.schema import ConfigError
+from cogvx_mega.config.errors import ConfigError
 from cogvx_mega.data.buckets import Bucket, group_by_bucket
 from cogvx_mega.data.manifest import read_manifest
 

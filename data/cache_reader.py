@@ -19,7 +19,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from cogvx_mega.config.schema import ConfigError
+from cogvx_mega.config.errors import ConfigError
 from cogvx_mega.diffusion.randomness import Stream, slot_normal
 from cogvx_mega.data.cache import CACHE_FORMAT, FIRST_FRAME, committed, usable_clips
 

@@ -146,12 +146,12 @@ def synthetic_dataset_for(config):
     """The synthetic moving-shapes dataset at the config's resolution and model widths; with data.buckets, the
     clips are spread over the buckets in turn (a `BucketedLatentDataset`). An image-to-video model gets the
     clips' first frames too, encoded by the toy encoder (`first_frames.ToyFirstFrameLatents`)."""
-    from cogvx_mega.config.schema import ConfigError
+    from cogvx_mega.config.errors import ConfigError
     from cogvx_mega.data.synthetic import generate_synthetic_clips, generate_synthetic_dataset
 
     data, model = config.data, config.model
     channels = model.out_channels  # the video latents; an image-to-video model takes twice as many channels in
-    image_to_video = model.in_channels != model.out_channels
+    image_to_video = model.is_image_to_video
     if data.buckets:
         from cogvx_mega.data.buckets import Bucket
 

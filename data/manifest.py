@@ -141,7 +141,7 @@ def probe_media(path: str | Path) -> dict:
 
 def read_captions(file: str | Path, root: Optional[Path] = None) -> dict[str, str]:
     """path -> caption from a JSONL or CSV captions file (relative paths are taken relative to `root`)."""
-    from cogvx_mega.config.schema import ConfigError
+    from cogvx_mega.config.errors import ConfigError
 
     file = Path(file)
     if not file.is_file():
@@ -223,7 +223,7 @@ def write_manifest(records: list[ClipRecord], path: str | Path) -> Path:
 
 
 def read_manifest(path: str | Path) -> list[dict]:
-    from cogvx_mega.config.schema import ConfigError
+    from cogvx_mega.config.errors import ConfigError
 
     file = Path(path)
     if not file.is_file():

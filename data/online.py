@@ -161,7 +161,7 @@ def open_online_dataset(plan: CachePlan, vae, text_encoder, config, device: Opti
     device = device or config.training.device
     encoder = ClipEncoder(vae, text_encoder, config.data.fps, device, workers=config.data.num_workers)
     image_latents = None
-    if config.model.in_channels != config.model.out_channels:
+    if config.model.is_image_to_video:
         from cogvx_mega.data.first_frames import VAEFirstFrameLatents
 
         image_latents = VAEFirstFrameLatents(vae, config.diffusion, device)

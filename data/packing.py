@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from cogvx_mega.config.schema import ConfigError
+from cogvx_mega.config.errors import ConfigError
 
 ClipRef = tuple  # (bucket name, clip index within the bucket): one clip of a dataset
 

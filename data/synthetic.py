@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from cogvx_mega.vae.io import encode_frames
+
 COLOURS = {"red": (1.0, -0.8, -0.8), "green": (-0.8, 1.0, -0.8), "blue": (-0.8, -0.8, 1.0),
            "yellow": (1.0, 1.0, -0.8), "white": (1.0, 1.0, 1.0)}
 SHAPES = ("square", "circle", "bar")
@@ -164,19 +166,9 @@ def generate_synthetic_clips(num_clips: int, frames: int, height: int, width: in
 
 def write_video_file(path, frames, fps: float, codec: str = "libx264", pixel_format: str = "yuv420p",
                      options: dict | None = None):
-    """Encode uint8 frames [T, H, W, 3] into a video file with PyAV (H.264 in MP4, VP9 in WebM, MJPEG in
-    AVI, ...): real media for the data path's tests, benchmarks and demo."""
-    import av
-
-    with av.open(str(path), "w", options=options or {}) as container:
-        stream = container.add_stream(codec, rate=fps)
-        stream.width, stream.height = frames.shape[2], frames.shape[1]
-        stream.pix_fmt = pixel_format
-        for image in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    """Encode uint8 frames [T, H, W, 3] into a video file (H.264 in MP4, VP9 in WebM, MJPEG in AVI, ...; the
+    one writer, `vae.io.encode_frames`): real media for the data path's tests, benchmarks and demo."""
+    encode_frames(path, frames, fps, codec, pixel_format, container_options=options)
     return path
 
 

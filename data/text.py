@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from cogvx_mega.config.schema import ConfigError
+from cogvx_mega.config.errors import ConfigError
 
 _TOKENIZER_FILES = ("spiece.model", "tokenizer.json", "tokenizer_config.json")
 

@@ -14,7 +14,7 @@ from cogvx_mega.checkpoint.single_file import save_project_checkpoint
 from cogvx_mega.checkpoint.transformer import (check_project_state, diffusers_to_project, expected_shapes,
                                                read_diffusers_folder, sat_to_project, write_diffusers_folder)
 from cogvx_mega.checkpoint.weights import read_sat_state
-from cogvx_mega.config.schema import ConfigError
+from cogvx_mega.config.errors import ConfigError
 
 DIRECTIONS = ("diffusers-to-project", "project-to-diffusers", "sat-to-project")
 

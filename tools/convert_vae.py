@@ -11,7 +11,7 @@ from cogvx_mega.checkpoint.meta import is_project_checkpoint
 from cogvx_mega.checkpoint.vae import (read_diffusers_vae_folder, read_vae_checkpoint, sat_vae_to_project,
                                        save_vae_checkpoint, write_diffusers_vae_folder)
 from cogvx_mega.checkpoint.weights import read_sat_state
-from cogvx_mega.config.schema import ConfigError
+from cogvx_mega.config.errors import ConfigError
 from cogvx_mega.vae import vae_preset
 
 DIRECTIONS = ("vae-diffusers-to-project", "vae-project-to-diffusers", "vae-sat-to-project")

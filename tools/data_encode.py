@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from cogvx_mega.config.schema import ConfigError
+from cogvx_mega.config.errors import ConfigError
 from cogvx_mega.data.cache import check_output, committed, create_store, encode_cache, plan_from_manifest
 from cogvx_mega.data.encoder import ClipEncoder
 from cogvx_mega.data.text import T5TextEncoder

@@ -22,7 +22,7 @@ import torch
 
 from cogvx_mega.checkpoint.atomic import atomic_directory
 from cogvx_mega.checkpoint.meta import is_project_checkpoint
-from cogvx_mega.config.schema import ConfigError
+from cogvx_mega.config.errors import ConfigError, refuse_existing_output
 
 logger = logging.getLogger(__name__)
 
@@ -97,8 +97,7 @@ def export_diffusers(ckpt: str, vae: str, text_encoder: str, out: str, dtype: st
     from cogvx_mega.data.text import t5_parts
     from cogvx_mega.tools.sample import diffusion_config_for
 
-    if Path(out).exists() and not overwrite:
-        raise ConfigError("--out", out, "already exists; pass --overwrite or another folder")
+    refuse_existing_output("--out", out, overwrite, what="folder")
     if dtype not in DTYPES:
         raise ConfigError("--dtype", dtype, f"choose one of {', '.join(DTYPES)}")
     for flag, path in (("--ckpt", ckpt), ("--vae", vae)):
@@ -116,7 +115,7 @@ def export_diffusers(ckpt: str, vae: str, text_encoder: str, out: str, dtype: st
                                                           f"model.text_embed_dim={model_config.text_embed_dim}")
     diffusion = diffusion_config_for(ckpt)
     weights = {key: value.to(DTYPES[dtype]) for key, value in project_to_diffusers(state, model_config).items()}
-    image_to_video = model_config.in_channels != model_config.out_channels
+    image_to_video = model_config.is_image_to_video
     tokenizer_class = json.loads((tokenizer_dir / "tokenizer_config.json").read_text()).get(
         "tokenizer_class", "T5Tokenizer") if (tokenizer_dir / "tokenizer_config.json").is_file() else "T5Tokenizer"
     import diffusers
@@ -148,10 +147,9 @@ def export_lora(ckpt: str, out: str, overwrite: bool = False) -> Path:
     from cogvx_mega.checkpoint.lora import diffusers_lora_state, lora_scale, read_lora_adapters, write_lora_folder
     from cogvx_mega.checkpoint.reader import check_lora_base
     from cogvx_mega.checkpoint.meta import read_checkpoint_meta
-    from cogvx_mega.config.schema import model_config_from_dict
+    from cogvx_mega.config.model import model_config_from_dict
 
-    if Path(out).exists() and not overwrite:
-        raise ConfigError("--out", out, "already exists; pass --overwrite or another folder")
+    refuse_existing_output("--out", out, overwrite, what="folder")
     if not Path(ckpt).exists():
         raise ConfigError("--ckpt", ckpt, "no such file or folder")
     meta = read_checkpoint_meta(ckpt)

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from cogvx_mega.config.schema import ConfigError
+from cogvx_mega.config.errors import ConfigError
 
 STOP_FILE_NAME = ".stop-requested"
 # NCCL and torch settings for multi-node runs (each a fact of the libraries, overridable with --env)
@@ -194,20 +194,3 @@ def launch_slurm(args, train_args: list[str], config) -> str:
         message = (result.stderr or result.stdout).strip().splitlines()
         raise ConfigError("sbatch", str(path), f"refused the job: {message[-1] if message else result.returncode}")
     return result.stdout.strip().split(";")[0]
-
-
-def add_launch_arguments(parser) -> None:
-    parser.add_argument("--nodes", type=int, required=True)
-    parser.add_argument("--gpus-per-node", type=int, required=True,
-                        help="ranks per node (GPUs; with training.device=cpu, processes)")
-    parser.add_argument("--partition")
-    parser.add_argument("--time", help="SLURM time limit, e.g. 04:00:00")
-    parser.add_argument("--account")
-    parser.add_argument("--qos")
-    parser.add_argument("--cpus-per-task", type=int)
-    parser.add_argument("--job-name")
-    parser.add_argument("--signal-seconds", type=int, default=300,
-                        help="checkpoint and requeue this long before the time limit")
-    parser.add_argument("--env", action="append", metavar="NAME=VALUE", help="extra environment for the job")
-    parser.add_argument("--dry-run", action="store_true", help="print the script; write and submit nothing")
-    parser.add_argument("train_args", nargs="...", help="-- then the `cogvx train` arguments")

@@ -8,7 +8,7 @@ import torch
 
 from cogvx_mega.checkpoint.meta import is_project_checkpoint
 from cogvx_mega.checkpoint.vae import read_diffusers_vae_folder, read_vae_checkpoint
-from cogvx_mega.config.schema import ConfigError
+from cogvx_mega.config.errors import ConfigError
 
 
 def load_transformer(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32, backend: str = "local",
@@ -19,7 +19,7 @@ def load_transformer(path: str, device: str = "cpu", dtype: torch.dtype = torch.
 
     from cogvx_mega.checkpoint.reader import read_transformer_checkpoint
     from cogvx_mega.checkpoint.transformer import load_project_state
-    from cogvx_mega.config.schema import RUNTIME_MODEL_FIELDS
+    from cogvx_mega.config.model import RUNTIME_MODEL_FIELDS
     from cogvx_mega.model.transformer import build_model
 
     if not Path(path).exists():

@@ -5,7 +5,8 @@ from dataclasses import dataclass
 from typing import Optional
 from types import SimpleNamespace
 
-from cogvx_mega.config.schema import Config, ConfigError
+from cogvx_mega.config.errors import ConfigError
+from cogvx_mega.config.schema import Config
 
 # Tensor-parallel shards: column-parallel weights and biases, row-parallel weights.
 _TP_SHARDED = ("self_attention.linear_qkv.", "mlp.linear_fc1.", "self_attention.linear_proj.weight",

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from cogvx_mega.config.schema import ConfigError, DiffusionConfig, check_frame_count, parse_size
+from cogvx_mega.config.errors import ConfigError, check_frame_count, parse_size, refuse_existing_output
+from cogvx_mega.config.training import DiffusionConfig
 
 logger = logging.getLogger(__name__)
 
@@ -66,41 +67,19 @@ def diffusion_config_for(ckpt: str) -> DiffusionConfig:
     return defaults
 
 
-def write_gif(path: str, video: torch.Tensor, fps: float) -> None:
-    """[1, 3, T, H, W] in [-1, 1] as an animated GIF (PyAV, 8-bit RGB palette), written atomically."""
-    import uuid
-
-    import av
-
-    frames = ((video[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()
-    target = Path(path)
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}.gif"
-    try:
-        with av.open(str(tmp), mode="w") as container:
-            stream = container.add_stream("gif", rate=max(1, round(fps)))
-            stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "rgb8"
-            for array in frames:
-                container.mux(stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")))
-            container.mux(stream.encode())
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def run_sample(args) -> list[str]:
     """Everything `cogvx sample` does; returns the files written (rank 0 writes them under torchrun)."""
     import torch.distributed as dist
 
     from cogvx_mega.diffusion.sampler import SCHEDULERS, SamplingSettings
     from cogvx_mega.diffusion.schedule import schedule_from_config
-    from cogvx_mega.training.sampling import decode_video, denoise, is_image_to_video, latent_grid, write_latents
+    from cogvx_mega.training.sampling import decode_video, denoise, latent_grid, write_latents
     from cogvx_mega.vae import io
 
     outputs = [args.output] + ([str(Path(args.output).with_suffix(".gif"))] if args.gif else []) + (
         [args.save_latents] if args.save_latents else [])
     for path in outputs:
-        if os.path.exists(path) and not args.overwrite:
-            raise ConfigError("--output", path, "already exists; pass --overwrite or another path")
+        refuse_existing_output("--output", path, args.overwrite)
     check_frame_count("--frames", args.frames, 4)
     height, width = parse_size("--size", args.size)
     if height % 16 or width % 16:
@@ -117,10 +96,10 @@ def run_sample(args) -> list[str]:
     model_config, forward = _sampling_model(args, device, dtype)
     m = model_config
     vae = load_family_vae(args.vae, "--vae", m, device, dtype)
-    if is_image_to_video(m) and not args.image:
+    if m.is_image_to_video and not args.image:
         raise ConfigError("--image", None, f"{args.ckpt} is an image-to-video model: give the first frame with "
                                            f"--image FILE")
-    if args.image and not is_image_to_video(m):
+    if args.image and not m.is_image_to_video:
         raise ConfigError("--image", args.image[0], "this is a text-to-video model; drop --image")
     prompt_embeds, negative = prompt_embeddings(
         m, device, prompts=args.prompt, text_encoder=args.text_encoder, negative_prompt=args.negative_prompt,
@@ -151,7 +130,7 @@ def run_sample(args) -> list[str]:
         io.write_video(args.output, video[:1].cpu(), fps=args.fps)
         written.append(args.output)
         if args.gif:
-            write_gif(outputs[1], video[:1].cpu(), args.fps)
+            io.write_gif(outputs[1], video[:1].cpu(), args.fps)
             written.append(outputs[1])
     if distributed:
         dist.barrier()
@@ -177,7 +156,7 @@ def _sampling_model(args, device: str, dtype: torch.dtype):
         raise ConfigError("--tp/--pp/--cp", " x ".join(str(v) for v in sizes.values()),
                           f"the layout must use all {world} ranks of torchrun (TP x PP x CP = {world})")
     from cogvx_mega.checkpoint.reader import open_transformer_weights
-    from cogvx_mega.config.schema import ParallelConfig
+    from cogvx_mega.config.parallel import ParallelConfig
     from cogvx_mega.model.transformer import build_model_chunks
     from cogvx_mega.parallel.state import initialize_parallel
     from cogvx_mega.training.pretrained import load_pretrained_weights
@@ -205,43 +184,10 @@ def _decode_group(grid):
     return dist.new_group(list(range(ranks))) if ranks > 1 else None
 
 
-def add_sample_arguments(parser) -> None:
-    parser.add_argument("--ckpt", required=True, help="a cogvx-mega checkpoint (any layout) or a diffusers folder")
-    parser.add_argument("--vae", required=True, help="diffusers AutoencoderKLCogVideoX folder or cogvx-mega VAE")
-    parser.add_argument("--prompt", nargs="+", help="prompt text (one or more), with --text-encoder")
-    parser.add_argument("--negative-prompt", default=None, help="with --prompt: the negative prompt (default '')")
-    parser.add_argument("--text-encoder", help="local T5 folder (tokenizer and encoder, or a pipeline folder)")
-    parser.add_argument("--prompt-embeds", help="safetensors with prompt_embeds [B, L, D]")
-    parser.add_argument("--negative-prompt-embeds", help="safetensors with negative_prompt_embeds [B, L, D] "
-                                                         "(default zeros, SAT's unconditional branch)")
-    parser.add_argument("--latents", help="safetensors with the initial latents [B, T, C, H, W]")
-    parser.add_argument("--image", nargs="+", help="image-to-video models: the first frame (one image, or one per "
-                                                   "prompt), resized to --size")
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--scheduler", default="dpm", choices=("ddim", "dpm"))
-    parser.add_argument("--guidance", type=float, default=6.0)
-    parser.add_argument("--dynamic-cfg", action="store_true")
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--frames", type=int, default=49, help="pixel frames, 1 + 4k")
-    parser.add_argument("--size", default="480x720", help="HEIGHTxWIDTH in pixels")
-    parser.add_argument("--fps", type=float, default=8.0)
-    parser.add_argument("--output", required=True, help="the MP4 to write")
-    parser.add_argument("--gif", action="store_true", help="also write OUTPUT with .gif")
-    parser.add_argument("--save-latents", help="also write the final latents (before the VAE) as latents")
-    parser.add_argument("--chunk-frames", type=int, default=None, help="VAE decode N latent frames at a time")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default=None)
-    parser.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="default bf16 on CUDA, fp32 on CPU")
-    parser.add_argument("--tp", type=int, default=1, help="under torchrun: tensor-parallel size")
-    parser.add_argument("--pp", type=int, default=1, help="under torchrun: pipeline-parallel size")
-    parser.add_argument("--vpp", type=int, default=None, help="under torchrun: virtual pipeline stages per rank")
-    parser.add_argument("--cp", type=int, default=1, help="under torchrun: context-parallel size")
-    parser.add_argument("--overwrite", action="store_true")
-
-
 def training_sampler(config):
     """The `TrainingSampler` of a run with training.sample_every: the VAE loaded and the prompts encoded once
     (T5 freed afterwards), every input checked before the run writes anything."""
-    from cogvx_mega.training.sampling import SamplePrompts, TrainingSampler, is_image_to_video
+    from cogvx_mega.training.sampling import SamplePrompts, TrainingSampler
 
     s, m = config.sampling, config.model
     device = config.training.device
@@ -252,7 +198,7 @@ def training_sampler(config):
         embeds_file=s.prompt_embeds, negative_file=s.negative_prompt_embeds,
         flags=("sampling.prompt_embeds", "sampling.negative_prompt_embeds"))
     images = None
-    if is_image_to_video(m):
+    if m.is_image_to_video:
         _, height, width = config.sampling_resolution()
         images = first_frames(s.images, prompt_embeds.shape[0], height, width, "sampling.images")
     return TrainingSampler(config, SamplePrompts(prompt_embeds, negative, images), vae)

@@ -31,6 +31,7 @@ import csv
 import dataclasses
 import itertools
 import json
+import logging
 import math
 import os
 import subprocess
@@ -38,7 +39,9 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from cogvx_mega.config.schema import ConfigError
+from cogvx_mega.config.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 FIT_NAMES = ("E", "A", "alpha", "B", "beta")
 
@@ -367,14 +370,19 @@ def write_fit(rows: list[tuple[float, float, float]], fit: dict, out: Path) -> l
     return written
 
 
-def add_scaling_arguments(parser) -> None:
-    parser.add_argument("action", choices=("plan", "run", "fit"))
-    parser.add_argument("spec", nargs="?", help="the scaling spec (YAML); fit --table needs none")
-    parser.add_argument("--nproc-per-node", type=int, default=1, help="run: ranks per run, through torchrun")
-    parser.add_argument("--slurm", metavar="FLAGS",
-                        help="run: submit each run with `cogvx launch slurm FLAGS` (e.g. --slurm '--nodes 1 "
-                             "--gpus-per-node 8 --time 04:00:00')")
-    parser.add_argument("--table", help="fit: a CSV with params,tokens,loss instead of the spec's runs")
-    parser.add_argument("--out", help="fit: the folder for runs.csv, frontier.csv, fit.json and the plots "
-                                      "(default: the spec's run_root/fit, or beside the table)")
-    parser.add_argument("--json", action="store_true", help="fit: print the fitted E, A, alpha, B, beta as JSON")
+def finished_rows(spec: ScalingSpec, runs: list[PlannedRun]) -> list[tuple[float, float, float]]:
+    """(params, tokens, final loss) of every finished run; an unfinished one is left out with a warning."""
+    rows = []
+    for run in runs:
+        loss = final_loss(run, spec.final_window)
+        if loss is None:
+            logger.warning("%s is not finished: left out of the fit", run.name)
+        else:
+            rows.append((float(run.params), float(run.tokens), loss))
+    return rows
+
+
+def fit_and_write(rows: list[tuple[float, float, float]], out: Path) -> tuple[dict, list[Path]]:
+    """The fitted law of `rows` and the files it wrote under `out` (runs.csv, frontier.csv, fit.json, plots)."""
+    fit = fit_scaling_law(rows)
+    return fit, write_fit(rows, fit, out)

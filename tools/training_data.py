@@ -8,7 +8,7 @@ import dataclasses
 import logging
 import os
 
-from cogvx_mega.config.schema import ConfigError
+from cogvx_mega.config.errors import ConfigError
 from cogvx_mega.data.latent_dataset import LatentDataset, synthetic_dataset_for
 
 logger = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ def open_stage_data(config):
 
     dataset = open_source_data(config)
     m = config.model
-    if m.in_channels != m.out_channels and not getattr(dataset, "provides_image_latents", False):
+    if m.is_image_to_video and not getattr(dataset, "provides_image_latents", False):
         raise ConfigError("--data", config.data.source, "gives no first frames, and an image-to-video model trains on "
                                                         "the first frame's latent: use --data synthetic, a latent "
                                                         "cache (cogvx data encode) with --vae, or a manifest (online "
@@ -93,7 +93,7 @@ def cache_image_latents(config):
     """Image-to-video training on a latent cache: the encoder of the stored first frames (the VAE of data.vae);
     None for a text-to-video model."""
     m, data = config.model, config.data
-    if m.in_channels == m.out_channels:
+    if not m.is_image_to_video:
         return None
     if not data.vae:
         raise ConfigError("--vae", None, f"an image-to-video model encodes each clip's first frame at every step: pass "

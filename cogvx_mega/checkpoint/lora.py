@@ -22,19 +22,16 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from cogvx_mega.config.schema import ConfigError, ModelConfig
+from cogvx_mega.config.errors import ConfigError
+from cogvx_mega.config.model import ModelConfig
 from cogvx_mega.checkpoint.meta import ConversionError
-from cogvx_mega.checkpoint.transformer import PROJECT_LAYER, fuse_qkv_per_head, split_qkv_per_head
+from cogvx_mega.checkpoint.transformer import (DIFFUSERS_LAYER, LAYER_LINEARS, PROJECT_LAYER, fuse_qkv_per_head,
+                                               split_qkv_per_head)
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
-# target -> (path in a layer, diffusers module(s) in a block)
-_DIFFUSERS_MODULES = {
-    "linear_qkv": ("self_attention.linear_qkv", ("attn1.to_q", "attn1.to_k", "attn1.to_v")),
-    "linear_proj": ("self_attention.linear_proj", ("attn1.to_out.0",)),
-    "linear_fc1": ("mlp.linear_fc1", ("ff.net.0.proj",)),
-    "linear_fc2": ("mlp.linear_fc2", ("ff.net.2",)),
-}
-_DIFFUSERS_BLOCK = "transformer.transformer_blocks.{i}."
+# target (finetune.lora_targets) -> (path in a layer, diffusers module(s) in a block): the converter's key map
+_DIFFUSERS_MODULES = {path.rpartition(".")[2]: (path, modules) for path, modules in LAYER_LINEARS.items()}
+_DIFFUSERS_BLOCK = "transformer." + DIFFUSERS_LAYER
 
 
 def lora_weight_key(layer: int, target: str) -> str:

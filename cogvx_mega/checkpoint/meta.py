@@ -5,7 +5,7 @@ import json
 import os
 from pathlib import Path
 
-from cogvx_mega.config.schema import ConfigError
+from cogvx_mega.config.errors import ConfigError
 
 META_FILE = "cogvx_checkpoint.json"
 MODEL_FILE = "model.safetensors"

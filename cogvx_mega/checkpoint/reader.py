@@ -15,7 +15,8 @@ from torch import Tensor
 
 from cogvx_mega.checkpoint.lora import (accumulate_deltas, adapter_deltas, deltas_from_diffusers_lora, lora_scale,
                                         merge_deltas, read_lora_adapters)
-from cogvx_mega.config.schema import RUNTIME_MODEL_FIELDS, ConfigError, ModelConfig, model_config_from_dict
+from cogvx_mega.config.errors import ConfigError
+from cogvx_mega.config.model import ModelConfig, RUNTIME_MODEL_FIELDS, model_config_from_dict
 from cogvx_mega.checkpoint.meta import (SHARDED_FORMAT, SINGLE_FORMAT, TRANSFORMER_FORMATS, is_project_checkpoint,
                                         read_checkpoint_meta)
 from cogvx_mega.checkpoint.single_file import open_single_file_checkpoint

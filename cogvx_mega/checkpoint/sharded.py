@@ -17,7 +17,8 @@ from typing import Callable, Optional
 
 import torch
 
-from cogvx_mega.config.schema import ConfigError, ModelConfig, model_config_from_dict
+from cogvx_mega.config.errors import ConfigError
+from cogvx_mega.config.model import ModelConfig, model_config_from_dict
 from cogvx_mega.parallel.pipeline import unwrap_model
 from cogvx_mega.checkpoint import faults
 from cogvx_mega.checkpoint.atomic import swap_into_place

@@ -9,7 +9,8 @@ from typing import Optional
 
 import torch
 
-from cogvx_mega.config.schema import ConfigError, ModelConfig, model_config_from_dict
+from cogvx_mega.config.errors import ConfigError
+from cogvx_mega.config.model import ModelConfig, model_config_from_dict
 from cogvx_mega.checkpoint.atomic import atomic_directory
 from cogvx_mega.checkpoint.meta import META_FILE, MODEL_FILE, SINGLE_FORMAT
 from cogvx_mega.checkpoint.weights import SafetensorsTensors

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from cogvx_mega.config.schema import ModelConfig
+from cogvx_mega.config.model import ModelConfig
 from cogvx_mega.checkpoint.atomic import atomic_directory
 from cogvx_mega.checkpoint.meta import ConversionError
 from cogvx_mega.checkpoint.weights import DictTensors, TensorSource, open_diffusers_weights
@@ -115,17 +115,22 @@ _DIRECT_TOP = {
     "output_proj.weight": "proj_out.weight",
     "output_proj.bias": "proj_out.bias",
 }
+# The linears of a layer (what LoRA can adapt): project module -> its diffusers module(s), the fused QKV as q, k, v.
+LAYER_LINEARS = {
+    "self_attention.linear_qkv": ("attn1.to_q", "attn1.to_k", "attn1.to_v"),
+    "self_attention.linear_proj": ("attn1.to_out.0",),
+    "mlp.linear_fc1": ("ff.net.0.proj",),
+    "mlp.linear_fc2": ("ff.net.2",),
+}
 _DIRECT_LAYER = {
     "input_layernorm.{p}": "norm1.norm.{p}",
     "pre_mlp_layernorm.{p}": "norm2.norm.{p}",
     "self_attention.q_layernorm.{p}": "attn1.norm_q.{p}",
     "self_attention.k_layernorm.{p}": "attn1.norm_k.{p}",
-    "self_attention.linear_proj.{p}": "attn1.to_out.0.{p}",
-    "mlp.linear_fc1.{p}": "ff.net.0.proj.{p}",
-    "mlp.linear_fc2.{p}": "ff.net.2.{p}",
+    **{f"{ours}.{{p}}": f"{theirs[0]}.{{p}}" for ours, theirs in LAYER_LINEARS.items() if len(theirs) == 1},
 }
 PROJECT_LAYER = "decoder.layers.{i}."
-_DIFFUSERS_LAYER = "transformer_blocks.{i}."
+DIFFUSERS_LAYER = "transformer_blocks.{i}."
 
 
 def project_keys(model: ModelConfig) -> set[str]:
@@ -155,11 +160,12 @@ def _diffusers_sources(model: ModelConfig) -> dict[str, tuple[str, tuple[str, ..
     (norm1.linear, norm2.linear)."""
     plan = {ours: ("direct", (theirs,)) for ours, theirs in _DIRECT_TOP.items() if _top_key_applies(ours, model)}
     for i in range(model.num_layers):
-        ours, theirs = PROJECT_LAYER.format(i=i), _DIFFUSERS_LAYER.format(i=i)
+        ours, theirs = PROJECT_LAYER.format(i=i), DIFFUSERS_LAYER.format(i=i)
         for p in ("weight", "bias"):
             for our_t, their_t in _DIRECT_LAYER.items():
                 plan[ours + our_t.format(p=p)] = ("direct", (theirs + their_t.format(p=p),))
-            plan[f"{ours}self_attention.linear_qkv.{p}"] = ("qkv", tuple(f"{theirs}attn1.to_{n}.{p}" for n in "qkv"))
+            plan[f"{ours}self_attention.linear_qkv.{p}"] = (
+                "qkv", tuple(f"{theirs}{name}.{p}" for name in LAYER_LINEARS["self_attention.linear_qkv"]))
             plan[f"{ours}adaln_modulation.linear.{p}"] = ("concat", (f"{theirs}norm1.linear.{p}",
                                                                      f"{theirs}norm2.linear.{p}"))
     return plan

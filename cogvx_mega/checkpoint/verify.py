@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from cogvx_mega.config.schema import ConfigError
+from cogvx_mega.config.errors import ConfigError
 from cogvx_mega.checkpoint.meta import META_FILE, read_checkpoint_meta
 
 CHUNK_BYTES = 8 << 20

@@ -11,7 +11,8 @@ from typing import Any, Optional, Sequence
 import yaml
 
 from cogvx_mega.config.presets import get_preset
-from cogvx_mega.config.schema import Config, ConfigError
+from cogvx_mega.config.errors import ConfigError
+from cogvx_mega.config.schema import Config
 
 
 def load_config(preset: Optional[str] = None, config_file: Optional[str] = None,

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from cogvx_mega.config.schema import ModelConfig, ParallelConfig
+from cogvx_mega.config.model import ModelConfig
+from cogvx_mega.config.parallel import ParallelConfig
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -40,7 +41,8 @@ def resolve_rope_impl(rope_impl: str, device: str) -> str:
 
 def fp8_settings(model: ModelConfig, device: str) -> dict:
     """megatron's FP8 fields for `model.fp8` (empty for bf16). Checks the GPU where the recipe needs one."""
-    from cogvx_mega.config.schema import FP8_RECIPES, ConfigError
+    from cogvx_mega.config.errors import ConfigError
+    from cogvx_mega.config.model import FP8_RECIPES
 
     model.validate_fp8()
     if model.fp8 is None:

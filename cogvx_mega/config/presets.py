@@ -4,7 +4,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-from cogvx_mega.config.schema import Config, ConfigError, DataConfig, DiffusionConfig, ModelConfig, TrainingConfig
+from cogvx_mega.config.data import DataConfig
+from cogvx_mega.config.errors import ConfigError
+from cogvx_mega.config.model import ModelConfig
+from cogvx_mega.config.schema import Config
+from cogvx_mega.config.training import DiffusionConfig, TrainingConfig
 
 
 def cogvideox_2b() -> Config:

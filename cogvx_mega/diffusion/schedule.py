@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from cogvx_mega.config.schema import DiffusionConfig
+from cogvx_mega.config.training import DiffusionConfig
 
 
 def alphas_cumprod(num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012,

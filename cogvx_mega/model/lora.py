@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cogvx_mega.config.schema import ConfigError, FinetuneConfig
+from cogvx_mega.config.errors import ConfigError
+from cogvx_mega.config.training import FinetuneConfig
 from cogvx_mega.diffusion.randomness import slot_seed
 
 # LoRA target -> the linear's path inside a layer, and whether it is column parallel

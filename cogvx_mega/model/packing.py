@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from cogvx_mega.config.schema import ModelConfig
+from cogvx_mega.config.model import ModelConfig
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from megatron.core.transformer.transformer_block import (TransformerBlock, Trans
 from megatron.core.utils import get_pg_rank
 from torch import Tensor, nn
 
-from cogvx_mega.config.schema import ModelConfig
+from cogvx_mega.config.model import ModelConfig
 from cogvx_mega.parallel.context import (gather_sequence, padded_sequence_length, rank_major_positions,
                                          sequence_split_unit, split_sequence)
 from cogvx_mega.parallel.pipeline import REPLICATED_MODULES

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from cogvx_mega.config.schema import ParallelConfig
+from cogvx_mega.config.parallel import ParallelConfig
 from cogvx_mega.parallel import cpu_compat
 
 logger = logging.getLogger(__name__)

@@ -14,7 +14,8 @@ from typing import Optional
 
 from cogvx_mega.checkpoint.atomic import repair_interrupted_swap
 from cogvx_mega.checkpoint.meta import is_project_checkpoint
-from cogvx_mega.config.schema import RUNTIME_MODEL_FIELDS, ConfigError, ModelConfig, model_config_from_dict
+from cogvx_mega.config.errors import ConfigError
+from cogvx_mega.config.model import ModelConfig, RUNTIME_MODEL_FIELDS, model_config_from_dict
 
 STEP_PREFIX = "step_"
 
@@ -164,7 +165,7 @@ def check_resume_config(meta: dict, config, global_batch: int, path) -> list[str
             (changes if name in safe else refused).append(f"{section}.{name}: {old!r} -> {new!r}")
     saved_training = meta.get("training")
     if saved_training is not None:
-        from cogvx_mega.config.schema import TrainingConfig
+        from cogvx_mega.config.training import TrainingConfig
 
         known = {f.name for f in dataclasses.fields(TrainingConfig)}
         saved_precision = TrainingConfig(**{k: v for k, v in saved_training.items() if k in known}).precision()
@@ -217,3 +218,32 @@ def check_shared_filesystem(run_dir: str | os.PathLike) -> None:
                           f"ranks {missing} (on {', '.join(hosts)}) cannot see the checkpoint folder rank 0 (on "
                           f"{views[0][1]}) writes: checkpoints of a multi-node run need a filesystem every node "
                           f"shares (NFS, Lustre, GPFS, ...); put --run-dir there")
+
+
+def describe_run_checkpoints(run_dir: str | os.PathLike, checksums: bool = False) -> str:
+    """`cogvx checkpoint list`: a table of a run's checkpoint folders (step, layout, size, state from the recorded
+    sizes, or every CRC32C too with `checksums`), the damaged and abandoned ones set aside by resumes included."""
+    from cogvx_mega.checkpoint.verify import describe, folder_bytes, verify_files
+
+    root = checkpoints_folder(run_dir)
+    if not root.is_dir():
+        raise ConfigError("RUN_DIR", str(run_dir), "holds no checkpoints/ folder; pass a run folder (--run-dir)")
+    header = ("folder", "step", "layout", "size", "state")
+    rows = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if folder.name.startswith("abandoned-after-"):  # a line left by resuming an older checkpoint
+            inner = sorted(p.name for p in folder.iterdir() if p.is_dir())
+            rows.append((folder.name, "", "", "", f"abandoned line: {', '.join(inner)}"))
+            continue
+        verdict = verify_files(folder, checksum_share=(0, 1) if checksums else None)
+        step, layout = describe(verdict.meta)
+        state = "set aside by a resume (damaged)" if folder.name.startswith("damaged-") else verdict.state
+        rows.append((folder.name, step, layout, f"{folder_bytes(folder) / 1e6:,.1f} MB", state))
+    if not rows:
+        return f"{root}: no checkpoints"
+    widths = [max(len(str(row[i])) for row in [*rows, header]) for i in range(len(header))]
+    lines = ["  ".join(str(value).ljust(width) for value, width in zip(row, widths)).rstrip()
+             for row in [header, *rows]]
+    if not checksums:
+        lines.append("(sizes only: --checksums, or `cogvx checkpoint verify DIR`, also compares every CRC32C)")
+    return "\n".join(lines)

@@ -17,7 +17,8 @@ import torch
 from cogvx_mega.checkpoint.lora import accumulate_deltas, deltas_from_diffusers_lora
 from cogvx_mega.checkpoint.reader import open_transformer_weights, resolve_lora_chain
 from cogvx_mega.checkpoint.sharded import load_sharded_checkpoint
-from cogvx_mega.config.schema import ConfigError, ModelConfig
+from cogvx_mega.config.errors import ConfigError
+from cogvx_mega.config.model import ModelConfig
 from cogvx_mega.model.init import global_parameter_name
 from cogvx_mega.parallel.pipeline import unwrap_model
 from cogvx_mega.training import checkpoint as ckpt

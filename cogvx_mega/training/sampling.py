@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from cogvx_mega.config.schema import ConfigError
+from cogvx_mega.config.errors import ConfigError
 from cogvx_mega.diffusion.sampler import SamplingSettings, sample_latents
 
 logger = logging.getLogger(__name__)
@@ -55,10 +55,6 @@ def latent_grid(model_config, frames: int, height: int, width: int, temporal_rat
     dropped = (patch_t - latent_frames % patch_t) % patch_t
     return LatentGrid(latent_frames + dropped, model_config.out_channels, height // spatial_ratio,
                       width // spatial_ratio, dropped)
-
-
-def is_image_to_video(model_config) -> bool:
-    return model_config.in_channels != model_config.out_channels
 
 
 def read_image(path: str, height: int, width: int, flag: str = "--image") -> Tensor:
@@ -100,7 +96,7 @@ def denoise(forward: Callable, model_config, vae, grid: LatentGrid, prompt_embed
     batch = prompt_embeds.shape[0]
     generator = torch.Generator().manual_seed(seed)
     condition = None
-    if is_image_to_video(model_config):
+    if model_config.is_image_to_video:
         if images is None or images.shape[0] != batch:
             raise ConfigError("--image", None if images is None else images.shape[0],
                               f"an image-to-video model needs one image per prompt ({batch})")
@@ -236,7 +232,7 @@ class TrainingSampler:
         for chunk in trainer.ddp_chunks:
             chunk.eval()
         try:
-            with trainer._autocast():
+            with trainer.autocast():
                 for index in range(self.prompts.prompt_embeds.shape[0]):
                     name = f"{folder_name}/sample_{index:02d}"
                     written.append(f"{name}.mp4")

@@ -5,7 +5,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from cogvx_mega.config.schema import ConfigError
+from cogvx_mega.config.errors import ConfigError
 
 
 @dataclass

@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from cogvx_mega.config.schema import ConfigError
+from cogvx_mega.config.errors import ConfigError
 
 
 def _import_av():
@@ -42,25 +42,43 @@ def read_video(path: str, frames: Optional[int] = None) -> tuple[torch.Tensor, f
     return video / 127.5 - 1.0, rate
 
 
-def write_video(path: str, video: torch.Tensor, fps: float = 8.0) -> None:
-    """Write [1, 3, T, H, W] in [-1, 1] as H.264 (yuv420p needs even sizes; odd ones are cropped by one)."""
+def encode_frames(path, frames, rate, codec: str = "libx264", pixel_format: str = "yuv420p",
+                  container_options: Optional[dict] = None, stream_options: Optional[dict] = None) -> Path:
+    """The one video writer: uint8 frames [T, H, W, 3] encoded with PyAV (H.264 in MP4, VP9 in WebM, MJPEG in AVI,
+    an animated GIF, ...) into a temporary file beside `path`, renamed into place when complete."""
     av = _import_av()
-    frames = ((video[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()
-    height, width = frames.shape[1] - frames.shape[1] % 2, frames.shape[2] - frames.shape[2] % 2
     target = Path(path)
     tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}{target.suffix}"
     try:
-        with av.open(str(tmp), mode="w") as container:
-            stream = container.add_stream("libx264", rate=max(1, round(fps)))
-            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-            stream.options = {"crf": "12"}
+        with av.open(str(tmp), mode="w", options=container_options or {}) as container:
+            stream = container.add_stream(codec, rate=rate)
+            stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], pixel_format
+            if stream_options:
+                stream.options = stream_options
             for array in frames:
-                frame = av.VideoFrame.from_ndarray(array[:height, :width].copy(), format="rgb24")
-                container.mux(stream.encode(frame))
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")))
             container.mux(stream.encode())
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
+    return target
+
+
+def uint8_frames(video: torch.Tensor):
+    """[1, 3, T, H, W] in [-1, 1] -> uint8 frames [T, H, W, 3] (numpy)."""
+    return ((video[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()
+
+
+def write_video(path: str, video: torch.Tensor, fps: float = 8.0) -> None:
+    """Write [1, 3, T, H, W] in [-1, 1] as H.264 (yuv420p needs even sizes; odd ones are cropped by one)."""
+    frames = uint8_frames(video)
+    height, width = frames.shape[1] - frames.shape[1] % 2, frames.shape[2] - frames.shape[2] % 2
+    encode_frames(path, frames[:, :height, :width].copy(), max(1, round(fps)), stream_options={"crf": "12"})
+
+
+def write_gif(path: str, video: torch.Tensor, fps: float) -> None:
+    """[1, 3, T, H, W] in [-1, 1] as an animated GIF (8-bit RGB palette)."""
+    encode_frames(path, uint8_frames(video), max(1, round(fps)), codec="gif", pixel_format="rgb8")
 
 
 def save_latents(path: str, latents: torch.Tensor, metadata: dict) -> None:

@@ -24,7 +24,7 @@ LAYOUTS = {
 
 
 def train(rank: int, world_size: int, preset: str, overrides: tuple, init_from, resume=None) -> list[float]:
-    from cogvx_mega.cli import run_training
+    from cogvx_mega.run.training import run_training
     from cogvx_mega.config import load_config
 
     config = load_config(preset, overrides=list(overrides))

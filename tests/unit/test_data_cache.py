@@ -86,7 +86,7 @@ def test_encode_then_kill_and_resume_equals_one_encode(parts, tmp_path, capsys):
                            capture_output=True, text=True, timeout=240, env={**os.environ, "TQDM_DISABLE": "1"})
     assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
     assert len(committed(killed)) == 2  # the rest was never committed
-    from cogvx_mega.config.schema import ConfigError
+    from cogvx_mega.config.errors import ConfigError
     from cogvx_mega.data.cache_reader import CacheDataset
 
     with pytest.raises(ConfigError, match="2 of 7 shards are committed"):  # training would see a moving order

@@ -7,7 +7,8 @@ import collections
 
 import pytest
 
-from cogvx_mega.config.schema import ConfigError, ModelConfig
+from cogvx_mega.config.errors import ConfigError
+from cogvx_mega.config.model import ModelConfig
 from cogvx_mega.data.packing import (PackPlan, best_fit_decreasing, packing_efficiency, reference_mix_grids)
 from cogvx_mega.model.packing import ClipShape, clip_tokens
 

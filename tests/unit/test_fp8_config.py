@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cogvx_mega.config import ConfigError, load_config
-from cogvx_mega.config.schema import ModelConfig
+from cogvx_mega.config.model import ModelConfig
 
 TE_GPU = ["model.backend=te", "training.device=cuda"]
 

@@ -63,7 +63,7 @@ def test_the_fused_bias_gelu_used_on_cuda_is_the_tanh_gelu():
     from megatron.core.fusions.fused_bias_gelu import bias_gelu_impl
 
     from cogvx_mega.config.megatron import build_transformer_config, gelu_tanh
-    from cogvx_mega.config.schema import ModelConfig
+    from cogvx_mega.config.model import ModelConfig
 
     cuda = build_transformer_config(ModelConfig(), device="cuda")
     cpu = build_transformer_config(ModelConfig(), device="cpu")

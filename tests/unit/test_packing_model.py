@@ -106,7 +106,8 @@ def test_every_varlen_kernel_computes_the_same_attention(kernel):
 
 def test_pack_layout_pads_each_clip_for_context_parallel_and_refuses_unpadded_spans():
     from cogvx_mega.config.megatron import build_transformer_config
-    from cogvx_mega.config.schema import ModelConfig, ParallelConfig
+    from cogvx_mega.config.model import ModelConfig
+    from cogvx_mega.config.parallel import ParallelConfig
     from cogvx_mega.model.packing import ClipShape, plan_pack_layout
     from cogvx_mega.parallel.context import segment_token_indices
     from cogvx_mega.parallel.varlen import check_packed_split, packed_sequence_params

@@ -34,7 +34,7 @@ def assets(tmp_path_factory):
     from PIL import Image
     from safetensors.torch import save_file
 
-    from cogvx_mega.config.schema import DiffusionConfig
+    from cogvx_mega.config.training import DiffusionConfig
     from cogvx_mega.tools.export import scheduler_config
 
     root = tmp_path_factory.mktemp("families")

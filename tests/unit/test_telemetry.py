@@ -141,11 +141,12 @@ def test_k_skipped_steps_in_a_row_stop_the_run_after_a_checkpoint(tmp_path, caps
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_00000004"]
 
     from cogvx_mega import cli
+    from cogvx_mega.run import training
 
     def diverge(*args, **kwargs):
         raise TrainingDiverged("3 steps in a row were skipped")
 
-    monkeypatch.setattr(cli, "run_training", diverge)
+    monkeypatch.setattr(training, "run_training", diverge)
     capsys.readouterr()  # the warnings of the run above
     assert cli.main(["train", "--preset", "tiny", "--device", "cpu"]) == cli.EXIT_DIVERGED == 3
     error = capsys.readouterr().err.strip().splitlines()

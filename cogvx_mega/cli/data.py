@@ -1,0 +1,53 @@
+"""`cogvx data scan|encode`: media folder -> manifest -> latent cache."""
+from __future__ import annotations
+
+import argparse
+import os
+
+from cogvx_mega.cli.arguments import add_config_arguments, verbose_parent
+
+NAME = "data"
+HELP = "prepare training data: scan media into a manifest, encode it into a latent cache"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(dest="data_command", required=True)
+    scan = actions.add_parser("scan", parents=[verbose_parent()], help="probe every video and image under DIR")
+    scan.add_argument("source", metavar="DIR")
+    scan.add_argument("--output", required=True, help="the manifest to write (JSONL, one clip a line)")
+    scan.add_argument("--captions", help="JSONL or CSV of (path, caption); otherwise a sidecar .txt per file")
+    scan.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1), help="parallel probes")
+    scan.add_argument("--overwrite", action="store_true")
+    encode = actions.add_parser("encode", parents=[verbose_parent()],
+                                help="decode, VAE-encode and T5-encode a manifest into a zarr latent cache")
+    encode.add_argument("--manifest", required=True)
+    encode.add_argument("--vae", required=True, help="diffusers AutoencoderKLCogVideoX folder or cogvx-mega VAE")
+    encode.add_argument("--text-encoder", required=True, help="local T5 folder (or a pipeline folder)")
+    encode.add_argument("--output", required=True, help="the zarr store (an interrupted one resumes)")
+    encode.add_argument("--shard-clips", type=int, default=16, help="clips per committed shard")
+    encode.add_argument("--device", choices=("cpu", "cuda"), default=None)
+    encode.add_argument("--overwrite", action="store_true")
+    add_config_arguments(encode)
+
+
+def run(args: argparse.Namespace) -> int:
+    return {"scan": run_scan, "encode": run_encode}[args.data_command](args)
+
+
+def run_scan(args: argparse.Namespace) -> int:
+    from cogvx_mega.tools.data_scan import scan_folder
+
+    summary = scan_folder(args.source, args.output, args.captions, args.workers, args.overwrite)
+    print(f"scanned {summary.files} files: {summary.clips} clips ({summary.videos} videos, "
+          f"{summary.clips - summary.videos} images) written to {args.output}, {summary.skipped} skipped")
+    return 0
+
+
+def run_encode(args: argparse.Namespace) -> int:
+    """Every rank under torchrun takes its share of the shards; a restarted encode resumes."""
+    from cogvx_mega.cli.arguments import resolve_config
+    from cogvx_mega.tools.data_encode import encode_manifest
+
+    encode_manifest(resolve_config(args), args.manifest, args.vae, args.text_encoder, args.output,
+                    shard_clips=args.shard_clips, device=args.device, overwrite=args.overwrite)
+    return 0

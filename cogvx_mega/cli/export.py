@@ -1,0 +1,34 @@
+"""`cogvx export diffusers|lora`: a release from a checkpoint (tools/export.py)."""
+from __future__ import annotations
+
+import argparse
+
+NAME = "export"
+HELP = "write a release: a diffusers pipeline folder (diffusers), or a LoRA's adapters (lora)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("format", choices=("diffusers", "lora"))
+    parser.add_argument("--ckpt", required=True, help="a cogvx-mega checkpoint (any layout) or a diffusers folder")
+    parser.add_argument("--vae", help="diffusers: AutoencoderKLCogVideoX folder or cogvx-mega VAE")
+    parser.add_argument("--text-encoder", help="diffusers: local T5 folder (tokenizer and encoder)")
+    parser.add_argument("--out", required=True, help="the pipeline folder to write")
+    parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
+    parser.add_argument("--overwrite", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    from cogvx_mega.config.errors import ConfigError
+
+    if args.format == "lora":
+        from cogvx_mega.tools.export import export_lora
+
+        print(f"wrote {export_lora(args.ckpt, args.out, args.overwrite)}")
+        return 0
+    from cogvx_mega.tools.export import export_diffusers
+
+    for flag, value in (("--vae", args.vae), ("--text-encoder", args.text_encoder)):
+        if not value:
+            raise ConfigError(flag, value, "`cogvx export diffusers` writes a whole pipeline and needs it")
+    print(f"wrote {export_diffusers(args.ckpt, args.vae, args.text_encoder, args.out, args.dtype, args.overwrite)}")
+    return 0

@@ -1,0 +1,143 @@
+"""The data section: where training clips come from, their resolution buckets, packing and progressive stages."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+from cogvx_mega.config.errors import ConfigError, check_frame_count
+from cogvx_mega.config.model import ModelConfig
+
+STAGE_FIELDS = {"buckets", "source", "pack_tokens", "num_frames", "height", "width"}
+
+
+@dataclass
+class DataConfig:
+    """Training clips. Sizes are in pixels; the latent grid follows from the VAE compression (4x time, 8x space)."""
+
+    source: str = "synthetic"
+    """'synthetic' (generated moving shapes), a latent cache (`cogvx data encode`), a folder of latents from
+    `cogvx vae encode`, or a manifest (.jsonl from `cogvx data scan`) for online mode: clips decoded and
+    encoded on the fly with `vae` and `text_encoder`, the same batches the cache of that manifest gives."""
+    num_frames: int = 49
+    height: int = 480
+    width: int = 720
+    spatial_compression_ratio: int = 8
+    num_synthetic_clips: int = 64
+    num_workers: int = 4
+    """Background threads decoding clips ahead of use (`cogvx data encode`, online mode); 0: decode in the
+    calling thread."""
+    vae: Optional[str] = None
+    """Online mode: the VAE folder (diffusers or cogvx-mega) that encodes the clips."""
+    text_encoder: Optional[str] = None
+    """Online mode: the local T5 folder (tokenizer and encoder, or a pipeline folder) for the captions."""
+    online_keep_clips: int = 256
+    """Online mode: encoded clips kept in memory (least recently used dropped) for reuse in later epochs;
+    0 encodes every clip at every use."""
+    fps: float = 8.0
+    """Frame rate clips are sampled at when decoding real videos (CogVideoX: 8)."""
+    buckets: Optional[list[str]] = None
+    """Resolution/duration buckets as FRAMESxHEIGHTxWIDTH (pixels), e.g. [49x480x720, 49x720x480, 1x480x720];
+    None: one bucket of num_frames x height x width."""
+
+    packing: bool = False
+    """Pack clips of different sizes and durations into sequences of at most `pack_tokens` tokens (each clip
+    with its own timestep, attention kept inside the clip); training.global_batch_size then counts packs and
+    a micro-batch is one pack."""
+    pack_tokens: Optional[int] = None
+    """Token budget of a pack, text tokens included (with data.packing; at least the longest clip)."""
+    pack_window: int = 4096
+    """Clips packed together best-fit-decreasing (a larger window packs tighter)."""
+    stages: Optional[list] = None
+    """Progressive training: a list of stages, each {until_step: N (absent on the last), and any of buckets,
+    source, pack_tokens, num_frames, height, width}, overriding these data fields from the previous stage's
+    end until step N. Each stage starts its own data order at its first step."""
+
+    def bucket_names(self) -> list[str]:
+        return list(self.buckets) if self.buckets else [f"{self.num_frames}x{self.height}x{self.width}"]
+
+    def stage_configs(self) -> list[tuple[int, Optional[int], "DataConfig"]]:
+        """[(first step, end step or None, the data config of the stage)]: one entry without stages."""
+        if not self.stages:
+            return [(0, None, self)]
+        out, start = [], 0
+        for index, stage in enumerate(self.stages):
+            name = f"data.stages[{index}]"
+            if not isinstance(stage, dict):
+                raise ConfigError(name, stage, "write a stage as a mapping, e.g. {until_step: 1000, buckets: [...]}")
+            unknown = set(stage) - STAGE_FIELDS - {"until_step"}
+            if unknown:
+                raise ConfigError(name, stage, f"unknown stage fields {sorted(unknown)}; a stage sets until_step and "
+                                               f"any of {', '.join(sorted(STAGE_FIELDS))}")
+            end = stage.get("until_step")
+            last = index == len(self.stages) - 1
+            if end is None and not last:
+                raise ConfigError(f"{name}.until_step", None, "every stage but the last needs until_step")
+            if end is not None and (isinstance(end, bool) or not isinstance(end, int) or end <= start):
+                raise ConfigError(f"{name}.until_step", end, f"use an integer step after the stage's start ({start})")
+            values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+            values.update({k: v for k, v in stage.items() if k != "until_step"})
+            values["stages"] = None
+            config = DataConfig(**values)
+            out.append((start, end, config))
+            start = end
+        return out
+
+    def latent_shape(self, model: ModelConfig) -> tuple[int, int, int]:
+        """(latent frames, latent height, latent width)."""
+        return ((self.num_frames - 1) // model.temporal_compression_ratio + 1,
+                self.height // self.spatial_compression_ratio, self.width // self.spatial_compression_ratio)
+
+    def validate(self, model: ModelConfig) -> None:
+        check_frame_count("data.num_frames", self.num_frames, model.temporal_compression_ratio)
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value % self.spatial_compression_ratio:
+                raise ConfigError(f"data.{name}", value,
+                                  f"must be a multiple of the VAE's spatial compression {self.spatial_compression_ratio}")
+            latent = value // self.spatial_compression_ratio
+            if latent % model.patch_size:
+                raise ConfigError(f"data.{name}", value,
+                                  f"the latent {name} {latent} is not divisible by model.patch_size={model.patch_size}; "
+                                  f"use a multiple of {self.spatial_compression_ratio * model.patch_size}")
+        latent_frames = self.latent_shape(model)[0]
+        if model.patch_size_t and latent_frames % model.patch_size_t:
+            raise ConfigError("data.num_frames", self.num_frames,
+                              f"gives {latent_frames} latent frames, not divisible by model.patch_size_t="
+                              f"{model.patch_size_t}; use 1+4k frames with (1+k) a multiple of {model.patch_size_t}")
+        if model.positional_embedding == "rope+learned" and (
+                self.height // self.spatial_compression_ratio, self.width // self.spatial_compression_ratio) != (
+                model.sample_height, model.sample_width):
+            raise ConfigError("data.height", self.height,
+                              "learned positions exist only for the model's sample resolution: use "
+                              f"{model.sample_height * self.spatial_compression_ratio}x"
+                              f"{model.sample_width * self.spatial_compression_ratio}")
+        if self.num_workers < 0:
+            raise ConfigError("data.num_workers", self.num_workers, "use 0 (decode in the calling thread) or more")
+        if self.online_keep_clips < 0:
+            raise ConfigError("data.online_keep_clips", self.online_keep_clips, "use 0 (keep none) or more")
+        if self.packing and (self.pack_tokens is None or isinstance(self.pack_tokens, bool)
+                             or not isinstance(self.pack_tokens, int) or self.pack_tokens < 1):
+            raise ConfigError("data.pack_tokens", self.pack_tokens, "data.packing=true needs a positive token budget "
+                                                                    "per pack (text tokens included)")
+        if self.pack_window < 1:
+            raise ConfigError("data.pack_window", self.pack_window, "use 1 or more clips")
+        if self.stages is not None and not isinstance(self.stages, list):
+            raise ConfigError("data.stages", self.stages, "use a list of stages")
+        if self.stages:
+            for _, _, stage in self.stage_configs():
+                stage.validate(model)
+        if self.num_synthetic_clips < 1:
+            raise ConfigError("data.num_synthetic_clips", self.num_synthetic_clips, "use at least 1")
+        if not self.fps > 0:
+            raise ConfigError("data.fps", self.fps, "use a positive frame rate")
+        for bucket in self.buckets or []:
+            parts = str(bucket).lower().split("x")
+            if len(parts) != 3 or not all(p.isdigit() for p in parts):
+                raise ConfigError("data.buckets", bucket, "write a bucket as FRAMESxHEIGHTxWIDTH, e.g. 49x480x720")
+            frames, height, width = map(int, parts)
+            check_frame_count("data.buckets", frames, model.temporal_compression_ratio)
+            unit = self.spatial_compression_ratio * model.patch_size
+            if height % unit or width % unit:
+                raise ConfigError("data.buckets", bucket, f"height and width must be multiples of {unit} (VAE "
+                                                          f"compression x patch size)")

@@ -1,0 +1,68 @@
+"""The error every user mistake in a config or a command line becomes, and the checks several sections share.
+
+A `ConfigError` names the field (or flag), the bad value and the fix; the CLI prints it as one line and exits 2.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from typing import Literal
+
+
+class ConfigError(ValueError):
+    """A configuration value a user can fix. Its message names the field and the fix."""
+
+    def __init__(self, field_name: str, value, fix: str):
+        self.field_name = field_name
+        self.value = value
+        self.fix = fix
+        super().__init__(f"{field_name}={value!r}: {fix}")
+
+
+def choices_of(annotation) -> tuple:
+    """The allowed values of a `Literal[...]` field annotation (also inside Optional[...]); () for any other."""
+    if typing.get_origin(annotation) is Literal:
+        return typing.get_args(annotation)
+    return next((choices_of(arg) for arg in typing.get_args(annotation) if choices_of(arg)), ())
+
+
+def check_choices(section, section_name: str) -> None:
+    """Every `Literal[...]` field of a config section holds one of its values (None where Optional)."""
+    hints = typing.get_type_hints(type(section))
+    for field in dataclasses.fields(section):
+        choices = choices_of(hints[field.name])
+        value = getattr(section, field.name)
+        if not choices or value in choices or (value is None and type(None) in typing.get_args(hints[field.name])):
+            continue
+        nullable = ", or null" if type(None) in typing.get_args(hints[field.name]) else ""
+        raise ConfigError(f"{section_name}.{field.name}", value, f"choose one of {', '.join(map(str, choices))}"
+                                                                 f"{nullable}")
+
+
+def require_positive_integers(section, section_name: str, names) -> None:
+    for name in names:
+        value = getattr(section, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{section_name}.{name}", value, "must be a positive integer")
+
+
+def check_frame_count(field_name: str, frames, temporal_compression_ratio: int) -> None:
+    if not isinstance(frames, int) or frames < 1 or (frames - 1) % temporal_compression_ratio:
+        raise ConfigError(field_name, frames,
+                          f"frame counts must be 1+{temporal_compression_ratio}k (1, 5, 9, ..., 49)")
+
+
+def refuse_existing_output(flag: str, path, overwrite: bool, what: str = "path") -> None:
+    """The one check before a command writes an output: an existing `path` is refused unless --overwrite."""
+    if os.path.exists(path) and not overwrite:
+        raise ConfigError(flag, str(path), f"already exists; pass --overwrite or another {what}")
+
+
+def parse_size(field_name: str, text: str) -> tuple[int, int]:
+    """(height, width) of HEIGHTxWIDTH in pixels."""
+    try:
+        height, width = (int(v) for v in str(text).lower().split("x"))
+    except ValueError:
+        raise ConfigError(field_name, text, "write HEIGHTxWIDTH in pixels, e.g. 480x720") from None
+    return height, width
