@@ -7,18 +7,20 @@ import time
 import torch
 
 
+def seconds_of(fn, device: str) -> float:
+    """Wall seconds of one call of `fn`, CUDA synchronised before and after."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
 def median_seconds(fn, device: str, repeats: int) -> float:
     fn()  # warm-up (compilation, allocator)
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+    return statistics.median(seconds_of(fn, device) for _ in range(repeats))
 
 
 def emit_result(**fields) -> None:

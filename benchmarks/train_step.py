@@ -31,7 +31,7 @@ import time
 from typing import Callable, Optional
 
 import torch
-from timing import emit_result  # benchmarks/timing.py, beside this script
+from timing import emit_result, seconds_of  # benchmarks/timing.py, beside this script
 
 
 def build_trainer(preset: str, device: str, overrides: list[str]):
@@ -111,16 +111,6 @@ def diffusers_step(config, device: str, weights: Optional[dict] = None) -> Calla
     return step
 
 
-def timed(step: Callable[[], None], device: str) -> float:
-    if device == "cuda":
-        torch.cuda.synchronize()
-    started = time.perf_counter()
-    step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - started
-
-
 def time_steps(steps: dict[str, Callable[[], None]], device: str, warmup: int, repeats: int,
                interleave: bool) -> dict[str, list[float]]:
     """Seconds of each timed call of every step function, after `warmup` calls of each; interleaved: one
@@ -129,13 +119,13 @@ def time_steps(steps: dict[str, Callable[[], None]], device: str, warmup: int, r
     if interleave:
         for index in range(warmup + repeats):
             for name, step in steps.items():
-                seconds = timed(step, device)
+                seconds = seconds_of(step, device)
                 if index >= warmup:
                     times[name].append(seconds)
         return times
     for name, step in steps.items():
         for index in range(warmup + repeats):
-            seconds = timed(step, device)
+            seconds = seconds_of(step, device)
             if index >= warmup:
                 times[name].append(seconds)
     return times
