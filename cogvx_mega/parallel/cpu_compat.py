@@ -226,7 +226,7 @@ def keep_freed_memory() -> bool:
     kernel once it passes twice that threshold. Under megatron's DDP a step holds no tensor across its end (weight
     gradients go straight into the preallocated buffer), so the activations' memory is handed back at the end of
     every step and page-faulted in again in the next: on the 2-core CI machine about 10,000 faults a step at
-    CogVideoX-5B width and 1,216 tokens, some 10% of the step. Allocations of up to 32 MiB (glibc's largest mmap
+    CogVideoX-5B width and 1,216 tokens, about 8% of the step. Allocations of up to 32 MiB (glibc's largest mmap
     threshold) now come from the heap, and up to 1 GiB of free heap top stays mapped (the process keeps its
     peak, as torch's CUDA caching allocator does on a GPU)."""
     import ctypes
