@@ -5,22 +5,23 @@ Importing the package does nothing but define names; heavy modules load on first
 __version__ = "0.1.0"
 
 
-def from_pretrained(path, device="cpu", dtype=None, backend="local", **model_overrides):
+def from_pretrained(path, device="cpu", dtype=None, backend="local", verify=True, **model_overrides):
     """See `cogvx_mega.api.from_pretrained`."""
     import torch
 
     from cogvx_mega.api import from_pretrained as _from_pretrained
 
-    return _from_pretrained(path, device=device, dtype=dtype or torch.float32, backend=backend, **model_overrides)
+    return _from_pretrained(path, device=device, dtype=dtype or torch.float32, backend=backend, verify=verify,
+                            **model_overrides)
 
 
-def load_vae(path, device="cpu", dtype=None):
+def load_vae(path, device="cpu", dtype=None, verify=True):
     """See `cogvx_mega.api.load_vae`."""
     import torch
 
     from cogvx_mega.api import load_vae as _load_vae
 
-    return _load_vae(path, device=device, dtype=dtype or torch.float32)
+    return _load_vae(path, device=device, dtype=dtype or torch.float32, verify=verify)
 
 
 def train(config, resume=None, init_from=None, init_lora=None):

@@ -15,12 +15,13 @@ from cogvx_mega.checkpoint.transformer import (check_project_state, diffusers_to
                                                read_diffusers_folder, sat_to_project, write_diffusers_folder)
 from cogvx_mega.checkpoint.weights import read_sat_state
 from cogvx_mega.config.errors import ConfigError
+from cogvx_mega.checkpoint.verify import refuse_damaged
 
 DIRECTIONS = ("diffusers-to-project", "project-to-diffusers", "sat-to-project")
 
 
 def convert_transformer(direction: str, source: str, destination: str, preset: Optional[str] = None,
-                        config_file: Optional[str] = None, overrides: Sequence[str] = ()) -> Path:
+                        config_file: Optional[str] = None, overrides: Sequence[str] = (), verify: bool = True) -> Path:
     if direction == "diffusers-to-project":
         if is_project_checkpoint(source):
             raise ConfigError("SOURCE", source, "is a cogvx-mega checkpoint; use project-to-diffusers")
@@ -29,7 +30,7 @@ def convert_transformer(direction: str, source: str, destination: str, preset: O
         check_project_state(ours, model, reference=expected_shapes(model))
         return save_project_checkpoint(destination, model, ours, extra={"converted_from": "diffusers"})
     if direction == "project-to-diffusers":
-        model, state, _ = read_project_checkpoint(source)
+        model, state, _ = read_project_checkpoint(source, refuse_damaged if verify else None)
         check_project_state(state, model, reference=expected_shapes(model))
         return write_diffusers_folder(state, model, destination)
     if direction == "sat-to-project":

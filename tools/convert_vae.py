@@ -17,14 +17,15 @@ from cogvx_mega.vae import vae_preset
 DIRECTIONS = ("vae-diffusers-to-project", "vae-project-to-diffusers", "vae-sat-to-project")
 
 
-def convert_vae(direction: str, source: str, destination: str, preset: Optional[str] = None) -> Path:
+def convert_vae(direction: str, source: str, destination: str, preset: Optional[str] = None,
+                verify: bool = True) -> Path:
     if direction == "vae-diffusers-to-project":
         if is_project_checkpoint(source):
             raise ConfigError("SOURCE", source, "is a cogvx-mega checkpoint; use vae-project-to-diffusers")
         config, state = read_diffusers_vae_folder(source)
         return save_vae_checkpoint(destination, state, config, extra={"converted_from": "diffusers"})
     if direction == "vae-project-to-diffusers":
-        config, state = read_vae_checkpoint(source)
+        config, state = read_vae_checkpoint(source, verify)
         return write_diffusers_vae_folder(state, config, destination)
     if direction == "vae-sat-to-project":  # SAT VAE checkpoints carry no config; the architecture is CogVideoX's
         config = vae_preset(preset or "cogvideox-2b")

@@ -22,6 +22,7 @@ import torch
 
 from cogvx_mega.checkpoint.atomic import atomic_directory
 from cogvx_mega.checkpoint.meta import is_project_checkpoint
+from cogvx_mega.checkpoint.verify import refuse_damaged
 from cogvx_mega.config.errors import ConfigError, refuse_existing_output
 
 logger = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ def model_card(model_config, meta: dict, source: str) -> str:
 
 
 def export_diffusers(ckpt: str, vae: str, text_encoder: str, out: str, dtype: str = "fp32",
-                     overwrite: bool = False) -> Path:
+                     overwrite: bool = False, verify: bool = True) -> Path:
     from cogvx_mega.checkpoint.reader import read_transformer_checkpoint
     from cogvx_mega.checkpoint.transformer import diffusers_config_from_model, project_to_diffusers
     from cogvx_mega.checkpoint.vae import read_diffusers_vae_folder, read_vae_checkpoint, write_diffusers_vae_folder
@@ -104,8 +105,9 @@ def export_diffusers(ckpt: str, vae: str, text_encoder: str, out: str, dtype: st
         if not Path(path).exists():
             raise ConfigError(flag, path, "no such file or folder")
     tokenizer_dir, encoder_dir = t5_parts(text_encoder)
-    vae_config, vae_state = (read_vae_checkpoint(vae) if is_project_checkpoint(vae) else read_diffusers_vae_folder(vae))
-    model_config, state, meta = read_transformer_checkpoint(ckpt)
+    vae_config, vae_state = (read_vae_checkpoint(vae, verify) if is_project_checkpoint(vae)
+                             else read_diffusers_vae_folder(vae))
+    model_config, state, meta = read_transformer_checkpoint(ckpt, refuse_damaged if verify else None)
     if vae_config.latent_channels != model_config.out_channels:
         raise ConfigError("--vae", vae, f"makes {vae_config.latent_channels}-channel latents; the checkpoint's "
                                         f"model works on {model_config.out_channels} (another model family)")
@@ -141,7 +143,7 @@ def export_diffusers(ckpt: str, vae: str, text_encoder: str, out: str, dtype: st
     return Path(out)
 
 
-def export_lora(ckpt: str, out: str, overwrite: bool = False) -> Path:
+def export_lora(ckpt: str, out: str, overwrite: bool = False, verify: bool = True) -> Path:
     """`cogvx export lora`: a LoRA training checkpoint's adapters as `pytorch_lora_weights.safetensors` in the
     PEFT/diffusers names `CogVideoXPipeline.load_lora_weights` reads (scale folded into B)."""
     from cogvx_mega.checkpoint.lora import diffusers_lora_state, lora_scale, read_lora_adapters, write_lora_folder
@@ -152,13 +154,17 @@ def export_lora(ckpt: str, out: str, overwrite: bool = False) -> Path:
     refuse_existing_output("--out", out, overwrite, what="folder")
     if not Path(ckpt).exists():
         raise ConfigError("--ckpt", ckpt, "no such file or folder")
+    if verify:  # the adapters read here (and below the base whose fingerprint is compared)
+        refuse_damaged(ckpt)
     meta = read_checkpoint_meta(ckpt)
     lora = meta.get("lora")
     if not lora:
         raise ConfigError("--ckpt", ckpt, "is not a LoRA checkpoint (no adapters); `cogvx export diffusers` writes "
                                           "the whole model")
     model = model_config_from_dict(meta["model"])
-    check_lora_base(lora, model, ckpt)
+    base = check_lora_base(lora, model, ckpt)
+    if verify and is_project_checkpoint(base):
+        refuse_damaged(base)
     if lora.get("base_lora"):
         logger.warning("%s was trained on its base with %s merged; the exported adapters hold only what this run "
                        "learned: load both LoRAs in diffusers", ckpt, lora["base_lora"])

@@ -12,13 +12,15 @@ from cogvx_mega.config.errors import ConfigError
 
 
 def load_transformer(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32, backend: str = "local",
-                     **model_overrides):
+                     verify: bool = True, **model_overrides):
     """The whole transformer in this process from a diffusers folder or a cogvx-mega checkpoint (see
-    `cogvx_mega.from_pretrained`), with `model_overrides` of the fields in RUNTIME_MODEL_FIELDS."""
+    `cogvx_mega.from_pretrained`), with `model_overrides` of the fields in RUNTIME_MODEL_FIELDS. A project
+    checkpoint is verified before it is read (`verify=False`: read it as it is)."""
     import dataclasses
 
     from cogvx_mega.checkpoint.reader import read_transformer_checkpoint
     from cogvx_mega.checkpoint.transformer import load_project_state
+    from cogvx_mega.checkpoint.verify import refuse_damaged
     from cogvx_mega.config.model import RUNTIME_MODEL_FIELDS
     from cogvx_mega.model.transformer import build_model
 
@@ -30,7 +32,7 @@ def load_transformer(path: str, device: str = "cpu", dtype: torch.dtype = torch.
             raise ConfigError(name, model_overrides[name], f"from_pretrained overrides only the fields that choose "
                                                            f"how the model runs ({', '.join(RUNTIME_MODEL_FIELDS)}); "
                                                            f"the others describe the checkpoint's weights")
-    model_config, state, _ = read_transformer_checkpoint(path)
+    model_config, state, _ = read_transformer_checkpoint(path, refuse_damaged if verify else None)
     model_config = dataclasses.replace(model_config, backend=backend, **model_overrides)
     model_config.validate()
     model = build_model(model_config, device="cpu", params_dtype=torch.float32, run_device=device)
@@ -38,9 +40,9 @@ def load_transformer(path: str, device: str = "cpu", dtype: torch.dtype = torch.
     return model.to(device=device, dtype=dtype).eval()
 
 
-def load_vae(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
+def load_vae(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32, verify: bool = True):
     """A `CogVideoXVAE` in eval mode from a diffusers VAE folder, a pipeline folder (vae/) or a cogvx-mega VAE
-    checkpoint."""
+    checkpoint (verified before it is read, unless `verify=False`)."""
     from cogvx_mega.vae import CogVideoXVAE
 
     folder = Path(path)
@@ -48,7 +50,7 @@ def load_vae(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32)
         raise ConfigError("path", str(path), "no such folder; pass a diffusers AutoencoderKLCogVideoX folder or a "
                                              "cogvx-mega VAE checkpoint folder")
     if is_project_checkpoint(folder):
-        config, state = read_vae_checkpoint(str(folder))
+        config, state = read_vae_checkpoint(str(folder), verify)
     else:
         config, state = read_diffusers_vae_folder(str(folder))
     with torch.device("meta"):

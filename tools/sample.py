@@ -95,7 +95,7 @@ def run_sample(args) -> list[str]:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device == "cuda" else "fp32")]
     model_config, forward = _sampling_model(args, device, dtype)
     m = model_config
-    vae = load_family_vae(args.vae, "--vae", m, device, dtype)
+    vae = load_family_vae(args.vae, "--vae", m, device, dtype, verify=not args.no_verify)
     if m.is_image_to_video and not args.image:
         raise ConfigError("--image", None, f"{args.ckpt} is an image-to-video model: give the first frame with "
                                            f"--image FILE")
@@ -150,7 +150,7 @@ def _sampling_model(args, device: str, dtype: torch.dtype):
         if layout > 1:
             raise ConfigError("--tp/--pp/--cp", " x ".join(str(v) for v in sizes.values()),
                               f"a layout of {layout} ranks runs under torchrun --nproc-per-node {layout}")
-        model = load_transformer(args.ckpt, device=device, dtype=dtype)
+        model = load_transformer(args.ckpt, device=device, dtype=dtype, verify=not args.no_verify)
         return model.model_config, layout_forward([model], dtype)
     if layout != world:
         raise ConfigError("--tp/--pp/--cp", " x ".join(str(v) for v in sizes.values()),
@@ -159,8 +159,11 @@ def _sampling_model(args, device: str, dtype: torch.dtype):
     from cogvx_mega.config.parallel import ParallelConfig
     from cogvx_mega.model.transformer import build_model_chunks
     from cogvx_mega.parallel.state import initialize_parallel
+    from cogvx_mega.training.checkpoint import verify_for_job
     from cogvx_mega.training.pretrained import load_pretrained_weights
 
+    if not args.no_verify:  # every rank checksums its share of the files
+        verify_for_job(args.ckpt, flag="--ckpt")
     model_config = open_transformer_weights(args.ckpt).model
     model_config.backend = "local"
     parallel = ParallelConfig(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
@@ -205,11 +208,11 @@ def training_sampler(config):
 
 
 # --- inputs shared by `cogvx sample` and samples during training ---------------------------------------------
-def load_family_vae(path: str, flag: str, model_config, device: str, dtype: torch.dtype):
+def load_family_vae(path: str, flag: str, model_config, device: str, dtype: torch.dtype, verify: bool = True):
     """The VAE at `path`, refused when its latents are not the ones the model denoises (another family)."""
     from cogvx_mega.tools.load import load_vae
 
-    vae = load_vae(path, device=device, dtype=dtype)
+    vae = load_vae(path, device=device, dtype=dtype, verify=verify)
     if vae.config.latent_channels != model_config.out_channels:
         raise ConfigError(flag, path, f"makes {vae.config.latent_channels}-channel latents; the model denoises "
                                       f"{model_config.out_channels} (another model family)")

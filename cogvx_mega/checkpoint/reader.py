@@ -9,7 +9,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from torch import Tensor
 
@@ -20,6 +20,7 @@ from cogvx_mega.config.model import ModelConfig, RUNTIME_MODEL_FIELDS, model_con
 from cogvx_mega.checkpoint.meta import (SHARDED_FORMAT, SINGLE_FORMAT, TRANSFORMER_FORMATS, is_project_checkpoint,
                                         read_checkpoint_meta)
 from cogvx_mega.checkpoint.single_file import open_single_file_checkpoint
+from cogvx_mega.checkpoint.verify import refuse_damaged
 from cogvx_mega.checkpoint.transformer import open_diffusers_transformer
 from cogvx_mega.checkpoint.weights import TensorSource
 
@@ -57,13 +58,28 @@ def open_transformer_weights(path: str | os.PathLike) -> TransformerWeights:
     return TransformerWeights(folder, "diffusers", model, {"format": "diffusers", "step": 0}, source)
 
 
-def read_transformer_checkpoint(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, Tensor], dict]:
+Verify = Optional[Callable[[Path], None]]
+"""What a reader does with each project checkpoint it opens before reading it: `checkpoint.verify.refuse_damaged`
+(every size and checksum, in this process), a job's shared check, or None (--no-verify)."""
+
+
+def verified(weights: TransformerWeights, verify: Verify) -> TransformerWeights:
+    """`weights`, after `verify` of its folder when it is a project checkpoint (diffusers folders record no
+    checksums)."""
+    if verify is not None and weights.kind != "diffusers":
+        verify(weights.path)
+    return weights
+
+
+def read_transformer_checkpoint(path: str | os.PathLike,
+                                verify: Verify = refuse_damaged) -> tuple[ModelConfig, dict[str, Tensor], dict]:
     """(model config, the whole project-named state, metadata) of any accepted format, in this process:
-    nothing is built, no process group is touched. A LoRA checkpoint gives its base with the adapters merged."""
+    nothing is built, no process group is touched. A LoRA checkpoint gives its base with the adapters merged.
+    Every project checkpoint read (a LoRA checkpoint's bases too) is verified first (`verify`)."""
     from cogvx_mega.checkpoint.sharded import read_sharded_model_state
 
-    weights = open_transformer_weights(path)
-    base, deltas = resolve_lora_chain(weights)
+    weights = verified(open_transformer_weights(path), verify)
+    base, deltas = resolve_lora_chain(weights, verify)
     if base.kind == "sharded":
         _, state = read_sharded_model_state(base.path, base.meta)
     else:
@@ -73,20 +89,23 @@ def read_transformer_checkpoint(path: str | os.PathLike) -> tuple[ModelConfig, d
     return weights.model, merge_deltas(state, deltas) if deltas else state, weights.meta
 
 
-def read_project_checkpoint(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, Tensor], dict]:
+def read_project_checkpoint(path: str | os.PathLike,
+                            verify: Verify = refuse_damaged) -> tuple[ModelConfig, dict[str, Tensor], dict]:
     """Like `read_transformer_checkpoint`, for project checkpoints only (single-v1 or torch-dist-v1)."""
     if not is_project_checkpoint(path):
         read_checkpoint_meta(path)  # raises the clear "no cogvx_checkpoint.json" error
-    return read_transformer_checkpoint(path)
+    return read_transformer_checkpoint(path, verify)
 
 
 # --- LoRA checkpoints and their bases -------------------------------------------------------------------------
 
-def resolve_lora_chain(weights: TransformerWeights) -> tuple[TransformerWeights, dict[str, Tensor]]:
+def resolve_lora_chain(weights: TransformerWeights, verify: Verify = None) -> tuple[TransformerWeights,
+                                                                                  dict[str, Tensor]]:
     """(the full weights under a LoRA checkpoint, {project weight key: the summed delta}) of `weights`: a LoRA
     training checkpoint holds adapters and points at its base (checked to be the weights it was trained on),
     which may itself be a LoRA checkpoint; each level adds its adapters (alpha / rank * B A) and the diffusers
-    LoRA merged into its base before training (`--init-lora`), if any. Full weights give themselves and {}."""
+    LoRA merged into its base before training (`--init-lora`), if any. Full weights give themselves and {}. Each
+    base is verified (`verify`) before it is read; `weights` itself is the caller's to verify."""
     deltas: dict[str, Tensor] = {}
     while weights.kind == "sharded" and weights.meta.get("lora"):
         lora = weights.meta["lora"]
@@ -94,8 +113,19 @@ def resolve_lora_chain(weights: TransformerWeights) -> tuple[TransformerWeights,
         accumulate_deltas(deltas, adapter_deltas(read_lora_adapters(weights.path, weights.meta), lora_scale(lora)))
         if lora.get("base_lora"):
             accumulate_deltas(deltas, deltas_from_diffusers_lora(lora["base_lora"], weights.model))
-        weights = open_transformer_weights(base)
+        weights = verified(open_transformer_weights(base), verify)
     return weights, deltas
+
+
+def lora_chain(path: str | os.PathLike) -> list[Path]:
+    """`path` and, for a LoRA checkpoint, the bases under it (from their metadata alone, nothing read)."""
+    chain = [Path(path)]
+    while is_project_checkpoint(chain[-1]):
+        lora = read_checkpoint_meta(chain[-1]).get("lora")
+        if not lora:
+            break
+        chain.append(Path(lora["base"]))
+    return chain
 
 
 def _weights_config(model: ModelConfig) -> dict:

@@ -13,6 +13,7 @@ from cogvx_mega.config.errors import ConfigError
 from cogvx_mega.config.model import ModelConfig, model_config_from_dict
 from cogvx_mega.checkpoint.atomic import atomic_directory
 from cogvx_mega.checkpoint.meta import META_FILE, MODEL_FILE, SINGLE_FORMAT
+from cogvx_mega.checkpoint.verify import record_files
 from cogvx_mega.checkpoint.weights import SafetensorsTensors
 
 
@@ -22,7 +23,8 @@ def write_single_file_checkpoint(path: str | os.PathLike, tensors: dict, meta: d
 
     with atomic_directory(path) as tmp:
         save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp / MODEL_FILE))
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+        # the size and CRC32C of the weights, as sharded checkpoints record theirs (`checkpoint.verify`)
+        (tmp / META_FILE).write_text(json.dumps({**meta, "files": record_files(tmp, [MODEL_FILE])}, indent=2))
     return Path(path)
 
 

@@ -111,11 +111,15 @@ def save_vae_checkpoint(path: str, state: dict[str, Tensor], config, extra: Opti
                                                       **(extra or {})})
 
 
-def read_vae_checkpoint(path: str):
+def read_vae_checkpoint(path: str, verify: bool = True):
+    """(VAE config, state) of a project VAE checkpoint, its file verified first (`verify`)."""
     from safetensors.torch import load_file
 
+    from cogvx_mega.checkpoint.verify import refuse_damaged
     from cogvx_mega.vae.config import vae_config_from_dict
 
+    if verify:
+        refuse_damaged(path)
     meta = read_checkpoint_meta(path)
     if meta.get("format") != VAE_FORMAT:
         raise ConversionError(f"{path}: a {meta.get('format')} checkpoint, not a VAE ({VAE_FORMAT})")

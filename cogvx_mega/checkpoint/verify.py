@@ -138,6 +138,23 @@ def verify_checkpoint(folder: str | os.PathLike) -> Verdict:
     return verify_files(folder, checksum_share=(0, 1))
 
 
+NO_VERIFY_HINT = "read another checkpoint (`cogvx checkpoint list RUN_DIR` shows which verify), or pass --no-verify " \
+                 "to read it as it is"
+
+
+def refuse_damaged(folder: str | os.PathLike, verdict: Optional[Verdict] = None, flag: str = "checkpoint") -> None:
+    """One clear error naming the damaged file when a project checkpoint does not verify (every size and
+    checksum in this process, unless `verdict` is given). Folders that are not project checkpoints (no metadata
+    file: a diffusers folder, a wrong path) and checkpoints without recorded files pass: their readers say what
+    is wrong with them."""
+    if not (Path(folder) / META_FILE).is_file():
+        return
+    verdict = verdict or verify_checkpoint(folder)
+    if not verdict.ok:
+        more = f" (and {len(verdict.problems) - 1} more)" if len(verdict.problems) > 1 else ""
+        raise ConfigError(flag, str(folder), f"is damaged: {verdict.problems[0]}{more}; {NO_VERIFY_HINT}")
+
+
 def verify_on_every_rank(folder: str | os.PathLike) -> Verdict:
     """`verify_files` shared by the ranks of a job (each checksums its share of the files); every rank gets the
     same verdict, with the problems any rank found. One process: everything."""

@@ -17,6 +17,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source")
     parser.add_argument("destination")
     parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="read a cogvx-mega SOURCE without checking its files' sizes and CRC32C (a damaged one is "
+                             "refused otherwise)")
     add_config_arguments(parser)
 
 
@@ -29,11 +32,11 @@ def run(args: argparse.Namespace) -> int:
     if args.direction.startswith("vae-"):
         from cogvx_mega.tools.convert_vae import convert_vae
 
-        convert_vae(args.direction, args.source, args.destination, preset=args.preset)
+        convert_vae(args.direction, args.source, args.destination, preset=args.preset, verify=not args.no_verify)
     else:
         from cogvx_mega.tools.convert_transformer import convert_transformer
 
         convert_transformer(args.direction, args.source, args.destination, preset=args.preset,
-                            config_file=args.config_file, overrides=args.overrides)
+                            config_file=args.config_file, overrides=args.overrides, verify=not args.no_verify)
     print(f"wrote {args.destination}")
     return 0

@@ -15,6 +15,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="the pipeline folder to write")
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="read --ckpt and --vae without checking its files' sizes and CRC32C (a damaged one is "
+                             "refused otherwise)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -23,12 +26,14 @@ def run(args: argparse.Namespace) -> int:
     if args.format == "lora":
         from cogvx_mega.tools.export import export_lora
 
-        print(f"wrote {export_lora(args.ckpt, args.out, args.overwrite)}")
+        print(f"wrote {export_lora(args.ckpt, args.out, args.overwrite, verify=not args.no_verify)}")
         return 0
     from cogvx_mega.tools.export import export_diffusers
 
     for flag, value in (("--vae", args.vae), ("--text-encoder", args.text_encoder)):
         if not value:
             raise ConfigError(flag, value, "`cogvx export diffusers` writes a whole pipeline and needs it")
-    print(f"wrote {export_diffusers(args.ckpt, args.vae, args.text_encoder, args.out, args.dtype, args.overwrite)}")
+    written = export_diffusers(args.ckpt, args.vae, args.text_encoder, args.out, args.dtype, args.overwrite,
+                               verify=not args.no_verify)
+    print(f"wrote {written}")
     return 0

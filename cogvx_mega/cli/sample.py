@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vpp", type=int, default=None, help="under torchrun: virtual pipeline stages per rank")
     parser.add_argument("--cp", type=int, default=1, help="under torchrun: context-parallel size")
     parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="read --ckpt and --vae without checking its files' sizes and CRC32C (a damaged one is "
+                             "refused otherwise)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -20,6 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--init-lora", metavar="DIR",
                         help="with --init-from: merge this diffusers/PEFT LoRA (pytorch_lora_weights.safetensors) "
                              "into the weights before training")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="read the --init-from weights (and a LoRA run's base) without checking their files' "
+                             "sizes and CRC32C; a resumed checkpoint is always checked")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the layout, each pipeline rank's layers and parameter counts; do not train")
     parser.add_argument("--world-size", type=int, help="with --dry-run: the world size to plan for")
@@ -35,5 +38,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from cogvx_mega.run import training
 
-    training.run_training(config, resume=args.resume, init_from=args.init_from, init_lora=args.init_lora)
+    training.run_training(config, resume=args.resume, init_from=args.init_from, init_lora=args.init_lora,
+                          verify=not args.no_verify)
     return 0

@@ -45,16 +45,18 @@ class TrainingRun:
 
 
 def prepare_training(config: Config, resume: Optional[str] = None, init_from: Optional[str] = None,
-                     init_lora: Optional[str] = None) -> TrainingRun:
+                     init_lora: Optional[str] = None, verify: bool = True) -> TrainingRun:
     """Everything before the first step (see the module). The weights come from `resume` (model, optimizer,
     step: 'auto' or a checkpoint folder) or `init_from` (weights only, step 0); with both, an existing checkpoint
-    of the run wins, so a requeued fine-tuning job continues."""
+    of the run wins, so a requeued fine-tuning job continues. `verify=False` reads --init-from weights (and a LoRA
+    run's base) without checking their files (a resumed checkpoint is always verified)."""
     device = config.training.device
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device", "cuda", "no CUDA device is visible; pass --device cpu")
     dims = initialize_parallel(config.parallel, device=device, seed=config.training.seed)
     checkpointer = Checkpointer(config, dims)
-    start = checkpointer.plan_start(resume, init_from, init_lora, config.check_world(dims.data_parallel_size))
+    start = checkpointer.plan_start(resume, init_from, init_lora, config.check_world(dims.data_parallel_size),
+                                    verify=verify)
     dataset = open_training_data(config)
     sampler = None
     if config.training.sample_every:
@@ -99,6 +101,6 @@ def load_start_weights(chunks: list, start: Start, config: Config, dims: Paralle
 
 
 def run_training(config: Config, resume: Optional[str] = None, init_from: Optional[str] = None,
-                 init_lora: Optional[str] = None) -> list[dict]:
+                 init_lora: Optional[str] = None, verify: bool = True) -> list[dict]:
     """`cogvx train`: prepare the run, train it; returns each step's metrics."""
-    return prepare_training(config, resume, init_from, init_lora).fit()
+    return prepare_training(config, resume, init_from, init_lora, verify).fit()

@@ -247,3 +247,15 @@ def describe_run_checkpoints(run_dir: str | os.PathLike, checksums: bool = False
     if not checksums:
         lines.append("(sizes only: --checksums, or `cogvx checkpoint verify DIR`, also compares every CRC32C)")
     return "\n".join(lines)
+
+
+def verify_for_job(folder: str | os.PathLike, flag: str = "checkpoint") -> None:
+    """Verify a project checkpoint that every rank of a job reads, each rank checksumming its share of the files
+    (`checkpoint.verify.verify_on_every_rank`); every rank raises the same one-line error when it is damaged. A
+    LoRA checkpoint's bases are verified too. Every rank calls this together."""
+    from cogvx_mega.checkpoint.reader import lora_chain
+    from cogvx_mega.checkpoint.verify import refuse_damaged, verify_on_every_rank
+
+    for path in lora_chain(folder):
+        if is_project_checkpoint(path):
+            refuse_damaged(path, verify_on_every_rank(path), flag=flag)

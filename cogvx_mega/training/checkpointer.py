@@ -66,11 +66,12 @@ class Checkpointer:
 
     # --- where a run starts --------------------------------------------------------------------------------
     def plan_start(self, resume: Optional[str], init_from: Optional[str], init_lora: Optional[str],
-                   global_batch: int) -> Start:
+                   global_batch: int, verify: bool = True) -> Start:
         """The run's start, every check done (every rank calls it together; nothing is written but the repair of
         a replacement killed between its two renames, and damaged checkpoints set aside by `--resume auto`).
         With both `resume` and `init_from`, an existing checkpoint of the run wins (a requeued fine-tuning job
-        continues); otherwise the run starts from the `init_from` weights."""
+        continues); otherwise the run starts from the `init_from` weights, verified first (with every base under a
+        LoRA checkpoint; `verify=False`: read as they are)."""
         config, lora = self.config, self.config.finetune.lora
         if init_lora is not None and init_from is None:
             raise ConfigError("--init-lora", init_lora, "a LoRA file is merged into base weights: pass --init-from BASE")
@@ -87,6 +88,8 @@ class Checkpointer:
             if lora and meta.get("lora"):
                 from cogvx_mega.checkpoint.reader import check_lora_base
 
+                if verify:
+                    ckpt.verify_for_job(meta["lora"]["base"], flag="LoRA base")
                 check_lora_base(meta["lora"], config.model, str(path))
                 start.lora_base = {k: meta["lora"].get(k) for k in ("base", "base_fingerprint", "base_lora")}
             return start
@@ -104,6 +107,8 @@ class Checkpointer:
             from cogvx_mega.checkpoint.lora import deltas_from_diffusers_lora
             from cogvx_mega.checkpoint.reader import base_fingerprint, open_transformer_weights
 
+            if verify:
+                ckpt.verify_for_job(init_from, flag="--init-from")
             weights = open_transformer_weights(init_from)
             ckpt.check_same_model({"model": dataclasses.asdict(weights.model)}, config.model, init_from,
                                   ignore=ckpt.NOT_IN_THE_WEIGHTS)
