@@ -6,6 +6,10 @@ Points: `step` (inside a training step, after the backward, before the update), 
 while its shards are being written, or right after if the write was quicker than the watch), `async_write`
 (an asynchronous save's background write under way), `rename` (the shards and the metadata written, the
 checkpoint not yet renamed into place).
+
+The interrupt tests send signals instead, at the `step` moment: `sigint`, `sigterm`, `sigusr1` (one signal to
+the process itself, as a user's Ctrl-C or a scheduler would), `sigint2` (two Ctrl-C in a row). With
+`COGVX_FAULT_INJECT_RANK=R` only global rank R does it.
 """
 from __future__ import annotations
 
@@ -18,6 +22,8 @@ from typing import Optional
 
 ENVIRONMENT = "COGVX_FAULT_INJECT"
 POINTS = ("step", "save", "async_write", "rename")
+SIGNAL_POINTS = {"sigint": [signal.SIGINT], "sigterm": [signal.SIGTERM], "sigusr1": [signal.SIGUSR1],
+                 "sigint2": [signal.SIGINT, signal.SIGINT]}
 
 
 def _armed() -> Optional[tuple[str, int]]:
@@ -25,8 +31,12 @@ def _armed() -> Optional[tuple[str, int]]:
     if not spec:
         return None
     point, _, step = spec.partition("@")
-    if point not in POINTS or not step.isdigit():
-        raise ValueError(f"{ENVIRONMENT}={spec!r}: write POINT@STEP with POINT one of {', '.join(POINTS)}")
+    if point not in (*POINTS, *SIGNAL_POINTS) or not step.isdigit():
+        raise ValueError(f"{ENVIRONMENT}={spec!r}: write POINT@STEP with POINT one of "
+                         f"{', '.join((*POINTS, *SIGNAL_POINTS))}")
+    rank = os.environ.get(ENVIRONMENT + "_RANK")
+    if rank is not None and rank != os.environ.get("RANK", "0"):
+        return None
     return point, int(step)
 
 
@@ -47,6 +57,9 @@ def maybe_kill(point: str, step: int, detail: str = "") -> None:
     armed = _armed()
     if armed == (point, step):
         kill_now(point, step, detail)
+    elif point == "step" and armed is not None and armed[1] == step and armed[0] in SIGNAL_POINTS:
+        for number in SIGNAL_POINTS[armed[0]]:
+            os.kill(os.getpid(), number)  # the handler runs at once, in this (the main) thread
 
 
 def watch_save(folder: Path, step: int) -> None:

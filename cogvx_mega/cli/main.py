@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import os
+import signal
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 from cogvx_mega.cli import (checkpoint, convert, data, demo, export, launch, plan, sample, scaling, train,
@@ -12,6 +16,9 @@ from cogvx_mega.cli.arguments import parse_with_overrides, verbose_parent
 
 logger = logging.getLogger("cogvx_mega")
 
+# exit statuses: 0 done; 1 the machine's fault (full disk, permissions: OSError); 2 a user's input (ConfigError and
+# the like, before anything is written); 3 diverged; 128 + N stopped by signal N after a checkpoint (130: Ctrl-C)
+EXIT_SYSTEM_ERROR = 1
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3  # training.max_skipped_steps steps in a row were skipped
 # in the order `cogvx --help` lists them
@@ -73,6 +80,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from cogvx_mega.config.errors import ConfigError
     from cogvx_mega.data.manifest import MediaError
     from cogvx_mega.training import TrainingDiverged
+    from cogvx_mega.training.interrupts import TrainingInterrupted
     from cogvx_mega.vae.time_split import VAEInputError
 
     args = parse_with_overrides(build_parser(), argv)
@@ -80,8 +88,62 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return args.run(args)
     except (ConfigError, ConversionError, FileNotFoundError, VAEInputError, MediaError) as error:
-        print(f"cogvx: error: {error}", file=sys.stderr)
+        report_error(f"cogvx: error: {error}")
         return EXIT_USER_ERROR
     except TrainingDiverged as error:
-        print(f"cogvx: error: {error}", file=sys.stderr)
+        report_error(f"cogvx: error: {error}")
         return EXIT_DIVERGED
+    except TrainingInterrupted as error:
+        report_error(f"cogvx: {error}")
+        return error.exit_status
+    except KeyboardInterrupt:
+        report_error("cogvx: interrupted (Ctrl-C)")
+        return 128 + signal.SIGINT
+    except OSError as error:  # the machine's: a full disk, a folder it may not write, a read-only filesystem
+        logger.debug("the OS error's traceback", exc_info=True)  # -v
+        report_error(f"cogvx: error: {describe_os_error(error)}")
+        return EXIT_SYSTEM_ERROR
+
+
+def describe_os_error(error: OSError) -> str:
+    """The error as the OS says it, and what to do for the ones a user meets (full disk, permissions)."""
+    hints = {errno.ENOSPC: "free space there (or write elsewhere) and run it again",
+             errno.EDQUOT: "the disk quota is used up: free space or write elsewhere",
+             errno.EACCES: "this user may not write there: choose a folder you own, or fix its permissions",
+             errno.EPERM: "this user may not write there: choose a folder you own, or fix its permissions",
+             errno.EROFS: "that filesystem is read-only: write elsewhere"}
+    hint = hints.get(error.errno)
+    return f"{error}; {hint}" if hint else str(error)
+
+
+def report_error(line: str) -> None:
+    """Write the job's error line once: alone, or under torchrun from the first rank that gets here (the ranks of
+    one launch on a node share a marker file; another node's ranks write their own line, at most one per node).
+    One write call, so lines of several processes never run together."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _first_to_report():
+        logger.debug("%s (already reported by another rank)", line)
+        return
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
+def _first_to_report() -> bool:
+    """Claim the launch's error marker (named after torchrun's agent process, its start time, the rendezvous and
+    the restart); False when another rank has it."""
+    import tempfile
+
+    parent = os.getppid()
+    try:
+        started = Path(f"/proc/{parent}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        started = "0"
+    key = "-".join([str(parent), started, os.environ.get("TORCHELASTIC_RUN_ID", ""),
+                    os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"), os.environ.get("MASTER_PORT", "")])
+    marker = Path(tempfile.gettempdir()) / f"cogvx-error-{key}"
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+    except FileExistsError:
+        return False
+    except OSError:
+        return True  # no marker possible: better twice than never
+    return True

@@ -84,8 +84,13 @@ class TrainingConfig:
     recompute_num_layers: int = 1
     """With recompute=full: layers per recomputed group (megatron's uniform method)."""
     log_interval: int = 1
+    """Every this many steps: telemetry (TFLOP/s, MFU, GPU readings) in metrics.jsonl and, when stderr is not a
+    terminal (a batch job's log), one plain line `step N/M | loss | grad_norm | lr | samples/s | TFLOP/s`."""
     save_interval: int = 0
-    """Save a checkpoint every N steps (0: only at the end)."""
+    """Save a checkpoint every N steps (0: by time only, see save_every_minutes; the last step always saves)."""
+    save_every_minutes: Optional[float] = 30.0
+    """Also save a checkpoint when this many minutes have passed since the last save (or the start of training),
+    at the next step boundary; null or 0: no time-based saves. SIGINT, SIGTERM and SIGUSR1 save too."""
     keep_checkpoints: int = 2
     async_save: bool = False
     """Write checkpoints in a background process (megatron's async torch_dist save): training goes on
@@ -130,7 +135,7 @@ class TrainingConfig:
 
     def validate(self) -> None:
         check_choices(self, "training")
-        require_positive_integers(self, "training", ("steps", "micro_batch_size", "recompute_num_layers"))
+        require_positive_integers(self, "training", ("steps", "micro_batch_size", "recompute_num_layers", "log_interval"))
         if self.global_batch_size is not None and self.global_batch_size < 1:
             raise ConfigError("training.global_batch_size", self.global_batch_size, "must be positive (or null)")
         if self.lr <= 0:
@@ -139,6 +144,12 @@ class TrainingConfig:
             raise ConfigError("training.warmup_steps", self.warmup_steps, "must be >= 0")
         if self.keep_checkpoints < 1:
             raise ConfigError("training.keep_checkpoints", self.keep_checkpoints, "keep at least 1")
+        if isinstance(self.save_interval, bool) or not isinstance(self.save_interval, int) or self.save_interval < 0:
+            raise ConfigError("training.save_interval", self.save_interval, "use a number of steps (0: by time and at "
+                                                                           "the end only)")
+        if self.save_every_minutes is not None and not self.save_every_minutes >= 0:
+            raise ConfigError("training.save_every_minutes", self.save_every_minutes, "use minutes (e.g. 30), or 0 / "
+                                                                                     "null for no time-based saves")
         require_positive_integers(self, "training", ("loss_spike_window", "max_skipped_steps"))
         if self.loss_spike_factor is not None and not self.loss_spike_factor > 1:
             raise ConfigError("training.loss_spike_factor", self.loss_spike_factor, "use a factor above 1 (e.g. 3.0), "

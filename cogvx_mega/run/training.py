@@ -34,10 +34,17 @@ class TrainingRun:
     start: Start
 
     def fit(self) -> list[dict]:
+        """Train to `training.steps`; the logging rank ends with the final loss and the checkpoint's path."""
         try:
-            return self.trainer.fit()
+            history = self.trainer.fit()
         finally:
             self.close()
+        if self.dims.is_logging_rank:
+            checkpoint = ckpt.step_folder(self.trainer.run_dir, self.trainer.step)
+            loss = f"final loss {history[-1]['loss']:.4f}; " if history else ""
+            logger.info("trained to step %d/%d: %scheckpoint %s", self.trainer.step, self.config.training.steps,
+                        loss, checkpoint)
+        return history
 
     def close(self) -> None:
         if hasattr(self.dataset, "close"):

@@ -138,7 +138,7 @@ def abandon_newer_checkpoints(run_dir: str | os.PathLike, resumed_step: int) -> 
 RESUME_SAFE_FIELDS = {
     "training": {"steps", "lr", "min_lr", "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps",
                  "grad_clip", "device", "bf16", "recompute", "recompute_num_layers", "log_interval", "save_interval",
-                 "keep_checkpoints", "async_save", "run_dir", "micro_batch_size", "global_batch_size",
+                 "save_every_minutes", "keep_checkpoints", "async_save", "run_dir", "micro_batch_size", "global_batch_size",
                  "mixed_precision", "sample_every", "tensorboard", "peak_tflops", "loss_spike_factor",
                  "loss_spike_window", "max_skipped_steps", "stop_file"},  # a change of the optimizer's master weights is refused on its own
     "data": {"num_workers", "online_keep_clips"},

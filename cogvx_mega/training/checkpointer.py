@@ -4,7 +4,7 @@
   checkpoint that verifies, damaged ones set aside), `--init-from` weights and a `--init-lora` file, the LoRA
   base the adapters point at; every check that can fail runs here, before anything is written.
 - Saving: the step's sharded checkpoint (`checkpoint.sharded`, atomic, verified), every `training.save_interval`
-  steps and once at the end, synchronous or in the background (`training.async_save`), the metadata a resume is
+  steps, every `training.save_every_minutes`, on an interrupt and once at the end, synchronous or in the background (`training.async_save`), the metadata a resume is
   checked against, pruning beyond `training.keep_checkpoints`; a LoRA run saves its adapters alone.
 - Loading: model, optimizer and step of a training checkpoint saved at any layout.
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -28,9 +29,15 @@ from cogvx_mega.config.errors import ConfigError
 from cogvx_mega.config.schema import Config
 from cogvx_mega.parallel.state import ParallelDims
 from cogvx_mega.training import checkpoint as ckpt
+from cogvx_mega.training.metrics import METRICS_FILE, REPLACED_FILE
 from cogvx_mega.training.optimizer import use_fused_cpu_adam
 
 logger = logging.getLogger(__name__)
+
+
+def _clock() -> float:
+    """Seconds on a clock that only goes forward (training.save_every_minutes)."""
+    return time.monotonic()
 
 
 @dataclass
@@ -63,6 +70,7 @@ class Checkpointer:
         self.lora_base = lora_base
         self.last_saved_step: Optional[int] = None  # the step of the newest checkpoint of this run (None: none)
         self._async_saves = None  # megatron's AsyncCallsQueue, created by the first asynchronous save
+        self._last_save_time = _clock()  # for training.save_every_minutes (the logging rank's clock)
 
     # --- where a run starts --------------------------------------------------------------------------------
     def plan_start(self, resume: Optional[str], init_from: Optional[str], init_lora: Optional[str],
@@ -98,6 +106,8 @@ class Checkpointer:
             raise ConfigError("--run-dir", str(self.run_dir), f"already holds checkpoints of a run (newest "
                                                               f"{existing[-1].name}); pass --resume auto to continue "
                                                               f"it, or use another --run-dir")
+        if self.dims.is_logging_rank:
+            self._say_no_checkpoint(resume)
         if lora and init_from is None:
             raise ConfigError("finetune.lora_rank", config.finetune.lora_rank, "LoRA adapts pretrained weights: pass "
                                                                              "--init-from BASE (a diffusers folder "
@@ -118,6 +128,16 @@ class Checkpointer:
                 start.lora_base = {"base": os.path.abspath(init_from), "base_fingerprint": base_fingerprint(init_from),
                                    "base_lora": os.path.abspath(init_lora) if init_lora else None}
         return start
+
+    def _say_no_checkpoint(self, resume: Optional[str]) -> None:
+        """A run dir with metrics but no checkpoint (a run stopped before its first save) starts over at step 0,
+        in one line that says so (its rows are moved aside when training starts, `training.metrics`)."""
+        metrics = self.run_dir / METRICS_FILE
+        if not metrics.is_file() or not metrics.stat().st_size:
+            return
+        asked = "--resume auto found" if resume == "auto" else "found"
+        logger.warning("%s no checkpoint in %s, but metrics.jsonl of an earlier run that stopped before its first "
+                       "save: starting over at step 0 (its rows move to %s)", asked, self.run_dir, REPLACED_FILE)
 
     def _check_training_checkpoint(self, meta: dict, path) -> None:
         """A training checkpoint of this model, not weights alone."""
@@ -182,6 +202,7 @@ class Checkpointer:
                 self._async_saves = AsyncCallsQueue()
             queue = self._async_saves
         self.last_saved_step = step
+        self._last_save_time = _clock()
         return save_sharded_checkpoint(ckpt.step_folder(self.run_dir, step), ddp_chunks, optimizer,
                                        self.metadata(step, global_batch), async_queue=queue, on_complete=self._prune,
                                        keep=self._model_keys())
@@ -190,6 +211,16 @@ class Checkpointer:
         """A periodic checkpoint at this step (`training.save_interval`; the last step saves at the end)."""
         interval = self.config.training.save_interval
         return bool(interval) and step % interval == 0 and step < self.config.training.steps
+
+    def start_clock(self) -> None:
+        """training.save_every_minutes counts from here (the start of training) and from every save."""
+        self._last_save_time = _clock()
+
+    def is_due_by_time(self) -> bool:
+        """training.save_every_minutes have passed since the last save (or the start); this rank's clock, so the
+        trainer asks the logging rank and every rank follows its answer."""
+        minutes = self.config.training.save_every_minutes
+        return bool(minutes) and _clock() - self._last_save_time >= 60.0 * minutes
 
     def _prune(self) -> None:
         if self.dims.is_logging_rank:  # runs after the save's closing barrier: every rank is past the old ones

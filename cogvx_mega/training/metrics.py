@@ -1,10 +1,17 @@
 """What a training run shows while it trains: one row per step in `<run_dir>/metrics.jsonl` (step, loss,
 grad_norm, lr, throughput and, every `training.log_interval` steps, the telemetry of `training.telemetry`), the
-same in TensorBoard, and a progress bar, all on the logging rank."""
+same in TensorBoard, and on the terminal a progress bar, or in a batch job's log (stderr not a terminal) one plain
+line every `training.log_interval` steps; all on the logging rank.
+
+metrics.jsonl holds one row per step of the run's line: a run that starts at step S (a resume, or step 0) moves
+the rows of later steps, left by a run that went on past its last checkpoint, to `metrics.replaced.jsonl` (each
+with `replaced_at_start_step`), and TensorBoard hides their events (`purge_step`), so plots never mix two runs."""
 from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
 from pathlib import Path
 
 import torch
@@ -18,6 +25,57 @@ from cogvx_mega.training.telemetry import Telemetry
 logger = logging.getLogger(__name__)
 
 
+METRICS_FILE = "metrics.jsonl"
+REPLACED_FILE = "metrics.replaced.jsonl"
+
+
+def log_line(metrics: dict, total_steps: int) -> str:
+    """The plain line of a logged step: `step N/M | loss | grad_norm | lr | samples/s | TFLOP/s` (what the step
+    has of them; a skipped step says so)."""
+    parts = [f"step {metrics['step']}/{total_steps}", f"loss {metrics['loss']:.4f}"]
+    if metrics.get("grad_norm") is not None:
+        parts.append(f"grad_norm {metrics['grad_norm']:.3f}")
+    parts.append(f"lr {metrics['lr']:.3e}")
+    if "samples_per_s" in metrics:
+        parts.append(f"samples/s {metrics['samples_per_s']:.2f}")
+    if "tflops_per_gpu" in metrics:
+        parts.append(f"TFLOP/s {metrics['tflops_per_gpu']:.3g}")
+    if metrics.get("skipped"):
+        parts.append(f"skipped: {metrics.get('skip_reason')}")
+    return " | ".join(parts)
+
+
+def set_aside_rows_after(run_dir: Path, step: int) -> int:
+    """Keep the rows of steps 1..`step` in run_dir/metrics.jsonl and append the others (and any line that does not
+    parse, e.g. one cut short by a kill) to metrics.replaced.jsonl; returns how many were moved. The new
+    metrics.jsonl replaces the old one in one rename."""
+    path = run_dir / METRICS_FILE
+    if not path.is_file():
+        return 0
+    kept, moved = [], []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            row_step = int(row["step"])
+        except (ValueError, KeyError, TypeError):
+            moved.append(json.dumps({"replaced_at_start_step": step, "unreadable_row": line}))
+            continue
+        if row_step <= step:
+            kept.append(line)
+        else:
+            moved.append(json.dumps({**row, "replaced_at_start_step": step}))
+    if not moved:
+        return 0
+    with (run_dir / REPLACED_FILE).open("a") as f:
+        f.write("".join(m + "\n" for m in moved))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(k + "\n" for k in kept))
+    os.replace(tmp, path)
+    return len(moved)
+
+
 def latent_grid(latents: torch.Tensor) -> tuple[int, int, int]:
     """(frames, height, width) of a [B, T, C, H, W] latent batch (buckets make it differ from step to step)."""
     return latents.shape[1], latents.shape[3], latents.shape[4]
@@ -27,13 +85,19 @@ class MetricsLog:
     def __init__(self, config: Config, dims: ParallelDims, run_dir: Path, device: torch.device, first_step: int):
         self.config = config
         self.is_logger = dims.is_logging_rank
-        self.file = Path(run_dir) / "metrics.jsonl"
-        self.telemetry = Telemetry(config, device, Path(run_dir), self.is_logger, dims.world_size)
+        self.file = Path(run_dir) / METRICS_FILE
         self.progress = None
         if self.is_logger:
+            Path(run_dir).mkdir(parents=True, exist_ok=True)
+            replaced = set_aside_rows_after(Path(run_dir), first_step)
+            if replaced:
+                logger.warning("metrics.jsonl held %d rows after step %d (a run that went on past its last "
+                               "checkpoint): moved to %s", replaced, first_step, REPLACED_FILE)
+        self.telemetry = Telemetry(config, device, Path(run_dir), self.is_logger, dims.world_size,
+                                   purge_step=first_step + 1)
+        if self.is_logger and sys.stderr.isatty():
             from tqdm.auto import tqdm
 
-            Path(run_dir).mkdir(parents=True, exist_ok=True)
             self.progress = tqdm(total=config.training.steps, initial=first_step, desc="train", unit="step",
                                  dynamic_ncols=True)
 
@@ -73,9 +137,13 @@ class MetricsLog:
         with self.file.open("a") as f:
             f.write(json.dumps(metrics) + "\n")
         self.telemetry.write(metrics)
-        self.progress.update(1)
-        if metrics["step"] % self.config.training.log_interval == 0:
-            self.progress.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
+        logged = metrics["step"] % self.config.training.log_interval == 0
+        if self.progress is not None:
+            self.progress.update(1)
+            if logged:
+                self.progress.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
+        elif logged:
+            logger.info(log_line(metrics, self.config.training.steps))
 
     def close(self) -> None:
         if self.progress is not None:

@@ -63,7 +63,9 @@ class GpuMonitor:
 
 
 class Telemetry:
-    def __init__(self, config, device: torch.device, run_dir: Path, is_logger: bool, world_size: int):
+    def __init__(self, config, device: torch.device, run_dir: Path, is_logger: bool, world_size: int,
+                 purge_step: Optional[int] = None):
+        """`purge_step`: the first step this run writes; TensorBoard hides earlier runs' events from there on."""
         t = config.training
         self.device, self.world_size, self.is_logger = device, world_size, is_logger
         self.model_config = config.model
@@ -75,7 +77,7 @@ class Telemetry:
         if is_logger and t.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=purge_step)
 
     def step_fields(self, flops: float, elapsed: float, data_wait: float) -> dict[str, float]:
         """The fields of one logged step (every rank may call it; only the logging rank reads devices)."""

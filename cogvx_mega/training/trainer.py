@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import math
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -33,12 +34,23 @@ from cogvx_mega.parallel.data_parallel import wrap_data_parallel
 from cogvx_mega.parallel.pipeline import finalize_gradients
 from cogvx_mega.parallel.state import ParallelDims, data_parallel_group
 from cogvx_mega.training import TrainingDiverged
+from cogvx_mega.training import checkpoint as ckpt
 from cogvx_mega.training.checkpointer import Checkpointer
+from cogvx_mega.training.interrupts import TrainingInterrupted, catch_interrupts
 from cogvx_mega.training.metrics import MetricsLog, latent_grid
 from cogvx_mega.training.objective import packed_v_prediction_loss, v_prediction_token_loss
 from cogvx_mega.training.optimizer import build_optimizer, warmup_cosine
 
 logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class StopVote:
+    """What the ranks agreed after a step (`Trainer._stop_vote`)."""
+
+    signal_number: int  # 0: none
+    stop_file: bool
+    save_due: bool  # by time (training.save_every_minutes)
 
 
 @dataclasses.dataclass
@@ -94,6 +106,7 @@ class Trainer:
         self.recent_losses: collections.deque = collections.deque(maxlen=config.training.loss_spike_window)
         self.skipped_in_a_row = 0
         self.stopped_by_request = False  # fit returned early because training.stop_file appeared
+        self._interrupts = None  # fit's InterruptNote
 
     @property
     def samples_per_rank(self) -> int:
@@ -102,41 +115,47 @@ class Trainer:
 
     # --- the loop --------------------------------------------------------------------------------------------
     def fit(self, on_step: Optional[Callable[[dict], None]] = None) -> list[dict]:
-        """Train until `training.steps`, saving every `save_interval` steps and at the end. A run that is already
-        at its last step (a finished run resumed) neither trains nor saves again. Returns early, after a
-        checkpoint, when training.stop_file appears; raises TrainingDiverged (after a checkpoint of the last good
-        weights) when training.max_skipped_steps steps in a row were skipped."""
+        """Train until `training.steps`, saving every `save_interval` steps, every `save_every_minutes` and at the
+        end. A run that is already at its last step (a finished run resumed) neither trains nor saves again.
+        Returns early, after a checkpoint, when training.stop_file appears; raises TrainingInterrupted (after a
+        checkpoint of the finished step) on SIGINT, SIGTERM or SIGUSR1 (`training.interrupts`); raises
+        TrainingDiverged (after a checkpoint of the last good weights) when training.max_skipped_steps steps in a
+        row were skipped."""
         t = self.config.training
         if self.step >= t.steps and self.dims.is_logging_rank:
             logger.info("the run is already at step %d of training.steps=%d: nothing to train (raise "
                         "training.steps to continue it)", self.step, t.steps)
         history: list[dict] = []
         log = MetricsLog(self.config, self.dims, self.run_dir, self.device, first_step=self.step)
+        self.checkpointer.start_clock()
         try:
-            while self.step < t.steps:
-                waited = time.perf_counter()
-                batch = self.dataset.step_batch(self.step, self.slots, self.global_batch, t.seed)
-                started = time.perf_counter()
-                metrics = self.train_step(batch)
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize()
-                elapsed = max(time.perf_counter() - started, 1e-9)
-                tokens = None if "packs" in batch else self.tokens_per_sample(latent_grid(batch["latents"]))
-                metrics = {"step": self.step, **metrics, **log.step_fields(self.step, batch, self.global_batch, tokens,
-                                                                           elapsed, started - waited)}
-                self._sample_if_due(metrics)
-                history.append(metrics)
-                log.record(metrics)
-                if on_step is not None:
-                    on_step(metrics)
-                if self._stop_after(metrics):
-                    break
-                if self.checkpointer.is_due(self.step):
-                    self.save()
-                self.finalize_saves()
+            with catch_interrupts() as self._interrupts:
+                while self.step < t.steps:
+                    waited = time.perf_counter()
+                    batch = self.dataset.step_batch(self.step, self.slots, self.global_batch, t.seed)
+                    started = time.perf_counter()
+                    metrics = self.train_step(batch)
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize()
+                    elapsed = max(time.perf_counter() - started, 1e-9)
+                    tokens = None if "packs" in batch else self.tokens_per_sample(latent_grid(batch["latents"]))
+                    metrics = {"step": self.step, **metrics,
+                               **log.step_fields(self.step, batch, self.global_batch, tokens, elapsed,
+                                                 started - waited)}
+                    self._sample_if_due(metrics)
+                    history.append(metrics)
+                    log.record(metrics)
+                    if on_step is not None:
+                        on_step(metrics)
+                    vote = self._stop_vote()
+                    if self._stop_after(metrics, vote):
+                        break
+                    if self.checkpointer.is_due(self.step) or (vote.save_due and self.step < t.steps):
+                        self.save()
+                    self.finalize_saves()
+                self._save_if_needed()
         finally:
             log.close()
-        self._save_if_needed()
         return history
 
     def _sample_if_due(self, metrics: dict) -> None:
@@ -147,19 +166,26 @@ class Trainer:
             metrics["samples"] = self.sampler.sample(self)  # paths relative to the run folder
             metrics["sample_seconds"] = time.perf_counter() - started
 
-    def _stop_after(self, metrics: dict) -> bool:
-        """Whether the loop ends after this step: the stop file appeared (a checkpoint is saved first), or too many
-        steps in a row were skipped (a checkpoint of the last good weights, then TrainingDiverged)."""
+    def _stop_after(self, metrics: dict, vote: "StopVote") -> bool:
+        """Whether the loop ends after this step: a signal arrived (a checkpoint, then TrainingInterrupted), the
+        stop file appeared (a checkpoint is saved first), or too many steps in a row were skipped (a checkpoint of
+        the last good weights, then TrainingDiverged)."""
         t = self.config.training
         if metrics.get("skipped") and self.dims.is_logging_rank:
             logger.warning("step %d skipped: %s (%d in a row)", self.step, metrics["skip_reason"], self.skipped_in_a_row)
+        if vote.signal_number:
+            if self.dims.is_logging_rank:
+                logger.warning("%s received: saving a checkpoint of step %d before stopping (Ctrl-C again aborts "
+                               "without it)", signal.Signals(vote.signal_number).name, self.step)
+            self._save_if_needed()
+            raise TrainingInterrupted(vote.signal_number, self.step, ckpt.step_folder(self.run_dir, self.step))
         if self.skipped_in_a_row >= t.max_skipped_steps:
             self._save_if_needed()
             raise TrainingDiverged(f"{self.skipped_in_a_row} steps in a row were skipped (the last: "
                                    f"{metrics['skip_reason']}) at step {self.step}; the last good weights are saved: "
                                    f"resume with a lower training.lr, or from an earlier checkpoint "
                                    f"(training.max_skipped_steps={t.max_skipped_steps})")
-        if not self._stop_requested():
+        if not vote.stop_file:
             return False
         self._save_if_needed()
         self.stopped_by_request = True
@@ -168,16 +194,19 @@ class Trainer:
             logger.info("stopped at step %d on request (%s): checkpoint saved", self.step, t.stop_file)
         return True
 
-    def _stop_requested(self) -> bool:
-        """training.stop_file exists (the logging rank looks; every rank gets its answer)."""
+    def _stop_vote(self) -> "StopVote":
+        """What every rank does after this step, agreed in one small all-reduce (the maximum over ranks): stop on
+        a signal any rank received, stop because the logging rank sees training.stop_file, save because the
+        logging rank's clock says training.save_every_minutes have passed since the last save."""
         stop_file = self.config.training.stop_file
-        if not stop_file:
-            return False
-        flag = torch.tensor([1.0 if self.dims.is_logging_rank and os.path.exists(stop_file) else 0.0],
-                            device=self.device)
+        local = [float(self._interrupts.signal_number if self._interrupts is not None else 0),
+                 1.0 if self.dims.is_logging_rank and stop_file and os.path.exists(stop_file) else 0.0,
+                 1.0 if self.dims.is_logging_rank and self.checkpointer.is_due_by_time() else 0.0]
         if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+            flags = torch.tensor(local, device=self.device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            local = flags.tolist()
+        return StopVote(signal_number=int(local[0]), stop_file=bool(local[1]), save_due=bool(local[2]))
 
     # --- one step --------------------------------------------------------------------------------------------
     def train_step(self, batch: dict) -> dict[str, float]:
