@@ -3,6 +3,11 @@
 A reader never sees a half-written folder, and a process killed at any moment leaves either the old
 folder, the new one, or (between the two renames of a replacement) the old one under a hidden name
 that `repair_interrupted_swap` puts back on the next start.
+
+A folder put in place gets the permissions the process umask gives a plain create (files 0666, folders 0777,
+less the umask), whatever its writers did: safetensors 0.8 writes every file through a temporary file created
+0600 and renamed into place, and `shutil.copytree` copies its source's modes, so without this a release or a
+converted checkpoint would be readable by its owner alone.
 """
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ import contextlib
 import logging
 import os
 import shutil
+import stat
 import uuid
 from pathlib import Path
 from typing import Iterator
@@ -44,7 +50,9 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
 def swap_into_place(tmp: Path, final: Path) -> None:
     """Rename `tmp` to `final`. An existing `final` is first moved aside to a hidden `.old-` twin, which is
     removed only after the new folder is in place; a kill between the two renames leaves the complete old
-    folder under that twin, and `repair_interrupted_swap` restores it."""
+    folder under that twin, and `repair_interrupted_swap` restores it. Before the rename, everything under `tmp`
+    gets the permissions of the process umask (`apply_umask`)."""
+    apply_umask(tmp)
     if final.exists():
         old = hidden_sibling(final, _OLD_MARK)
         os.replace(final, old)
@@ -52,6 +60,43 @@ def swap_into_place(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
+
+
+def process_umask() -> int:
+    """The process umask, read without changing it where Linux reports it (`os.umask` can only be read by setting
+    it, which for a moment gives other threads' new files a wrong mode)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(root: str | os.PathLike) -> None:
+    """Give `root` and everything under it the permission bits a plain create would: folders 0777 and files 0666
+    (0777 where the file had an execute bit) less the process umask. Other mode bits (a shared folder's setgid)
+    are kept; symbolic links, and what they point to, are left alone. Only what differs is changed."""
+    umask = process_umask()
+
+    def fix(path: str, is_folder: bool) -> None:
+        mode = os.lstat(path).st_mode
+        if stat.S_ISLNK(mode):
+            return
+        wanted = 0o777 if is_folder or mode & 0o111 else 0o666
+        target = (mode & 0o7000) | (wanted & ~umask)
+        if stat.S_IMODE(mode) != target:
+            os.chmod(path, target)
+
+    fix(os.fspath(root), True)
+    for folder, folders, files in os.walk(root):
+        for name in folders:
+            fix(os.path.join(folder, name), True)
+        for name in files:
+            fix(os.path.join(folder, name), False)
 
 
 def interrupted_swaps(final: Path) -> list[Path]:

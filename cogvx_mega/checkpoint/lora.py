@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -99,13 +100,18 @@ def diffusers_lora_state(adapters: dict, scale: float, model: ModelConfig) -> di
     return out
 
 
-def write_lora_folder(state: dict[str, Tensor], folder: str | os.PathLike, metadata: dict) -> Path:
+def write_lora_folder(state: dict[str, Tensor], folder: str | os.PathLike, metadata: dict,
+                      also: Optional[Callable[[Path], None]] = None) -> Path:
+    """A diffusers LoRA folder (`LORA_FILE`, our metadata in its header), written atomically; `also(tmp)` adds
+    more files to it before it is put in place (an export's marker)."""
     from safetensors.torch import save_file
 
     from cogvx_mega.checkpoint.atomic import atomic_directory
 
     with atomic_directory(folder) as tmp:
         save_file(state, str(tmp / LORA_FILE), metadata={"format": "pt", "cogvx_mega": json.dumps(metadata)})
+        if also is not None:
+            also(tmp)
     return Path(folder)
 
 

@@ -12,9 +12,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ckpt", required=True, help="a cogvx-mega checkpoint (any layout) or a diffusers folder")
     parser.add_argument("--vae", help="diffusers: AutoencoderKLCogVideoX folder or cogvx-mega VAE")
     parser.add_argument("--text-encoder", help="diffusers: local T5 folder (tokenizer and encoder)")
-    parser.add_argument("--out", required=True, help="the pipeline folder to write")
+    parser.add_argument("--out", required=True, help="the folder to write (a pipeline folder, or a LoRA folder)")
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
-    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --out when it holds a previous export of the same kind (it has "
+                             "cogvx_export.json) or is empty; any other existing path is refused and kept")
     parser.add_argument("--no-verify", action="store_true",
                         help="read --ckpt and --vae without checking its files' sizes and CRC32C (a damaged one is "
                              "refused otherwise)")
