@@ -16,12 +16,15 @@
                  --output out.mp4
     cogvx export diffusers --ckpt CKPT --vae VAE --text-encoder T5 --out DIR | lora --ckpt LORA_CKPT --out DIR
     cogvx checkpoint verify CKPT | list RUN_DIR
+    cogvx config show [--preset P] [--config FILE] [--run-dir DIR] [section.field=value ...]
     cogvx plan --preset P --gpus N --gpu-mem GiB [--frames F --size HxW --fp8 --json]
     cogvx scaling plan|run|fit SPEC [--table runs.csv] [--json]
     cogvx launch slurm --nodes N --gpus-per-node G [--partition P --time T ...] [--dry-run] -- TRAIN_ARGS
 
 Under torchrun, `train`, `sample`, `data encode` and `vae` run on every rank (`torchrun ... -m cogvx_mega.cli`).
-Errors a user can cause print one line, `cogvx: error: ...`, and exit with status 2 before anything is written.
+Errors a user can cause print one line, `cogvx: error: ...`, and exit with status 2 before anything is written;
+the machine's faults (OSError: a full disk, permissions) one line and status 1; `train` stopped by a signal after
+its checkpoint 128 + the signal.
 """
 from cogvx_mega.cli.main import EXIT_DIVERGED, EXIT_USER_ERROR, build_parser, main
 
