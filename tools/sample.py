@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from cogvx_mega.config.errors import ConfigError, check_frame_count, parse_size, refuse_existing_output
+from cogvx_mega.config.errors import (ConfigError, check_frame_count, check_writable, parse_size,
+                                      refuse_existing_output)
 from cogvx_mega.config.training import DiffusionConfig
 
 logger = logging.getLogger(__name__)
@@ -78,8 +79,9 @@ def run_sample(args) -> list[str]:
 
     outputs = [args.output] + ([str(Path(args.output).with_suffix(".gif"))] if args.gif else []) + (
         [args.save_latents] if args.save_latents else [])
-    for path in outputs:
-        refuse_existing_output("--output", path, args.overwrite)
+    for flag, path in zip(["--output"] * (len(outputs) - bool(args.save_latents)) + ["--save-latents"], outputs):
+        refuse_existing_output(flag, path, args.overwrite)
+        check_writable(flag, path)  # before the model, the VAE and the denoise
     check_frame_count("--frames", args.frames, 4)
     height, width = parse_size("--size", args.size)
     if height % 16 or width % 16:
@@ -122,6 +124,9 @@ def run_sample(args) -> list[str]:
     latents = denoise(forward, m, vae, grid, prompt_embeds, negative, settings, schedule, args.seed, device,
                       latents=latents, images=images, progress=writer)
     written = []
+    if writer:
+        for path in outputs:  # the folders checked at the start, created now
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
     if args.save_latents and writer:
         write_latents(args.save_latents, latents)
         written.append(args.save_latents)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import typing
+from pathlib import Path
 from typing import Literal
 
 
@@ -57,6 +58,30 @@ def refuse_existing_output(flag: str, path, overwrite: bool, what: str = "path")
     """The one check before a command writes an output: an existing `path` is refused unless --overwrite."""
     if os.path.exists(path) and not overwrite:
         raise ConfigError(flag, str(path), f"already exists; pass --overwrite or another {what}")
+
+
+def check_writable(flag: str, path, folder: bool = False) -> None:
+    """The check before a command spends time on an output it will write at `path` (a file, or with `folder` a
+    folder): nothing of the wrong kind is in the way, and this user can create files where it goes (the nearest
+    existing folder on its way is probed with a file that is removed at once; missing folders are created only
+    when the output is written). One ConfigError naming the flag, the path and the fix."""
+    target = Path(path)
+    if target.exists() and target.is_dir() != folder:
+        raise ConfigError(flag, str(path), f"is a {'file' if folder else 'folder'}; give the path of a "
+                                           f"{'folder' if folder else 'file'}")
+    probe_in = target if folder and target.is_dir() else target.parent
+    while not probe_in.exists() and probe_in != probe_in.parent:
+        probe_in = probe_in.parent
+    if not probe_in.is_dir():
+        raise ConfigError(flag, str(path), f"lies under {probe_in}, which is a file, not a folder; choose another path")
+    probe = probe_in / f".cogvx-write-probe-{os.getpid()}"
+    try:
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        os.unlink(probe)
+    except OSError as error:
+        raise ConfigError(flag, str(path), f"cannot be written: creating a file in {probe_in} fails ({error.strerror});"
+                                           f" choose a folder this user can write, or fix its permissions or free "
+                                           f"space") from None
 
 
 def parse_size(field_name: str, text: str) -> tuple[int, int]:

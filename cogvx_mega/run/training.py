@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from cogvx_mega.config import Config, write_resolved_config
-from cogvx_mega.config.errors import ConfigError
+from cogvx_mega.config.errors import ConfigError, check_writable
 from cogvx_mega.model.transformer import build_model_chunks
 from cogvx_mega.parallel.state import ParallelDims, initialize_parallel
 from cogvx_mega.tools.training_data import open_training_data
@@ -60,6 +60,7 @@ def prepare_training(config: Config, resume: Optional[str] = None, init_from: Op
     device = config.training.device
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device", "cuda", "no CUDA device is visible; pass --device cpu")
+    check_writable("--run-dir", config.training.run_dir, folder=True)
     dims = initialize_parallel(config.parallel, device=device, seed=config.training.seed)
     checkpointer = Checkpointer(config, dims)
     start = checkpointer.plan_start(resume, init_from, init_lora, config.check_world(dims.data_parallel_size),

@@ -169,3 +169,13 @@ def test_a_terminal_gets_the_progress_bar_instead(tmp_path):
     text = output.decode(errors="replace")
     assert "train:" in text and "2/2" in text  # tqdm's bar
     assert "step 1/2 |" not in text
+
+
+def test_a_run_dir_that_cannot_be_written_is_one_line_before_any_work(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_bytes(b"keep")
+    for run_dir, needle in [(blocker / "run", "which is a file"), (blocker, "is a file")]:
+        assert main(["train", *TINY, "--run-dir", str(run_dir), "--steps", "1"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("cogvx: error: --run-dir=") and needle in err[0], err
+    assert blocker.read_bytes() == b"keep" and sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]

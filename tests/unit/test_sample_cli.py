@@ -98,3 +98,16 @@ def test_an_existing_output_is_refused(assets, tmp_path, capsys):
     out.write_bytes(b"keep")
     assert main(sample_args(assets, out)) == EXIT_USER_ERROR
     assert "--overwrite" in capsys.readouterr().err and out.read_bytes() == b"keep"
+
+
+def test_an_output_folder_is_created_and_an_unwritable_one_refused_before_the_work(assets, tmp_path, capsys):
+    out = tmp_path / "new" / "deeper" / "clip.mp4"
+    assert main(sample_args(assets, out)) == 0 and out.is_file()  # the missing folders were created
+    capsys.readouterr()
+    blocker = tmp_path / "a-file"
+    blocker.write_bytes(b"keep")
+    for bad, needle in [(blocker / "clip.mp4", "which is a file"), (tmp_path / "new", "is a folder")]:
+        assert main(sample_args(assets, bad, "--overwrite")) == EXIT_USER_ERROR
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0] and "--output" in err[0], err
+    assert blocker.read_bytes() == b"keep"
