@@ -12,8 +12,8 @@ from cogvx_mega.checkpoint.meta import is_project_checkpoint
 from cogvx_mega.checkpoint.reader import read_project_checkpoint
 from cogvx_mega.checkpoint.single_file import save_project_checkpoint
 from cogvx_mega.checkpoint.transformer import (check_project_state, diffusers_to_project, expected_shapes,
-                                               read_diffusers_folder, sat_to_project, write_diffusers_folder)
-from cogvx_mega.checkpoint.weights import read_sat_state
+                                               read_diffusers_folder, read_sat_transformer, sat_to_project,
+                                               write_diffusers_folder)
 from cogvx_mega.config.errors import ConfigError
 from cogvx_mega.checkpoint.verify import refuse_damaged
 
@@ -21,7 +21,11 @@ DIRECTIONS = ("diffusers-to-project", "project-to-diffusers", "sat-to-project")
 
 
 def convert_transformer(direction: str, source: str, destination: str, preset: Optional[str] = None,
-                        config_file: Optional[str] = None, overrides: Sequence[str] = (), verify: bool = True) -> Path:
+                        config_file: Optional[str] = None, overrides: Sequence[str] = (), verify: bool = True,
+                        trust_pickle: bool = False) -> Path:
+    """Convert `source` to `destination` in `direction`. SAT sources are a `mp_rank_00_model_states.pt`, its
+    iteration folder, the checkpoint folder with `latest`, or a released `<name>-sat` folder; they are unpickled
+    with torch's weights-only rules unless `trust_pickle`."""
     if direction == "diffusers-to-project":
         if is_project_checkpoint(source):
             raise ConfigError("SOURCE", source, "is a cogvx-mega checkpoint; use project-to-diffusers")
@@ -40,7 +44,7 @@ def convert_transformer(direction: str, source: str, destination: str, preset: O
         from cogvx_mega.config import load_config
 
         model = load_config(preset, config_file, overrides).model
-        ours = sat_to_project(read_sat_state(source), model)
+        ours = sat_to_project(read_sat_transformer(source, trust_pickle), model)
         check_project_state(ours, model, reference=expected_shapes(model))
         return save_project_checkpoint(destination, model, ours, extra={"converted_from": "sat"})
     raise ConfigError("direction", direction, f"choose one of {', '.join(DIRECTIONS)}")

@@ -9,11 +9,18 @@ Each direction is an exact, templated key map plus three special cases (REFERENC
 - learned positions exist only for the rope+learned family.
 `DiffusersAsProject` applies the map lazily over any `TensorSource`, so a tensor-parallel rank reads only
 the rows of to_q / to_k / to_v that make its own shard of `linear_qkv`.
+
+SAT files (the "SAT files" section) are pickles from the internet: they are read with torch's weights-only
+unpickler and an allow-list of what SAT saves, never with plain unpickling unless the user passes --trust-pickle.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import pickle
 import re
+import zipfile
 from pathlib import Path
 from typing import Optional
 
@@ -24,6 +31,8 @@ from cogvx_mega.config.model import ModelConfig
 from cogvx_mega.checkpoint.atomic import atomic_directory
 from cogvx_mega.checkpoint.meta import ConversionError
 from cogvx_mega.checkpoint.weights import DictTensors, TensorSource, open_diffusers_weights
+
+logger = logging.getLogger(__name__)
 
 # --- configs ---------------------------------------------------------------------------------------------
 
@@ -323,13 +332,245 @@ def load_project_state(model: torch.nn.Module, state: dict[str, Tensor], model_c
             reference[key].copy_(value)
 
 
+# --- SAT files: where the weights are, and reading a pickle from outside -----------------------------------
+#
+# SAT (SwissArmyTransformer, the CogVideoX authors' training code) saves through DeepSpeed: a checkpoint
+# folder holds `latest` (a text file naming the iteration tag, e.g. `1000`) and
+# `<tag>/mp_rank_00_model_states.pt`, a torch.save'd dict whose `module` entry is the state dict, beside
+# DeepSpeed's and SAT's bookkeeping (`buffer_names`, `param_shapes`, `ds_config`, `ds_version`, `iteration`,
+# `client_lr_scheduler`, the RNG states ...). The released SAT downloads keep that layout:
+# `<name>-sat/transformer/{latest, 1000/...}` and `<name>-sat/vae/3d-vae.pt`, the VAE as
+# `{"state_dict": ...}` (SAT reads it with `torch.load(path)["state_dict"]`).
+
+SAT_MODEL_STATES_FILE = "mp_rank_00_model_states.pt"
+SAT_LATEST_FILE = "latest"
+# Where a torch.save'd dict keeps its state dict: `module` (DeepSpeed, SAT), `state_dict` (Lightning, SAT's
+# VAE file), `model` (plain saves); diffusers' CogVideoX converter unwraps the same three.
+SAT_STATE_WRAPPERS = ("module", "state_dict", "model")
+TRUST_PICKLE_FLAG = "--trust-pickle"
+
+
+def sat_pickle_allowed_globals() -> list:
+    """What a SAT checkpoint holds besides tensors, containers and plain values (which torch's weights-only
+    unpickler accepts by itself), for `torch.serialization.safe_globals`:
+
+    - numpy's RNG state (`np_rng_state`, saved by SAT unless `--no-save-rng`): a uint32 array, i.e. numpy's
+      `_reconstruct` (named `numpy.core.multiarray` by numpy 1, `numpy._core.multiarray` by numpy 2),
+      `ndarray`, `dtype` and the `UInt32DType` it builds;
+    - `argparse.Namespace`, the `args` of trainers built on Megatron-DeepSpeed (a plain attribute bag; what
+      it holds is unpickled under the same rules).
+
+    Python's `random` state is a tuple of ints and torch's RNG states are tensors; DeepSpeed's entries are
+    dicts, lists, sets, `OrderedDict`s and `torch.Size`s, all accepted by default."""
+    import argparse
+
+    import numpy
+
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy 1
+        from numpy.core.multiarray import _reconstruct
+    allowed = [argparse.Namespace, numpy.ndarray, numpy.dtype, _reconstruct]
+    if hasattr(numpy, "dtypes"):  # numpy >= 1.25 builds a dtype as an instance of its own class
+        allowed.append(numpy.dtypes.UInt32DType)
+    if _torch_accepts_global_aliases():
+        own = f"{_reconstruct.__module__}.{_reconstruct.__name__}"
+        allowed += [(_reconstruct, name) for name in ("numpy.core.multiarray._reconstruct",
+                                                      "numpy._core.multiarray._reconstruct") if name != own]
+    return allowed
+
+
+def _allowing(allowed: list):
+    """torch's `safe_globals` context (torch >= 2.5); torch 2.4 has only the process-wide `add_safe_globals`."""
+    if hasattr(torch.serialization, "safe_globals"):
+        return torch.serialization.safe_globals(allowed)
+    torch.serialization.add_safe_globals(allowed)
+    return contextlib.nullcontext()
+
+
+def _torch_accepts_global_aliases() -> bool:
+    """torch >= 2.6 takes (object, "its.pickled.name") pairs in `safe_globals`."""
+    from packaging.version import Version
+
+    return Version(torch.__version__.split("+")[0]) >= Version("2.6")
+
+
+def _refused_pickle_names(file: Path, error: Exception) -> list[str]:
+    """What torch's weights-only unpickler refused in `file`: every global the file names that is not allowed
+    (zip files, where torch can list them) or else the one the error names, and any type it refused to build."""
+    message = str(error)
+    names = re.findall(r"but got <class '([^']+)'>", message)
+    listed = None
+    reader = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
+    if reader is not None and zipfile.is_zipfile(file):
+        allowed = set()
+        for entry in sat_pickle_allowed_globals():
+            obj, name = entry if isinstance(entry, tuple) else (entry, None)
+            allowed.add(name or f"{obj.__module__}.{obj.__qualname__}")
+        try:
+            listed = [name for name in reader(str(file)) if name not in allowed]
+        except Exception:  # noqa: BLE001 - the error message still names one
+            listed = None
+    names += listed if listed else re.findall(r"GLOBAL ([\w.]+) was not an allowed global", message)
+    return sorted(set(names))
+
+
+def load_sat_pickle(file: str | Path, trust_pickle: bool = False):
+    """The object torch.save'd in a SAT file, read with torch's weights-only unpickler: tensors, containers,
+    plain values and `sat_pickle_allowed_globals()` only, so a downloaded file cannot run code. Anything else
+    is one ConversionError naming what was refused; `trust_pickle` (the CLI's --trust-pickle) unpickles
+    everything, for files from a source the user trusts."""
+    file = Path(file)
+    mmap = zipfile.is_zipfile(file)  # mmap needs torch's zip format (torch >= 1.6); the 10 GB 5B files stay on disk
+    if not mmap:  # torch's older format is a pickle stream, which torch.save begins with the PROTO opcode
+        with open(file, "rb") as handle:
+            head = handle.read(8)
+        if head.startswith(b"version "):
+            raise ConversionError(f"{file}: a Git LFS pointer, not the file itself; fetch it (git lfs pull)")
+        if head[:1] != b"\x80":
+            shown = f"begins with {head!r}" if head else "is empty"
+            raise ConversionError(f"{file}: not a torch checkpoint (it {shown}; a failed download leaves an HTML "
+                                  f"page or an error message)")
+    try:
+        if trust_pickle:
+            return torch.load(file, map_location="cpu", weights_only=False, mmap=mmap)
+        with _allowing(sat_pickle_allowed_globals()):
+            return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+    except OSError:
+        raise  # the machine's fault (permissions, I/O), reported as such
+    except pickle.UnpicklingError as error:
+        message = str(error)
+        if trust_pickle or "WeightsUnpickler error:" not in message:
+            raise ConversionError(f"{file}: could not be read as a torch checkpoint "
+                                  f"({_first_line(message)})") from None
+        refused = _refused_pickle_names(file, error)
+        if refused:
+            raise ConversionError(
+                f"{file}: refused to unpickle {', '.join(refused)}: a SAT checkpoint needs only tensors, plain "
+                f"values, argparse.Namespace and numpy's RNG state, and unpickling other objects can run code from "
+                f"the file; if you trust its source, pass {TRUST_PICKLE_FLAG}") from None
+        detail = _first_line(message.split("WeightsUnpickler error:")[-1])
+        raise ConversionError(f"{file}: not a torch checkpoint that torch's weights-only unpickler reads ({detail}); "
+                              f"if it is one from a source you trust, pass {TRUST_PICKLE_FLAG}") from None
+    except Exception as error:  # noqa: BLE001 - torch reports a damaged or foreign file in many types
+        raise ConversionError(f"{file}: could not be read as a torch checkpoint ({type(error).__name__}: "
+                              f"{_first_line(str(error))})") from None
+
+
+def _first_line(message: str) -> str:
+    lines = message.strip().splitlines()
+    return lines[0].strip() if lines else "no details"
+
+
+def _is_state_dict(blob) -> bool:
+    return (isinstance(blob, dict) and bool(blob) and all(isinstance(k, str) for k in blob)
+            and all(isinstance(v, Tensor) for v in blob.values()))
+
+
+def unwrap_state_dict(blob, file: str | Path) -> dict[str, Tensor]:
+    """The state dict inside a loaded SAT file: the dict itself, or the one under its `module`, `state_dict`
+    or `model` entry (nested wrappers too). One clear error when there is none, or more than one."""
+    for _ in range(len(SAT_STATE_WRAPPERS) + 1):
+        if _is_state_dict(blob):
+            return blob
+        if not isinstance(blob, dict):
+            break
+        wrappers = [key for key in SAT_STATE_WRAPPERS if isinstance(blob.get(key), dict)]
+        if len(wrappers) != 1:
+            tensors = [k for k, v in blob.items() if isinstance(v, Tensor)]
+            if tensors and not wrappers:
+                others = sorted(str(k) for k, v in blob.items() if not isinstance(v, Tensor))
+                raise ConversionError(f"{file}: a state dict with {len(others)} entries that are not tensors, "
+                                      f"e.g. {others[:3]}; not a SAT checkpoint")
+            found = f"both {wrappers}" if wrappers else f"none of {list(SAT_STATE_WRAPPERS)}"
+            raise ConversionError(f"{file}: no single state dict in it ({found}; top-level entries "
+                                  f"{sorted(map(str, blob))[:8]}); not a SAT checkpoint")
+        blob = blob[wrappers[0]]
+    raise ConversionError(f"{file}: holds a {type(blob).__name__}, not a state dict; not a SAT checkpoint")
+
+
+def read_sat_file(file: str | Path, trust_pickle: bool = False) -> dict[str, Tensor]:
+    """The state dict of one SAT `.pt` file (transformer or VAE), read safely (`load_sat_pickle`)."""
+    return unwrap_state_dict(load_sat_pickle(file, trust_pickle), file)
+
+
+def find_sat_transformer_file(path: str | Path) -> Path:
+    """The `mp_rank_00_model_states.pt` a user means by `path`: that file itself; an iteration folder holding
+    it; a SAT checkpoint folder, through its `latest` file (as SAT resumes); or a released `<name>-sat` folder
+    (its `transformer/` is such a checkpoint folder). Model-parallel checkpoints (more than one mp_rank file)
+    and ZeRO-3 partitions are refused: their tensors are split across files."""
+    location = Path(path)
+    if location.is_file():
+        folder, file = location.parent, location
+    elif location.is_dir():
+        if not (location / SAT_LATEST_FILE).is_file() and (location / "transformer" / SAT_LATEST_FILE).is_file():
+            location = location / "transformer"  # a released <name>-sat folder: transformer/ and vae/
+        if (location / SAT_MODEL_STATES_FILE).is_file():
+            folder = location
+        elif (location / SAT_LATEST_FILE).is_file():
+            tag = (location / SAT_LATEST_FILE).read_text().strip()
+            if not tag or tag in (".", "..") or "/" in tag or "\\" in tag:
+                raise ConversionError(f"{location / SAT_LATEST_FILE}: names {tag!r}, not an iteration folder; "
+                                      f"pass the iteration folder itself")
+            folder = location / tag
+            if not (folder / SAT_MODEL_STATES_FILE).is_file():
+                raise ConversionError(f"{location / SAT_LATEST_FILE} names iteration {tag!r}, but there is no "
+                                      f"{folder / SAT_MODEL_STATES_FILE}; pass the iteration folder or the file")
+        else:
+            partitions = sorted(p.name for p in location.glob("z3_rank_*_model_states.pt"))
+            if partitions:
+                raise ConversionError(f"{path}: a ZeRO-3 partitioned SAT checkpoint ({len(partitions)} files); "
+                                      f"consolidate it into one {SAT_MODEL_STATES_FILE} first")
+            raise ConversionError(f"{path}: no {SAT_MODEL_STATES_FILE} and no '{SAT_LATEST_FILE}' file; pass a "
+                                  f"SAT checkpoint folder, its iteration folder or the .pt file")
+        file = folder / SAT_MODEL_STATES_FILE
+    else:
+        raise ConversionError(f"{path}: no such SAT checkpoint file or folder")
+    if re.fullmatch(r"mp_rank_\d+_model_states\.pt", file.name):
+        ranks = sorted(p.name for p in folder.glob("mp_rank_*_model_states.pt"))
+        if len(ranks) > 1:
+            raise ConversionError(f"{folder}: a model-parallel SAT checkpoint ({len(ranks)} mp_rank files); only "
+                                  f"model_parallel_size 1 is supported: merge the ranks into one file first")
+    return file
+
+
+def read_sat_transformer(path: str | Path, trust_pickle: bool = False) -> dict[str, Tensor]:
+    """The state dict of a SAT transformer checkpoint (`find_sat_transformer_file` says which paths work)."""
+    return read_sat_file(find_sat_transformer_file(path), trust_pickle)
+
+
 # --- SAT -> project --------------------------------------------------------------------------------------
+#
+# Numbers: the converted model computes what diffusers' CogVideoXTransformer3DModel computes on the same weights.
+# SAT differs in one constant: its final adaLN LayerNorm (`mixins.final_layer.norm_final`, our `output_norm`)
+# has eps 1e-6, where diffusers' `norm_out.norm` and this project use `model.norm_eps` (1e-5); SAT's block
+# LayerNorms and `transformer.final_layernorm` use its `layernorm_epsilon`, 1e-5 as here. Outputs therefore
+# agree with SAT to ~5e-6. `model.norm_eps=1e-6` does not give SAT's numbers: it would also move the block
+# LayerNorms and the final LayerNorm, which are 1e-5 in SAT as well.
 
 SAT_PREFIX = "model.diffusion_model."
-# SAT state-dict entries that are not transformer weights: the VAE, the text encoder, and
-# position buffers that are recomputed here.
-_SAT_IGNORED = re.compile(r"^(first_stage_model\.|conditioner\.|model_ema\.|"
-                          r"model\.diffusion_model\.mixins\.pos_embed\.(freqs_sin|freqs_cos))")
+# Whole other models in a whole-engine SAT file (a full fine-tune saves them all): the VAE (read by
+# `vae-sat-to-project`) and the T5 text encoder. Dropped by prefix.
+_SAT_OTHER_MODELS = ("first_stage_model.", "conditioner.")
+# Tensors SAT's CogVideoX transformer stores and this project does not load, by positional family, each by
+# name (under SAT_PREFIX) with the reason. Everything else in the file must map to a project tensor.
+_SAT_NOT_LOADED = {
+    "sincos": {
+        # Basic3DPositionEmbeddingMixin's table, a frozen Parameter (requires_grad=False): zeros for the text,
+        # the 3D sin-cos embedding for the video; recomputed here from the config.
+        "mixins.pos_embed.pos_embedding": "the fixed 3D sin-cos position table",
+    },
+    "rope": {
+        # SAT's BaseTransformer always creates an nn.Embedding(max_sequence_length, hidden) (64 x hidden in
+        # CogVideoX's configs); only the sin-cos mixins delete it, Rotary3DPositionEmbeddingMixin replaces its
+        # use, so every RoPE checkpoint carries it untrained. diffusers' converter drops it as well.
+        "transformer.position_embeddings.weight": "BaseTransformer's unused position embedding",
+        # the RoPE cos/sin tables, registered buffers in the CogVideoX 1.0 SAT code; recomputed here.
+        "mixins.pos_embed.freqs_sin": "the RoPE sin table",
+        "mixins.pos_embed.freqs_cos": "the RoPE cos table",
+    },
+}
+_SAT_NOT_LOADED["rope+learned"] = _SAT_NOT_LOADED["rope"]
 # SAT's 12 modulation chunks in diffusers' order (norm1 ‖ norm2), REFERENCE §4.
 _SAT_MODULATION_ORDER = (0, 1, 2, 6, 7, 8, 3, 4, 5, 9, 10, 11)
 _SAT_TOP = {
@@ -363,11 +604,15 @@ _SAT_LAYER = {
 
 
 def sat_to_project(state: dict[str, Tensor], model: ModelConfig) -> dict[str, Tensor]:
-    source = {k: v for k, v in state.items() if not _SAT_IGNORED.match(k)}
+    """Project-named tensors of a SAT CogVideoX state dict (`model.diffusion_model.*` names) for `model`.
+    Strict: the other models of a whole-engine file and the family's `_SAT_NOT_LOADED` tensors are dropped
+    by name; a missing tensor, or any other one left over, is one ConversionError naming it."""
+    source = {k: v for k, v in state.items() if not k.startswith(_SAT_OTHER_MODELS)}
     if not any(k.startswith(SAT_PREFIX) for k in source):
         raise ConversionError(f"no '{SAT_PREFIX}*' tensors: this is not a SAT CogVideoX transformer checkpoint")
-    if model.positional_embedding != "rope+learned":
-        source.pop(SAT_PREFIX + "mixins.pos_embed.pos_embedding", None)  # a fixed sin-cos buffer in SAT 2B
+    for name, what in _SAT_NOT_LOADED[model.positional_embedding].items():
+        if source.pop(SAT_PREFIX + name, None) is not None:
+            logger.debug("SAT checkpoint: not loading %s%s (%s)", SAT_PREFIX, name, what)
 
     def take(key: str) -> Tensor:
         try:
@@ -394,8 +639,10 @@ def sat_to_project(state: dict[str, Tensor], model: ModelConfig) -> dict[str, Te
     if model.positional_embedding == "rope+learned" and out["patch_embed.pos_embedding"].dim() == 2:
         out["patch_embed.pos_embedding"] = out["patch_embed.pos_embedding"][None]
     if source:
-        raise ConversionError(f"SAT checkpoint has {len(source)} tensors this model family does not use, "
-                              f"e.g. {sorted(source)[:3]}: check --preset")
+        unused = sorted(source)
+        raise ConversionError(f"SAT checkpoint has {len(unused)} tensor{'s' if len(unused) > 1 else ''} this "
+                              f"model family (positions={model.positional_embedding}) does not use: "
+                              f"{', '.join(unused[:3])}{' ...' if len(unused) > 3 else ''}; check --preset")
     return out
 
 

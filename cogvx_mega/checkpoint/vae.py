@@ -1,6 +1,10 @@
 """The VAE's formats. Project VAE parameter names are diffusers' `AutoencoderKLCogVideoX` names
 (`cogvx_mega.vae.model` mirrors them), so diffusers <-> project is a strict identity with a shape check;
-SAT names map by template. A project VAE checkpoint is format vae-single-v1."""
+SAT names map by template. A project VAE checkpoint is format vae-single-v1.
+
+SAT's released VAE is `<name>-sat/vae/3d-vae.pt`, a torch.save'd `{"state_dict": ...}`; a whole-engine SAT
+checkpoint (a full fine-tune) holds the VAE as `first_stage_model.*`. Both are read like the SAT transformer
+files (`read_sat_file`: weights-only unpickling, wrappers unwrapped)."""
 from __future__ import annotations
 
 import dataclasses
@@ -15,6 +19,7 @@ from torch import Tensor
 from cogvx_mega.checkpoint.atomic import atomic_directory
 from cogvx_mega.checkpoint.meta import MODEL_FILE, VAE_FORMAT, ConversionError, read_checkpoint_meta
 from cogvx_mega.checkpoint.single_file import write_single_file_checkpoint
+from cogvx_mega.checkpoint.transformer import SAT_LATEST_FILE, find_sat_transformer_file, read_sat_file
 from cogvx_mega.checkpoint.weights import read_diffusers_weights
 
 
@@ -53,14 +58,19 @@ def vae_project_key_to_sat(key: str, config) -> str:
     return key.replace(".conv_shortcut.", ".nin_shortcut.")
 
 
-_SAT_VAE_IGNORED = re.compile(r"^(loss\.|regularization\.)")
+# SAT's VAE files also hold its training loss (`loss.*`: the LPIPS network, the discriminator, logvar), which
+# SAT itself skips when it loads the VAE (`ignore_keys: ['loss']` in every CogVideoX config). Dropped by prefix;
+# every other tensor must map.
+_SAT_VAE_LOSS = "loss."
+_SAT_ENGINE_VAE = "first_stage_model."  # the VAE inside a whole-engine SAT checkpoint
+SAT_VAE_FILE = "3d-vae.pt"
 
 
 def sat_vae_to_project(state: dict[str, Tensor], config) -> dict[str, Tensor]:
     """A SAT VAE state dict (a bare VAE checkpoint or a whole SAT model's `first_stage_model.*`)."""
-    if any(k.startswith("first_stage_model.") for k in state):
-        state = {k[len("first_stage_model."):]: v for k, v in state.items() if k.startswith("first_stage_model.")}
-    state = {k: v for k, v in state.items() if not _SAT_VAE_IGNORED.match(k)}
+    if any(k.startswith(_SAT_ENGINE_VAE) for k in state):
+        state = {k[len(_SAT_ENGINE_VAE):]: v for k, v in state.items() if k.startswith(_SAT_ENGINE_VAE)}
+    state = {k: v for k, v in state.items() if not k.startswith(_SAT_VAE_LOSS)}
     expected = vae_expected_shapes(config)
     names = {vae_project_key_to_sat(key, config): key for key in expected}
     missing = sorted(sat for sat in names if sat not in state)
@@ -71,6 +81,26 @@ def sat_vae_to_project(state: dict[str, Tensor], config) -> dict[str, Tensor]:
     ours = {names[sat]: tensor for sat, tensor in state.items()}
     check_vae_state(ours, config)
     return ours
+
+
+def find_sat_vae_file(path: str | Path) -> Path:
+    """The SAT file a user means by `path`: the file itself; a folder holding `3d-vae.pt` or `vae/3d-vae.pt`
+    (a released `<name>-sat` folder); or a SAT transformer checkpoint folder of a full fine-tune (its
+    `first_stage_model.*` is the VAE)."""
+    location = Path(path)
+    if location.is_file():
+        return location
+    for candidate in (location / SAT_VAE_FILE, location / "vae" / SAT_VAE_FILE):
+        if candidate.is_file():
+            return candidate
+    if location.is_dir() and ((location / SAT_LATEST_FILE).is_file() or any(location.glob("mp_rank_*.pt"))):
+        return find_sat_transformer_file(location)
+    raise ConversionError(f"{path}: no such SAT VAE file; pass {SAT_VAE_FILE} (or the folder that holds it)")
+
+
+def read_sat_vae(path: str | Path, trust_pickle: bool = False) -> dict[str, Tensor]:
+    """The SAT-named state dict of a SAT VAE file or folder (`find_sat_vae_file`), read safely."""
+    return read_sat_file(find_sat_vae_file(path), trust_pickle)
 
 
 def read_diffusers_vae_folder(path: str):
