@@ -6,7 +6,9 @@ A bucket is `FRAMESxHEIGHTxWIDTH` in pixels (frames 1 + 4k), e.g. 49x480x720 (la
    1-frame buckets always fit each other; a video never goes to a 1-frame bucket while a video bucket fits);
 2. of those, the nearest aspect ratio (|log(w/h) - log(W/H)|: cropping loses the least);
 3. then the longest duration, then the resolution closest to the clip's own (log of the pixel count).
-Clips that fit no bucket are skipped and counted by the caller.
+Clips that fit no bucket are skipped and counted by the caller. A bucket holding fewer clips than the global batch
+is never drawn; `merge_small_buckets` (data.small_buckets=merge) moves its clips to the nearest bucket that fills
+one, `small_buckets` names it for the warning of data.small_buckets=drop (`accounting.py`).
 """
 from __future__ import annotations
 
@@ -26,6 +28,10 @@ class Bucket:
     @property
     def name(self) -> str:
         return f"{self.frames}x{self.height}x{self.width}"
+
+    def latent_grid(self, temporal: int = 4, spatial: int = 8) -> tuple[int, int, int]:
+        """(T', H', W') of the bucket's clips after the VAE's compression."""
+        return (self.frames - 1) // temporal + 1, self.height // spatial, self.width // spatial
 
     @classmethod
     def parse(cls, text: str, field: str = "data.buckets") -> "Bucket":
@@ -78,3 +84,43 @@ def group_by_bucket(records: Iterable[dict], buckets: Sequence[Bucket], fps: flo
         bucket = assign_bucket(record, buckets, fps)
         (grouped[bucket] if bucket is not None else unfit).append(record)
     return grouped, unfit
+
+
+def small_buckets(clips: dict[str, int], global_batch: int) -> dict[str, int]:
+    """The buckets that hold some clips but fewer than `global_batch`: every global batch comes from one bucket,
+    so no step ever draws them (with data.small_buckets=drop their clips are never trained on)."""
+    return {name: count for name, count in clips.items() if 0 < count < global_batch}
+
+
+def merge_small_buckets(grouped: dict[Bucket, list[dict]], fps: float,
+                        global_batch: int) -> tuple[dict[Bucket, list[dict]], dict[str, dict[str, int]]]:
+    """`data.small_buckets=merge`: the clips of every bucket that holds fewer than `global_batch` clips moved to
+    the nearest bucket that fills a global batch; returns the new grouping and {small bucket: {bucket: clips
+    moved there}}.
+
+    "Nearest" is decided clip by clip with the very rules that put a clip in a bucket in the first place
+    (`assign_bucket`), among the buckets holding at least `global_batch` clips of their own: only buckets the
+    clip has the frames for (so a video is never stretched in time and an image never goes to a video bucket),
+    then the nearest aspect ratio (the least cropped away), then the longest duration, then the resolution
+    closest to the clip's own. The moved clips are decoded at the new bucket's size (resized keeping the aspect
+    ratio to cover it, centre-cropped) like every clip of that bucket, and come after its own clips, in
+    manifest order. A clip no such bucket can take stays in its small bucket (and is reported as not trained
+    on); a small bucket never receives clips, so merging is one pass and its result does not depend on order."""
+    counts = {bucket: len(items) for bucket, items in grouped.items()}
+    targets = [bucket for bucket, count in counts.items() if count >= global_batch]
+    out = {bucket: list(items) for bucket, items in grouped.items()}
+    moved: dict[str, dict[str, int]] = {}
+    for bucket, items in grouped.items():
+        if not 0 < len(items) < global_batch:
+            continue
+        staying = []
+        for record in items:
+            target = assign_bucket(record, targets, fps) if targets else None
+            if target is None:
+                staying.append(record)
+                continue
+            out[target].append(record)
+            into = moved.setdefault(bucket.name, {})
+            into[target.name] = into.get(target.name, 0) + 1
+        out[bucket] = staying
+    return out, moved

@@ -12,6 +12,11 @@ s mod world size, so any number of ranks write disjoint chunks. A shard is commi
 written atomically after all its chunks (`commits/<bucket>/<first clip>.json`, listing the clips that
 failed to decode); readers use committed shards only, and a restarted encode skips them and rewrites the
 rest, so a run killed at any moment resumes with no duplicate and no hole.
+
+With data.small_buckets=merge the plan moves the clips of a bucket holding fewer than the global batch to the
+nearest bucket that fills one (`buckets.merge_small_buckets`), so they are decoded and encoded at that bucket's
+size: a latent cannot be resized into another bucket's latent, so merging happens here, before encoding. The
+store's `merged` attribute records the moves, `small_buckets` and `global_batch` what the plan was made for.
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
 
@@ -27,7 +32,7 @@ import numpy as np
 
 from cogvx_mega.checkpoint.atomic import write_text_atomically
 from cogvx_mega.config.errors import ConfigError
-from cogvx_mega.data.buckets import Bucket, group_by_bucket
+from cogvx_mega.data.buckets import Bucket, group_by_bucket, merge_small_buckets
 from cogvx_mega.data.manifest import read_manifest
 
 if TYPE_CHECKING:
@@ -59,25 +64,36 @@ class CachePlan:
     unfit: list[dict]
     shards: list[Shard]
     fingerprint: str
-    """What the cache is made from (manifest lines, buckets, fps, shard size): a restart must match it."""
+    """What the cache is made from (manifest lines, buckets, fps, shard size, merged buckets): a restart must
+    match it."""
+    merged: dict[str, dict[str, int]] = field(default_factory=dict)
+    """{small bucket: {bucket: clips moved there}} with data.small_buckets=merge (`buckets.merge_small_buckets`)."""
 
 
-def plan_cache(records: list[dict], bucket_names: list[str], fps: float, shard_clips: int) -> CachePlan:
+def plan_cache(records: list[dict], bucket_names: list[str], fps: float, shard_clips: int,
+               merge_below: Optional[int] = None) -> CachePlan:
+    """`merge_below`: the global batch, with data.small_buckets=merge: the clips of a bucket holding fewer go to
+    the nearest bucket that fills one, and are encoded at its size."""
     buckets = [Bucket.parse(name) for name in bucket_names]
     grouped, unfit = group_by_bucket(records, buckets, fps)
+    merged: dict[str, dict[str, int]] = {}
+    if merge_below:
+        grouped, merged = merge_small_buckets(grouped, fps, merge_below)
     clips = {bucket.name: grouped[bucket] for bucket in buckets}
     shards = [Shard(name, start, min(start + shard_clips, len(items)))
               for name, items in clips.items() for start in range(0, len(items), shard_clips)]
-    digest = hashlib.sha256(json.dumps({"records": records, "buckets": bucket_names, "fps": fps,
-                                        "shard_clips": shard_clips}, sort_keys=True).encode()).hexdigest()
-    return CachePlan(clips, unfit, shards, digest)
+    made_from = {"records": records, "buckets": bucket_names, "fps": fps, "shard_clips": shard_clips}
+    if merged:  # only then: a cache planned without merging keeps the fingerprint it always had
+        made_from["merged"] = merged
+    digest = hashlib.sha256(json.dumps(made_from, sort_keys=True).encode()).hexdigest()
+    return CachePlan(clips, unfit, shards, digest, merged)
 
 
-def plan_from_manifest(manifest: str | Path, bucket_names: list[str], fps: float,
-                       shard_clips: int) -> tuple[CachePlan, list[str]]:
+def plan_from_manifest(manifest: str | Path, bucket_names: list[str], fps: float, shard_clips: int,
+                       merge_below: Optional[int] = None) -> tuple[CachePlan, list[str]]:
     """The plan of a manifest's clips, and one 'skipped PATH: reason' line per manifest line left out (no
     path or caption, or fitting no bucket). `cogvx data encode` and online training plan alike, so a clip
-    has the same bucket and index in both."""
+    has the same bucket and index in both. `merge_below`: see `plan_cache`."""
     records = read_manifest(manifest)
     usable, skipped = [], []
     for record in records:
@@ -87,9 +103,15 @@ def plan_from_manifest(manifest: str | Path, bucket_names: list[str], fps: float
             skipped.append(f"skipped {record['path']}: the manifest line has no caption")
         else:
             usable.append(record)
-    plan = plan_cache(usable, bucket_names, fps, shard_clips)
+    plan = plan_cache(usable, bucket_names, fps, shard_clips, merge_below)
     skipped.extend(f"skipped {record['path']}: fits no bucket of {', '.join(bucket_names)}" for record in plan.unfit)
     return plan, skipped
+
+
+def missing_files(plan: CachePlan) -> list[str]:
+    """The paths of the planned clips whose file does not exist (any more), in plan order."""
+    return [record["path"] for items in plan.clips.values() for record in items
+            if not Path(record["path"]).exists()]
 
 
 def check_output(path: Path, plan: CachePlan, overwrite: bool) -> bool:
@@ -131,7 +153,8 @@ def create_store(path: Path, plan: CachePlan, latent_channels: int, text_length:
         table.extend({"bucket": name, "index": i, "path": r["path"], "caption": r["caption"]}
                      for i, r in enumerate(items))
     group.attrs.update({"format": CACHE_FORMAT, "fingerprint": plan.fingerprint, "clips": table,
-                        "buckets": list(plan.clips), "shard_count": len(plan.shards), **attributes})
+                        "buckets": list(plan.clips), "shard_count": len(plan.shards), "merged": plan.merged,
+                        **attributes})
 
 
 def committed(path: Path) -> dict[str, dict]:

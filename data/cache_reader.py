@@ -45,10 +45,26 @@ def posterior_latents(mean: torch.Tensor, logvar: torch.Tensor, slots: range, se
     return latents.permute(0, 2, 1, 3, 4).contiguous()
 
 
+def check_fills_a_batch(clips: dict[str, int], global_batch: int) -> None:
+    """A clear error when no bucket of `clips` (bucket -> clips) fills one global batch: the data holds no clip
+    at all, or every bucket holds fewer clips than the batch."""
+    if not any(clips.values()):
+        raise ConfigError("--data", "(no clips)", "the data holds no clips: nothing to train on")
+    if not any(count >= global_batch for count in clips.values()):
+        sizes = ", ".join(f"{bucket}: {count}" for bucket, count in clips.items())
+        raise ConfigError("training.global_batch_size", global_batch,
+                          f"no bucket of the data fills a global batch ({sizes} clips) and every batch comes from "
+                          f"one bucket: lower the global batch to at most {max(clips.values())}, or use "
+                          f"data.packing")
+
+
 class BucketedBatches:
     """The global batch of each step, (bucket, clip indices), from `usable` (bucket -> clip indices): the
     order of `epoch_batches`, one epoch after another. Shared by the cache reader and online mode, so that
     both draw the same clips at every step."""
+
+    merged: dict[str, dict[str, int]] = {}
+    """{small bucket: {bucket: clips moved there}} of data.small_buckets=merge (see `data/accounting.py`)."""
 
     def __init__(self, usable: dict[str, list[int]]):
         self.usable = usable
@@ -57,12 +73,14 @@ class BucketedBatches:
     def __len__(self) -> int:
         return sum(len(v) for v in self.usable.values())
 
+    def bucket_clips(self) -> dict[str, int]:
+        """bucket -> the clips a step may draw from it."""
+        return {bucket: len(indices) for bucket, indices in self.usable.items()}
+
     def batches_per_epoch(self, global_batch: int) -> int:
         per = sum(len(v) // global_batch for v in self.usable.values())
         if per == 0:
-            sizes = ", ".join(f"{bucket}: {len(v)}" for bucket, v in self.usable.items())
-            raise ConfigError("training.global_batch_size", global_batch,
-                              f"no bucket of the data holds that many clips ({sizes}); use a smaller global batch")
+            check_fills_a_batch(self.bucket_clips(), global_batch)
         return per
 
     def batch_of_step(self, step: int, global_batch: int, seed: int) -> tuple[str, list[int]]:
@@ -97,8 +115,15 @@ class CacheDataset(BucketedBatches):
             raise ConfigError("--data", path, f"is not finished: {len(markers)} of {planned} shards are committed; "
                                               f"run `cogvx data encode` with the same arguments again to finish it")
         super().__init__(usable_clips(self.path, markers))
-        if not self.usable:
-            raise ConfigError("--data", path, "holds no usable clip (every clip failed to encode)")
+        self.merged = attrs.get("merged") or {}
+        self.encoded_for = {"small_buckets": attrs.get("small_buckets"), "global_batch": attrs.get("global_batch")}
+        """data.small_buckets and the global batch the cache was encoded for (None: written before they were
+        recorded)."""
+        if not any(self.usable.values()):
+            failed = [f for marker in markers.values() for f in marker["failed"]]
+            why = (f": all {len(failed)} of its clips failed to encode (e.g. {failed[0]['path']}: "
+                   f"{failed[0]['reason']})" if failed else "")
+            raise ConfigError("--data", path, f"the latent cache holds no clips{why}; nothing to train on")
         if image_latents is not None:
             missing = [b for b in self.usable if not (self.path / b / FIRST_FRAME / "zarr.json").is_file()]
             if missing:

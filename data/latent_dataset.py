@@ -22,6 +22,9 @@ SINGLE_BUCKET = "all"  # the bucket name of a dataset whose clips all have one s
 
 
 class LatentDataset:
+    streams_epochs = True
+    """Its batches come from one stream of epochs (`global_sample_indices`): no clip is ever left out."""
+
     def __init__(self, latents: Tensor, text_embeds: Tensor, captions: Optional[list[str]] = None,
                  first_frames: Optional[Tensor] = None, image_latents=None):
         """`first_frames` [N, 3, H, W] uint8 and `image_latents` (a `first_frames.FirstFrameLatents`): the
@@ -40,6 +43,10 @@ class LatentDataset:
 
     def __len__(self) -> int:
         return self.latents.shape[0]
+
+    def bucket_clips(self) -> dict[str, int]:
+        """bucket -> clips: one bucket of every clip."""
+        return {SINGLE_BUCKET: len(self)}
 
     @classmethod
     def load(cls, folder: str) -> "LatentDataset":
@@ -115,14 +122,19 @@ class BucketedLatentDataset:
     text_embeds [n, L, D])}. Batches come from one bucket at a time in the cache reader's order
     (`cache_reader.BucketedBatches`); with data.packing the clips of all buckets are packed together."""
 
-    def __init__(self, buckets: dict):
+    def __init__(self, buckets: dict, merged: Optional[dict] = None):
+        """`merged`: {small bucket: {bucket: clips moved there}} of data.small_buckets=merge."""
         from cogvx_mega.data.cache_reader import BucketedBatches
 
         self.buckets = buckets
         self.batches = BucketedBatches({name: list(range(latents.shape[0])) for name, (latents, _) in buckets.items()})
+        self.merged = merged or {}
 
     def __len__(self) -> int:
         return len(self.batches)
+
+    def bucket_clips(self) -> dict[str, int]:
+        return self.batches.bucket_clips()
 
     def clip_table(self) -> dict:
         table = {}
@@ -142,10 +154,15 @@ class BucketedLatentDataset:
         return {"latents": latents[mine], "text_embeds": texts[mine]}
 
 
-def synthetic_dataset_for(config):
+def synthetic_dataset_for(config, global_batch: Optional[int] = None):
     """The synthetic moving-shapes dataset at the config's resolution and model widths; with data.buckets, the
     clips are spread over the buckets in turn (a `BucketedLatentDataset`). An image-to-video model gets the
-    clips' first frames too, encoded by the toy encoder (`first_frames.ToyFirstFrameLatents`)."""
+    clips' first frames too, encoded by the toy encoder (`first_frames.ToyFirstFrameLatents`).
+
+    With data.small_buckets=merge, the clips of a bucket that holds fewer than `global_batch` (default:
+    training.global_batch_size, or micro_batch_size) are rendered at the size of the nearest bucket that fills
+    one (`buckets.merge_small_buckets`, each clip standing for a source of its own bucket's size) and join it:
+    the synthetic counterpart of encoding them at that size."""
     from cogvx_mega.config.errors import ConfigError
     from cogvx_mega.data.synthetic import generate_synthetic_clips, generate_synthetic_dataset
 
@@ -159,18 +176,30 @@ def synthetic_dataset_for(config):
             raise ConfigError("data.buckets", data.buckets, "the synthetic data has no first frames per bucket for "
                                                             "an image-to-video model: use one resolution "
                                                             "(data.buckets=null), or a latent cache")
+        from cogvx_mega.data.buckets import merge_small_buckets
+
         names = data.bucket_names()
-        buckets = {}
+        grouped = {}  # bucket -> a stand-in record per clip: the bucket's own size, the number of its seed
         for number, name in enumerate(names):
             bucket = Bucket.parse(name)
-            count = len(range(number, data.num_synthetic_clips, len(names)))
-            if count == 0:
-                continue
-            latents, texts, _ = generate_synthetic_dataset(
-                count, bucket.frames, bucket.height, bucket.width, channels, model.text_embed_dim,
-                model.max_text_seq_length, seed=config.training.seed * 101 + number)
-            buckets[bucket.name] = (latents, texts)
-        return BucketedLatentDataset(buckets)
+            grouped[bucket] = [{"kind": "video" if bucket.frames > 1 else "image", "frames": bucket.frames,
+                                "fps": data.fps, "height": bucket.height, "width": bucket.width, "number": number}
+                               for _ in range(number, data.num_synthetic_clips, len(names))]
+        merged = {}
+        merge_below = data.merge_below(global_batch or config.training.global_batch(1))
+        if merge_below:
+            grouped, merged = merge_small_buckets(grouped, data.fps, merge_below)
+        buckets = {}
+        for bucket, records in grouped.items():
+            parts = []
+            for number in dict.fromkeys(record["number"] for record in records):  # its own clips first
+                count = sum(record["number"] == number for record in records)
+                parts.append(generate_synthetic_dataset(
+                    count, bucket.frames, bucket.height, bucket.width, channels, model.text_embed_dim,
+                    model.max_text_seq_length, seed=config.training.seed * 101 + number)[:2])
+            if parts:
+                buckets[bucket.name] = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+        return BucketedLatentDataset(buckets, merged)
     clips = generate_synthetic_clips(data.num_synthetic_clips, data.num_frames, data.height, data.width, channels,
                                      model.text_embed_dim, model.max_text_seq_length, seed=config.training.seed)
     if not image_to_video:

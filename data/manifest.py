@@ -9,7 +9,10 @@ counted, and never written. A manifest line is one clip:
 
 Captions come from a sidecar `.txt` beside the file (`clip.mp4` -> `clip.txt`) or from `--captions`, a
 JSONL (`{"path": ..., "caption": ...}` per line) or CSV (columns `path,caption`) file; paths there are
-absolute or relative to DIR.
+absolute or relative to DIR. Every caption file is read as UTF-8 (a byte-order mark is dropped). A sidecar that
+is not valid UTF-8 is not guessed at or patched with replacement characters (a caption of mangled words would
+train silently on the wrong text): its clip is skipped and reported with the byte and its offset, like an
+unreadable video, and the scan goes on; a `--captions` file that is not UTF-8 is one clear error.
 """
 from __future__ import annotations
 
@@ -147,7 +150,11 @@ def read_captions(file: str | Path, root: Optional[Path] = None) -> dict[str, st
     if not file.is_file():
         raise ConfigError("--captions", str(file), "no such file; pass a JSONL or CSV file of (path, caption)")
     rows: list[tuple[str, str]] = []
-    text = file.read_text()
+    try:
+        text = read_utf8(file)
+    except MediaError as error:
+        raise ConfigError("--captions", str(file), str(error)) from None
+    number = 0
     try:
         if file.suffix.lower() == ".csv":
             reader = csv.DictReader(text.splitlines())
@@ -172,12 +179,29 @@ def find_media(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in MEDIA_SUFFIXES)
 
 
+def read_utf8(file: Path) -> str:
+    """The text of a UTF-8 file (a byte-order mark dropped); MediaError naming the first bad byte otherwise."""
+    data = file.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise MediaError(f"{file.name} is not UTF-8 text (byte 0x{data[error.start]:02x} at offset {error.start}); "
+                         f"save it as UTF-8") from None
+
+
 def caption_for(path: Path, captions: dict[str, str]) -> Optional[str]:
+    """The caption of a media file: from `captions`, else its sidecar .txt; None when there is none. MediaError
+    when the sidecar cannot be read as UTF-8 (the clip is skipped, see the module)."""
     caption = captions.get(str(path.resolve()))
     if caption is None:
         sidecar = path.with_suffix(".txt")
         if sidecar.is_file():
-            caption = sidecar.read_text().strip()
+            try:
+                caption = read_utf8(sidecar).strip()
+            except MediaError as error:
+                raise MediaError(f"its caption sidecar {error}") from None
+            except OSError as error:
+                raise MediaError(f"its caption sidecar {sidecar.name} cannot be read ({error.strerror})") from None
     return caption if caption else None
 
 
@@ -188,8 +212,8 @@ def scan(paths: Iterable[Path], captions: Optional[dict[str, str]] = None, worke
     captions = captions or {}
 
     def one(path: Path):
-        caption = caption_for(path, captions)
         try:
+            caption = caption_for(path, captions)
             fields = probe_media(path)
         except MediaError as error:
             return ScanFailure(str(path), str(error))
@@ -229,12 +253,18 @@ def read_manifest(path: str | Path) -> list[dict]:
     if not file.is_file():
         raise ConfigError("--manifest", str(path), "no such file; write one with `cogvx data scan DIR --output M`")
     lines = []
-    for number, line in enumerate(file.read_text().splitlines(), 1):
+    try:
+        text = read_utf8(file)
+    except MediaError as error:
+        raise ConfigError("--manifest", str(path), str(error)) from None
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             item = json.loads(line)
         except json.JSONDecodeError as error:
             raise ConfigError("--manifest", str(path), f"line {number} is not JSON ({error})") from None
+        if not isinstance(item, dict):
+            raise ConfigError("--manifest", str(path), f"line {number} is not a JSON object (one clip a line)")
         lines.append(item)
     return lines

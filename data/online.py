@@ -42,6 +42,7 @@ class OnlineDataset(BucketedBatches):
         self.image_latents = image_latents
         super().__init__({bucket: list(range(len(items))) for bucket, items in plan.clips.items() if items})
         self.plan, self.encoder, self.scaling_factor, self.keep_clips = plan, encoder, scaling_factor, keep_clips
+        self.merged = plan.merged
         self.compression = compression
         self.skipped: dict[tuple[str, int], str] = {}
         """(bucket, index) -> why the clip could not be used."""

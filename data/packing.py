@@ -109,6 +109,15 @@ class PackPlan:
         return out
 
 
+def pack_plan(grids: dict, model, pack_tokens: int, seed: int, window: int = 4096) -> PackPlan:
+    """The PackPlan of clips with latent grids `grids` ({ClipRef: (T', H', W')}) for `model` (its text length
+    and patch sizes give each clip's tokens)."""
+    from cogvx_mega.model.packing import ClipShape, clip_tokens
+
+    tokens = {ref: clip_tokens(model, ClipShape(*grid, model.max_text_seq_length)) for ref, grid in grids.items()}
+    return PackPlan(list(grids), tokens, pack_tokens, seed, window)
+
+
 def packing_efficiency(packs: Sequence[Pack], pack_tokens: int) -> float:
     """Useful tokens / budget: real tokens of the packs over len(packs) x pack_tokens."""
     return sum(p.tokens for p in packs) / (len(packs) * pack_tokens)
@@ -123,15 +132,25 @@ class PackedDataset:
     `read_clips(refs, slots, step, seed)` -> (latents list, text list)."""
 
     def __init__(self, source, model, pack_tokens: int, seed: int, window: int = 4096):
-        from cogvx_mega.model.packing import ClipShape, clip_tokens
+        from cogvx_mega.model.packing import ClipShape
 
         self.source = source
         self.model = model
         self.pack_tokens = pack_tokens
         self.grids = source.clip_table()
         self.shapes = {ref: ClipShape(*grid, model.max_text_seq_length) for ref, grid in self.grids.items()}
-        tokens = {ref: clip_tokens(model, shape) for ref, shape in self.shapes.items()}
-        self.plan = PackPlan(list(self.grids), tokens, pack_tokens, seed, window)
+        self.plan = pack_plan(self.grids, model, pack_tokens, seed, window)
+
+    def bucket_clips(self) -> dict[str, int]:
+        """bucket -> clips of it in the packs (all of the source's)."""
+        clips: dict[str, int] = {}
+        for bucket, _ in self.grids:
+            clips[bucket] = clips.get(bucket, 0) + 1
+        return clips
+
+    def packs_per_epoch(self) -> int:
+        """The packs of the first epoch (later epochs differ by a few at most: another shuffle)."""
+        return len(self.plan.epoch_packs(0))
 
     @property
     def skipped(self):

@@ -3,12 +3,15 @@ pack budget), e.g. 256px clips until step A, 512px until B, then 768px, images a
 
 Stage k covers steps [start_k, end_k). Its dataset is opened when the run first reaches it and sees the
 local step (step - start_k), so each stage's data order begins at its own epoch 0 and step s of a run is a
-pure function of s: a run resumed inside or across a stage switch continues exactly.
+pure function of s: a run resumed inside or across a stage switch continues exactly. Each stage's table of
+buckets (`accounting.training_bucket_table`) is logged when a training step opens it.
 """
 from __future__ import annotations
 
 import logging
 from typing import Callable, Optional
+
+from cogvx_mega.data.accounting import first_rank, training_bucket_table
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +40,10 @@ class StagedDataset:
         return self._open[1]
 
     def step_batch(self, step: int, slots: range, global_batch: int, seed: int) -> dict:
+        before = self._open[0] if self._open else None
         dataset = self.dataset_for(step)
+        if self._open[0] != before and first_rank():
+            logger.info("%s", training_bucket_table(self, global_batch, step))
         stage = self._open[0]
         batch = dataset.step_batch(step - self.stages[stage][0], slots, global_batch, seed)
         return {**batch, "stage": stage}

@@ -1,4 +1,4 @@
-"""`cogvx data scan|encode`: media folder -> manifest -> latent cache."""
+"""`cogvx data scan|encode|info`: media folder -> manifest -> latent cache, and what a cache or manifest holds."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +7,7 @@ import os
 from cogvx_mega.cli.arguments import add_config_arguments, verbose_parent
 
 NAME = "data"
-HELP = "prepare training data: scan media into a manifest, encode it into a latent cache"
+HELP = "prepare training data: scan media into a manifest, encode it into a latent cache, show what they hold"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,10 +28,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     encode.add_argument("--device", choices=("cpu", "cuda"), default=None)
     encode.add_argument("--overwrite", action="store_true")
     add_config_arguments(encode)
+    info = actions.add_parser("info", parents=[verbose_parent()],
+                              help="what a latent cache holds (buckets, sizes, shards) or a manifest would make")
+    info.add_argument("path", metavar="CACHE|MANIFEST")
+    add_config_arguments(info)  # the buckets, fps and global batch a manifest is planned at
 
 
 def run(args: argparse.Namespace) -> int:
-    return {"scan": run_scan, "encode": run_encode}[args.data_command](args)
+    return {"scan": run_scan, "encode": run_encode, "info": run_info}[args.data_command](args)
 
 
 def run_scan(args: argparse.Namespace) -> int:
@@ -50,4 +54,12 @@ def run_encode(args: argparse.Namespace) -> int:
 
     encode_manifest(resolve_config(args), args.manifest, args.vae, args.text_encoder, args.output,
                     shard_clips=args.shard_clips, device=args.device, overwrite=args.overwrite)
+    return 0
+
+
+def run_info(args: argparse.Namespace) -> int:
+    from cogvx_mega.cli.arguments import resolve_config
+    from cogvx_mega.data.info import describe_data
+
+    print(describe_data(args.path, resolve_config(args)))
     return 0

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
-from cogvx_mega.config.errors import ConfigError, check_frame_count
+from cogvx_mega.config.errors import ConfigError, check_choices, check_frame_count
 from cogvx_mega.config.model import ModelConfig
 
 STAGE_FIELDS = {"buckets", "source", "pack_tokens", "num_frames", "height", "width"}
+SmallBuckets = Literal["drop", "merge"]
 
 
 @dataclass
@@ -39,6 +40,14 @@ class DataConfig:
     buckets: Optional[list[str]] = None
     """Resolution/duration buckets as FRAMESxHEIGHTxWIDTH (pixels), e.g. [49x480x720, 49x720x480, 1x480x720];
     None: one bucket of num_frames x height x width."""
+    small_buckets: SmallBuckets = "drop"
+    """A bucket holding fewer clips than the global batch is never drawn (every batch comes from one bucket).
+    'drop': leave its clips out, named in a warning and in the bucket table; 'merge': move them to the nearest
+    bucket that fills a global batch (the bucket a clip would go to among those: one it has the frames for, then
+    the nearest aspect ratio, the longest duration, the closest resolution) and decode them at that bucket's size
+    (resized to cover it, centre-cropped). A latent cache merges when it is encoded (`cogvx data encode` with the
+    run's training.global_batch_size), online mode and synthetic data when training opens them. Not used with
+    data.packing, which leaves no clip out."""
 
     packing: bool = False
     """Pack clips of different sizes and durations into sequences of at most `pack_tokens` tokens (each clip
@@ -52,6 +61,11 @@ class DataConfig:
     """Progressive training: a list of stages, each {until_step: N (absent on the last), and any of buckets,
     source, pack_tokens, num_frames, height, width}, overriding these data fields from the previous stage's
     end until step N. Each stage starts its own data order at its first step."""
+
+    def merge_below(self, global_batch: int) -> Optional[int]:
+        """The global batch under which a bucket's clips are merged into another (data.small_buckets=merge, not
+        packing); None: no merging."""
+        return global_batch if self.small_buckets == "merge" and not self.packing else None
 
     def bucket_names(self) -> list[str]:
         return list(self.buckets) if self.buckets else [f"{self.num_frames}x{self.height}x{self.width}"]
@@ -89,6 +103,7 @@ class DataConfig:
                 self.height // self.spatial_compression_ratio, self.width // self.spatial_compression_ratio)
 
     def validate(self, model: ModelConfig) -> None:
+        check_choices(self, "data")
         check_frame_count("data.num_frames", self.num_frames, model.temporal_compression_ratio)
         for name in ("height", "width"):
             value = getattr(self, name)

@@ -12,6 +12,7 @@ import torch
 
 from cogvx_mega.config import Config, write_resolved_config
 from cogvx_mega.config.errors import ConfigError, check_writable
+from cogvx_mega.data.accounting import training_bucket_table
 from cogvx_mega.model.transformer import build_model_chunks
 from cogvx_mega.parallel.state import ParallelDims, initialize_parallel
 from cogvx_mega.tools.training_data import open_training_data
@@ -63,9 +64,9 @@ def prepare_training(config: Config, resume: Optional[str] = None, init_from: Op
     check_writable("--run-dir", config.training.run_dir, folder=True)
     dims = initialize_parallel(config.parallel, device=device, seed=config.training.seed)
     checkpointer = Checkpointer(config, dims)
-    start = checkpointer.plan_start(resume, init_from, init_lora, config.check_world(dims.data_parallel_size),
-                                    verify=verify)
-    dataset = open_training_data(config)
+    global_batch = config.check_world(dims.data_parallel_size)
+    start = checkpointer.plan_start(resume, init_from, init_lora, global_batch, verify=verify)
+    dataset = open_training_data(config, global_batch)
     sampler = None
     if config.training.sample_every:
         from cogvx_mega.tools.sample import training_sampler
@@ -86,6 +87,8 @@ def prepare_training(config: Config, resume: Optional[str] = None, init_from: Op
         if dims.is_logging_rank:
             logger.info("resumed from %s at step %d%s", start.resume, trainer.step,
                         " (--init-from ignored: the run has a checkpoint)" if start.init_from else "")
+    if dims.is_logging_rank:  # the buckets it trains on (and any it cannot), at the step it starts
+        logger.info("%s", training_bucket_table(dataset, global_batch, step=trainer.step))
     return TrainingRun(config, dims, trainer, dataset, start)
 
 

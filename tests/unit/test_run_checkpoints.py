@@ -154,7 +154,7 @@ def test_resume_reports_safe_changes_and_refuses_the_others(tmp_path, capsys):
 
 def test_a_run_folder_with_checkpoints_needs_resume(tmp_path, capsys):
     run = tmp_path / "run"
-    assert train(run, "--steps", "1")[0] == 0
+    assert train(run, "--steps", "1", capsys=capsys)[0] == 0
     before = (run / "metrics.jsonl").read_text()
     status, lines = train(run, "--steps", "2", capsys=capsys)
     assert status == EXIT_USER_ERROR and len(lines) == 1 and "--resume auto" in lines[0]
