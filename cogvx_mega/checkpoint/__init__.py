@@ -10,7 +10,7 @@ Every folder this package writes holds `cogvx_checkpoint.json` (format, config, 
 - `vae-single-v1` (`vae.py`): the 3D VAE, diffusers parameter names.
 
 Foreign formats: diffusers transformer and VAE folders (`transformer.py`, `vae.py`, `weights.py`) and
-SAT checkpoints (`weights.read_sat_state`, with the key maps in `transformer.py` and `vae.py`).
+SAT checkpoints (`transformer.read_sat_transformer`, `vae.read_sat_vae`: weights-only unpickling, the key maps).
 
 Reading never builds a model and never creates or changes process groups; writing is atomic
 (`atomic.py`). Imports point down only: config, vae's config and megatron's checkpointing.

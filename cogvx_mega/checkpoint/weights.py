@@ -102,23 +102,3 @@ def open_diffusers_weights(folder: Path) -> TensorSource:
 def read_diffusers_weights(folder: Path) -> dict[str, Tensor]:
     """Every tensor of a diffusers model folder, in memory."""
     return open_diffusers_weights(Path(folder)).read_all()
-
-
-def read_sat_state(path: str) -> dict[str, Tensor]:
-    """A SAT checkpoint: a `.pt` file, or a SAT folder (`latest` names the iteration folder)."""
-    location = Path(path)
-    if location.is_dir():
-        latest = location / "latest"
-        iteration = latest.read_text().strip() if latest.is_file() else None
-        candidates = sorted((location / iteration).glob("mp_rank_00_model_states.pt")) if iteration else []
-        candidates = candidates or sorted(location.glob("**/mp_rank_00_model_states.pt"))
-        if not candidates:
-            raise ConversionError(f"{path}: no mp_rank_00_model_states.pt found; pass a SAT checkpoint folder or .pt")
-        location = candidates[-1]
-    if not location.is_file():
-        raise ConversionError(f"{path}: no such SAT checkpoint file or folder")
-    blob = torch.load(location, map_location="cpu", weights_only=False)
-    state = blob.get("module", blob) if isinstance(blob, dict) else None
-    if not isinstance(state, dict):
-        raise ConversionError(f"{location}: not a SAT state dict")
-    return state
