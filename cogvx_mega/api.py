@@ -13,7 +13,8 @@ def from_pretrained(path: str, device: str = "cpu", dtype: torch.dtype = torch.f
     `model(latents [B,T,C,H,W], text_embeds [B,L,D], timesteps [B]) -> v_pred [B,T,C_out,H,W]`.
     It works with or without torch.distributed, and inside a running job it leaves the job's process groups
     as they are (the model runs on this process alone). `model_overrides` set the model config fields that
-    choose how it runs (`RUNTIME_MODEL_FIELDS`: e.g. `rope_impl="triton"`, `packed_attention="flex"`). A cogvx-mega
+    choose how it runs (`LOADER_MODEL_FIELDS`: e.g. `rope_impl="triton"`, `packed_attention="flex"`, or SAT's
+    final-norm eps `output_norm_eps=1e-6`). A cogvx-mega
     checkpoint is verified first (every file's size and CRC32C; a damaged one is a ConfigError naming the file);
     `verify=False` reads it as it is.
     """

@@ -14,23 +14,23 @@ from cogvx_mega.config.errors import ConfigError
 def load_transformer(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32, backend: str = "local",
                      verify: bool = True, **model_overrides):
     """The whole transformer in this process from a diffusers folder or a cogvx-mega checkpoint (see
-    `cogvx_mega.from_pretrained`), with `model_overrides` of the fields in RUNTIME_MODEL_FIELDS. A project
+    `cogvx_mega.from_pretrained`), with `model_overrides` of the fields in LOADER_MODEL_FIELDS. A project
     checkpoint is verified before it is read (`verify=False`: read it as it is)."""
     import dataclasses
 
     from cogvx_mega.checkpoint.reader import read_transformer_checkpoint
     from cogvx_mega.checkpoint.transformer import load_project_state
     from cogvx_mega.checkpoint.verify import refuse_damaged
-    from cogvx_mega.config.model import RUNTIME_MODEL_FIELDS
+    from cogvx_mega.config.model import LOADER_MODEL_FIELDS
     from cogvx_mega.model.transformer import build_model
 
     if not Path(path).exists():
         raise ConfigError("path", str(path), "no such file or folder; pass a diffusers transformer folder or a "
                                              "cogvx-mega checkpoint folder")
     for name in model_overrides:
-        if name not in RUNTIME_MODEL_FIELDS:
+        if name not in LOADER_MODEL_FIELDS:
             raise ConfigError(name, model_overrides[name], f"from_pretrained overrides only the fields that choose "
-                                                           f"how the model runs ({', '.join(RUNTIME_MODEL_FIELDS)}); "
+                                                           f"how the model runs ({', '.join(LOADER_MODEL_FIELDS)}); "
                                                            f"the others describe the checkpoint's weights")
     model_config, state, _ = read_transformer_checkpoint(path, refuse_damaged if verify else None)
     model_config = dataclasses.replace(model_config, backend=backend, **model_overrides)

@@ -74,7 +74,7 @@ def run_sample(args) -> list[str]:
 
     from cogvx_mega.diffusion.sampler import SCHEDULERS, SamplingSettings
     from cogvx_mega.diffusion.schedule import schedule_from_config
-    from cogvx_mega.training.sampling import decode_video, denoise, latent_grid, write_latents
+    from cogvx_mega.training.sampling import decode_video, denoise, latent_grid
     from cogvx_mega.vae import io
 
     outputs = [args.output] + ([str(Path(args.output).with_suffix(".gif"))] if args.gif else []) + (
@@ -128,7 +128,7 @@ def run_sample(args) -> list[str]:
         for path in outputs:  # the folders checked at the start, created now
             Path(path).parent.mkdir(parents=True, exist_ok=True)
     if args.save_latents and writer:
-        write_latents(args.save_latents, latents)
+        io.save_latents(args.save_latents, latents.float())
         written.append(args.save_latents)
     video = decode_video(vae, latents, grid, args.chunk_frames, _decode_group(grid) if distributed else None)
     if writer:

@@ -20,6 +20,8 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
+from cogvx_mega.files import process_umask
+
 logger = logging.getLogger(__name__)
 
 _OLD_MARK = ".old-"
@@ -60,20 +62,6 @@ def swap_into_place(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
-
-
-def process_umask() -> int:
-    """The process umask, read without changing it where Linux reports it (`os.umask` can only be read by setting
-    it, which for a moment gives other threads' new files a wrong mode)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def apply_umask(root: str | os.PathLike) -> None:

@@ -63,6 +63,10 @@ def model_config_from_diffusers(cfg: dict) -> ModelConfig:
 
 
 def diffusers_config_from_model(model: ModelConfig) -> dict:
+    if model.final_norm_eps != model.norm_eps:
+        logger.warning("diffusers has one norm_eps for every LayerNorm: the export writes norm_eps=%g, and its final "
+                       "LayerNorm will use that, not this model's model.output_norm_eps=%g (outputs move by about "
+                       "5e-6)", model.norm_eps, model.final_norm_eps)
     return {
         "_class_name": "CogVideoXTransformer3DModel",
         "_diffusers_version": "0.42.1",
@@ -543,10 +547,9 @@ def read_sat_transformer(path: str | Path, trust_pickle: bool = False) -> dict[s
 #
 # Numbers: the converted model computes what diffusers' CogVideoXTransformer3DModel computes on the same weights.
 # SAT differs in one constant: its final adaLN LayerNorm (`mixins.final_layer.norm_final`, our `output_norm`)
-# has eps 1e-6, where diffusers' `norm_out.norm` and this project use `model.norm_eps` (1e-5); SAT's block
-# LayerNorms and `transformer.final_layernorm` use its `layernorm_epsilon`, 1e-5 as here. Outputs therefore
-# agree with SAT to ~5e-6. `model.norm_eps=1e-6` does not give SAT's numbers: it would also move the block
-# LayerNorms and the final LayerNorm, which are 1e-5 in SAT as well.
+# has eps 1e-6, where diffusers' `norm_out.norm` uses its one `norm_eps` (1e-5); SAT's block LayerNorms and
+# `transformer.final_layernorm` use its `layernorm_epsilon`, 1e-5 as here. Outputs therefore agree with SAT to
+# ~5e-6; `model.output_norm_eps=1e-6` gives SAT's own numbers (tests/unit/test_parity_diffusers.py).
 
 SAT_PREFIX = "model.diffusion_model."
 # Whole other models in a whole-engine SAT file (a full fine-tune saves them all): the VAE (read by

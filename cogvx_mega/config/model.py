@@ -21,6 +21,9 @@ FP8_ALIGNMENT = 16  # TE's FP8 GEMMs take token counts divisible by 16
 # with any value of them (`from_pretrained(..., **overrides)`, `--resume`).
 RUNTIME_MODEL_FIELDS = ("backend", "rope_impl", "adaln_impl", "packed_attention", "fp8", "fp8_recipe",
                         "fp8_bf16_edge_layers", "fp8_amax_history_len")
+# Fields a loader may set on weights trained without them: they change the numbers slightly but are not stored
+# in any tensor (SAT's final-LayerNorm eps, for a user who wants SAT's own outputs from converted weights).
+LOADER_MODEL_FIELDS = RUNTIME_MODEL_FIELDS + ("output_norm_eps",)
 
 
 @dataclass
@@ -61,6 +64,11 @@ class ModelConfig:
     spatial_interpolation_scale: float = 1.875
     temporal_interpolation_scale: float = 1.0
     norm_eps: float = 1e-5
+    """eps of every LayerNorm of the blocks and, unless `output_norm_eps` is set, of the final adaptive one."""
+    output_norm_eps: Optional[float] = None
+    """eps of the final adaptive LayerNorm before the output projection; None: `norm_eps`, as diffusers (which
+    has one eps for all). THUDM's SAT code uses 1e-6 there (1e-5 elsewhere): 1e-6 reproduces SAT's own numbers,
+    which differ from diffusers' by about 5e-6. A diffusers export cannot hold two values and writes `norm_eps`."""
     qk_norm_eps: float = 1e-6
     backend: Backend = "local"
     """'local' (pure torch, any device) or 'te' (Transformer Engine, GPU)."""
@@ -112,6 +120,11 @@ class ModelConfig:
         return self.in_channels != self.out_channels
 
     @property
+    def final_norm_eps(self) -> float:
+        """The eps the final adaptive LayerNorm uses (`output_norm_eps`, else `norm_eps`)."""
+        return self.norm_eps if self.output_norm_eps is None else self.output_norm_eps
+
+    @property
     def uses_rope(self) -> bool:
         return self.positional_embedding in ("rope", "rope+learned")
 
@@ -121,6 +134,10 @@ class ModelConfig:
                                                   "in_channels", "out_channels", "time_embed_dim", "text_embed_dim",
                                                   "max_text_seq_length", "patch_size", "sample_height",
                                                   "sample_width"))
+        for name in ("norm_eps", "output_norm_eps", "qk_norm_eps"):
+            eps = getattr(self, name)
+            if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1):
+                raise ConfigError(f"model.{name}", eps, "use a small positive number such as 1e-5 or 1e-6")
         if self.in_channels not in (self.out_channels, 2 * self.out_channels):
             raise ConfigError("model.in_channels", self.in_channels,
                               f"use out_channels={self.out_channels} (text-to-video) or twice that (image-to-video: "

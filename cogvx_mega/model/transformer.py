@@ -176,7 +176,7 @@ class CogVideoXTransformer(MegatronModule):
         )
         if post_process:
             self.output_norm_linear = nn.Linear(model.time_embed_dim, 2 * hidden)
-            self.output_norm = nn.LayerNorm(hidden, eps=model.norm_eps, elementwise_affine=True)
+            self.output_norm = nn.LayerNorm(hidden, eps=model.final_norm_eps, elementwise_affine=True)
             patch_volume = model.patch_size**2 * (model.patch_size_t or 1)
             self.output_proj = nn.Linear(hidden, patch_volume * model.out_channels)
         # Under sequence parallel the conditioning and the head act on each rank's token shard, so

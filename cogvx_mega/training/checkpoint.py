@@ -47,9 +47,10 @@ def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-# Model fields that are not properties of the weights: the backend, and the VAE's latent scale (which a
-# diffusers transformer folder does not carry). Weights loaded with --init-from may differ in them.
-NOT_IN_THE_WEIGHTS = ("backend", "latent_scale")
+# Model fields that are not properties of the weights: the backend, the VAE's latent scale (which a
+# diffusers transformer folder does not carry) and the final LayerNorm's eps (SAT's 1e-6 on converted weights).
+# Weights loaded with --init-from may differ in them.
+NOT_IN_THE_WEIGHTS = ("backend", "latent_scale", "output_norm_eps")
 
 
 def check_same_model(meta: dict, model_config: ModelConfig, path, ignore: tuple = RUNTIME_MODEL_FIELDS) -> None:

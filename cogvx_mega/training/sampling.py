@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -250,7 +249,7 @@ class TrainingSampler:
                     if writer:
                         folder.mkdir(parents=True, exist_ok=True)
                         if s.save_latents:
-                            write_latents(str(trainer.run_dir / f"{name}.safetensors"), latents)
+                            io.save_latents(str(trainer.run_dir / f"{name}.safetensors"), latents.float())
                         io.write_video(str(trainer.run_dir / f"{name}.mp4"), video.cpu(), fps=s.fps)
         finally:
             for chunk in trainer.ddp_chunks:
@@ -258,12 +257,3 @@ class TrainingSampler:
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.barrier()  # every sample is on disk before the step's metrics name them
         return written
-
-
-def write_latents(path: str, latents: Tensor) -> None:
-    """`latents` as the safetensors file `--latents` / `--save-latents` use, written atomically."""
-    from safetensors.torch import save_file
-
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
-    save_file({"latents": latents.float().cpu().contiguous()}, str(tmp))
-    os.replace(tmp, path)

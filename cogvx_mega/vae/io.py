@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from cogvx_mega.config.errors import ConfigError
+from cogvx_mega.files import atomic_file
 
 
 def _import_av():
@@ -47,9 +46,7 @@ def encode_frames(path, frames, rate, codec: str = "libx264", pixel_format: str 
     """The one video writer: uint8 frames [T, H, W, 3] encoded with PyAV (H.264 in MP4, VP9 in WebM, MJPEG in AVI,
     an animated GIF, ...) into a temporary file beside `path`, renamed into place when complete."""
     av = _import_av()
-    target = Path(path)
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}{target.suffix}"
-    try:
+    with atomic_file(path) as tmp:
         with av.open(str(tmp), mode="w", options=container_options or {}) as container:
             stream = container.add_stream(codec, rate=rate)
             stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], pixel_format
@@ -58,10 +55,7 @@ def encode_frames(path, frames, rate, codec: str = "libx264", pixel_format: str 
             for array in frames:
                 container.mux(stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")))
             container.mux(stream.encode())
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return target
+    return Path(path)
 
 
 def uint8_frames(video: torch.Tensor):
@@ -81,17 +75,15 @@ def write_gif(path: str, video: torch.Tensor, fps: float) -> None:
     encode_frames(path, uint8_frames(video), max(1, round(fps)), codec="gif", pixel_format="rgb8")
 
 
-def save_latents(path: str, latents: torch.Tensor, metadata: dict) -> None:
+def save_latents(path: str, latents: torch.Tensor, metadata: Optional[dict] = None) -> None:
+    """The one latent-file writer (`cogvx vae encode`, `cogvx sample --save-latents`, `sampling.save_latents`):
+    a safetensors file holding `latents` as given and, when there is any, `metadata` under "cogvx"; written
+    whole or not at all, readable as the umask says (`cogvx_mega.files.atomic_file`)."""
     from safetensors.torch import save_file
 
-    target = Path(path)
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+    with atomic_file(path) as tmp:
         save_file({"latents": latents.detach().contiguous().cpu()}, str(tmp),
-                  metadata={"cogvx": json.dumps(metadata)})
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+                  metadata={"cogvx": json.dumps(metadata)} if metadata else None)
 
 
 def load_latents(path: str) -> tuple[torch.Tensor, dict]:

@@ -1,4 +1,4 @@
-"""Imports point one way (../shared/STYLE.md): config <- kernels <- diffusion, parallel, vae <- checkpoint <- model
+"""Imports point one way (../shared/STYLE.md): config, files <- kernels <- diffusion, parallel, vae <- checkpoint <- model
 <- training, data <- tools <- run (a training run's setup) <- api, demo <- cli. Every import in the package counts, the lazy ones inside
 functions too; parts of one level do not import each other.
 
@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 FOLDERS = {"cogvx_mega": ROOT / "cogvx_mega", "cogvx_mega.kernels": ROOT / "kernels",
            "cogvx_mega.data": ROOT / "data", "cogvx_mega.tools": ROOT / "tools"}
 # the level of each part; an import may only point to a lower level (or within its own part)
-LEVELS = {"config": 0, "kernels": 1, "diffusion": 2, "parallel": 2, "vae": 2, "checkpoint": 3, "model": 4,
+LEVELS = {"config": 0, "files": 0, "kernels": 1, "diffusion": 2, "parallel": 2, "vae": 2, "checkpoint": 3, "model": 4,
           "training": 5, "data": 5, "tools": 6, "run": 7, "api": 8, "demo": 8, "cli": 9, "__init__": 9}
 
 

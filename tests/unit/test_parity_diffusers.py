@@ -137,3 +137,31 @@ def test_expected_shapes_describe_the_built_model(family_models):
     model_config = convert.model_config_from_diffusers(dict(reference.config))
     built = {k: v.shape for k, v in ours.state_dict().items() if not k.endswith("_extra_state")}
     assert convert.expected_shapes(model_config) == built
+
+
+def test_sat_final_norm_eps_gives_sat_numbers(family_models):
+    """SAT's own numbers: its final adaptive LayerNorm uses eps 1e-6 where its block LayerNorms use 1e-5, as
+    diffusers' model does with `norm_out.norm.eps` set to 1e-6 by hand. `output_norm_eps=1e-6` gives them, and
+    moves the output as much as it moves diffusers' (compared as the change each model makes, in float64, so that
+    rounding stays far below the eps's effect of ~1e-5)."""
+    import copy
+
+    family, reference, folder, _ = family_models
+    sat = copy.deepcopy(reference).double()
+    sat.norm_out.norm.eps = 1e-6
+    sat_numbers = cogvx_mega.from_pretrained(str(folder), dtype=torch.float64, output_norm_eps=1e-6)
+    default = cogvx_mega.from_pretrained(str(folder), dtype=torch.float64)
+    assert sat_numbers.output_norm.eps == 1e-6 and default.output_norm.eps == 1e-5
+    frames, height, width = SIZES[family][0]
+    latents, text, timesteps, extra = (v.double() if torch.is_tensor(v) and v.is_floating_point() else v
+                                       for v in random_inputs(reference.config, frames, height, width))
+    extra = {k: v.double() for k, v in extra.items()}
+    rope = pipeline_rope(reference, frames, height, width)
+    rope = tuple(r.double() for r in rope) if rope is not None else None
+    reference = copy.deepcopy(reference).double()
+    with torch.no_grad():
+        expected_change = (sat(latents, text, timesteps, image_rotary_emb=rope, return_dict=False, **extra)[0]
+                           - reference(latents, text, timesteps, image_rotary_emb=rope, return_dict=False, **extra)[0])
+        change = sat_numbers(latents, text, timesteps, **extra) - default(latents, text, timesteps, **extra)
+    assert expected_change.abs().max().item() > 1e-6
+    assert (change - expected_change).abs().max().item() <= 1e-3 * expected_change.abs().max().item()
