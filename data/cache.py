@@ -34,6 +34,7 @@ from cogvx_mega.checkpoint.atomic import write_text_atomically
 from cogvx_mega.config.errors import ConfigError
 from cogvx_mega.data.buckets import Bucket, group_by_bucket, merge_small_buckets
 from cogvx_mega.data.manifest import read_manifest
+from cogvx_mega.data.order import ClipRange
 
 if TYPE_CHECKING:
     from cogvx_mega.data.encoder import ClipEncoder
@@ -225,15 +226,25 @@ def encode_cache(path: Path, plan: CachePlan, encoder: "ClipEncoder", rank: int 
     return {"shards": len(mine), "clips": clips, "failed": failed, "seconds": time.perf_counter() - started}
 
 
-def usable_clips(path: Path, markers: Optional[dict[str, dict]] = None) -> dict[str, list[int]]:
-    """bucket -> indices of its committed, successfully encoded clips (what a reader may use); `markers`:
-    `committed(path)` when the caller has read them already."""
-    usable: dict[str, list[int]] = {}
+def usable_clips(path: Path, markers: Optional[dict[str, dict]] = None) -> dict[str, ClipRange]:
+    """bucket -> its committed, successfully encoded clips (what a reader may use), as a `ClipRange`: the
+    bucket's index range less the clips that failed and any shard not committed yet (memory grows with those
+    holes, not with the clips); `markers`: `committed(path)` when the caller has read them already."""
+    covered: dict[str, list[tuple[int, int]]] = {}
+    failed: dict[str, list[int]] = {}
     for name, marker in (committed(path) if markers is None else markers).items():
         bucket, start = name.split("/")[1], int(Path(name).stem)
-        failed = {f["index"] for f in marker["failed"]}
-        usable.setdefault(bucket, []).extend(i for i in range(start, start + marker["clips"]) if i not in failed)
-    return {bucket: sorted(indices) for bucket, indices in sorted(usable.items())}
+        covered.setdefault(bucket, []).append((start, start + marker["clips"]))
+        failed.setdefault(bucket, []).extend(f["index"] for f in marker["failed"])
+    usable = {}
+    for bucket, spans in sorted(covered.items()):
+        spans.sort()
+        holes, end = [], 0
+        for start, stop in spans:
+            holes.extend(range(end, start))  # a shard not committed (yet)
+            end = max(end, stop)
+        usable[bucket] = ClipRange(end, holes + failed[bucket])
+    return usable
 
 
 def read_cache_arrays(path: Path) -> dict[str, dict[str, np.ndarray]]:
@@ -245,6 +256,7 @@ def read_cache_arrays(path: Path) -> dict[str, dict[str, np.ndarray]]:
     table = group.attrs["clips"]
     out = {}
     for bucket, indices in usable_clips(path).items():
+        indices = list(indices)
         out[bucket] = {array: np.stack([group[f"{bucket}/{array}"][i] for i in indices])
                        for array in ("mean", "logvar", "text")}
         chosen = set(indices)

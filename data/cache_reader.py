@@ -1,13 +1,10 @@
 """Training batches from a latent cache (`cache.py`), read through tensorstore: `cogvx train --data cache.zarr`.
 
-The order is a pure function of (seed, epoch): in each epoch every bucket's committed clips are shuffled
-(seeded by seed, epoch and bucket) and cut into global batches of G clips (a remainder of fewer than G clips
-waits for the next epoch's shuffle), and the batches of all buckets are shuffled together. Step s is
-batch s of that stream, so every global batch comes from one bucket, the position in the data is the global
-sample index s*G (what a checkpoint records), and data-parallel rank r reading its slots of the batch sees
-disjoint clips at any data-parallel size. Each clip's latent is a fresh posterior sample, mean + std *
-noise with the noise keyed on (seed, step, global slot), times the VAE's latent scale: [T', C, H, W] as the
-transformer takes it.
+The order is `order.BucketedBatches` over the cache's committed, successfully encoded clips: a pure function of
+(seed, step), every global batch from one bucket, data-parallel rank r reading its slots of it. The position
+in the data is the global sample index s*G (what a checkpoint records). Each clip's latent is a fresh
+posterior sample, mean + std * noise with the noise keyed on (seed, step, global slot), times the VAE's latent
+scale: [T', C, H, W] as the transformer takes it.
 
 Reads are asynchronous: the batch of the next step is requested while the current one is returned.
 """
@@ -22,18 +19,7 @@ import torch
 from cogvx_mega.config.errors import ConfigError
 from cogvx_mega.diffusion.randomness import Stream, slot_normal
 from cogvx_mega.data.cache import CACHE_FORMAT, FIRST_FRAME, committed, usable_clips
-
-
-def epoch_batches(usable: dict[str, list[int]], global_batch: int, seed: int, epoch: int) -> list[tuple[str, list[int]]]:
-    """The epoch's global batches: (bucket, clip indices), all of one bucket, shuffled together."""
-    batches = []
-    for number, (bucket, indices) in enumerate(sorted(usable.items())):
-        generator = torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_009 + number)
-        order = [indices[i] for i in torch.randperm(len(indices), generator=generator).tolist()]
-        batches.extend((bucket, order[k:k + global_batch]) for k in range(0, len(order) - global_batch + 1,
-                                                                            global_batch))
-    generator = torch.Generator().manual_seed(seed * 7_919 + epoch)
-    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+from cogvx_mega.data.order import BucketedBatches
 
 
 def posterior_latents(mean: torch.Tensor, logvar: torch.Tensor, slots: range, seed: int, step: int,
@@ -43,53 +29,6 @@ def posterior_latents(mean: torch.Tensor, logvar: torch.Tensor, slots: range, se
     noise = slot_normal(mean.shape[1:], slots, seed=seed, step=step, stream=Stream.VAE_POSTERIOR)
     latents = (mean + torch.exp(0.5 * logvar) * noise) * scaling_factor
     return latents.permute(0, 2, 1, 3, 4).contiguous()
-
-
-def check_fills_a_batch(clips: dict[str, int], global_batch: int) -> None:
-    """A clear error when no bucket of `clips` (bucket -> clips) fills one global batch: the data holds no clip
-    at all, or every bucket holds fewer clips than the batch."""
-    if not any(clips.values()):
-        raise ConfigError("--data", "(no clips)", "the data holds no clips: nothing to train on")
-    if not any(count >= global_batch for count in clips.values()):
-        sizes = ", ".join(f"{bucket}: {count}" for bucket, count in clips.items())
-        raise ConfigError("training.global_batch_size", global_batch,
-                          f"no bucket of the data fills a global batch ({sizes} clips) and every batch comes from "
-                          f"one bucket: lower the global batch to at most {max(clips.values())}, or use "
-                          f"data.packing")
-
-
-class BucketedBatches:
-    """The global batch of each step, (bucket, clip indices), from `usable` (bucket -> clip indices): the
-    order of `epoch_batches`, one epoch after another. Shared by the cache reader and online mode, so that
-    both draw the same clips at every step."""
-
-    merged: dict[str, dict[str, int]] = {}
-    """{small bucket: {bucket: clips moved there}} of data.small_buckets=merge (see `data/accounting.py`)."""
-
-    def __init__(self, usable: dict[str, list[int]]):
-        self.usable = usable
-        self._epochs: dict[tuple, list] = {}
-
-    def __len__(self) -> int:
-        return sum(len(v) for v in self.usable.values())
-
-    def bucket_clips(self) -> dict[str, int]:
-        """bucket -> the clips a step may draw from it."""
-        return {bucket: len(indices) for bucket, indices in self.usable.items()}
-
-    def batches_per_epoch(self, global_batch: int) -> int:
-        per = sum(len(v) // global_batch for v in self.usable.values())
-        if per == 0:
-            check_fills_a_batch(self.bucket_clips(), global_batch)
-        return per
-
-    def batch_of_step(self, step: int, global_batch: int, seed: int) -> tuple[str, list[int]]:
-        per = self.batches_per_epoch(global_batch)
-        epoch = step // per
-        key = (epoch, global_batch, seed)
-        if key not in self._epochs:
-            self._epochs = {key: epoch_batches(self.usable, global_batch, seed, epoch)}
-        return self._epochs[key][step % per]
 
 
 class CacheDataset(BucketedBatches):

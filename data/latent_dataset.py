@@ -120,11 +120,11 @@ def rank_batch(dataset: LatentDataset, step: int, samples_per_rank: int, data_pa
 class BucketedLatentDataset:
     """Clips of several sizes held in memory, one tensor per bucket: {bucket: (latents [n, T', C, H', W'],
     text_embeds [n, L, D])}. Batches come from one bucket at a time in the cache reader's order
-    (`cache_reader.BucketedBatches`); with data.packing the clips of all buckets are packed together."""
+    (`order.BucketedBatches`); with data.packing the clips of all buckets are packed together."""
 
     def __init__(self, buckets: dict, merged: Optional[dict] = None):
         """`merged`: {small bucket: {bucket: clips moved there}} of data.small_buckets=merge."""
-        from cogvx_mega.data.cache_reader import BucketedBatches
+        from cogvx_mega.data.order import BucketedBatches
 
         self.buckets = buckets
         self.batches = BucketedBatches({name: list(range(latents.shape[0])) for name, (latents, _) in buckets.items()})

@@ -24,7 +24,8 @@ import torch
 
 from cogvx_mega.data.buckets import Bucket
 from cogvx_mega.data.cache import CachePlan
-from cogvx_mega.data.cache_reader import BucketedBatches, posterior_latents
+from cogvx_mega.data.cache_reader import posterior_latents
+from cogvx_mega.data.order import BucketedBatches
 from cogvx_mega.data.encoder import ClipEncoder, cancel
 
 logger = logging.getLogger(__name__)

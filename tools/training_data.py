@@ -17,7 +17,7 @@ from typing import Optional
 
 from cogvx_mega.config.errors import ConfigError
 from cogvx_mega.data.accounting import DROP_FIX, first_rank, small_bucket_warning
-from cogvx_mega.data.cache_reader import check_fills_a_batch
+from cogvx_mega.data.order import check_fills_a_batch
 from cogvx_mega.data.latent_dataset import LatentDataset, synthetic_dataset_for
 from cogvx_mega.tools.data_encode import check_vae_channels
 
