@@ -62,8 +62,12 @@ def usable_frames(record: dict, fps: float, ratio: int = 4) -> int:
 
 def assign_bucket(record: dict, buckets: Sequence[Bucket], fps: float) -> Optional[Bucket]:
     """The clip's nearest bucket (see the module docstring), or None if it fits none."""
-    frames = usable_frames(record, fps)
-    height, width = int(record["height"]), int(record["width"])
+    return bucket_for(usable_frames(record, fps), int(record["height"]), int(record["width"]), buckets)
+
+
+def bucket_for(frames: int, height: int, width: int, buckets: Sequence[Bucket]) -> Optional[Bucket]:
+    """The nearest bucket of a clip that gives `frames` usable frames at height x width, or None. (The clip index
+    calls it once per distinct (frames, height, width) of a corpus, `index.py`.)"""
     fitting = [b for b in buckets if b.frames <= frames]
     if frames > 1:
         videos = [b for b in fitting if b.frames > 1]
@@ -107,20 +111,25 @@ def merge_small_buckets(grouped: dict[Bucket, list[dict]], fps: float,
     manifest order. A clip no such bucket can take stays in its small bucket (and is reported as not trained
     on); a small bucket never receives clips, so merging is one pass and its result does not depend on order."""
     counts = {bucket: len(items) for bucket, items in grouped.items()}
-    targets = [bucket for bucket, count in counts.items() if count >= global_batch]
     out = {bucket: list(items) for bucket, items in grouped.items()}
+    moves = merge_targets(counts, {b: items for b, items in grouped.items() if 0 < len(items) < global_batch},
+                          fps, global_batch)
     moved: dict[str, dict[str, int]] = {}
-    for bucket, items in grouped.items():
-        if not 0 < len(items) < global_batch:
-            continue
-        staying = []
-        for record in items:
-            target = assign_bucket(record, targets, fps) if targets else None
-            if target is None:
-                staying.append(record)
-                continue
-            out[target].append(record)
-            into = moved.setdefault(bucket.name, {})
-            into[target.name] = into.get(target.name, 0) + 1
-        out[bucket] = staying
+    for bucket, pairs in moves.items():
+        out[bucket] = [record for record, target in pairs if target is None]
+        for record, target in pairs:
+            if target is not None:
+                out[target].append(record)
+                into = moved.setdefault(bucket.name, {})
+                into[target.name] = into.get(target.name, 0) + 1
     return out, moved
+
+
+def merge_targets(counts: dict[Bucket, int], small: dict[Bucket, list[dict]], fps: float,
+                  global_batch: int) -> dict[Bucket, list[tuple[dict, Optional[Bucket]]]]:
+    """For each small bucket (in the order of `counts`), its records (in their order) paired with the bucket each
+    moves to, or None where it stays: the rule of `merge_small_buckets`, from the clip counts of all buckets and
+    the records of the small ones only (what the clip index holds in memory while it merges)."""
+    targets = [bucket for bucket, count in counts.items() if count >= global_batch]
+    return {bucket: [(record, assign_bucket(record, targets, fps) if targets else None) for record in small[bucket]]
+            for bucket in counts if bucket in small}

@@ -15,11 +15,8 @@ from pathlib import Path
 
 from cogvx_mega.config.errors import ConfigError
 from cogvx_mega.data.accounting import config_bucket_table
-from cogvx_mega.data.cache import CACHE_FORMAT, committed, plan_from_manifest, usable_clips
-from cogvx_mega.data.manifest import read_manifest
-
-INFO_SHARD_CLIPS = 16  # planning only: the clips of each bucket do not depend on it
-
+from cogvx_mega.data.cache import CACHE_FORMAT, committed, usable_clips
+from cogvx_mega.data.index import index_for
 
 def describe_data(path: str, config) -> str:
     """The report of `cogvx data info` on a latent cache or a manifest; one clear error for anything else."""
@@ -77,16 +74,17 @@ def describe_cache(path: Path, config) -> str:
 def describe_manifest(path: Path, config) -> str:
     data = config.data
     global_batch = config.training.global_batch(1)
-    records = read_manifest(path)
-    plan, skipped = plan_from_manifest(path, data.bucket_names(), data.fps, INFO_SHARD_CLIPS,
-                                       data.merge_below(global_batch))
-    kinds = Counter(record.get("kind", "video") for record in records)
-    clips = {bucket: len(items) for bucket, items in plan.clips.items()}
-    reasons = Counter(line.rsplit(": ", 1)[-1] for line in skipped)
-    lines = [f"manifest {path}: {len(records)} clips ({kinds.get('video', 0)} videos, {kinds.get('image', 0)} "
+    index = index_for(path, data.bucket_names(), data.fps, data.merge_below(global_batch), flag="--manifest")
+    kinds = index.meta["kinds"]
+    clips = index.clip_counts()
+    reasons = Counter(line.rsplit(": ", 1)[-1] for line in index.skipped_examples)
+    shown = "".join(f"; {n}: {reason}" for reason, n in reasons.items())
+    if index.skipped > len(index.skipped_examples):
+        shown += f" (the reasons of the first {len(index.skipped_examples)})"
+    lines = [f"manifest {path}: {index.meta['lines']} clips ({kinds.get('video', 0)} videos, {kinds.get('image', 0)} "
              f"images)",
              f"  planned at   data.buckets {', '.join(data.bucket_names())}, {data.fps:g} fps, "
              f"data.small_buckets={data.small_buckets}",
-             f"  left out     {len(skipped)}" + "".join(f"; {n}: {reason}" for reason, n in reasons.items())]
-    lines.append(config_bucket_table(clips, config, global_batch, merged=plan.merged, title="buckets"))
+             f"  left out     {index.skipped}" + shown]
+    lines.append(config_bucket_table(clips, config, global_batch, merged=index.merged, title="buckets"))
     return "\n".join(lines)

@@ -25,7 +25,7 @@ import torch
 from cogvx_mega.data.buckets import Bucket
 from cogvx_mega.data.cache import CachePlan
 from cogvx_mega.data.cache_reader import posterior_latents
-from cogvx_mega.data.order import BucketedBatches
+from cogvx_mega.data.order import BucketedBatches, ClipRange
 from cogvx_mega.data.encoder import ClipEncoder, cancel
 
 logger = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ class OnlineDataset(BucketedBatches):
         `image_latents` (a `first_frames.FirstFrameLatents`): image-to-video training; every batch then also
         carries `image_latents` [n, 1, C, h, w] of the clips' first frames."""
         self.image_latents = image_latents
-        super().__init__({bucket: list(range(len(items))) for bucket, items in plan.clips.items() if items})
+        super().__init__({bucket: ClipRange(len(items)) for bucket, items in plan.clips.items() if len(items)})
         self.plan, self.encoder, self.scaling_factor, self.keep_clips = plan, encoder, scaling_factor, keep_clips
         self.merged = plan.merged
         self.compression = compression

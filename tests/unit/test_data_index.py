@@ -1,0 +1,116 @@
+"""The clip index (`data/index.py`) plans a manifest exactly as the in-memory planner does (`cache.plan_cache`,
+the rule of `buckets.assign_bucket` and `merge_small_buckets`), across blocks, parts and row groups, keeps every
+column, and refuses a bad line or a damaged part with one line naming it."""
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from cogvx_mega.config.errors import ConfigError
+from cogvx_mega.data import index as clip_index
+from cogvx_mega.data.cache import plan_cache
+
+BUCKETS = ["1x32x32", "1x48x32", "5x32x48", "9x32x48", "9x48x32", "13x64x64"]
+
+
+def random_records(count: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    records = []
+    for i in range(count):
+        image = rng.random() < 0.3
+        record = {"path": f"/media/clip{i:05d}.{'png' if image else 'mp4'}", "caption": f"caption {i} " * rng.randint(1, 30),
+                  "kind": "image" if image else "video", "container": "png" if image else "mp4",
+                  "codec": "png" if image else "h264", "fps": None if image else rng.choice([8.0, 12.0, 24.0, 30.0]),
+                  "frames": 1 if image else rng.randint(1, 120), "width": rng.choice([24, 32, 48, 64, 90]),
+                  "height": rng.choice([24, 32, 48, 64]), "motion_score": rng.random()}
+        if not image and rng.random() < 0.3:
+            record["start"] = round(rng.random() * 2, 3)
+            if rng.random() < 0.5:
+                record["end"] = record["start"] + round(rng.random() * 3, 3)
+        if rng.random() < 0.03:
+            record["caption"] = ""
+        if rng.random() < 0.02:
+            del record["height"]
+        records.append({k: v for k, v in record.items() if v is not None})
+    return records
+
+
+def write_manifest(path, records) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def usable(records):
+    return [r for r in records if r.get("path") and r.get("caption") and r.get("height") and r.get("width")]
+
+
+@pytest.mark.parametrize("merge_below", [None, 100])
+def test_index_plans_as_the_in_memory_planner(tmp_path, monkeypatch, merge_below):
+    monkeypatch.setattr(clip_index, "ROW_GROUP_ROWS", 7)  # lookups cross row groups and parts
+    records = random_records(900)
+    write_manifest(tmp_path / "m.jsonl", records)
+    index = clip_index.build_index(tmp_path / "m.jsonl", tmp_path / "index", BUCKETS, 8.0, merge_below,
+                                   block_bytes=16 << 10)
+    assert len(index.meta["parts"]) > 3
+    plan = plan_cache(usable(records), BUCKETS, 8.0, shard_clips=16, merge_below=merge_below)
+    assert index.clip_counts() == {b: len(plan.clips[b]) for b in BUCKETS}
+    assert index.merged == plan.merged
+    if merge_below:
+        assert plan.merged  # the test data does have small buckets
+    for bucket in BUCKETS:
+        expected = [r["path"] for r in plan.clips[bucket]]
+        records_of = index.records(bucket)
+        assert [r["path"] for r in records_of[:]] == expected
+        assert [records_of[i]["path"] for i in range(0, len(expected), 5)] == expected[::5]
+        assert [r["path"] for r in records_of[3:40]] == expected[3:40]
+    by_path = {r["path"]: r for r in records}
+    some = index.records(max(BUCKETS, key=lambda b: index.clip_counts()[b]))[0]
+    assert some == by_path[some["path"]]  # every column, absent fields absent
+    assert index.skipped == len(records) - len(index) and index.skipped > 0
+    reopened = clip_index.ClipIndex.open(tmp_path / "index")
+    assert reopened.fingerprint == index.fingerprint
+
+
+def test_fingerprint_follows_the_manifest_and_the_buckets(tmp_path):
+    records = random_records(50, seed=1)
+    write_manifest(tmp_path / "m.jsonl", records)
+    first = clip_index.build_index(tmp_path / "m.jsonl", tmp_path / "a", BUCKETS, 8.0).fingerprint
+    assert clip_index.build_index(tmp_path / "m.jsonl", tmp_path / "b", BUCKETS, 8.0).fingerprint == first
+    assert clip_index.build_index(tmp_path / "m.jsonl", tmp_path / "c", BUCKETS[:3], 8.0).fingerprint != first
+    write_manifest(tmp_path / "m.jsonl", records[:-1])
+    assert clip_index.build_index(tmp_path / "m.jsonl", tmp_path / "d", BUCKETS, 8.0).fingerprint != first
+
+
+@pytest.mark.parametrize("bad, needle", [('{"path": "a.mp4", "caption": "x"\n', "line 3 is not JSON"),
+                                         ('[1, 2]\n', "line 3 is not a JSON object"),
+                                         ('{"path": "a.mp4", "caption": "x", "width": "wide"}\n',
+                                          "line 3: width='wide' is not a number")])
+def test_a_bad_line_is_named(tmp_path, bad, needle):
+    lines = [json.dumps(r) + "\n" for r in random_records(4, seed=2)]
+    (tmp_path / "m.jsonl").write_text(lines[0] + lines[1] + bad + lines[2])
+    with pytest.raises(ConfigError, match=needle):
+        clip_index.build_index(tmp_path / "m.jsonl", tmp_path / "index", BUCKETS, 8.0)
+    assert not (tmp_path / "index").exists() and [p.name for p in tmp_path.iterdir()] == ["m.jsonl"]
+
+
+def test_a_damaged_or_missing_part_is_named(tmp_path):
+    write_manifest(tmp_path / "m.jsonl", random_records(300, seed=3))
+    clip_index.build_index(tmp_path / "m.jsonl", tmp_path / "index", BUCKETS, 8.0, block_bytes=16 << 10)
+    part = tmp_path / "index" / "part-00001.parquet"
+    part.write_bytes(part.read_bytes()[:-100])
+    with pytest.raises(ConfigError, match="part-00001.parquet.*damaged"):
+        clip_index.ClipIndex.open(tmp_path / "index")
+    part.unlink()
+    with pytest.raises(ConfigError, match="part-00001.parquet.*missing"):
+        clip_index.ClipIndex.open(tmp_path / "index")
+
+
+def test_index_for_refuses_an_index_built_for_other_buckets(tmp_path):
+    write_manifest(tmp_path / "m.jsonl", random_records(30, seed=4))
+    clip_index.build_index(tmp_path / "m.jsonl", tmp_path / "index", BUCKETS, 8.0)
+    assert clip_index.index_for(tmp_path / "index", BUCKETS, 8.0).clip_counts()
+    with pytest.raises(ConfigError, match="built for"):
+        clip_index.index_for(tmp_path / "index", BUCKETS, 12.0)
+    built = clip_index.index_for(tmp_path / "m.jsonl", BUCKETS, 8.0)  # a manifest: indexed into a temporary folder
+    assert built.clip_counts() == clip_index.ClipIndex.open(tmp_path / "index").clip_counts()
