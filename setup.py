@@ -53,11 +53,14 @@ setup(
         "flash": ["flash-attn"],
         "video": ["av"],  # `cogvx vae encode|decode` reads and writes video files with PyAV
         # `cogvx data`: probing and decoding media (PyAV, Pillow, DALI: its CPU pipelines run without a GPU),
-        # the T5 text encoder (transformers, sentencepiece), the latent cache (zarr v3, tensorstore)
-        "data": ["av", "Pillow", "nvidia-dali-cuda130", "transformers", "sentencepiece", "zarr>=3", "tensorstore"],
+        # the T5 text encoder (transformers, sentencepiece), the latent cache (zarr v3, tensorstore), the clip index
+        # (pyarrow: Parquet)
+        "data": ["av", "Pillow", "nvidia-dali-cuda130", "transformers", "sentencepiece", "zarr>=3", "tensorstore",
+                 "pyarrow"],
         "triton": ["triton"],  # the Triton kernels on CPU (TRITON_INTERPRET=1); CUDA torch wheels bring it
         "test": ["pytest", "pytest-timeout", "pytest-xdist", "diffusers==0.42.1", "peft", "transformers", "sentencepiece", "av", "triton",
-                 "Pillow", "nvidia-dali-cuda130", "zarr>=3", "tensorstore"],
+                 "Pillow", "nvidia-dali-cuda130", "zarr>=3", "tensorstore", "pyarrow",
+                 "webdataset"],  # tests write image shards as img2dataset does
     },
     entry_points={"console_scripts": ["cogvx = cogvx_mega.cli:main"]},
 )
