@@ -89,47 +89,63 @@ def usable_frames_of(columns: dict, fps: float, ratio: int = 4) -> np.ndarray:
         step = np.maximum(1.0, source_fps / fps)
         available = np.ceil(frames / step - 1e-9)
     out = np.where(available < 1, 0, 1 + ratio * ((np.nan_to_num(available, nan=1.0).astype(np.int64) - 1) // ratio))
-    still = (columns["kind"] == "image") | (np.nan_to_num(columns["frames"].astype(np.float64), nan=1.0) <= 1)
+    still = columns["is_image"] | (np.nan_to_num(columns["frames"].astype(np.float64), nan=1.0) <= 1)
     return np.where(still, 1, out)
 
 
 def assign_buckets(columns: dict, buckets: Sequence[Bucket], fps: float) -> np.ndarray:
     """The bucket number (position in `buckets`) of every row, -1 where none fits."""
-    frames = usable_frames_of(columns, fps)
-    keys = np.stack([frames, columns["height"], columns["width"]], axis=1)
-    distinct, inverse = np.unique(keys, axis=0, return_inverse=True)
+    frames = usable_frames_of(columns, fps).astype(np.int64)
+    height, width = columns["height"].astype(np.int64), columns["width"].astype(np.int64)
+    if frames.size and max(frames.max(), height.max(), width.max()) >= 1 << 21:
+        raise ConfigError("--manifest", None, "a clip is over 2 million frames or pixels on a side; fix its line")
+    keys = (frames << 42) | (height << 21) | width  # one integer per (frames, height, width)
+    distinct, inverse = np.unique(keys, return_inverse=True)
+    mask = (1 << 21) - 1
     number = {bucket: i for i, bucket in enumerate(buckets)}
-    chosen = np.array([number.get(bucket_for(int(f), int(h), int(w), buckets), -1) for f, h, w in distinct],
-                      dtype=np.int64)
+    chosen = np.array([number.get(bucket_for(int(k >> 42), int((k >> 21) & mask), int(k & mask), buckets), -1)
+                       for k in distinct], dtype=np.int64)
     return chosen[inverse.reshape(-1)] if len(distinct) else np.zeros(0, np.int64)
 
 
-def _column(table, name: str, dtype, fill):
-    if name not in table.column_names:
-        return np.full(table.num_rows, fill, dtype=dtype)
-    values = table.column(name).to_numpy(zero_copy_only=False)
-    if dtype is object:
-        return values.astype(object)
-    return np.array([fill if v is None else v for v in values], dtype=dtype) if values.dtype == object \
-        else values.astype(dtype)
+def unusable_reasons(table, columns: dict) -> np.ndarray:
+    """Why each row of a manifest block cannot be planned (None where it can): no path, no caption, no size, a
+    video without a frame rate. (A line that fits no bucket is found after the bucket rule.) Text columns are
+    tested in Arrow, without a Python string per row."""
+    import pyarrow.compute as pc
 
+    def blank(name):
+        if name not in table.column_names:
+            return np.ones(table.num_rows, dtype=bool)
+        text = table.column(name)
+        return pc.fill_null(pc.equal(pc.utf8_length(text), 0), True).to_numpy(zero_copy_only=False)
 
-def unusable_reasons(columns: dict) -> np.ndarray:
-    """Why each row cannot be planned (None where it can): no path, no caption, no size, a video without a
-    frame rate. (A line that fits no bucket is found after the bucket rule.)"""
-    def blank(values):
-        return np.array([not v for v in values], dtype=bool)
-
-    reasons = np.full(len(columns["path"]), None, dtype=object)
-    video = (columns["kind"] != "image") & (np.nan_to_num(columns["frames"], nan=1.0) > 1)
+    reasons = np.full(table.num_rows, None, dtype=object)
+    video = ~columns["is_image"] & (np.nan_to_num(columns["frames"], nan=1.0) > 1)
     for mask, reason in reversed([
-            (blank(columns["path"]), "it has no path"),
-            (blank(columns["caption"]), "the manifest line has no caption"),
+            (blank("path"), "it has no path"),
+            (blank("caption"), "the manifest line has no caption"),
             (~(np.nan_to_num(columns["height"]) > 0) | ~(np.nan_to_num(columns["width"]) > 0),
              "it has no height and width (write the manifest with `cogvx data scan`)"),
             (video & ~(np.nan_to_num(columns["fps"]) > 0), "it is a video without a frame rate (fps)")]):
         reasons[mask] = reason  # the first reason in the list wins
     return reasons
+
+
+def numeric_columns(table) -> dict:
+    """The numeric columns the bucket rule reads, as float64 arrays (NaN where absent), and `is_image`."""
+    import pyarrow.compute as pc
+
+    columns = {}
+    for name in ("fps", "frames", "width", "height", "start", "end"):
+        if name in table.column_names:
+            columns[name] = pc.cast(table.column(name), "float64").to_numpy(zero_copy_only=False)
+        else:
+            columns[name] = np.full(table.num_rows, np.nan)
+    kind = table.column("kind") if "kind" in table.column_names else None
+    columns["is_image"] = (np.zeros(table.num_rows, dtype=bool) if kind is None else
+                           pc.fill_null(pc.equal(kind, "image"), False).to_numpy(zero_copy_only=False))
+    return columns
 
 
 class ClipIndex:
@@ -288,6 +304,7 @@ def build_index(manifest: str | os.PathLike, folder: str | os.PathLike, bucket_n
     `merge_below` (the global batch, data.small_buckets=merge) the clips of buckets holding fewer move as
     `buckets.merge_small_buckets` moves them."""
     pa = _pyarrow()
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     manifest = Path(manifest)
@@ -305,15 +322,12 @@ def build_index(manifest: str | os.PathLike, folder: str | os.PathLike, bucket_n
         hashed = _HashingReader(raw)
         try:
             for table in _read_blocks(manifest, hashed, block_bytes):
-                columns = {name: _column(table, name, object if kind == "string" else np.float64, None
-                                         if kind == "string" else np.nan)
-                           for name, kind in KNOWN_COLUMNS.items()}
-                for name in ("frames", "width", "height"):
-                    columns[name] = columns[name].astype(np.float64)
-                for kind, count in zip(*np.unique(columns["kind"].astype(str), return_counts=True)):
-                    kinds[kind] = kinds.get(kind, 0) + int(count)
-                reasons = unusable_reasons(columns)
-                ok = np.array([r is None for r in reasons], dtype=bool)
+                columns = numeric_columns(table)
+                if "kind" in table.column_names:
+                    for item in pc.value_counts(table.column("kind")).to_pylist():
+                        kinds[item["values"] or "video"] = kinds.get(item["values"] or "video", 0) + item["counts"]
+                reasons = unusable_reasons(table, columns)
+                ok = reasons == None  # noqa: E711 (elementwise)
                 number = np.full(table.num_rows, -1, np.int64)
                 if ok.any():
                     number[ok] = assign_buckets({k: v[ok] for k, v in columns.items()}, buckets, fps)
@@ -321,7 +335,8 @@ def build_index(manifest: str | os.PathLike, folder: str | os.PathLike, bucket_n
                     skipped += 1
                     if len(examples) < SKIPPED_SHOWN:
                         reason = reasons[row] or f"fits no bucket of {', '.join(names)}"
-                        where = columns["path"][row] or f"manifest row {line + row + 1}"
+                        path = table.column("path")[int(row)].as_py() if "path" in table.column_names else None
+                        where = path or f"manifest row {line + row + 1}"
                         examples.append(f"skipped {where}: {reason}")
                 keep = np.flatnonzero(number >= 0)
                 order = keep[np.argsort(number[keep], kind="stable")]

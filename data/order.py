@@ -191,3 +191,19 @@ class BucketedBatches:
         first = (batch - starts[number]) * global_batch
         ranks = clips[bucket](np.arange(first, first + global_batch))
         return bucket, self.usable[bucket].select(ranks).tolist()
+
+
+def mixed_step(step: int, image_ratio: float) -> tuple[bool, int]:
+    """Images mixed with videos at `image_ratio` of the steps, as arithmetic: (whether step s is an image step,
+    its step number within its own stream). Step s is an image step when floor((s+1)r) > floor(sr), so the
+    first s steps hold floor(sr) image steps, spread evenly (never two apart by more than one); each stream keeps
+    its own epochs and order (`BucketedBatches`), and a resume needs nothing but s."""
+    if not 0 <= image_ratio <= 1:
+        raise ConfigError("data.image_ratio", image_ratio, "use a share of the steps between 0 and 1")
+    # in exact rational arithmetic, so that a ratio such as 0.1 never drifts at step 10^9
+    from fractions import Fraction
+
+    ratio = Fraction(image_ratio).limit_denominator(1 << 20)
+    before = (step * ratio.numerator) // ratio.denominator
+    after = ((step + 1) * ratio.numerator) // ratio.denominator
+    return after > before, before if after > before else step - before

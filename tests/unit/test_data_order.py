@@ -76,3 +76,18 @@ def test_the_step_is_a_function_of_seed_and_step_only():
     for s in range(per):
         counts[first.batch_of_step(s, 8, seed=1)[0]] += 1
     assert counts == {"a": 999 // 8, "b": 500 // 8}
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.1, 0.25, 1 / 3, 0.5, 0.9, 1.0])
+def test_mixed_steps_keep_the_ratio_and_number_each_stream_from_zero(ratio):
+    from cogvx_mega.data.order import mixed_step
+
+    steps = [mixed_step(s, ratio) for s in range(3000)]
+    images = [n for is_image, n in steps if is_image]
+    videos = [n for is_image, n in steps if not is_image]
+    assert images == list(range(len(images))) and videos == list(range(len(videos)))
+    assert abs(len(images) - ratio * 3000) <= 1
+    late = 10**12
+    assert mixed_step(late, ratio) == mixed_step(late, ratio)
+    count = sum(mixed_step(s, ratio)[0] for s in range(late, late + 1000))
+    assert abs(count - ratio * 1000) <= 1
