@@ -22,7 +22,8 @@ class ScanSummary:
 def scan_folder(source: str, output: str, captions: Optional[str] = None, workers: int = 1,
                 overwrite: bool = False) -> ScanSummary:
     """Scan `source` into the manifest `output`; every skipped file is one line on stderr. Checked before
-    anything is written: the folder exists, the output does not (without `overwrite`), some file is usable."""
+    anything is written: the folder exists, the output does not (without `overwrite`) and can be written,
+    some file is usable."""
     root = Path(source)
     if not root.is_dir():
         raise ConfigError("DIR", source, "no such folder; pass the folder that holds the videos and images")

@@ -9,7 +9,7 @@ B:USR1@S`); the shell asks the run to stop (it creates the run's training.stop_f
 next step boundary after a checkpoint, and the shell requeues the job (`scontrol requeue`), which continues
 with `--resume auto`. A preempted job (SLURM's PreemptMode=REQUEUE) comes back the same way from its last
 periodic checkpoint. Everything is checked before anything is written: the layout must fit nodes x GPUs, and
-without `--dry-run` sbatch must be on PATH.
+without `--dry-run` the run dir must be writable and sbatch on PATH.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from cogvx_mega.config.errors import ConfigError
+from cogvx_mega.config.errors import ConfigError, check_writable
 
 STOP_FILE_NAME = ".stop-requested"
 # NCCL and torch settings for multi-node runs (each a fact of the libraries, overridable with --env)
@@ -173,12 +173,22 @@ def _without(args: list[str], flag: str) -> list[str]:
     return out
 
 
+def check_job_outputs(job: SlurmJob) -> None:
+    """What a submitted job writes can be written: the run dir (the training run's), its slurm/ folder (the
+    script and the job's logs) and the script itself, each of the right kind and in a folder that takes new files.
+    Checked here, where the script is written (the run dir is shared with the nodes)."""
+    check_writable("--run-dir", job.run_dir, folder=True)
+    check_writable("--run-dir", job.script_path.parent, folder=True)
+    check_writable("--run-dir", job.script_path)
+
+
 def launch_slurm(args, train_args: list[str], config) -> str:
     """Print (--dry-run) or write and submit the job; returns the script, or the job id."""
     job = plan_slurm_job(args, train_args, config)
     script = render_sbatch(job)
     if args.dry_run:
         return script
+    check_job_outputs(job)
     sbatch = shutil.which("sbatch")
     if sbatch is None:
         raise ConfigError("sbatch", None, "is not on PATH: launch from a SLURM login node, or pass --dry-run to "

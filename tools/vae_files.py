@@ -4,6 +4,7 @@ group) and rank 0 writes the file; in one process `chunk_frames` walks time a fe
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -12,7 +13,8 @@ from cogvx_mega.config.errors import ConfigError, refuse_existing_output
 
 
 def _setup(output: str, overwrite: bool, chunk_frames: Optional[int], device: Optional[str], vae_path: str):
-    """(vae, device, process group or None, whether this rank writes), every check first."""
+    """(vae, device, process group or None, whether this rank writes), every check first: OUTPUT is not in the
+    way, is a file path and its folder takes new files before the VAE loads."""
     from cogvx_mega.tools.load import load_vae
 
     refuse_existing_output("OUTPUT", output, overwrite)
@@ -53,6 +55,7 @@ def encode_video_file(video_path: str, output: str, vae_path: str, frames: Optio
                          generator=torch.Generator(device).manual_seed(seed) if sample else None)
     if not writer:
         return None
+    Path(output).parent.mkdir(parents=True, exist_ok=True)  # checked at the start, created once there is a result
     io.save_latents(output, latents, {"fps": fps, "frames": video.shape[2], "scaling_factor": vae.config.scaling_factor,
                                       "scaled": False, "vae": os.path.abspath(vae_path)})
     return output
@@ -71,5 +74,6 @@ def decode_latent_file(latent_path: str, output: str, vae_path: str, chunk_frame
                        gather=True)
     if not writer:
         return None
+    Path(output).parent.mkdir(parents=True, exist_ok=True)  # checked at the start, created once there is a result
     io.write_video(output, video.cpu(), fps=fps or metadata.get("fps", 8.0))
     return output

@@ -17,7 +17,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("direction", choices=DIRECTIONS)
     parser.add_argument("source")
     parser.add_argument("destination")
-    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace DESTINATION when it holds a previous conversion (it has cogvx_convert.json) "
+                             "or is empty; any other existing path is refused and kept")
     parser.add_argument("--no-verify", action="store_true",
                         help="read a cogvx-mega SOURCE without checking its files' sizes and CRC32C (a damaged one is "
                              "refused otherwise)")
@@ -30,11 +32,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cogvx_mega.config.errors import ConfigError, refuse_existing_output
+    from cogvx_mega.config.errors import ConfigError
 
     if not os.path.exists(args.source):
         raise ConfigError("SOURCE", args.source, "no such file or folder")
-    refuse_existing_output("DESTINATION", args.destination, args.overwrite)
+    # DESTINATION is checked by the converter, first thing
     if args.trust_pickle and args.direction not in SAT_DIRECTIONS:
         raise ConfigError("--trust-pickle", True, f"only {' and '.join(SAT_DIRECTIONS)} read pickle files; "
                                                   f"{args.direction} reads tensors only (safetensors, or a .bin "
@@ -43,12 +45,12 @@ def run(args: argparse.Namespace) -> int:
         from cogvx_mega.tools.convert_vae import convert_vae
 
         convert_vae(args.direction, args.source, args.destination, preset=args.preset, verify=not args.no_verify,
-                    trust_pickle=args.trust_pickle)
+                    trust_pickle=args.trust_pickle, overwrite=args.overwrite)
     else:
         from cogvx_mega.tools.convert_transformer import convert_transformer
 
         convert_transformer(args.direction, args.source, args.destination, preset=args.preset,
                             config_file=args.config_file, overrides=args.overrides, verify=not args.no_verify,
-                            trust_pickle=args.trust_pickle)
+                            trust_pickle=args.trust_pickle, overwrite=args.overwrite)
     print(f"wrote {args.destination}")
     return 0

@@ -50,8 +50,10 @@ def run_scan(args: argparse.Namespace) -> int:
 def run_encode(args: argparse.Namespace) -> int:
     """Every rank under torchrun takes its share of the shards; a restarted encode resumes."""
     from cogvx_mega.cli.arguments import resolve_config
+    from cogvx_mega.config.errors import check_writable
     from cogvx_mega.tools.data_encode import encode_manifest
 
+    check_writable("--output", args.output, folder=True)  # the store is written in place: before any encoder loads
     encode_manifest(resolve_config(args), args.manifest, args.vae, args.text_encoder, args.output,
                     shard_clips=args.shard_clips, device=args.device, overwrite=args.overwrite)
     return 0

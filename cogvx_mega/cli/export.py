@@ -24,7 +24,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from cogvx_mega.config.errors import ConfigError
+    from cogvx_mega.tools.export import EXPORT_MARKER, MARKER_FORMAT
+    from cogvx_mega.tools.output_marker import OutputMarker, refuse_unsafe_replacement
 
+    # --out before anything is read: what is there may be replaced, and its folder takes new files
+    refuse_unsafe_replacement("--out", args.out, args.overwrite,
+                              OutputMarker(EXPORT_MARKER, MARKER_FORMAT, "export", "cogvx export"), kind=args.format)
     if args.format == "lora":
         from cogvx_mega.tools.export import export_lora
 

@@ -24,16 +24,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cogvx_mega.config.errors import ConfigError
+    from cogvx_mega.config.errors import ConfigError, check_writable
     from cogvx_mega.tools import scaling
 
     if args.action == "fit" and args.table:
         rows = scaling.read_table(args.table)
         out = Path(args.out or Path(args.table).with_suffix("")).resolve()
+        check_writable("--out", out, folder=True)  # before the fit
     else:
         if not args.spec:
             raise ConfigError("SPEC", None, f"`cogvx scaling {args.action}` needs the spec file")
         spec = scaling.read_spec(args.spec)
+        out = Path(args.out or Path(spec.run_root) / "fit")
+        if args.action == "run":  # where the runs go, before any is planned or trained
+            check_writable("run_root", spec.run_root, folder=True)
+        elif args.action == "fit":
+            check_writable("--out", out, folder=True)
         runs = scaling.plan_runs(spec)
         if args.action == "plan":
             print(scaling.describe_plan(runs))
@@ -43,7 +49,6 @@ def run(args: argparse.Namespace) -> int:
             scaling.run_all(spec, runs, nproc_per_node=args.nproc_per_node, slurm=slurm)
             return 0
         rows = scaling.finished_rows(spec, runs)
-        out = Path(args.out or Path(spec.run_root) / "fit")
     fit, written = scaling.fit_and_write(rows, out)
     if args.json:
         print(json.dumps(fit))

@@ -54,22 +54,40 @@ def check_frame_count(field_name: str, frames, temporal_compression_ratio: int) 
                           f"frame counts must be 1+{temporal_compression_ratio}k (1, 5, 9, ..., 49)")
 
 
-def refuse_existing_output(flag: str, path, overwrite: bool, what: str = "path") -> None:
-    """The one check before a command writes an output: an existing `path` is refused unless --overwrite."""
+def refuse_existing_output(flag: str, path, overwrite: bool, what: Literal["file", "folder"] = "file") -> None:
+    """The one check before a command spends time on an output that replaces `path` whole (a file, or with
+    what="folder" a folder built beside it and renamed into place): a path of the other kind is refused, an
+    existing one too unless --overwrite, and the folder it goes in must take new files (`probe_writable`).
+    Every fault is one ConfigError naming the flag, the path and the fix; nothing is written."""
+    refuse_wrong_kind(flag, path, folder=what == "folder")
     if os.path.exists(path) and not overwrite:
         raise ConfigError(flag, str(path), f"already exists; pass --overwrite or another {what}")
+    probe_writable(flag, path, Path(path).parent)
 
 
 def check_writable(flag: str, path, folder: bool = False) -> None:
     """The check before a command spends time on an output it will write at `path` (a file, or with `folder` a
-    folder): nothing of the wrong kind is in the way, and this user can create files where it goes (the nearest
-    existing folder on its way is probed with a file that is removed at once; missing folders are created only
-    when the output is written). One ConfigError naming the flag, the path and the fix."""
+    folder it writes into, such as a run dir): nothing of the wrong kind is in the way, and this user can create
+    files where it goes. Missing folders are created only when the output is written."""
+    refuse_wrong_kind(flag, path, folder)
+    target = Path(path)
+    probe_writable(flag, path, target if folder and target.is_dir() else target.parent)
+
+
+def refuse_wrong_kind(flag: str, path, folder: bool) -> None:
+    """A file where a folder is wanted, or a folder where a file is, is refused (an existing path of the right
+    kind, or none, passes)."""
     target = Path(path)
     if target.exists() and target.is_dir() != folder:
         raise ConfigError(flag, str(path), f"is a {'file' if folder else 'folder'}; give the path of a "
                                            f"{'folder' if folder else 'file'}")
-    probe_in = target if folder and target.is_dir() else target.parent
+
+
+def probe_writable(flag: str, path, where: Path) -> None:
+    """Whether this user can create files in `where`, or in its nearest existing folder when `where` does not
+    exist yet: a probe file is created there and removed at once (permission bits alone do not say it: root
+    ignores them, and a read-only mount refuses even root). A file on the way is refused too."""
+    probe_in = Path(where)
     while not probe_in.exists() and probe_in != probe_in.parent:
         probe_in = probe_in.parent
     if not probe_in.is_dir():
