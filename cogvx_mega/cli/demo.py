@@ -13,7 +13,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cogvx_mega.config.errors import check_writable
     from cogvx_mega.demo import run_demo
 
+    check_writable("--run-dir", args.run_dir, folder=True)  # before the clips, the cache and the training
     run_demo(run_dir=args.run_dir, steps=args.steps)
     return 0

@@ -58,6 +58,7 @@ COMMANDS = {
                                      "tiny", "--device", "cpu", "--run-dir", out], "--run-dir", "folder"),
     "train": (lambda i, out: ["train", "--preset", "tiny", "--device", "cpu", "--steps", "1", "--resume",
                               i / "no-checkpoint", "--run-dir", out], "--run-dir", "folder"),
+    "demo": (lambda i, out: ["demo", "--run-dir", out, "--steps", "1"], "--run-dir", "folder"),
     "sample": (lambda i, out: ["sample", "--ckpt", i / "no-checkpoint", "--vae", i / "no-vae", "--prompt", "a cat",
                                "--output", out, "--overwrite"], "--output", "file"),
 }
