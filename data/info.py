@@ -10,20 +10,21 @@ is unset (one data-parallel rank).
 """
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from pathlib import Path
 
 from cogvx_mega.config.errors import ConfigError
 from cogvx_mega.data.accounting import config_bucket_table
 from cogvx_mega.data.cache import CACHE_FORMAT, committed, usable_clips
-from cogvx_mega.data.index import index_for
+from cogvx_mega.data.index import INDEX_FILE, ClipIndex, index_for
 
 def describe_data(path: str, config) -> str:
     """The report of `cogvx data info` on a latent cache or a manifest; one clear error for anything else."""
     where = Path(path)
     if (where / "zarr.json").is_file():
         return describe_cache(where, config)
-    if where.is_file():
+    if where.is_file() or (where / INDEX_FILE).is_file():
         try:
             return describe_manifest(where, config)
         except ConfigError as error:
@@ -74,7 +75,12 @@ def describe_cache(path: Path, config) -> str:
 def describe_manifest(path: Path, config) -> str:
     data = config.data
     global_batch = config.training.global_batch(1)
-    index = index_for(path, data.bucket_names(), data.fps, data.merge_below(global_batch), flag="--manifest")
+    if path.is_dir():  # a clip index (`cogvx data index`): described as it was built
+        index = ClipIndex.open(path)
+        data = dataclasses.replace(data, buckets=index.buckets, fps=index.meta["fps"])
+        config = dataclasses.replace(config, data=data)
+    else:
+        index = index_for(path, data.bucket_names(), data.fps, data.merge_below(global_batch), flag="--manifest")
     kinds = index.meta["kinds"]
     clips = index.clip_counts()
     reasons = Counter(line.rsplit(": ", 1)[-1] for line in index.skipped_examples)

@@ -18,6 +18,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     scan.add_argument("--captions", help="JSONL or CSV of (path, caption); otherwise a sidecar .txt per file")
     scan.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1), help="parallel probes")
     scan.add_argument("--overwrite", action="store_true")
+    index = actions.add_parser("index", parents=[verbose_parent()],
+                               help="a manifest as a clip index (Parquet, by bucket) for corpora of millions of clips")
+    index.add_argument("manifest", metavar="MANIFEST")
+    index.add_argument("--output", required=True, help="the index folder to write")
+    index.add_argument("--overwrite", action="store_true")
+    add_config_arguments(index)  # the buckets, fps and (data.small_buckets=merge) global batch it is built for
     encode = actions.add_parser("encode", parents=[verbose_parent()],
                                 help="decode, VAE-encode and T5-encode a manifest into a zarr latent cache")
     encode.add_argument("--manifest", required=True)
@@ -35,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    return {"scan": run_scan, "encode": run_encode, "info": run_info}[args.data_command](args)
+    return {"scan": run_scan, "index": run_index, "encode": run_encode, "info": run_info}[args.data_command](args)
 
 
 def run_scan(args: argparse.Namespace) -> int:
@@ -44,6 +50,23 @@ def run_scan(args: argparse.Namespace) -> int:
     summary = scan_folder(args.source, args.output, args.captions, args.workers, args.overwrite)
     print(f"scanned {summary.files} files: {summary.clips} clips ({summary.videos} videos, "
           f"{summary.clips - summary.videos} images) written to {args.output}, {summary.skipped} skipped")
+    return 0
+
+
+def run_index(args: argparse.Namespace) -> int:
+    """The index that `--data INDEX` (online mode) and `cogvx data encode --manifest INDEX` read without holding the
+    manifest in memory; built for the config's data.buckets, data.fps and small-bucket merging."""
+    from cogvx_mega.cli.arguments import resolve_config
+    from cogvx_mega.config.errors import refuse_existing_output
+    from cogvx_mega.data.index import build_index
+
+    refuse_existing_output("--output", args.output, args.overwrite, what="folder")
+    config = resolve_config(args)
+    data = config.data
+    index = build_index(args.manifest, args.output, data.bucket_names(), data.fps,
+                        data.merge_below(config.training.global_batch(1)), progress=True)
+    print(f"indexed {len(index)} clips of {index.meta['lines']} manifest lines into {args.output} "
+          f"({index.skipped} left out)")
     return 0
 
 

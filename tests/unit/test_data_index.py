@@ -114,3 +114,22 @@ def test_index_for_refuses_an_index_built_for_other_buckets(tmp_path):
         clip_index.index_for(tmp_path / "index", BUCKETS, 12.0)
     built = clip_index.index_for(tmp_path / "m.jsonl", BUCKETS, 8.0)  # a manifest: indexed into a temporary folder
     assert built.clip_counts() == clip_index.ClipIndex.open(tmp_path / "index").clip_counts()
+
+
+def test_data_index_and_info_commands(tmp_path, capsys):
+    from cogvx_mega.cli import main
+
+    records = random_records(200, seed=5)
+    write_manifest(tmp_path / "m.jsonl", records)
+    buckets = "data.buckets=[" + ",".join(BUCKETS) + "]"
+    assert main(["data", "index", str(tmp_path / "m.jsonl"), "--output", str(tmp_path / "index"), "--preset", "tiny",
+                 buckets]) == 0
+    plan = plan_cache(usable(records), BUCKETS, 8.0, shard_clips=16)
+    assert f"indexed {sum(len(v) for v in plan.clips.values())} clips of 200 manifest lines" in capsys.readouterr().out
+    assert main(["data", "info", str(tmp_path / "index"), "--preset", "tiny"]) == 0
+    described = capsys.readouterr().out
+    for bucket in BUCKETS:
+        assert f"{bucket} " in described
+    assert main(["data", "index", str(tmp_path / "m.jsonl"), "--output", str(tmp_path / "index"), "--preset",
+                 "tiny"]) == 2  # exists: --overwrite
+    assert "already exists" in capsys.readouterr().err

@@ -1,0 +1,173 @@
+"""The data path at the paper's scale, simulated: 35M video clips and 2B images, no media.
+
+    python benchmarks/data_scale.py --clips 35000000 --images 2000000000 --json
+    python benchmarks/data_scale.py --clips 100000 --images 1000000          # a quick look
+
+What it measures, through the classes `cogvx train --data` uses (not copies of their logic):
+- index_build_s: `cogvx_mega.data.index.build_index` over a synthetic JSONL manifest of `--clips` lines
+  (captions of ~`--caption-bytes` bytes cut from a random text of real-looking words; paths, sizes, rates and
+  durations varied); writing the manifest itself is not counted (it is `manifest_write_s`).
+- index_bytes_per_item: bytes on disk of the index over its clips.
+- In a fresh process (so that nothing of the build is resident), one rank of a run: the manifest's plan from the
+  index (`cache.plan_from_manifest`), the online dataset over it (`online.OnlineDataset`, its order
+  `order.BucketedBatches`), then the order of 1,000 steps at a global batch of `--global-batch`:
+  rss_gib (peak resident memory of that process, Python and torch included), step_lookup_ms (median time of one
+  step's clips), resume_s (opening the index and computing step 1,000,000's clips, from process start to the
+  answer, imports excluded).
+- files_per_million_clips: files of a latent cache written by the cache writer (`cache.create_store`,
+  `cache.write_shard`) for `--cache-clips` clips of a stub encoder at the default shard size, per million clips.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BUCKETS = ["49x480x720", "49x720x480", "49x768x1360", "81x768x1360", "1x480x720", "1x768x768"]
+FPS = 8.0
+SEED = 1234
+
+
+def write_manifest(path: Path, clips: int, caption_bytes: int, seed: int = 0) -> float:
+    """A synthetic manifest of `clips` lines; returns the seconds it took."""
+    started = time.perf_counter()
+    rng = random.Random(seed)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    words = ["".join(rng.choice(letters) for _ in range(rng.randint(2, 10))) for _ in range(20_000)]
+    text = " ".join(rng.choice(words) for _ in range(400_000))
+    sizes = [(720, 1280), (1280, 720), (1080, 1920), (768, 1360), (480, 640), (1080, 1080)]
+    with open(path, "w") as file:
+        lines = []
+        for i in range(clips):
+            at = rng.randrange(0, len(text) - caption_bytes)
+            height, width = sizes[i % len(sizes)] if i % 7 else sizes[rng.randrange(len(sizes))]
+            image = i % 5 == 4
+            lines.append('{"path": "/corpus/%s/%09d.%s", "caption": "%s", "kind": "%s", "container": "%s", '
+                         '"codec": "%s", "fps": %s, "frames": %d, "width": %d, "height": %d}\n'
+                         % ("images" if image else "clips", i, "jpg" if image else "mp4",
+                            text[at:at + caption_bytes], "image" if image else "video",
+                            "jpeg" if image else "mp4", "jpeg" if image else "h264",
+                            "null" if image else "30.0", 1 if image else rng.randint(100, 400), width, height))
+            if len(lines) == 100_000:
+                file.writelines(lines)
+                lines = []
+        file.writelines(lines)
+    return time.perf_counter() - started
+
+
+def count_cache_files(clips: int, work: Path) -> dict:
+    """Files of a latent cache of `clips` clips (one bucket, tiny arrays, a stub encoder) at the encoder's default
+    shard size."""
+    import numpy as np
+
+    from cogvx_mega.data import cache
+    from cogvx_mega.tools.data_encode import DEFAULT_SHARD_CLIPS
+
+    class StubEncoder:
+        """What `cache.write_shard` asks of a `ClipEncoder`, without a VAE or T5."""
+
+        def encode(self, records, bucket, decoded=None):
+            latent = (4, 1 + (bucket.frames - 1) // 4, bucket.height // 8, bucket.width // 8)
+            moments = [(np.zeros(latent, np.float32), np.zeros(latent, np.float32)) for _ in records]
+
+            class Encoded:
+                pass
+
+            out = Encoded()
+            out.moments, out.failures = moments, [None] * len(records)
+            out.text = [np.zeros((4, 8), np.float32) for _ in records]
+            out.first_frames = [np.zeros((3, bucket.height, bucket.width), np.uint8) for _ in records]
+            return out
+
+    records = [{"path": f"/x/{i}.mp4", "caption": f"clip {i % 97}", "kind": "video", "fps": 8.0, "frames": 9,
+                "width": 16, "height": 16} for i in range(clips)]
+    plan = cache.plan_cache(records, ["9x16x16"], FPS, DEFAULT_SHARD_CLIPS)
+    store = work / "cache.zarr"
+    cache.create_store(store, plan, 4, 4, 8, {"scaling_factor": 1.0})
+    encoder = StubEncoder()
+    for shard in plan.shards:
+        cache.write_shard(store, plan, shard, encoder)
+    files = sum(len(names) for _, _, names in os.walk(store))
+    return {"cache_clips": clips, "shard_clips": DEFAULT_SHARD_CLIPS, "cache_files": files,
+            "files_per_million_clips": round(files * 1_000_000 / clips)}
+
+
+def measure_order(index: str, global_batch: int, steps: int) -> dict:
+    """One rank: the plan from the index, the online dataset, the order of `steps` steps, a resume."""
+    import numpy as np
+
+    from cogvx_mega.data.cache import plan_from_manifest
+    from cogvx_mega.data.online import OnlineDataset
+
+    started = time.perf_counter()
+    plan, _ = plan_from_manifest(index, BUCKETS, FPS, shard_clips=1)
+    dataset = OnlineDataset(plan, encoder=None, scaling_factor=1.0)
+    bucket, clips = dataset.batch_of_step(1_000_000, global_batch, SEED)
+    resume_s = time.perf_counter() - started
+    assert len(clips) == global_batch
+    times = []
+    for step in range(steps):
+        before = time.perf_counter()
+        dataset.batch_of_step(step, global_batch, SEED)
+        times.append(time.perf_counter() - before)
+    first = dataset.batch_of_step(0, global_batch, SEED)
+    record = plan.clips[first[0]][first[1][0]]  # the first clip's manifest line, read from the index
+    return {"resume_s": round(resume_s, 3), "step_lookup_ms": round(float(np.median(times)) * 1e3, 3),
+            "steps": steps, "global_batch": global_batch, "batches_per_epoch": dataset.batches_per_epoch(global_batch),
+            "rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+            "first_clip": record["path"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clips", type=int, default=100_000)
+    parser.add_argument("--images", type=int, default=1_000_000)
+    parser.add_argument("--caption-bytes", type=int, default=300)
+    parser.add_argument("--global-batch", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--cache-clips", type=int, default=8192)
+    parser.add_argument("--work", default=None, help="folder for the manifest and index (default: a temporary one)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--measure-order", default=None, help=argparse.SUPPRESS)  # the fresh process's part
+    args = parser.parse_args()
+    if args.measure_order:
+        print(json.dumps(measure_order(args.measure_order, args.global_batch, args.steps)))
+        return
+
+    from cogvx_mega.data.index import build_index, index_bytes
+
+    total = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=args.work) as work:
+        work = Path(work)
+        result = {"clips": args.clips, "images": args.images}
+        result["manifest_write_s"] = round(write_manifest(work / "manifest.jsonl", args.clips, args.caption_bytes), 1)
+        result["manifest_bytes"] = (work / "manifest.jsonl").stat().st_size
+        started = time.perf_counter()
+        index = build_index(work / "manifest.jsonl", work / "index", BUCKETS, FPS)
+        result["index_build_s"] = round(time.perf_counter() - started, 1)
+        result["index_bytes_per_item"] = round(index_bytes(work / "index") / len(index), 1)
+        result["indexed_clips"] = len(index)
+        (work / "manifest.jsonl").unlink()
+        order = subprocess.run([sys.executable, __file__, "--measure-order", str(work / "index"),
+                                "--global-batch", str(args.global_batch), "--steps", str(args.steps)],
+                               check=True, capture_output=True, text=True)
+        result.update(json.loads(order.stdout.strip().splitlines()[-1]))
+        if args.cache_clips:
+            result.update(count_cache_files(args.cache_clips, work))
+    result["total_s"] = round(time.perf_counter() - total, 1)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key:24s} {value}")
+
+
+if __name__ == "__main__":
+    main()
