@@ -20,10 +20,11 @@ import csv
 import json
 import logging
 import os
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -174,9 +175,46 @@ def read_captions(file: str | Path, root: Optional[Path] = None) -> dict[str, st
             for path, caption in rows}
 
 
-def find_media(root: Path) -> list[Path]:
-    """Media files under `root` by suffix, in a stable order."""
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in MEDIA_SUFFIXES)
+def find_media(root: Path, part: int = 0, parts: int = 1) -> list[Path]:
+    """Media files under `root` by suffix, sorted by path; with `parts` > 1 only those of part `part` (a stable
+    hash of the path relative to `root` decides, so each of `parts` scanning tasks holds its share of the paths
+    and no task the whole list)."""
+    found = []
+    for folder, folders, files in os.walk(root):
+        folders.sort()
+        for name in files:
+            if os.path.splitext(name)[1].lower() not in MEDIA_SUFFIXES:
+                continue
+            path = Path(folder) / name
+            if parts > 1 and zlib.crc32(str(path.relative_to(root)).encode()) % parts != part:
+                continue
+            if path.is_file():
+                found.append(path)
+    return sorted(found)
+
+
+def merge_manifests(parts: Sequence[Path], output: Path) -> int:
+    """One manifest of the lines of `parts` (each sorted by path, as `scan` writes them), merged in path order
+    without holding them: the manifest a single scan of the folder would write, whatever the number of parts.
+    Written atomically; returns the lines written."""
+    import heapq
+
+    from cogvx_mega.checkpoint.atomic import hidden_sibling
+
+    files = [open(part, encoding="utf-8") for part in parts]
+    tmp = hidden_sibling(output, ".tmp-")
+    count = 0
+    try:
+        with open(tmp, "w", encoding="utf-8") as out:
+            for line in heapq.merge(*files, key=lambda line: json.loads(line)["path"]):
+                out.write(line)
+                count += 1
+        os.replace(tmp, output)
+    finally:
+        for file in files:
+            file.close()
+        tmp.unlink(missing_ok=True)
+    return count
 
 
 def read_utf8(file: Path) -> str:

@@ -74,3 +74,37 @@ def test_scan_bad_input_is_one_clear_line(problem, media, tmp_path, capsys):
     lines = capsys.readouterr().err.strip().splitlines()
     assert status == EXIT_USER_ERROR and len(lines) == 1 and lines[0].startswith("cogvx: error:")
     assert (output.read_text() == "keep me\n") if problem == "output-exists" else not output.exists()
+
+
+@pytest.mark.parametrize("how", ["part", "torchrun", "slurm-array"])
+def test_a_scan_split_over_tasks_writes_the_manifest_of_one_scan(how, media, tmp_path, monkeypatch, capsys):
+    """Each task probes its share of the files (a hash of the path decides) and writes a part; the task that
+    finds every part written merges them in path order: byte for byte the manifest one scan writes. A task run
+    again reuses its part."""
+    from cogvx_mega.tools.data_scan import parts_folder, scan_folder
+
+    root, _ = media
+    single = tmp_path / "single.jsonl"
+    scan_folder(str(root), str(single), workers=2)
+    output = tmp_path / "parallel.jsonl"
+    summaries = []
+    count = 3
+    for index in (2, 0, 0, 1):  # task 0 twice: killed after its part and run again
+        if how == "torchrun":
+            monkeypatch.setenv("WORLD_SIZE", str(count))
+            monkeypatch.setenv("RANK", str(index))
+        elif how == "slurm-array":
+            monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", str(count))
+            monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "4")
+            monkeypatch.setenv("SLURM_ARRAY_TASK_ID", str(4 + index))
+        summaries.append(scan_folder(str(root), str(output), workers=2,
+                                     part=(index, count) if how == "part" else None))
+        if len(summaries) < 4:
+            assert not output.exists() and not summaries[-1].merged
+    assert output.read_bytes() == single.read_bytes()
+    assert not parts_folder(str(output)).exists()
+    whole = summaries[-1]
+    assert whole.merged and whole.clips == len(single.read_text().splitlines())
+    assert summaries[2] == summaries[1]  # task 0 again: its part read back, not scanned again
+    assert 0 < summaries[0].files and 0 < summaries[1].files  # the hash split gave every task some files
+    assert summaries[0].files + summaries[1].files < whole.files
