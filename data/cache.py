@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,10 +31,9 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
 
-from cogvx_mega.checkpoint.atomic import write_text_atomically
+from cogvx_mega.checkpoint.atomic import atomic_directory, full_disk_error, write_text_atomically
 from cogvx_mega.config.errors import ConfigError
 from cogvx_mega.data.buckets import Bucket, group_by_bucket, merge_small_buckets
-from cogvx_mega.data.manifest import read_manifest
 from cogvx_mega.data.order import ClipRange
 
 if TYPE_CHECKING:
@@ -92,27 +92,35 @@ def plan_cache(records: list[dict], bucket_names: list[str], fps: float, shard_c
 
 def plan_from_manifest(manifest: str | Path, bucket_names: list[str], fps: float, shard_clips: int,
                        merge_below: Optional[int] = None) -> tuple[CachePlan, list[str]]:
-    """The plan of a manifest's clips, and one 'skipped PATH: reason' line per manifest line left out (no
-    path or caption, or fitting no bucket). `cogvx data encode` and online training plan alike, so a clip
-    has the same bucket and index in both. `merge_below`: see `plan_cache`."""
-    records = read_manifest(manifest)
-    usable, skipped = [], []
-    for record in records:
-        if not record.get("path"):
-            skipped.append(f"skipped line {json.dumps(record)[:120]}: it has no path")
-        elif not record.get("caption"):
-            skipped.append(f"skipped {record['path']}: the manifest line has no caption")
-        else:
-            usable.append(record)
-    plan = plan_cache(usable, bucket_names, fps, shard_clips, merge_below)
-    skipped.extend(f"skipped {record['path']}: fits no bucket of {', '.join(bucket_names)}" for record in plan.unfit)
-    return plan, skipped
+    """The plan of a manifest's clips (or of a clip index folder built from one, `index.py`), and the 'skipped
+    PATH: reason' lines of the manifest lines left out (no path, caption or size, or fitting no bucket; the
+    first `index.SKIPPED_SHOWN`, then a count). `cogvx data encode` and online training plan alike, so a clip
+    has the same bucket and index in both. The records are read from the index as shards need them: memory
+    does not grow with the manifest. `merge_below`: see `plan_cache`."""
+    from cogvx_mega.data.index import index_for, skipped_lines
+
+    index = index_for(manifest, bucket_names, fps, merge_below, flag="--manifest")
+    counts = index.clip_counts()
+    clips = {name: index.records(name) for name in counts}
+    shards = [Shard(name, start, min(start + shard_clips, count))
+              for name, count in counts.items() for start in range(0, count, shard_clips)]
+    fingerprint = hashlib.sha256(f"{index.fingerprint}/{shard_clips}".encode()).hexdigest()
+    return CachePlan(clips, [], shards, fingerprint, index.merged), skipped_lines(index)
 
 
-def missing_files(plan: CachePlan) -> list[str]:
-    """The paths of the planned clips whose file does not exist (any more), in plan order."""
-    return [record["path"] for items in plan.clips.values() for record in items
-            if not Path(record["path"]).exists()]
+def missing_files(plan: CachePlan, stop_at_first_found: bool = False) -> list[str]:
+    """The paths of the planned clips whose file does not exist (any more), in plan order; with
+    `stop_at_first_found`, only those before the first file that exists (enough to tell that all are gone)."""
+    missing = []
+    for items in plan.clips.values():
+        for start in range(0, len(items), 4096):
+            for record in items[start:start + 4096]:
+                if Path(record["path"]).exists():
+                    if stop_at_first_found:
+                        return missing
+                    continue
+                missing.append(record["path"])
+    return missing
 
 
 def check_output(path: Path, plan: CachePlan, overwrite: bool) -> bool:
@@ -133,11 +141,19 @@ def check_output(path: Path, plan: CachePlan, overwrite: bool) -> bool:
 
 def create_store(path: Path, plan: CachePlan, latent_channels: int, text_length: int, text_width: int,
                  attributes: dict) -> None:
-    """The empty store (arrays, clip table); a store of the same plan (`check_output`) is left as it is."""
-    import zarr
-
+    """The empty store (arrays, clip table); a store of the same plan (`check_output`) is left as it is. It is
+    built in a hidden folder and renamed into place, so a store that exists is whole (a full disk half-way
+    leaves nothing)."""
     if (path / "zarr.json").is_file():
         return
+    with atomic_directory(path) as building:
+        _create_arrays(building, plan, latent_channels, text_length, text_width, attributes)
+
+
+def _create_arrays(path: Path, plan: CachePlan, latent_channels: int, text_length: int, text_width: int,
+                   attributes: dict) -> None:
+    import zarr
+
     group = zarr.open_group(str(path), mode="w", zarr_format=3)
     table = []
     for name, items in plan.clips.items():
@@ -169,25 +185,48 @@ def committed(path: Path) -> dict[str, dict]:
 def write_shard(path: Path, plan: CachePlan, shard: Shard, encoder: "ClipEncoder",
                 decoded: Optional[list] = None) -> dict:
     """Encode a shard's clips (`decoded`: their decodes started ahead), write their chunks, then commit the
-    shard with its marker."""
+    shard with its marker. A shard that fails to write (a full disk) removes the chunks it wrote and stays
+    uncommitted, so the same command run again writes it; a full disk is raised as the OSError of writing the
+    cache."""
     import zarr
 
     group = zarr.open_group(str(path), mode="r+")
     records = plan.clips[shard.bucket][shard.start:shard.stop]
     encoded = encoder.encode(records, Bucket.parse(shard.bucket), decoded)
     failed = []
-    for offset, (pair, reason) in enumerate(zip(encoded.moments, encoded.failures)):
-        index = shard.start + offset
-        if pair is None:
-            failed.append({"index": index, "path": records[offset]["path"], "reason": reason})
-            continue
-        group[f"{shard.bucket}/mean"][index] = pair[0]
-        group[f"{shard.bucket}/logvar"][index] = pair[1]
-        group[f"{shard.bucket}/text"][index] = encoded.text[offset]
-        group[f"{shard.bucket}/{FIRST_FRAME}"][index] = encoded.first_frames[offset]
-    marker = {"clips": shard.stop - shard.start, "failed": failed}
-    write_text_atomically(path / shard.marker, json.dumps(marker))
+    try:
+        for offset, (pair, reason) in enumerate(zip(encoded.moments, encoded.failures)):
+            index = shard.start + offset
+            if pair is None:
+                failed.append({"index": index, "path": records[offset]["path"], "reason": reason})
+                continue
+            group[f"{shard.bucket}/mean"][index] = pair[0]
+            group[f"{shard.bucket}/logvar"][index] = pair[1]
+            group[f"{shard.bucket}/text"][index] = encoded.text[offset]
+            group[f"{shard.bucket}/{FIRST_FRAME}"][index] = encoded.first_frames[offset]
+        marker = {"clips": shard.stop - shard.start, "failed": failed}
+        write_text_atomically(path / shard.marker, json.dumps(marker))
+    except BaseException as error:
+        full = full_disk_error(error, path)
+        _remove_chunks(path, group, shard)
+        if full is not None:
+            raise full from error
+        raise
     return marker
+
+
+def _remove_chunks(path: Path, group, shard: Shard) -> None:
+    """The chunk files of an uncommitted shard's clips (zarr writes each whole, through a temporary file) and
+    their folders (`<array>/c/<clip>/...`, which hold only that clip's chunk)."""
+    for name in ("mean", "logvar", "text", FIRST_FRAME):
+        array = group[f"{shard.bucket}/{name}"]
+        for index in range(shard.start, shard.stop):
+            key = array.metadata.encode_chunk_key((index,) + (0,) * (array.ndim - 1))  # c/<clip>/0/0/...
+            clip_folder = path / shard.bucket / name / "/".join(key.split("/")[:2])
+            if clip_folder.is_dir():
+                shutil.rmtree(clip_folder, ignore_errors=True)
+            else:
+                (path / shard.bucket / name / key).unlink(missing_ok=True)
 
 
 def encode_cache(path: Path, plan: CachePlan, encoder: "ClipEncoder", rank: int = 0, world_size: int = 1,

@@ -64,7 +64,7 @@ def check_plan(plan: CachePlan, manifest: str, skipped: list[str], buckets: list
                                                   f"lines above: no caption, or fitting no bucket of "
                                                   f"{', '.join(buckets)}); nothing written")
     planned = sum(len(items) for items in plan.clips.values())
-    missing = missing_files(plan)
+    missing = missing_files(plan, stop_at_first_found=True)
     if len(missing) == planned:
         shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
         raise ConfigError("--manifest", manifest, f"the files of all {planned} of its clips are missing ({shown}); "

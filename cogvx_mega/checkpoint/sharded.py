@@ -9,11 +9,13 @@ with a leading layer dimension, which `read_sharded_model_state` unstacks into p
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -21,7 +23,7 @@ from cogvx_mega.config.errors import ConfigError
 from cogvx_mega.config.model import ModelConfig, model_config_from_dict
 from cogvx_mega.parallel.pipeline import unwrap_model
 from cogvx_mega.checkpoint import faults
-from cogvx_mega.checkpoint.atomic import swap_into_place
+from cogvx_mega.checkpoint.atomic import full_disk_error, swap_into_place
 from cogvx_mega.checkpoint.verify import files_written_by, record_files
 from cogvx_mega.checkpoint.meta import META_FILE, SHARDED_FORMAT
 from cogvx_mega.checkpoint.transformer import PROJECT_LAYER, project_keys
@@ -61,7 +63,8 @@ def save_sharded_checkpoint(path: str | Path, model_chunks, optimizer, meta: dic
     """Every rank writes its shards into a hidden temporary folder and records their sizes and CRC32Cs; rank 0
     then adds the metadata (which marks the checkpoint complete and lists every file, `checkpoint.verify`)
     and renames it into place. A run killed mid-save leaves only the
-    temporary folder, which no reader lists and the next save of that step replaces.
+    temporary folder, which no reader lists and the next save of that step replaces; a save that fails (a full
+    disk) removes it on every rank (`_removed_on_failure`).
 
     `meta` is the metadata to record (model config, step, training config, ...); the format is added here.
     With `async_queue` (megatron's `AsyncCallsQueue`) the state is snapshotted now, the shards are written
@@ -99,16 +102,61 @@ def save_sharded_checkpoint(path: str | Path, model_chunks, optimizer, meta: dic
             on_complete()
 
     if async_queue is None:
-        faults.watch_save(tmp, meta["step"])
-        dist_checkpointing.save(state, str(tmp))
-        faults.maybe_kill("save", meta["step"], "after-write")  # the watch missed a quick write
-        complete()
+        with _removed_on_failure(tmp, final):
+            faults.watch_save(tmp, meta["step"])
+            dist_checkpointing.save(state, str(tmp))
+            faults.maybe_kill("save", meta["step"], "after-write")  # the watch missed a quick write
+            complete()
     else:
-        request = dist_checkpointing.save(state, str(tmp), async_sharded_save=True)
-        request.add_finalize_fn(complete)
+        with _removed_on_failure(tmp, final):
+            request = dist_checkpointing.save(state, str(tmp), async_sharded_save=True)
+        finalizers = list(request.finalize_fns)  # megatron's: gather every rank's results, write .metadata
+
+        def finalize() -> None:
+            with _removed_on_failure(tmp, final):
+                for finalizer in finalizers:
+                    finalizer()
+                complete()
+
+        request.finalize_fns[:] = [finalize]
         async_queue.schedule_async_request(request)
         faults.maybe_kill("async_write", meta["step"])
     return final
+
+
+@contextlib.contextmanager
+def _removed_on_failure(tmp: Path, final: Path) -> Iterator[None]:
+    """A failed save leaves no hidden folder: every rank that sees the failure removes it, and a full disk is
+    raised as the OSError of writing `final` (`full_disk_error`, decided before the removal frees the space).
+
+    A CheckpointException comes on every rank at once (torch.distributed.checkpoint gathers the ranks' failures
+    on the coordinator, rank 0, and raises on all), and only the coordinator's says what failed: the ranks take
+    its word on a full disk and remove the folder once all of them are past the write. Any other error is this
+    rank's alone, and waits for no other rank."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except BaseException as error:
+        full = full_disk_error(error, final, look_at=tmp)
+        if isinstance(error, CheckpointException):
+            full = _coordinators_word(full, final)
+            _barrier()
+        shutil.rmtree(tmp, ignore_errors=True)
+        if full is not None:
+            raise full from error
+        raise
+
+
+def _coordinators_word(full: Optional[OSError], final: Path) -> Optional[OSError]:
+    """Rank 0's finding (a full disk or not) on every rank."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return full
+    number = [full.errno if full is not None else 0]
+    dist.broadcast_object_list(number, src=0)
+    return OSError(number[0], os.strerror(number[0]), str(final)) if number[0] else None
 
 
 def _torch_optimizers(optimizer) -> list:

@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import logging
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
+from cogvx_mega.checkpoint.atomic import FULL_DISK_ERRNOS, full_disk_error, shown_path
 from cogvx_mega.cli import (checkpoint, config, convert, data, demo, export, launch, plan, sample, scaling,
                             train, vae)
 from cogvx_mega.cli.arguments import parse_with_overrides, verbose_parent
@@ -46,6 +49,8 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=r".*torch\.distributed is disabled, unavailable or uninitialized")
     warnings.filterwarnings("ignore", message=r".*deprecating ShardedTensor")  # megatron's loads still use it
     logging.getLogger("megatron").setLevel(logging.ERROR)
+    # its writer processes' failures (a full disk) come back as the save's exception, which is reported once
+    logging.getLogger("megatron.core.dist_checkpointing.strategies.filesystem_async").setLevel(logging.CRITICAL)
 
 
 class _CurrentStderrHandler(logging.StreamHandler):
@@ -86,7 +91,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_with_overrides(build_parser(), argv)
     configure_logging(args.verbose)
     try:
-        return args.run(args)
+        with full_disk_left_to_the_command():
+            return args.run(args)
     except (ConfigError, ConversionError, FileNotFoundError, VAEInputError, MediaError) as error:
         report_error(f"cogvx: error: {error}")
         return EXIT_USER_ERROR
@@ -99,19 +105,52 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         report_error("cogvx: interrupted (Ctrl-C)")
         return 128 + signal.SIGINT
-    except OSError as error:  # the machine's: a full disk, a folder it may not write, a read-only filesystem
+    except BaseException as error:  # BaseException: torch's CheckpointException is one
+        # the machine's: a full disk (however the writing library says it), a folder it may not write, a
+        # read-only filesystem
+        machine = full_disk_error(error) or (error if isinstance(error, OSError) else None)
+        if machine is None:
+            raise
         logger.debug("the OS error's traceback", exc_info=True)  # -v
-        report_error(f"cogvx: error: {describe_os_error(error)}")
+        report_error(f"cogvx: error: {describe_os_error(machine)}")
         return EXIT_SYSTEM_ERROR
 
 
+@contextlib.contextmanager
+def full_disk_left_to_the_command() -> Iterator[None]:
+    """While a command runs, a thread that dies of a full disk prints no traceback (-v logs it): the writers that
+    write in threads (TensorBoard's event writer) hand the error to the command's next call, and the command
+    reports it in one line. Any other error of a thread is printed as Python prints it."""
+    previous = threading.excepthook
+
+    def hook(args) -> None:
+        if args.exc_value is not None and full_disk_error(args.exc_value) is not None:
+            logger.debug("a full disk in thread %s", getattr(args.thread, "name", "?"),
+                         exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+            return
+        previous(args)
+
+    threading.excepthook = hook
+    try:
+        yield
+    finally:
+        threading.excepthook = previous
+
+
 def describe_os_error(error: OSError) -> str:
-    """The error as the OS says it, and what to do for the ones a user meets (full disk, permissions)."""
+    """The error as the OS says it, and what to do for the ones a user meets (full disk, permissions). A full
+    disk says what was being written, as far as that is known."""
     hints = {errno.ENOSPC: "free space there (or write elsewhere) and run it again",
              errno.EDQUOT: "the disk quota is used up: free space or write elsewhere",
              errno.EACCES: "this user may not write there: choose a folder you own, or fix its permissions",
              errno.EPERM: "this user may not write there: choose a folder you own, or fix its permissions",
              errno.EROFS: "that filesystem is read-only: write elsewhere"}
+    if error.errno in FULL_DISK_ERRNOS:
+        written = error.filename2 or error.filename  # a copy's destination is filename2
+        if written is None:
+            return (f"{os.strerror(error.errno)}; free space on the disk being written (or write elsewhere) and "
+                    f"run it again")
+        return f"{os.strerror(error.errno)} while writing {shown_path(written)}; {hints[error.errno]}"
     hint = hints.get(error.errno)
     return f"{error}; {hint}" if hint else str(error)
 

@@ -111,6 +111,11 @@ def write_resolved_config(config: Config, run_dir: str) -> Path:
     os.makedirs(run_dir, exist_ok=True)
     path = Path(run_dir) / "config.yaml"
     tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        os.replace(tmp, path)
+    except OSError as error:  # a full disk: no half file, and the error names the file
+        raise OSError(error.errno, error.strerror, str(path)) from error
+    finally:
+        tmp.unlink(missing_ok=True)
     return path

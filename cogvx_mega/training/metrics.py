@@ -68,12 +68,31 @@ def set_aside_rows_after(run_dir: Path, step: int) -> int:
             moved.append(json.dumps({**row, "replaced_at_start_step": step}))
     if not moved:
         return 0
-    with (run_dir / REPLACED_FILE).open("a") as f:
-        f.write("".join(m + "\n" for m in moved))
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(k + "\n" for k in kept))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text("".join(k + "\n" for k in kept))
+        append_whole(run_dir / REPLACED_FILE, "".join(m + "\n" for m in moved))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return len(moved)
+
+
+def append_whole(path: Path, text: str) -> None:
+    """Append `text` to `path` whole or not at all: a write that fails part-way (a full disk) cuts the file back
+    to where it ended, so the rows before stay as they were and no half row is left; the OSError names `path`."""
+    data = memoryview(text.encode())
+    handle = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        end = os.fstat(handle).st_size
+        try:
+            while data:
+                data = data[os.write(handle, data):]
+        except OSError as error:
+            os.ftruncate(handle, end)
+            raise OSError(error.errno, error.strerror, str(path)) from error
+    finally:
+        os.close(handle)
 
 
 def latent_grid(latents: torch.Tensor) -> tuple[int, int, int]:
@@ -134,8 +153,7 @@ class MetricsLog:
         """One step's row: metrics.jsonl, TensorBoard and the progress bar (the logging rank)."""
         if not self.is_logger:
             return
-        with self.file.open("a") as f:
-            f.write(json.dumps(metrics) + "\n")
+        append_whole(self.file, json.dumps(metrics) + "\n")
         self.telemetry.write(metrics)
         logged = metrics["step"] % self.config.training.log_interval == 0
         if self.progress is not None:

@@ -12,10 +12,11 @@ text) when `training.tensorboard` is on.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -74,10 +75,23 @@ class Telemetry:
         if self.peak_tflops is None and device.type == "cuda":
             self.peak_tflops = peak_tflops_of(torch.cuda.get_device_name(device), fp8=config.model.fp8 is not None)
         self.writer = None
+        self.folder = run_dir / "tensorboard"
         if is_logger and t.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=purge_step)
+            with self._writing():
+                self.writer = SummaryWriter(log_dir=str(self.folder), purge_step=purge_step)
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """TensorBoard's writer thread hands a failed write (a full disk) to the next call without the file's
+        name: the error names the event folder."""
+        try:
+            yield
+        except OSError as error:
+            if error.filename is not None or error.errno is None:
+                raise
+            raise OSError(error.errno, error.strerror, str(self.folder)) from error
 
     def step_fields(self, flops: float, elapsed: float, data_wait: float) -> dict[str, float]:
         """The fields of one logged step (every rank may call it; only the logging rank reads devices)."""
@@ -105,15 +119,17 @@ class Telemetry:
         if self.writer is None:
             return
         step = metrics["step"]
-        for name, value in metrics.items():
-            if name != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                self.writer.add_scalar(f"train/{name}", value, step)
-        if metrics.get("samples"):
-            self.writer.add_text("samples", "\n".join(metrics["samples"]), step)
-        if metrics.get("skipped"):
-            self.writer.add_text("skipped_steps", f"step {step}: {metrics.get('skip_reason')}", step)
+        with self._writing():
+            for name, value in metrics.items():
+                if name != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.writer.add_scalar(f"train/{name}", value, step)
+            if metrics.get("samples"):
+                self.writer.add_text("samples", "\n".join(metrics["samples"]), step)
+            if metrics.get("skipped"):
+                self.writer.add_text("skipped_steps", f"step {step}: {metrics.get('skip_reason')}", step)
 
     def close(self) -> None:
         if self.writer is not None:
-            self.writer.flush()
-            self.writer.close()
+            with self._writing():
+                self.writer.flush()
+                self.writer.close()
