@@ -23,7 +23,8 @@ from cogvx_mega.config.errors import ConfigError
 from cogvx_mega.config.model import ModelConfig, model_config_from_dict
 from cogvx_mega.parallel.pipeline import unwrap_model
 from cogvx_mega.checkpoint import faults
-from cogvx_mega.checkpoint.atomic import full_disk_error, swap_into_place
+from cogvx_mega.checkpoint.atomic import swap_into_place
+from cogvx_mega.files import full_disk_error
 from cogvx_mega.checkpoint.verify import files_written_by, record_files
 from cogvx_mega.checkpoint.meta import META_FILE, SHARDED_FORMAT
 from cogvx_mega.checkpoint.transformer import PROJECT_LAYER, project_keys

@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
-from cogvx_mega.checkpoint.atomic import FULL_DISK_ERRNOS, full_disk_error, shown_path
+from cogvx_mega.files import FULL_DISK_ERRNOS, full_disk_error, shown_path
 from cogvx_mega.cli import (checkpoint, config, convert, data, demo, export, launch, plan, sample, scaling,
                             train, vae)
 from cogvx_mega.cli.arguments import parse_with_overrides, verbose_parent

@@ -57,3 +57,17 @@ def test_video_writer_takes_the_umask(tmp_path, umask):
     io.write_video(str(path), torch.zeros(1, 3, 2, 16, 16), fps=8)
     assert stat.S_IMODE(path.stat().st_mode) == 0o664
     assert io.read_video(str(path))[0].shape == (1, 3, 2, 16, 16)
+
+
+def test_a_full_disk_names_the_file_whatever_the_writer_says(tmp_path):
+    """safetensors says "I/O error: No space left on device (os error 28)" and names no file: the error that
+    leaves atomic_file is the OS's, naming the file being written (not its hidden temporary)."""
+    import errno
+
+    path = tmp_path / "latents.safetensors"
+    with pytest.raises(OSError) as raised:
+        with atomic_file(path) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(path)
+    assert list(tmp_path.iterdir()) == []

@@ -18,7 +18,7 @@ import torch
 
 from small_disk import Outcome, cogvx, on_small_disk, python, skip_without_small_disks
 
-from cogvx_mega.checkpoint.atomic import full_disk_error, shown_path
+from cogvx_mega.files import full_disk_error, shown_path
 from cogvx_mega.cli import main
 
 TINY = ["--preset", "tiny", "--data", "synthetic", "data.num_synthetic_clips=4", "training.micro_batch_size=2",
@@ -164,7 +164,7 @@ LIBRARY_FAILURES = r"""
 import json, os, shutil, sys, warnings
 from pathlib import Path
 import numpy as np, torch
-from cogvx_mega.checkpoint.atomic import full_disk_error
+from cogvx_mega.files import full_disk_error
 warnings.simplefilter("ignore")
 disk = Path(sys.argv[1])
 big = torch.randn(1_000_000)  # 4 MB on a 64 kB disk
