@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -32,8 +31,9 @@ from cogvx_mega.checkpoint.atomic import atomic_directory
 from cogvx_mega.checkpoint.meta import is_project_checkpoint
 from cogvx_mega.checkpoint.verify import refuse_damaged
 from cogvx_mega.config.data import DataConfig
-from cogvx_mega.config.errors import ConfigError, refuse_existing_output
+from cogvx_mega.config.errors import ConfigError
 from cogvx_mega.config.training import TrainingConfig
+from cogvx_mega.tools.output_marker import OutputMarker, refuse_unsafe_replacement, write_marker
 
 logger = logging.getLogger(__name__)
 
@@ -45,66 +45,22 @@ PRECISIONS = {"fp32": "fp32 throughout", "autocast": "fp32 weights under bf16 au
               "bf16_params": "bf16 weights and compute, fp32 main gradients and master weights"}
 
 
-# --- the export marker and --overwrite ----------------------------------------------------------------------
-
-def tool_version() -> str:
-    """The installed cogvx-mega version ("unknown" when run from a checkout that is not installed)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("cogvx-mega")
-    except PackageNotFoundError:
-        return "unknown"
-
-
-def export_marker(kind: str, source: str, step: Optional[int]) -> dict:
-    """What `EXPORT_MARKER` holds: the format, the kind of export, the tool and its version, the source checkpoint
-    (absolute path), its training step (None when unknown) and the UTC time of writing. diffusers ignores the file
-    (`CogVideoXPipeline.from_pretrained` reads model_index.json and the part folders; `load_lora_weights` the
-    safetensors file)."""
-    return {"format": MARKER_FORMAT, "kind": kind, "tool": "cogvx-mega", "version": tool_version(),
-            "command": f"cogvx export {kind}", "source": str(Path(source).resolve()), "step": step,
-            "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+# --- the export marker and --overwrite (`output_marker`) -----------------------------------------------------
+# diffusers ignores the marker file (`CogVideoXPipeline.from_pretrained` reads model_index.json and the part
+# folders; `load_lora_weights` the safetensors file).
+EXPORT = OutputMarker(EXPORT_MARKER, MARKER_FORMAT, "export", "cogvx export")
 
 
 def write_export_marker(folder: Path, kind: str, source: str, step: Optional[int]) -> None:
-    (folder / EXPORT_MARKER).write_text(json.dumps(export_marker(kind, source, step), indent=2) + "\n")
-
-
-def read_export_marker(folder: Path) -> Optional[dict]:
-    """The marker of a previous export in `folder`; None when there is none or it is not one of ours."""
-    try:
-        marker = json.loads((folder / EXPORT_MARKER).read_text())
-    except (OSError, ValueError):
-        return None
-    return marker if isinstance(marker, dict) and marker.get("format") == MARKER_FORMAT else None
+    """The marker: the kind of export, the source checkpoint (absolute path), its training step (None when
+    unknown), with the tool, its version and the time (`output_marker.marker_record`)."""
+    write_marker(folder, EXPORT, kind=kind, command=f"cogvx export {kind}", source=str(Path(source).resolve()),
+                 step=step)
 
 
 def refuse_unsafe_output(out: str, overwrite: bool, kind: str) -> None:
-    """The check before an export writes `out`: an existing path is refused without --overwrite; with it, only a
-    previous export of the same kind (a folder holding `EXPORT_MARKER`) or an empty folder may be replaced.
-    Anything else is refused with one line, and nothing is deleted."""
-    refuse_existing_output("--out", out, overwrite, what="folder")
-    folder = Path(out)
-    if not folder.exists():
-        return
-    keep = "remove it yourself or choose another --out (nothing was deleted)"
-    if not folder.is_dir():
-        raise ConfigError("--out", out, f"is a file, not a previous export; --overwrite replaces only a folder "
-                                        f"`cogvx export` wrote: {keep}")
-    try:
-        empty = not any(folder.iterdir())
-    except OSError as error:
-        raise ConfigError("--out", out, f"cannot be listed ({error.strerror}); {keep}") from None
-    if empty:
-        return
-    marker = read_export_marker(folder)
-    if marker is None:
-        raise ConfigError("--out", out, f"holds no {EXPORT_MARKER}, so it is not a previous export (or one written "
-                                        f"before exports were marked); --overwrite replaces only those: {keep}")
-    if marker.get("kind") != kind:
-        raise ConfigError("--out", out, f"holds a previous {marker.get('kind')} export, not a {kind} one; "
-                                        f"--overwrite replaces only an export of the same kind: {keep}")
+    """--out may be replaced only when it holds a previous export of the same kind, or nothing."""
+    refuse_unsafe_replacement("--out", out, overwrite, EXPORT, kind=kind)
 
 
 def write_sharded_safetensors(state: dict, folder: Path, stem: str = "diffusion_pytorch_model",

@@ -24,12 +24,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from cogvx_mega.config.errors import ConfigError
-    from cogvx_mega.tools.export import EXPORT_MARKER, MARKER_FORMAT
-    from cogvx_mega.tools.output_marker import OutputMarker, refuse_unsafe_replacement
+    from cogvx_mega.tools.export import refuse_unsafe_output
 
     # --out before anything is read: what is there may be replaced, and its folder takes new files
-    refuse_unsafe_replacement("--out", args.out, args.overwrite,
-                              OutputMarker(EXPORT_MARKER, MARKER_FORMAT, "export", "cogvx export"), kind=args.format)
+    refuse_unsafe_output(args.out, args.overwrite, args.format)
     if args.format == "lora":
         from cogvx_mega.tools.export import export_lora
 
