@@ -15,7 +15,8 @@ from typing import Optional
 
 from cogvx_mega.config.errors import ConfigError
 from cogvx_mega.data.buckets import Bucket, small_buckets
-from cogvx_mega.data.packing import pack_plan
+from cogvx_mega.data.order import ClipRange
+from cogvx_mega.data.packing import PackPlan
 
 DROP_FIX = ("set data.small_buckets=merge to train them at the nearest bucket that fills a global batch (a latent "
             "cache: re-encode with it), use data.packing, or lower training.global_batch_size")
@@ -107,12 +108,15 @@ def config_bucket_table(clips: dict[str, int], config, global_batch: int, *,
     clip at its bucket's latent grid, packed as training would pack them); otherwise batches per epoch."""
     if not config.data.packing:
         return bucket_table(clips, global_batch, merged=merged, columns=columns, title=title)
+    from cogvx_mega.model.packing import ClipShape, clip_tokens
+
     temporal, spatial = config.model.temporal_compression_ratio, config.data.spatial_compression_ratio
-    grids = {(bucket, index): Bucket.parse(bucket).latent_grid(temporal, spatial)
-             for bucket, count in clips.items() for index in range(count)}
+    text = config.model.max_text_seq_length
+    groups = [(bucket, ClipRange(count), clip_tokens(config.model, ClipShape(
+        *Bucket.parse(bucket).latent_grid(temporal, spatial), text))) for bucket, count in clips.items() if count]
     try:
-        packs = len(pack_plan(grids, config.model, config.data.pack_tokens, config.training.seed,
-                              config.data.pack_window).epoch_packs(0))
+        packs = len(PackPlan.of_groups(groups, config.data.pack_tokens, config.training.seed,
+                                       config.data.pack_window).epoch_packs(0))
     except ConfigError as error:
         return f"{title}: no packs ({error})"
     return bucket_table(clips, global_batch, packs=packs, columns=columns, title=title)

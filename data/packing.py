@@ -1,11 +1,13 @@
 """Packing clips of different sizes and durations into fixed token budgets (`data.packing=true`).
 
-The plan is a pure function of (the dataset's clip table, seed, epoch, `data.pack_tokens`): in each epoch
-the clips are shuffled (seeded by seed and epoch) and taken in windows of `data.pack_window` clips; each
-window is packed best-fit-decreasing into packs of at most `pack_tokens` tokens (text tokens counted),
-and the packs of the epoch are shuffled together. Every clip of the epoch lands in exactly one pack. The
-packs of all epochs form one stream and step s trains on packs s*G .. s*G+G-1 (G =
-`training.global_batch_size`, packs per step); data-parallel rank r takes a contiguous block of them.
+The plan is a pure function of (the dataset's clips, seed, epoch, `data.pack_tokens`): in each epoch the
+clips are put in a keyed random order (`order.KeyedPermutation`, nothing per clip held) and taken in windows
+of `data.pack_window` clips; each window is packed best-fit-decreasing into packs of at most `pack_tokens`
+tokens (text tokens counted), and its packs are put in a keyed random order. Every clip of the epoch lands in
+exactly one pack. The packs of all epochs form one stream and step s trains on packs s*G .. s*G+G-1 (G =
+`training.global_batch_size`, packs per step); data-parallel rank r takes a contiguous block of them. Finding
+step s needs the pack counts of the windows before it: the plan keeps them as it goes and a checkpoint saves
+them (`PackPlan.state_dict`), so a resume packs only the window it lands in.
 
 A clip's global sample slot (what its noise, timestep, text dropout and posterior sample are keyed on) is
 its position among the clips of the step, pack by pack, so explicit uniform sampling stratifies the
@@ -17,9 +19,11 @@ import bisect
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 
 from cogvx_mega.config.errors import ConfigError
+from cogvx_mega.data.order import ClipRange, KeyedPermutation, derive_key
 
 ClipRef = tuple  # (bucket name, clip index within the bucket): one clip of a dataset
 
@@ -56,57 +60,132 @@ class Pack:
 
 
 class PackPlan:
-    """The packs of every step, from a dataset's clip table.
+    """The packs of every step, from a dataset's clips.
 
-    `clip_tokens`: ClipRef -> real tokens of the clip (text + video patches at its latent grid)."""
+    `clips` with `clip_tokens` (ClipRef -> real tokens of the clip: text + video patches at its latent grid), or,
+    for corpora of millions of clips, `PackPlan.of_groups` with clip ranges that share a token count (a bucket's
+    clips all do). Nothing per clip is held: an epoch's order is a keyed permutation of the clips' positions
+    (`order.KeyedPermutation`), a window of `window` positions is packed when a step first needs it, and the
+    plan remembers the pack counts of the windows it has passed (a few integers per window, `state_dict`), so a
+    run resumed from a checkpoint holding them finds step s without packing the epochs before it."""
 
     def __init__(self, clips: Sequence[ClipRef], clip_tokens: dict, pack_tokens: int, seed: int, window: int = 4096):
-        self.clips = sorted(clips)
-        self.clip_tokens = clip_tokens
-        self.pack_tokens = pack_tokens
-        self.seed = seed
-        self.window = window
-        too_long = [(ref, clip_tokens[ref]) for ref in self.clips if clip_tokens[ref] > pack_tokens]
+        groups: dict[tuple, list[int]] = {}
+        for ref in clips:
+            groups.setdefault((ref[0], clip_tokens[ref]), []).append(ref[1])
+        self._init_groups([(bucket, ClipRange.of(indices), tokens) for (bucket, tokens), indices in groups.items()],
+                          pack_tokens, seed, window)
+
+    @classmethod
+    def of_groups(cls, groups: Sequence[tuple[str, ClipRange, int]], pack_tokens: int, seed: int,
+                  window: int = 4096) -> "PackPlan":
+        """The plan of clips given as (bucket, its clips, tokens of each of them)."""
+        plan = cls.__new__(cls)
+        plan._init_groups(list(groups), pack_tokens, seed, window)
+        return plan
+
+    def _init_groups(self, groups: list, pack_tokens: int, seed: int, window: int) -> None:
+        self.groups = sorted((g for g in groups if len(g[1])), key=lambda g: (g[0], g[2]))
+        self.pack_tokens, self.seed, self.window = pack_tokens, seed, window
+        too_long = [(bucket, tokens) for bucket, _, tokens in self.groups if tokens > pack_tokens]
         if too_long:
-            ref, tokens = max(too_long, key=lambda item: item[1])
+            bucket, tokens = max(too_long, key=lambda item: item[1])
+            count = sum(len(g[1]) for g in self.groups if g[2] > pack_tokens)
             raise ConfigError("data.pack_tokens", pack_tokens,
-                              f"{len(too_long)} clips are longer (the longest, {ref[0]} #{ref[1]}, has {tokens} "
-                              f"tokens with its text); raise data.pack_tokens to at least {tokens}")
-        if not self.clips:
+                              f"{count} clips are longer (the longest, of bucket {bucket}, has {tokens} tokens with "
+                              f"its text); raise data.pack_tokens to at least {tokens}")
+        if not self.groups:
             raise ConfigError("data.packing", True, "the dataset holds no clip to pack")
-        self._epochs: dict[int, list[Pack]] = {}
-        self._epoch_starts = [0]  # stream position of each planned epoch's first pack
+        self.group_starts = np.cumsum([0] + [len(g[1]) for g in self.groups])
+        self.clip_count = int(self.group_starts[-1])
+        self.windows_per_epoch = -(-self.clip_count // window)
+        self._windows: dict[tuple[int, int], list[Pack]] = {}  # (epoch, window) -> packs, the last few
+        self._window_ends: dict[int, list[int]] = {}  # epoch -> cumulative pack count after each planned window
+        self._epoch_starts = [0]  # stream position of each epoch's first pack, as far as known
+
+    @property
+    def fingerprint(self) -> str:
+        """What the plan is a function of: the clips, tokens, budget, seed and window (a saved state must match)."""
+        described = [(b, len(r), r.total, t) for b, r, t in self.groups]
+        return derive_key("packs", described, self.pack_tokens, self.seed, self.window).to_bytes(8, "little").hex()
+
+    def _refs(self, positions: np.ndarray) -> tuple[list, list[int]]:
+        """(ClipRefs, tokens) of the clips at `positions` of the sorted groups."""
+        numbers = np.searchsorted(self.group_starts, positions, side="right") - 1
+        refs, sizes = [], []
+        for number, position in zip(numbers.tolist(), positions.tolist()):
+            bucket, clips, tokens = self.groups[number]
+            refs.append((bucket, int(clips.select(position - int(self.group_starts[number])))))
+            sizes.append(tokens)
+        return refs, sizes
+
+    def window_packs(self, epoch: int, window: int) -> list[Pack]:
+        """The packs of one window of an epoch: its clips (positions window*W.. of the epoch's keyed permutation)
+        packed best-fit-decreasing, in a keyed order."""
+        key = (epoch, window)
+        if key not in self._windows:
+            order = KeyedPermutation(self.clip_count, derive_key("pack-order", self.seed, epoch))
+            first = window * self.window
+            refs, sizes = self._refs(order(np.arange(first, min(first + self.window, self.clip_count))))
+            packs = [Pack(tuple(refs[i] for i in members), sum(sizes[i] for i in members))
+                     for members in best_fit_decreasing(sizes, self.pack_tokens)]
+            shuffle = KeyedPermutation(len(packs), derive_key("pack-shuffle", self.seed, epoch, window))
+            self._windows[key] = [packs[i] for i in shuffle(np.arange(len(packs))).tolist()]
+            while len(self._windows) > 4:  # a step reads one or two windows; keep memory bounded
+                del self._windows[next(iter(self._windows))]
+            ends = self._window_ends.setdefault(epoch, [])
+            if window == len(ends):
+                ends.append((ends[-1] if ends else 0) + len(packs))
+        return self._windows[key]
 
     def epoch_packs(self, epoch: int) -> list[Pack]:
-        if epoch not in self._epochs:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_033 + epoch)
-            order = [self.clips[i] for i in torch.randperm(len(self.clips), generator=generator).tolist()]
-            packs = []
-            for start in range(0, len(order), self.window):
-                window = order[start:start + self.window]
-                sizes = [self.clip_tokens[ref] for ref in window]
-                for members in best_fit_decreasing(sizes, self.pack_tokens):
-                    packs.append(Pack(tuple(window[i] for i in members), sum(sizes[i] for i in members)))
-            shuffle = torch.randperm(len(packs), generator=generator).tolist()
-            self._epochs = {k: v for k, v in self._epochs.items() if k >= epoch - 1}  # keep memory bounded
-            self._epochs[epoch] = [packs[i] for i in shuffle]
-        return self._epochs[epoch]
+        """Every pack of an epoch, window after window (small datasets, tests and the bucket table)."""
+        return [pack for window in range(self.windows_per_epoch) for pack in self.window_packs(epoch, window)]
 
-    def _locate(self, position: int) -> tuple[int, int]:
-        """(epoch, index in the epoch) of stream position `position`."""
+    def _packs_in_epoch(self, epoch: int) -> int:
+        ends = self._window_ends.setdefault(epoch, [])
+        while len(ends) < self.windows_per_epoch:
+            self.window_packs(epoch, len(ends))
+        return ends[-1]
+
+    def _locate(self, position: int) -> tuple[int, int, int]:
+        """(epoch, window, index in the window) of stream position `position`."""
         while self._epoch_starts[-1] <= position:
             epoch = len(self._epoch_starts) - 1
-            self._epoch_starts.append(self._epoch_starts[-1] + len(self.epoch_packs(epoch)))
+            self._epoch_starts.append(self._epoch_starts[-1] + self._packs_in_epoch(epoch))
         epoch = bisect.bisect_right(self._epoch_starts, position) - 1
-        return epoch, position - self._epoch_starts[epoch]
+        offset = position - self._epoch_starts[epoch]
+        ends = self._window_ends[epoch]
+        window = bisect.bisect_right(ends, offset)
+        return epoch, window, offset - (ends[window - 1] if window else 0)
 
     def step_packs(self, step: int, packs_per_step: int) -> list[Pack]:
         """The G packs of `step`, in slot order."""
         out = []
         for position in range(step * packs_per_step, (step + 1) * packs_per_step):
-            epoch, index = self._locate(position)
-            out.append(self.epoch_packs(epoch)[index])
+            epoch, window, index = self._locate(position)
+            out.append(self.window_packs(epoch, window)[index])
         return out
+
+    # --- resume ----------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps so that a resume at any step needs no re-planning: the pack counts of the
+        epochs passed and of the windows of the last two epochs planned (a few integers per window)."""
+        recent = sorted(self._window_ends)[-2:]
+        return {"fingerprint": self.fingerprint, "epoch_starts": list(self._epoch_starts),
+                "window_ends": {str(e): list(self._window_ends[e]) for e in recent}}
+
+    def load_state_dict(self, state: dict) -> bool:
+        """Take the counts of a saved plan of the same clips and settings (False, and nothing taken, otherwise:
+        the plan is then found by packing again, which gives the same packs)."""
+        if not state or state.get("fingerprint") != self.fingerprint:
+            return False
+        if len(state["epoch_starts"]) > len(self._epoch_starts):
+            self._epoch_starts = [int(v) for v in state["epoch_starts"]]
+        for epoch, ends in state.get("window_ends", {}).items():
+            if len(ends) > len(self._window_ends.get(int(epoch), [])):
+                self._window_ends[int(epoch)] = [int(v) for v in ends]
+        return True
 
 
 def pack_plan(grids: dict, model, pack_tokens: int, seed: int, window: int = 4096) -> PackPlan:
@@ -132,20 +211,39 @@ class PackedDataset:
     `read_clips(refs, slots, step, seed)` -> (latents list, text list)."""
 
     def __init__(self, source, model, pack_tokens: int, seed: int, window: int = 4096):
-        from cogvx_mega.model.packing import ClipShape
+        from cogvx_mega.model.packing import ClipShape, clip_tokens
 
         self.source = source
         self.model = model
         self.pack_tokens = pack_tokens
-        self.grids = source.clip_table()
-        self.shapes = {ref: ClipShape(*grid, model.max_text_seq_length) for ref, grid in self.grids.items()}
-        self.plan = pack_plan(self.grids, model, pack_tokens, seed, window)
+        bucket_grids = getattr(source, "bucket_grids", None)
+        if bucket_grids is not None and hasattr(source, "usable"):  # a grid per bucket: nothing per clip held
+            grids = bucket_grids()
+            self.bucket_shapes = {b: ClipShape(*grid, model.max_text_seq_length) for b, grid in grids.items()}
+            self.grids = None
+            self.plan = PackPlan.of_groups([(b, clips, clip_tokens(model, self.bucket_shapes[b]))
+                                            for b, clips in source.usable.items() if len(clips)],
+                                           pack_tokens, seed, window)
+        else:
+            self.bucket_shapes = None
+            self.grids = source.clip_table()
+            self.shapes = {ref: ClipShape(*grid, model.max_text_seq_length) for ref, grid in self.grids.items()}
+            self.plan = pack_plan(self.grids, model, pack_tokens, seed, window)
+
+    def shape_of(self, ref):
+        return self.bucket_shapes[ref[0]] if self.bucket_shapes is not None else self.shapes[ref]
+
+    def state_dict(self) -> dict:
+        return self.plan.state_dict()
+
+    def load_state_dict(self, state: dict) -> bool:
+        return self.plan.load_state_dict(state)
 
     def bucket_clips(self) -> dict[str, int]:
         """bucket -> clips of it in the packs (all of the source's)."""
         clips: dict[str, int] = {}
-        for bucket, _ in self.grids:
-            clips[bucket] = clips.get(bucket, 0) + 1
+        for bucket, members, _ in self.plan.groups:
+            clips[bucket] = clips.get(bucket, 0) + len(members)
         return clips
 
     def packs_per_epoch(self) -> int:
@@ -158,7 +256,7 @@ class PackedDataset:
         return getattr(self.source, "skipped", {})
 
     def __len__(self) -> int:
-        return len(self.grids)
+        return self.plan.clip_count
 
     def step_batch(self, step: int, slots: range, global_batch: int, seed: int) -> dict:
         packs = self.plan.step_packs(step, global_batch)
@@ -177,7 +275,7 @@ class PackedDataset:
             prefetch([ref for index in slots for ref in following[index].clips])
         return {"packs": mine, "clips_in_step": first_slot[-1], "real_tokens": sum(p.tokens for p in packs),
                 "pack_tokens": self.pack_tokens,
-                "clip_shapes_of_step": [[self.shapes[ref] for ref in pack.clips] for pack in packs]}
+                "clip_shapes_of_step": [[self.shape_of(ref) for ref in pack.clips] for pack in packs]}
 
     def close(self) -> None:
         close = getattr(self.source, "close", None)

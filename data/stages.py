@@ -23,6 +23,7 @@ class StagedDataset:
     def __init__(self, stages: list[tuple[int, Optional[int], Callable]]):
         self.stages = stages
         self._open: Optional[tuple[int, object]] = None  # (stage index, dataset)
+        self._saved: Optional[dict] = None  # a checkpoint's state of a stage's dataset, until that stage opens
 
     def stage_of(self, step: int) -> int:
         for index, (start, end, _) in enumerate(self.stages):
@@ -37,7 +38,19 @@ class StagedDataset:
             start, end, open_stage = self.stages[index]
             logger.info("data stage %d: steps %d..%s", index, start, "end" if end is None else end - 1)
             self._open = (index, open_stage())
+            load_state = getattr(self._open[1], "load_state_dict", None)
+            if self._saved and self._saved.get("stage") == index and load_state is not None:
+                load_state(self._saved["state"])
         return self._open[1]
+
+    def state_dict(self) -> Optional[dict]:
+        """The open stage's dataset state (a packed stage's pack counts), with the stage it belongs to."""
+        state_of = getattr(self._open[1], "state_dict", None) if self._open else None
+        state = state_of() if state_of is not None else None
+        return {"stage": self._open[0], "state": state} if state else self._saved
+
+    def load_state_dict(self, state: dict) -> None:
+        self._saved = state
 
     def step_batch(self, step: int, slots: range, global_batch: int, seed: int) -> dict:
         before = self._open[0] if self._open else None

@@ -160,9 +160,10 @@ class Checkpointer:
             logger.info("resume changes %s", "; ".join(start.changes))
 
     # --- saving ------------------------------------------------------------------------------------------------
-    def metadata(self, step: int, global_batch: int) -> dict:
+    def metadata(self, step: int, global_batch: int, data_state: Optional[dict] = None) -> dict:
         """What a checkpoint records beside the tensors: the model, the step, the position in the data (a global
-        sample index) and the training setup a resume is checked against."""
+        sample index), the data order's own state where it keeps one (`data_state`: the pack counts a packed run
+        has planned, so a resume needs no re-planning) and the training setup a resume is checked against."""
         c, d = self.config, self.dims
         meta = {"step": step, "model": dataclasses.asdict(c.model), "preset": c.preset, "global_batch": global_batch,
                 "consumed_samples": step * global_batch,
@@ -177,6 +178,8 @@ class Checkpointer:
                 raise ValueError("a LoRA run saves adapters that point at their base: give the Checkpointer its "
                                  "lora_base")
             meta["lora"] = {**c.finetune.as_meta(), **self.lora_base}
+        if data_state:
+            meta["data_state"] = data_state
         return meta
 
     def _model_keys(self):
@@ -187,7 +190,7 @@ class Checkpointer:
 
         return is_lora_parameter
 
-    def save(self, step: int, ddp_chunks: list, optimizer, global_batch: int) -> Path:
+    def save(self, step: int, ddp_chunks: list, optimizer, global_batch: int, data_state: Optional[dict] = None) -> Path:
         """A sharded checkpoint of model, optimizer and step at run_dir/checkpoints/step_<N>/ (all ranks take part).
 
         With training.async_save the shards are written in the background and the folder appears when the save is
@@ -204,7 +207,7 @@ class Checkpointer:
         self.last_saved_step = step
         self._last_save_time = _clock()
         return save_sharded_checkpoint(ckpt.step_folder(self.run_dir, step), ddp_chunks, optimizer,
-                                       self.metadata(step, global_batch), async_queue=queue, on_complete=self._prune,
+                                       self.metadata(step, global_batch, data_state), async_queue=queue, on_complete=self._prune,
                                        keep=self._model_keys())
 
     def is_due(self, step: int) -> bool:

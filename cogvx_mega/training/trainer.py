@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from cogvx_mega.checkpoint import faults
+from cogvx_mega.checkpoint.meta import read_checkpoint_meta
 from cogvx_mega.config.schema import Config
 from cogvx_mega.diffusion.image_condition import conditioning_latents, image_drop_mask
 from cogvx_mega.diffusion.loss import NoisedBatch, make_training_batch
@@ -415,7 +416,9 @@ class Trainer:
     def save(self) -> Path:
         """A checkpoint of model, optimizer and step at run_dir/checkpoints/step_<N>/ (all ranks take part)."""
         self.finish_parameter_sync()
-        return self.checkpointer.save(self.step, self.ddp_chunks, self.optimizer, self.global_batch)
+        state_of = getattr(self.dataset, "state_dict", None)
+        return self.checkpointer.save(self.step, self.ddp_chunks, self.optimizer, self.global_batch,
+                                      state_of() if state_of is not None else None)
 
     def _save_if_needed(self) -> None:
         """A checkpoint of this step unless there is one (then every save is completed)."""
@@ -427,5 +430,11 @@ class Trainer:
         self.checkpointer.finalize(blocking)
 
     def load(self, path) -> None:
-        """Resume model, optimizer and step from a training checkpoint saved at any layout."""
+        """Resume model, optimizer and step from a training checkpoint saved at any layout (and the data order's
+        saved state, where the dataset keeps one)."""
         self.step = self.checkpointer.load(path, self.ddp_chunks, self.optimizer)
+        load_state = getattr(self.dataset, "load_state_dict", None)
+        if load_state is not None:
+            state = read_checkpoint_meta(path).get("data_state")
+            if state:
+                load_state(state)

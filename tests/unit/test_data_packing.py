@@ -82,3 +82,52 @@ def test_packing_config_errors_name_the_value_and_the_fix():
         load_config("tiny", overrides=["data.stages=[{buckets: [9x32x32]}, {buckets: [9x64x64]}]"])
     with pytest.raises(ConfigError, match="unknown stage fields"):
         load_config("tiny", overrides=["data.stages=[{until_step: 5, resolution: 256}, {}]"])
+
+
+def test_a_resume_with_the_saved_pack_counts_packs_only_the_window_it_lands_in(monkeypatch):
+    """The plan keeps the pack counts of the windows it passed; a checkpoint holds them (`state_dict`), and a
+    plan loaded with them finds a late step by packing one window, not every earlier epoch. Without them (or with
+    the state of another plan) it packs again and finds the same packs."""
+    from cogvx_mega.data import packing
+
+    plan, _ = reference_plan(count=300, window=64)
+    packs_per_step = 5
+    late = 3 * len(plan.epoch_packs(0)) // packs_per_step  # in the fourth epoch or so
+    for step in range(late + 1):
+        expected = plan.step_packs(step, packs_per_step)
+    state = plan.state_dict()
+    assert len(state["epoch_starts"]) >= 4
+    calls = []
+    real = packing.best_fit_decreasing
+    monkeypatch.setattr(packing, "best_fit_decreasing", lambda sizes, budget: calls.append(1) or real(sizes, budget))
+    resumed, _ = reference_plan(count=300, window=64)
+    assert resumed.load_state_dict(state)
+    assert resumed.step_packs(late, packs_per_step) == expected
+    assert len(calls) <= 2  # the window of the step (and the next, where the step straddles two)
+    calls.clear()
+    replanned, _ = reference_plan(count=300, window=64)
+    assert not replanned.load_state_dict({**state, "fingerprint": "another plan"})
+    assert replanned.step_packs(late, packs_per_step) == expected
+    assert len(calls) > 3 * plan.windows_per_epoch  # packing every earlier epoch again
+
+
+def test_a_packed_run_resumes_with_its_pack_counts_and_the_uninterrupted_losses(tmp_path):
+    import json
+
+    from cogvx_mega.cli import main
+
+    args = ["--preset", "tiny", "--device", "cpu", "data.packing=true", "data.pack_tokens=160",
+            "training.micro_batch_size=1", "training.global_batch_size=2", "data.pack_window=8",
+            "data.num_synthetic_clips=12"]
+    assert main(["train", "--run-dir", str(tmp_path / "whole"), "--steps", "8", *args]) == 0
+    assert main(["train", "--run-dir", str(tmp_path / "cut"), "--steps", "8", *args,
+                 "training.save_interval=5"]) == 0
+    meta = json.loads(next((tmp_path / "cut" / "checkpoints").glob("step_00000005/cogvx_checkpoint.json")).read_text())
+    assert meta["data_state"]["epoch_starts"][-1] > 0  # the counts of the epochs passed are in the checkpoint
+    import shutil
+
+    shutil.rmtree(tmp_path / "cut" / "checkpoints" / "step_00000008")
+    assert main(["train", "--run-dir", str(tmp_path / "cut"), "--steps", "8", *args, "--resume", "auto"]) == 0
+    losses = {name: [json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+              for name in ("whole", "cut")}
+    assert losses["cut"] == losses["whole"]
