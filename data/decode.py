@@ -1,10 +1,11 @@
 """Decoding clips into training frames: [3, T, H, W] float in [-1, 1], T = 1 + 4k.
 
 One interface (`decode_clip(record, spec)`), the backend chosen in one place (`choose_backend`): images
-through Pillow as 1-frame clips; videos through NVIDIA DALI on the GPU (NVDEC, from the encoded bytes) when
-the clip is decoded for a CUDA device, through DALI's CPU decoder for the codecs it handles (VP9, MJPEG),
-and through PyAV for the rest (H.264, HEVC, AV1, ... on the CPU). DALI is an optional extra: without it
-every video goes through PyAV.
+through Pillow as 1-frame clips (from their file or, for an image inside a tar shard, a record with `member`,
+`offset` and `size` from `image_shards.py`, from the member's bytes: the same decoder, the same pixels); videos
+through NVIDIA DALI on the GPU (NVDEC, from the encoded bytes) when the clip is decoded for a CUDA device,
+through DALI's CPU decoder for the codecs it handles (VP9, MJPEG), and through PyAV for the rest (H.264, HEVC,
+AV1, ... on the CPU). DALI is an optional extra: without it every video goes through PyAV.
 
 Frames are sampled at the target frame rate (the source frame shown at each target time), cut to the
 longest 1 + 4k count the clip fills up to the requested count, the short side resized keeping the
@@ -13,6 +14,7 @@ aspect ratio so that the frame covers the target size, centre-cropped to it, and
 from __future__ import annotations
 
 import functools
+import io
 import math
 import threading
 from dataclasses import dataclass
@@ -71,11 +73,34 @@ def resize_and_crop(frames: torch.Tensor, height: int, width: int) -> torch.Tens
     return (video / 127.5 - 1.0).clamp(-1.0, 1.0).permute(1, 0, 2, 3).contiguous()  # [3, T, h, w]
 
 
-def decode_image(path: str) -> torch.Tensor:
+def media_name(record: dict) -> str:
+    """How a record's media is named in messages: its path, or TAR:MEMBER for an image inside a tar shard."""
+    return f"{record['path']}:{record['member']}" if record.get("member") else record["path"]
+
+
+def open_media(record: dict):
+    """What a record's media is read from: its file's path, or for an image inside a tar shard (`member`, `offset`,
+    `size`: where the member's bytes lie in the tar `path`) those bytes, read at once, as a file object. OSError
+    when the tar cannot be read; MediaError when it ends before the member does."""
+    if not record.get("member"):
+        return record["path"]
+    offset, size = int(record["offset"]), int(record["size"])
+    with open(record["path"], "rb") as file:
+        file.seek(offset)
+        data = file.read(size)
+    if len(data) != size:
+        raise MediaError(f"the tar ends inside {record['member']} ({len(data)} of its {size} bytes at offset "
+                         f"{offset}); index the shards again")
+    return io.BytesIO(data)
+
+
+def decode_image(source) -> torch.Tensor:
+    """uint8 [1, H, W, 3] of an image file (a path, or a file object holding the file's bytes: the same decoder,
+    the same pixels)."""
     from PIL import Image
 
     try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:
             array = torch.from_numpy(np.asarray(image.convert("RGB")).copy())
     except OSError as error:
         raise MediaError(f"not a readable image ({error})") from None
@@ -193,7 +218,9 @@ def decode_clip(record: dict, spec: DecodeSpec, device: str = "cpu", backend: Op
     Raises MediaError with the reason when the clip cannot be used (the caller skips and counts it)."""
     backend = backend or choose_backend(record, device)
     if backend == "image":
-        frames = decode_image(record["path"])
+        frames = decode_image(open_media(record))
+    elif record.get("member"):
+        raise MediaError("only images are read from inside a tar shard")
     else:
         indices = frame_indices(float(record["fps"]), int(record["frames"]), spec, record.get("start"),
                                 record.get("end"))

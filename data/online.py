@@ -12,12 +12,16 @@ same bucket that decodes in its place, so the step still has its full batch and 
 The clips of the next step are decoded in the background (`data.num_workers` threads) while the current
 step trains; encoded clips are kept in memory (`data.online_keep_clips`, least recently used dropped) so
 later epochs skip the decode and the VAE.
+
+Images mixed with videos at data.image_ratio (`image_shards.MixedDataset`) are two of these datasets, one per
+stream, sharing one encoder: each reads the order of its own stream (`order_step`), and the posterior noise of
+a step stays keyed on the training step, which belongs to one stream only, so the streams never share a key.
 """
 from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -25,6 +29,7 @@ import torch
 from cogvx_mega.data.buckets import Bucket
 from cogvx_mega.data.cache import CachePlan
 from cogvx_mega.data.cache_reader import posterior_latents
+from cogvx_mega.data.decode import media_name
 from cogvx_mega.data.order import BucketedBatches, ClipRange
 from cogvx_mega.data.encoder import ClipEncoder, cancel
 
@@ -36,11 +41,15 @@ class OnlineDataset(BucketedBatches):
     encoding the clips of `plan` with `encoder` as they are needed."""
 
     def __init__(self, plan: CachePlan, encoder: ClipEncoder, scaling_factor: float, keep_clips: int = 256,
-                 compression: tuple[int, int] = (4, 8), image_latents=None):
+                 compression: tuple[int, int] = (4, 8), image_latents=None,
+                 order_step: Optional[Callable[[int], int]] = None):
         """`compression`: the VAE's (temporal, spatial) factors, which give each bucket's latent grid.
         `image_latents` (a `first_frames.FirstFrameLatents`): image-to-video training; every batch then also
-        carries `image_latents` [n, 1, C, h, w] of the clips' first frames."""
+        carries `image_latents` [n, 1, C, h, w] of the clips' first frames. `order_step`: the step of the data
+        order that training step s reads (None: s itself); a stream of a mix reads its own stream's steps
+        (`image_shards.stream_step`), while the posterior noise stays keyed on s."""
         self.image_latents = image_latents
+        self.order_step = order_step
         super().__init__({bucket: ClipRange(len(items)) for bucket, items in plan.clips.items() if len(items)})
         self.plan, self.encoder, self.scaling_factor, self.keep_clips = plan, encoder, scaling_factor, keep_clips
         self.merged = plan.merged
@@ -50,6 +59,10 @@ class OnlineDataset(BucketedBatches):
         self._kept: OrderedDict[tuple[str, int], tuple[np.ndarray, ...]] = OrderedDict()
         self._decoding: dict[tuple[str, int], object] = {}
         self._reported: set[tuple[str, int]] = set()
+
+    def batch_of_step(self, step: int, global_batch: int, seed: int) -> tuple[str, list[int]]:
+        order_step = step if self.order_step is None else self.order_step(step)
+        return super().batch_of_step(order_step, global_batch, seed)
 
     def _record(self, clip: tuple[str, int]) -> dict:
         return self.plan.clips[clip[0]][clip[1]]
@@ -86,11 +99,12 @@ class OnlineDataset(BucketedBatches):
             if candidate not in self.skipped:
                 if offset and clip not in self._reported:
                     self._reported.add(clip)
-                    logger.warning("skipped %s: %s; %s takes its place in this batch", self._record(clip)["path"],
-                                   self.skipped[clip], self._record(candidate)["path"])
+                    logger.warning("skipped %s: %s; %s takes its place in this batch",
+                                   media_name(self._record(clip)), self.skipped[clip],
+                                   media_name(self._record(candidate)))
                 return candidate
         raise RuntimeError(f"no clip of bucket {bucket} could be decoded ({count} tried, e.g. "
-                           f"{self._record(clip)['path']}: {self.skipped[clip]}); check the manifest's files")
+                           f"{media_name(self._record(clip))}: {self.skipped[clip]}); check the manifest's files")
 
     def _use(self, chosen: list[tuple[str, int]]) -> list:
         values = [self._kept[clip] for clip in chosen]
@@ -157,11 +171,14 @@ class OnlineDataset(BucketedBatches):
         self.encoder.close()
 
 
-def open_online_dataset(plan: CachePlan, vae, text_encoder, config, device: Optional[str] = None) -> OnlineDataset:
+def open_online_dataset(plan: CachePlan, vae, text_encoder, config, device: Optional[str] = None,
+                        encoder: Optional[ClipEncoder] = None,
+                        order_step: Optional[Callable[[int], int]] = None) -> OnlineDataset:
     """Online mode over `plan` with a loaded VAE and T5 (see `cogvx_mega.tools.training_data`); an image-to-video
-    model's first frames are encoded with the same VAE."""
+    model's first frames are encoded with the same VAE. `encoder`: one shared with another stream of a mix (else
+    one is made); `order_step`: see `OnlineDataset`."""
     device = device or config.training.device
-    encoder = ClipEncoder(vae, text_encoder, config.data.fps, device, workers=config.data.num_workers)
+    encoder = encoder or ClipEncoder(vae, text_encoder, config.data.fps, device, workers=config.data.num_workers)
     image_latents = None
     if config.model.is_image_to_video:
         from cogvx_mega.data.first_frames import VAEFirstFrameLatents
@@ -169,4 +186,4 @@ def open_online_dataset(plan: CachePlan, vae, text_encoder, config, device: Opti
         image_latents = VAEFirstFrameLatents(vae, config.diffusion, device)
     return OnlineDataset(plan, encoder, float(vae.config.scaling_factor), keep_clips=config.data.online_keep_clips,
                          compression=(config.model.temporal_compression_ratio, config.data.spatial_compression_ratio),
-                         image_latents=image_latents)
+                         image_latents=image_latents, order_step=order_step)

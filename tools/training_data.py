@@ -1,7 +1,9 @@
 """What `cogvx train --data` reads, chosen in one place from `data.source`:
 'synthetic' (generated moving shapes), a latent cache (`cogvx data encode`, read through tensorstore), a
-folder of latents (`cogvx vae encode`), or a manifest (`cogvx data scan`) for online mode, which decodes
-and encodes the clips on the fly with `data.vae` and `data.text_encoder` (`--vae`, `--text-encoder`).
+folder of latents (`cogvx vae encode`), or a manifest (`cogvx data scan`) or its clip index (`data/index.py`) for
+online mode, which decodes and encodes the clips on the fly with `data.vae` and `data.text_encoder` (`--vae`,
+`--text-encoder`). With data.image_ratio, images are mixed with the videos at that share of the steps
+(`image_shards.MixedDataset`): the images of the source's 1-frame buckets, or of the tar shards of data.images.
 
 Opening the data also accounts for it (`data/accounting.py`): a source with no clip, or none that fills a global
 batch, is one clear error; a bucket that never fills one is named in a warning (data.small_buckets=drop) or, with
@@ -10,6 +12,8 @@ a latent cache when it is encoded)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import logging
 import os
 
@@ -99,6 +103,8 @@ def account_buckets(dataset, config, global_batch: int) -> None:
 def open_source_data(config, global_batch: Optional[int] = None):
     source = config.data.source
     global_batch = global_batch or run_global_batch(config)
+    if config.data.image_ratio is not None:
+        return open_mixed_data(config, global_batch)
     if source == "synthetic":
         return synthetic_dataset_for(config, global_batch)
     if os.path.isfile(os.path.join(source, "zarr.json")):  # a latent cache written by `cogvx data encode`
@@ -106,7 +112,7 @@ def open_source_data(config, global_batch: Optional[int] = None):
 
         return CacheDataset(source, config.model.max_text_seq_length, config.model.out_channels,
                             image_latents=cache_image_latents(config))
-    if os.path.isfile(source):
+    if os.path.isfile(source) or is_clip_index(source):
         return open_online_data(config, global_batch)
     if not os.path.isdir(source):
         raise ConfigError("--data", source, "no such file or folder; pass a latent cache (cogvx data encode), a "
@@ -115,32 +121,114 @@ def open_source_data(config, global_batch: Optional[int] = None):
     return open_latent_folder(config)
 
 
-def open_online_data(config, global_batch: Optional[int] = None):
-    """Online mode over the manifest `data.source` (see `cogvx_mega.data.online`), planned as `cogvx data encode`
-    plans it at the same global batch."""
-    import torch.distributed as dist
+def is_clip_index(source: str) -> bool:
+    """Whether `source` is a clip index folder (`data/index.py`: a manifest as Parquet parts), which online mode
+    reads like the manifest it was built from; an image shard index there is a clear error."""
+    from cogvx_mega.data.image_shards import IMAGE_INDEX_FORMAT
+    from cogvx_mega.data.index import INDEX_FILE
 
-    from cogvx_mega.data.cache import plan_from_manifest
-    from cogvx_mega.data.online import open_online_dataset
-    from cogvx_mega.tools.data_encode import load_encoders
+    meta_file = os.path.join(source, INDEX_FILE)
+    if not os.path.isfile(meta_file):
+        return False
+    try:
+        with open(meta_file) as file:
+            format_name = json.load(file).get("format")
+    except (OSError, ValueError, AttributeError):
+        return True  # the index reader says what is wrong with it
+    if format_name == IMAGE_INDEX_FORMAT:
+        raise ConfigError("--data", source, "is an image shard index (`cogvx data index-images`): pass it as "
+                                            "data.images=PATH with data.image_ratio=SHARE, and the videos' manifest "
+                                            "as --data")
+    return True
 
-    data = config.data
+
+def check_online_encoders(data) -> None:
     for flag, value in (("--vae", data.vae), ("--text-encoder", data.text_encoder)):
         if not value:
             raise ConfigError(flag, value, f"online mode (--data {data.source}, a manifest) encodes clips as it "
                                            f"trains and needs {flag} FOLDER; or encode a cache first with "
                                            f"`cogvx data encode` and pass --data cache.zarr")
+
+
+def plan_online_source(config, global_batch: int, must_hold_clips: bool = True):
+    """The plan of the manifest (or clip index) `data.source`, as `cogvx data encode` plans it at the same global
+    batch; the lines it leaves out are logged (first rank)."""
+    from cogvx_mega.data.cache import plan_from_manifest
+
+    data = config.data
     plan, skipped = plan_from_manifest(data.source, data.bucket_names(), data.fps, ONLINE_SHARD_CLIPS,
-                                       data.merge_below(global_batch or run_global_batch(config)))
-    if not dist.is_initialized() or dist.get_rank() == 0:
+                                       data.merge_below(global_batch))
+    if first_rank():
         for line in skipped:
             logger.warning(line)
-    if not plan.shards:
+    if must_hold_clips and not plan.shards:
         raise ConfigError("--data", data.source, f"no clip of the manifest fits a bucket of "
                                                  f"{', '.join(data.bucket_names())}")
+    return plan
+
+
+def open_online_data(config, global_batch: Optional[int] = None):
+    """Online mode over the manifest `data.source` (see `cogvx_mega.data.online`), planned as `cogvx data encode`
+    plans it at the same global batch."""
+    from cogvx_mega.data.online import open_online_dataset
+    from cogvx_mega.tools.data_encode import load_encoders
+
+    data = config.data
+    check_online_encoders(data)
+    plan = plan_online_source(config, global_batch or run_global_batch(config))
     device = config.training.device
     vae, text_encoder = load_encoders(config, data.vae, data.text_encoder, device)
     return open_online_dataset(plan, vae, text_encoder, config, device)
+
+
+def open_mixed_data(config, global_batch: int):
+    """data.image_ratio: image steps and video steps (`image_shards.MixedDataset`), in online mode. The video
+    stream is the source's buckets of more than one frame; the image stream the tar shards of data.images, or
+    else the source's 1-frame buckets. Both streams share one encoder (one VAE, one T5, one pool of decode
+    threads)."""
+    from cogvx_mega.data.encoder import ClipEncoder
+    from cogvx_mega.data.image_shards import ImageShardIndex, MixedDataset, image_plan, split_plan, stream_step
+    from cogvx_mega.data.online import open_online_dataset
+    from cogvx_mega.tools.data_encode import load_encoders
+
+    data = config.data
+    source, ratio = data.source, data.image_ratio
+    if source == "synthetic" or not (os.path.isfile(source) or is_clip_index(source)):
+        raise ConfigError("data.image_ratio", ratio, f"mixes images with videos in online mode: pass a manifest "
+                                                     f"(cogvx data scan) or its clip index as --data with --vae and "
+                                                     f"--text-encoder, not {source!r}; or set data.image_ratio=null")
+    check_online_encoders(data)
+    plan = plan_online_source(config, global_batch, must_hold_clips=ratio < 1 or data.images is None)
+    images_from = ("data.source", source)
+    if data.images is not None:
+        own = sum(len(clips) for clips in split_plan(plan, images=True).clips.values())
+        if own and ratio > 0 and first_rank():
+            logger.warning("data.images: the image steps read %s; the %d images of %s in its 1-frame buckets are not "
+                           "trained on (leave them out of the manifest, or set data.images=null to train on them)",
+                           data.images, own, source)
+        image_stream_plan, notes = image_plan(ImageShardIndex.open(data.images), data.bucket_names(),
+                                              data.merge_below(global_batch))
+        for note in notes if first_rank() else []:
+            logger.warning(note)
+        images_from = ("data.images", data.images)
+    else:
+        image_stream_plan = split_plan(plan, images=True)
+    device = config.training.device
+    vae, text_encoder = load_encoders(config, data.vae, data.text_encoder, device)
+    encoder = ClipEncoder(vae, text_encoder, data.fps, device, workers=data.num_workers)
+    streams = {}
+    for images, stream_plan in ((True, image_stream_plan), (False, split_plan(plan, images=False))):
+        share = ratio if images else 1 - ratio
+        streams[images] = (open_online_dataset(stream_plan, vae, text_encoder, config, device, encoder=encoder,
+                                               order_step=functools.partial(stream_step, image_ratio=ratio,
+                                                                            images=images))
+                           if share > 0 else None)
+    try:
+        return MixedDataset(streams[True], streams[False], ratio, global_batch, images_from=images_from,
+                            videos_from=("data.source", source))
+    except ConfigError:
+        encoder.close()
+        raise
 
 
 def cache_image_latents(config):

@@ -1,4 +1,5 @@
-"""`cogvx data scan|encode|info`: media folder -> manifest -> latent cache, and what a cache or manifest holds."""
+"""`cogvx data scan|index|encode|info|index-images`: media folder -> manifest -> latent cache, what a cache or
+manifest holds, and the index of webdataset/img2dataset tar shards of images (data.images)."""
 from __future__ import annotations
 
 import argparse
@@ -38,10 +39,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                               help="what a latent cache holds (buckets, sizes, shards) or a manifest would make")
     info.add_argument("path", metavar="CACHE|MANIFEST")
     add_config_arguments(info)  # the buckets, fps and global batch a manifest is planned at
+    images = actions.add_parser("index-images", parents=[verbose_parent()],
+                                help="index webdataset/img2dataset tar shards of images and captions (one row per "
+                                     "shard) for data.images")
+    images.add_argument("sources", metavar="TAR", nargs="+", help="tar shards, or folders of them")
+    images.add_argument("--output", required=True, help="the index folder to write")
+    images.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1), help="tars read in parallel")
+    images.add_argument("--overwrite", action="store_true")
 
 
 def run(args: argparse.Namespace) -> int:
-    return {"scan": run_scan, "index": run_index, "encode": run_encode, "info": run_info}[args.data_command](args)
+    return {"scan": run_scan, "index": run_index, "encode": run_encode, "info": run_info,
+            "index-images": run_index_images}[args.data_command](args)
 
 
 def run_scan(args: argparse.Namespace) -> int:
@@ -87,4 +96,22 @@ def run_info(args: argparse.Namespace) -> int:
     from cogvx_mega.data.info import describe_data
 
     print(describe_data(args.path, resolve_config(args)))
+    return 0
+
+
+def run_index_images(args: argparse.Namespace) -> int:
+    """One Parquet row per tar shard (never one per image); a tar that cannot be read is skipped, one line each."""
+    import sys
+
+    from cogvx_mega.config.errors import refuse_existing_output
+    from cogvx_mega.data.image_shards import build_image_index
+
+    refuse_existing_output("--output", args.output, args.overwrite, what="folder")
+    index, skipped = build_image_index(args.sources, args.output, args.workers, progress=True)
+    for line in skipped:
+        print(line, file=sys.stderr)
+    mixed = index.meta["mixed_sizes"]
+    print(f"indexed {len(index)} shards ({index.images} images) into {args.output}, {len(skipped)} tar(s) skipped"
+          + (f"; {mixed} shard(s) hold images of several sizes (each goes to the bucket of its most common size)"
+             if mixed else ""))
     return 0

@@ -8,7 +8,7 @@ from typing import Literal, Optional
 from cogvx_mega.config.errors import ConfigError, check_choices, check_frame_count
 from cogvx_mega.config.model import ModelConfig
 
-STAGE_FIELDS = {"buckets", "source", "pack_tokens", "num_frames", "height", "width"}
+STAGE_FIELDS = {"buckets", "source", "pack_tokens", "num_frames", "height", "width", "images", "image_ratio"}
 SmallBuckets = Literal["drop", "merge"]
 
 
@@ -18,8 +18,9 @@ class DataConfig:
 
     source: str = "synthetic"
     """'synthetic' (generated moving shapes), a latent cache (`cogvx data encode`), a folder of latents from
-    `cogvx vae encode`, or a manifest (.jsonl from `cogvx data scan`) for online mode: clips decoded and
-    encoded on the fly with `vae` and `text_encoder`, the same batches the cache of that manifest gives."""
+    `cogvx vae encode`, or a manifest (.jsonl from `cogvx data scan`, or its clip index folder from `cogvx data
+    index`) for online mode: clips decoded and encoded on the fly with `vae` and `text_encoder`, the same batches
+    the cache of that manifest gives."""
     num_frames: int = 49
     height: int = 480
     width: int = 720
@@ -59,8 +60,20 @@ class DataConfig:
     """Clips packed together best-fit-decreasing (a larger window packs tighter)."""
     stages: Optional[list] = None
     """Progressive training: a list of stages, each {until_step: N (absent on the last), and any of buckets,
-    source, pack_tokens, num_frames, height, width}, overriding these data fields from the previous stage's
-    end until step N. Each stage starts its own data order at its first step."""
+    source, pack_tokens, num_frames, height, width, images, image_ratio}, overriding these data fields from the
+    previous stage's end until step N. Each stage starts its own data order at its first step."""
+    images: Optional[str] = None
+    """An image shard index (`cogvx data index-images TARS --output INDEX`: one row per webdataset/img2dataset tar
+    of images and KEY.txt captions): the images of the image steps of data.image_ratio, trained on as 1-frame clips
+    in the 1-frame buckets of data.buckets, read from inside the tars and encoded on the fly with `vae` and
+    `text_encoder`, as online mode encodes a manifest. None: the image steps draw from the 1-frame buckets of
+    `source`."""
+    image_ratio: Optional[float] = None
+    """Images mixed with videos, as CogVideoX trains: the share of the steps (0..1) that are image steps. Step s is
+    an image step when floor((s+1)r) > floor(sr), so image steps are spread evenly; an image step draws a global
+    batch from the 1-frame buckets (of `images`, or of `source`), a video step from the other buckets, each stream
+    in its own keyed order (a resume needs only the step). Online mode (a manifest or clip index as `source`); not
+    with data.packing. None: no mixing, every bucket drawn in proportion to its clips."""
 
     def merge_below(self, global_batch: int) -> Optional[int]:
         """The global batch under which a bucket's clips are merged into another (data.small_buckets=merge, not
@@ -96,6 +109,31 @@ class DataConfig:
             out.append((start, end, config))
             start = end
         return out
+
+    def validate_image_mix(self) -> None:
+        """data.image_ratio and data.images: a share of the steps, with buckets for each stream it draws."""
+        ratio = self.image_ratio
+        if self.images is not None and ratio is None:
+            raise ConfigError("data.images", self.images, "set data.image_ratio too: the share of the steps that "
+                                                          "are image steps (e.g. 0.1)")
+        if ratio is None:
+            return
+        if isinstance(ratio, bool) or not 0 <= ratio <= 1:
+            raise ConfigError("data.image_ratio", ratio, "use a share of the steps between 0 and 1, or null (no "
+                                                         "mixing)")
+        if self.packing:
+            raise ConfigError("data.image_ratio", ratio, "is not used with data.packing (packs hold clips of every "
+                                                         "size already): set data.image_ratio=null or "
+                                                         "data.packing=false")
+        frames = [int(str(bucket).lower().split("x")[0]) for bucket in self.bucket_names()]
+        if ratio > 0 and 1 not in frames:
+            raise ConfigError("data.buckets", self.buckets, f"data.image_ratio={ratio} trains image steps, which "
+                                                            f"draw from 1-frame buckets: add one, e.g. "
+                                                            f"1x{self.height}x{self.width}")
+        if ratio < 1 and not any(f > 1 for f in frames):
+            raise ConfigError("data.buckets", self.buckets, f"data.image_ratio={ratio} trains video steps, which "
+                                                            f"draw from buckets of more than one frame: add one, or "
+                                                            f"set data.image_ratio=1")
 
     def latent_shape(self, model: ModelConfig) -> tuple[int, int, int]:
         """(latent frames, latent height, latent width)."""
@@ -156,3 +194,5 @@ class DataConfig:
             if height % unit or width % unit:
                 raise ConfigError("data.buckets", bucket, f"height and width must be multiples of {unit} (VAE "
                                                           f"compression x patch size)")
+        if not self.stages:  # with stages, each stage is checked with its own buckets
+            self.validate_image_mix()
