@@ -19,6 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     scan.add_argument("--captions", help="JSONL or CSV of (path, caption); otherwise a sidecar .txt per file")
     scan.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1), help="parallel probes")
     scan.add_argument("--overwrite", action="store_true")
+    scan.add_argument("--part", default=None, metavar="I/N",
+                      help="scan part I of N (0-based) and merge when all are written; under torchrun or a SLURM job "
+                           "array the task's place is used without this flag")
     index = actions.add_parser("index", parents=[verbose_parent()],
                                help="a manifest as a clip index (Parquet, by bucket) for corpora of millions of clips")
     index.add_argument("manifest", metavar="MANIFEST")
@@ -54,9 +57,22 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_scan(args: argparse.Namespace) -> int:
+    from cogvx_mega.config.errors import ConfigError
     from cogvx_mega.tools.data_scan import scan_folder
 
-    summary = scan_folder(args.source, args.output, args.captions, args.workers, args.overwrite)
+    part = None
+    if args.part is not None:
+        try:
+            part = tuple(int(v) for v in args.part.split("/"))
+        except ValueError:
+            part = ()
+        if len(part) != 2:
+            raise ConfigError("--part", args.part, "write I/N, e.g. 3/16 for the fourth of 16 parts")
+    summary = scan_folder(args.source, args.output, args.captions, args.workers, args.overwrite, part)
+    if not summary.merged:
+        print(f"scanned {summary.files} files of this part: {summary.clips} clips, {summary.skipped} skipped; the "
+              f"last part to finish writes {args.output}")
+        return 0
     print(f"scanned {summary.files} files: {summary.clips} clips ({summary.videos} videos, "
           f"{summary.clips - summary.videos} images) written to {args.output}, {summary.skipped} skipped")
     return 0

@@ -108,3 +108,14 @@ def test_a_scan_split_over_tasks_writes_the_manifest_of_one_scan(how, media, tmp
     assert summaries[2] == summaries[1]  # task 0 again: its part read back, not scanned again
     assert 0 < summaries[0].files and 0 < summaries[1].files  # the hash split gave every task some files
     assert summaries[0].files + summaries[1].files < whole.files
+
+
+def test_scan_parts_from_the_command_line(media, tmp_path, capsys):
+    root, _ = media
+    output = tmp_path / "m.jsonl"
+    assert main(["data", "scan", str(root), "--output", str(output), "--part", "1/2"]) == 0
+    assert "the last part to finish writes" in capsys.readouterr().out and not output.exists()
+    assert main(["data", "scan", str(root), "--output", str(output), "--part", "0/2"]) == 0
+    assert "written to" in capsys.readouterr().out and output.is_file()
+    assert main(["data", "scan", str(root), "--output", str(tmp_path / "x.jsonl"), "--part", "3"]) == EXIT_USER_ERROR
+    assert "--part='3': write I/N" in capsys.readouterr().err
