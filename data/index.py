@@ -15,6 +15,7 @@ groups of `ROW_GROUP_ROWS`.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -299,39 +300,62 @@ def _explain_bad_manifest(manifest: Path, error: Exception) -> ConfigError:
 
 def build_index(manifest: str | os.PathLike, folder: str | os.PathLike, bucket_names: Sequence[str], fps: float,
                 merge_below: Optional[int] = None, block_bytes: int = BLOCK_BYTES,
-                progress: bool = False) -> ClipIndex:
+                progress: bool = False, filters: Optional[list] = None) -> ClipIndex:
     """Index `manifest` into `folder` (written whole or not at all) for `bucket_names` at `fps`; with
     `merge_below` (the global batch, data.small_buckets=merge) the clips of buckets holding fewer move as
-    `buckets.merge_small_buckets` moves them."""
+    `buckets.merge_small_buckets` moves them; with `filters` (data.filters) only the lines whose columns lie in
+    bounds are kept, and the lines each filter drops are counted. `manifest` may also be an index folder built
+    without filters: its rows are read back (in manifest order within each bucket) and indexed again, which is
+    how a stage's filters are applied to an index built once."""
     pa = _pyarrow()
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     manifest = Path(manifest)
-    if not manifest.is_file():
+    source_index = ClipIndex.open(manifest) if (manifest / INDEX_FILE).is_file() else None
+    if source_index is None and not manifest.is_file():
         raise ConfigError("--manifest", str(manifest), "no such file; write one with `cogvx data scan DIR --output M`")
+    if source_index is not None and source_index.meta.get("filters"):
+        raise ConfigError("--data", str(manifest), "this index was built with data.filters, so the clips they dropped "
+                                                   "are not in it: build it from the manifest without filters, and "
+                                                   "filter per run or stage")
     buckets = [Bucket.parse(name) for name in bucket_names]
     names = [b.name for b in buckets]
+    filters = list(filters or [])
     parts, skipped, examples, line, kinds = [], 0, [], 0, {}
+    dropped, seen_columns, all_columns = [0] * len(filters), set(), set()
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=manifest.stat().st_size, unit="B", unit_scale=True, desc="index", dynamic_ncols=True)
-    with atomic_directory(folder) as tmp, open(manifest, "rb") as raw:
-        hashed = _HashingReader(raw)
+        total = sum(p["rows"] for p in source_index.meta["parts"]) if source_index else manifest.stat().st_size
+        bar = tqdm(total=total, unit="row" if source_index else "B", unit_scale=True, desc="index",
+                   dynamic_ncols=True)
+    with atomic_directory(folder) as tmp, contextlib.ExitStack() as stack:
+        if source_index is None:
+            raw = stack.enter_context(open(manifest, "rb"))
+            hashed = _HashingReader(raw)
+            blocks = _read_blocks(manifest, hashed, block_bytes)
+        else:
+            blocks = (pa.Table.from_batches([batch]) for part in source_index.meta["parts"]
+                      for batch in pq.ParquetFile(manifest / part["file"]).iter_batches(batch_size=1 << 16))
         try:
-            for table in _read_blocks(manifest, hashed, block_bytes):
+            for table in blocks:
                 columns = numeric_columns(table)
+                all_columns.update(table.column_names)
                 if "kind" in table.column_names:
                     for item in pc.value_counts(table.column("kind")).to_pylist():
                         kinds[item["values"] or "video"] = kinds.get(item["values"] or "video", 0) + item["counts"]
                 reasons = unusable_reasons(table, columns)
                 ok = reasons == None  # noqa: E711 (elementwise)
+                for number, passes in enumerate(filter_passes(table, filters, seen_columns)):
+                    dropped[number] += int((ok & ~passes).sum())
+                    ok &= passes
+                kept_by_filters = ok | (reasons != None)  # noqa: E711 (elementwise)
                 number = np.full(table.num_rows, -1, np.int64)
                 if ok.any():
                     number[ok] = assign_buckets({k: v[ok] for k, v in columns.items()}, buckets, fps)
-                for row in np.flatnonzero(number < 0):
+                for row in np.flatnonzero((number < 0) & kept_by_filters):
                     skipped += 1
                     if len(examples) < SKIPPED_SHOWN:
                         reason = reasons[row] or f"fits no bucket of {', '.join(names)}"
@@ -354,14 +378,20 @@ def build_index(manifest: str | os.PathLike, folder: str | os.PathLike, bucket_n
                                   "bytes": (tmp / part).stat().st_size})
                 line += table.num_rows
                 if bar is not None:
-                    bar.update(raw.tell() - bar.n)
+                    bar.update(table.num_rows if source_index else raw.tell() - bar.n)
         except pa.ArrowInvalid as error:
             raise _explain_bad_manifest(manifest, error) from None
         if bar is not None:
             bar.close()
+        for number, item in enumerate(filters):
+            if item["column"] not in seen_columns:
+                raise ConfigError(f"data.filters[{number}].column", item["column"],
+                                  f"no line of {manifest} has that column; its columns are "
+                                  f"{', '.join(sorted(all_columns))}")
         meta = {"format": INDEX_FORMAT, "manifest": str(manifest.resolve()), "buckets": names, "fps": fps,
                 "merge_below": merge_below, "parts": parts, "skipped": skipped, "skipped_examples": examples,
-                "lines": line, "kinds": kinds}
+                "lines": line, "kinds": kinds, "filters": filters or None,
+                "filter_dropped": dropped}
         counts = {name: sum(p["segments"].get(name, [0, 0])[1] for p in parts) for name in names}
         merged: dict[str, dict[str, int]] = {}
         small = [name for name in names if 0 < counts[name] < merge_below] if merge_below else []
@@ -369,12 +399,62 @@ def build_index(manifest: str | os.PathLike, folder: str | os.PathLike, bucket_n
             meta["small"] = small
             merged, counts = _merge(tmp, meta, buckets, counts, fps, merge_below)
         meta["merged"], meta["clips"] = merged, counts
-        made_from = {"manifest": hashed.digest.hexdigest(), "buckets": names, "fps": fps}
+        made_from = {"manifest": hashed.digest.hexdigest() if source_index is None else source_index.fingerprint,
+                     "buckets": names, "fps": fps}
         if merged:
             made_from["merged"] = merged
+        if filters:
+            made_from["filters"] = filters
         meta["fingerprint"] = hashlib.sha256(json.dumps(made_from, sort_keys=True).encode()).hexdigest()
         (tmp / INDEX_FILE).write_text(json.dumps(meta, indent=1))
     return ClipIndex.open(folder)
+
+
+def filter_passes(table, filters: list, seen_columns: set) -> list[np.ndarray]:
+    """For each filter {column, min, max}, whether each row of a manifest block passes it (a row without a value
+    does not); the filtered columns present in the block are added to `seen_columns`. A column that holds text
+    is one ConfigError."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    out = []
+    for number, item in enumerate(filters):
+        column = item["column"]
+        if column not in table.column_names:
+            out.append(np.zeros(table.num_rows, dtype=bool))
+            continue
+        values = table.column(column)
+        if pa.types.is_null(values.type):
+            out.append(np.zeros(table.num_rows, dtype=bool))
+            continue
+        seen_columns.add(column)
+        if not (pa.types.is_integer(values.type) or pa.types.is_floating(values.type)
+                or pa.types.is_boolean(values.type)):
+            raise ConfigError(f"data.filters[{number}].column", column, f"holds {values.type} values, not numbers: "
+                                                                        f"filter a numeric column")
+        numbers = pc.cast(values, "float64").to_numpy(zero_copy_only=False)
+        passes = ~np.isnan(numbers)
+        if item.get("min") is not None:
+            passes &= numbers >= item["min"]
+        if item.get("max") is not None:
+            passes &= numbers <= item["max"]
+        out.append(passes)
+    return out
+
+
+def filter_summary(index: "ClipIndex") -> Optional[str]:
+    """One line per filter of the index: the lines it dropped, then the clips kept; None without filters."""
+    filters = index.meta.get("filters")
+    if not filters:
+        return None
+    lines = []
+    for item, dropped in zip(filters, index.meta["filter_dropped"]):
+        bounds = " and ".join(part for part in (
+            f">= {item['min']}" if item.get("min") is not None else "",
+            f"<= {item['max']}" if item.get("max") is not None else "") if part)
+        lines.append(f"  filter {item['column']} {bounds}: {dropped} clips dropped")
+    lines.append(f"  kept {len(index)} clips of {index.meta['lines']} manifest lines")
+    return "data.filters:\n" + "\n".join(lines)
 
 
 def _merge(tmp: Path, meta: dict, buckets: list[Bucket], counts: dict[str, int], fps: float,
@@ -409,9 +489,10 @@ def _merge(tmp: Path, meta: dict, buckets: list[Bucket], counts: dict[str, int],
 
 
 def index_for(source: str | os.PathLike, bucket_names: Sequence[str], fps: float,
-              merge_below: Optional[int] = None, flag: str = "--data") -> ClipIndex:
-    """The clip index of `source`: an index folder (checked to be built for these buckets, rate and merge), or
-    a JSONL manifest indexed into a temporary folder removed when the process ends."""
+              merge_below: Optional[int] = None, flag: str = "--data", filters: Optional[list] = None) -> ClipIndex:
+    """The clip index of `source`: an index folder (checked to be built for these buckets, rate and merge; with
+    other `filters` than it was built with, indexed again with them into a temporary folder), or a JSONL
+    manifest indexed into a temporary folder removed when the process ends."""
     where = Path(source)
     if where.is_dir() and (where / INDEX_FILE).is_file():
         index = ClipIndex.open(where)
@@ -420,12 +501,13 @@ def index_for(source: str | os.PathLike, bucket_names: Sequence[str], fps: float
         if built != wanted:
             raise ConfigError(flag, str(source), f"the index was built for {built}, this run needs {wanted}; build "
                                                  f"it again with `cogvx data index` and this config")
-        return index
+        if (index.meta.get("filters") or None) == (list(filters or []) or None):
+            return index
     import atexit
 
     tmp = Path(tempfile.mkdtemp(prefix="cogvx-index-"))
     atexit.register(shutil.rmtree, tmp, True)
-    return build_index(where, tmp / "index", bucket_names, fps, merge_below)
+    return build_index(where, tmp / "index", bucket_names, fps, merge_below, filters=filters)
 
 
 def skipped_lines(index: ClipIndex) -> list[str]:

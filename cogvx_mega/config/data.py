@@ -8,7 +8,9 @@ from typing import Literal, Optional
 from cogvx_mega.config.errors import ConfigError, check_choices, check_frame_count
 from cogvx_mega.config.model import ModelConfig
 
-STAGE_FIELDS = {"buckets", "source", "pack_tokens", "num_frames", "height", "width", "images", "image_ratio"}
+STAGE_FIELDS = {"buckets", "source", "pack_tokens", "num_frames", "height", "width", "images", "image_ratio",
+                "filters"}
+FILTER_KEYS = {"column", "min", "max"}
 SmallBuckets = Literal["drop", "merge"]
 
 
@@ -58,10 +60,17 @@ class DataConfig:
     """Token budget of a pack, text tokens included (with data.packing; at least the longest clip)."""
     pack_window: int = 4096
     """Clips packed together best-fit-decreasing (a larger window packs tighter)."""
+    filters: Optional[list] = None
+    """Keep only the clips whose manifest columns lie in bounds: a list of {column, min, max} (either bound may be
+    left out; both inclusive), e.g. [{column: motion_score, min: 0.3}, {column: aesthetic_score, min: 5.0}]. Any
+    numeric column of the manifest counts (the scores of `cogvx data score`, a user's own). A clip without a
+    value for a filtered column is left out. Applied when the manifest or clip index is planned (online mode and
+    `cogvx data encode`); the clips kept and dropped per filter are printed when a stage opens. Per stage in
+    `data.stages`, so thresholds can tighten as training goes on."""
     stages: Optional[list] = None
     """Progressive training: a list of stages, each {until_step: N (absent on the last), and any of buckets,
-    source, pack_tokens, num_frames, height, width, images, image_ratio}, overriding these data fields from the
-    previous stage's end until step N. Each stage starts its own data order at its first step."""
+    source, pack_tokens, num_frames, height, width, images, image_ratio, filters}, overriding these data fields
+    from the previous stage's end until step N. Each stage starts its own data order at its first step."""
     images: Optional[str] = None
     """An image shard index (`cogvx data index-images TARS --output INDEX`: one row per webdataset/img2dataset tar
     of images and KEY.txt captions): the images of the image steps of data.image_ratio, trained on as 1-frame clips
@@ -196,3 +205,27 @@ class DataConfig:
                                                           f"compression x patch size)")
         if not self.stages:  # with stages, each stage is checked with its own buckets
             self.validate_image_mix()
+        self.validate_filters()
+
+    def validate_filters(self) -> None:
+        """data.filters: a list of {column, min, max} with numbers as bounds and at least one bound."""
+        if self.filters is None:
+            return
+        if not isinstance(self.filters, list):
+            raise ConfigError("data.filters", self.filters, "use a list of {column: NAME, min: X, max: Y}")
+        for index, item in enumerate(self.filters):
+            name = f"data.filters[{index}]"
+            if not isinstance(item, dict) or not isinstance(item.get("column"), str) or not item["column"]:
+                raise ConfigError(name, item, "write a filter as {column: NAME, min: X, max: Y} (a bound may be left "
+                                              "out)")
+            unknown = set(item) - FILTER_KEYS
+            if unknown:
+                raise ConfigError(name, item, f"unknown keys {sorted(unknown)}; a filter has column, min and max")
+            for bound in ("min", "max"):
+                value = item.get(bound)
+                if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                    raise ConfigError(f"{name}.{bound}", value, "use a number (or leave the bound out)")
+            if item.get("min") is None and item.get("max") is None:
+                raise ConfigError(name, item, "give min, max or both")
+            if item.get("min") is not None and item.get("max") is not None and item["min"] > item["max"]:
+                raise ConfigError(name, item, "min is above max: no clip could pass")

@@ -133,3 +133,55 @@ def test_data_index_and_info_commands(tmp_path, capsys):
     assert main(["data", "index", str(tmp_path / "m.jsonl"), "--output", str(tmp_path / "index"), "--preset",
                  "tiny"]) == 2  # exists: --overwrite
     assert "already exists" in capsys.readouterr().err
+
+
+def test_filters_keep_what_a_hand_filtered_manifest_holds(tmp_path):
+    """data.filters at index time: the clips kept are those of the manifest filtered by hand, in the same order,
+    each filter's dropped lines counted; an index built once without filters gives the same when filtered."""
+    records = random_records(600, seed=6)
+    for i, record in enumerate(records):
+        record["watermark"] = (i * 37 % 100) / 100
+        if i % 50 == 0:
+            del record["motion_score"]  # no value: dropped by a filter on it
+    write_manifest(tmp_path / "m.jsonl", records)
+    filters = [{"column": "motion_score", "min": 0.3}, {"column": "watermark", "max": 0.6}]
+    index = clip_index.build_index(tmp_path / "m.jsonl", tmp_path / "filtered", BUCKETS, 8.0, filters=filters,
+                                   block_bytes=16 << 10)
+    by_hand = [r for r in usable(records) if r.get("motion_score", -1) >= 0.3 and r["watermark"] <= 0.6]
+    plan = plan_cache(by_hand, BUCKETS, 8.0, shard_clips=16)
+    for bucket in BUCKETS:
+        assert [r["path"] for r in index.records(bucket)[:]] == [r["path"] for r in plan.clips[bucket]]
+    first = [r for r in usable(records) if not r.get("motion_score", -1) >= 0.3]
+    second = [r for r in usable(records) if r.get("motion_score", -1) >= 0.3 and r["watermark"] > 0.6]
+    assert index.meta["filter_dropped"] == [len(first), len(second)]
+    summary = clip_index.filter_summary(index)
+    assert f"motion_score >= 0.3: {len(first)} clips dropped" in summary and f"kept {len(index)} clips" in summary
+    clip_index.build_index(tmp_path / "m.jsonl", tmp_path / "all", BUCKETS, 8.0)
+    derived = clip_index.index_for(tmp_path / "all", BUCKETS, 8.0, filters=filters)
+    assert all(derived.records(b)[:] == index.records(b)[:] for b in BUCKETS)
+    assert clip_index.index_for(tmp_path / "all", BUCKETS, 8.0).folder == tmp_path / "all"  # no filters: as built
+    with pytest.raises(ConfigError, match="built with data.filters"):
+        clip_index.index_for(tmp_path / "filtered", BUCKETS, 8.0, filters=filters[:1])
+
+
+@pytest.mark.parametrize("column, needle", [("no_such_score", "no line of .* has that column"),
+                                            ("caption", "holds string values, not numbers")])
+def test_a_filter_on_a_missing_or_text_column_is_one_line(tmp_path, column, needle):
+    write_manifest(tmp_path / "m.jsonl", random_records(40, seed=7))
+    with pytest.raises(ConfigError, match=needle):
+        clip_index.build_index(tmp_path / "m.jsonl", tmp_path / "index", BUCKETS, 8.0,
+                               filters=[{"column": column, "min": 1}])
+    assert not (tmp_path / "index").exists()
+
+
+@pytest.mark.parametrize("filters, needle", [
+    ([{"column": "motion_score", "min": "high"}], r"data.filters\[0\].min='high': use a number"),
+    ([{"column": "motion_score"}], "give min, max or both"),
+    ([{"column": "motion_score", "min": 2, "max": 1}], "min is above max"),
+    ([{"field": "motion_score", "min": 1}], "write a filter as"),
+    ({"column": "motion_score"}, "use a list")])
+def test_a_bad_filter_in_the_config_is_one_line(filters, needle):
+    from cogvx_mega.config import load_config
+
+    with pytest.raises(ConfigError, match=needle):
+        load_config("tiny", overrides=[f"data.filters={json.dumps(filters)}"])
