@@ -1,5 +1,6 @@
-"""`cogvx data scan|index|encode|info|index-images`: media folder -> manifest -> latent cache, what a cache or
-manifest holds, and the index of webdataset/img2dataset tar shards of images (data.images)."""
+"""`cogvx data scan|split|score|index|encode|info|index-images`: media folder -> manifest (cut into shots, scored)
+-> latent cache, what a cache or manifest holds, and the index of webdataset/img2dataset tar shards of images
+(data.images)."""
 from __future__ import annotations
 
 import argparse
@@ -22,6 +23,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     scan.add_argument("--part", default=None, metavar="I/N",
                       help="scan part I of N (0-based) and merge when all are written; under torchrun or a SLURM job "
                            "array the task's place is used without this flag")
+    split = actions.add_parser("split", parents=[verbose_parent()],
+                               help="cut every video of a manifest into shots (PySceneDetect), one line per shot")
+    split.add_argument("manifest", metavar="MANIFEST")
+    split.add_argument("--output", required=True, help="the manifest of shots to write")
+    split.add_argument("--detector", choices=("content", "adaptive"), default="content",
+                       help="PySceneDetect's ContentDetector (a threshold on the change between frames) or "
+                            "AdaptiveDetector (a change that stands out from its neighbours'; fewer false cuts in "
+                            "fast motion)")
+    split.add_argument("--threshold", type=float, default=27.0, help="content: the mean HSV change (0-255) of a cut")
+    split.add_argument("--adaptive-threshold", type=float, default=3.0,
+                       help="adaptive: how many times its neighbours' mean change a cut's change is")
+    split.add_argument("--min-content-val", type=float, default=15.0, help="adaptive: the least change of a cut")
+    split.add_argument("--min-shot-seconds", type=float, default=None,
+                       help="drop shorter shots (default: shots that fill the shortest video bucket of --preset/"
+                            "--config when one is given, else 2.0 s)")
+    split.add_argument("--detect-width", type=int, default=256, help="frames are downscaled to this width to detect")
+    split.add_argument("--motion", action="store_true", help="also give each shot its motion_score, same decode")
+    add_score_arguments(split, aesthetic=False)
+    add_config_arguments(split)  # the buckets and fps a shot must fill
+    score = actions.add_parser("score", parents=[verbose_parent()],
+                               help="add motion_score (optical flow) and aesthetic_score (CLIP + LAION head) columns")
+    score.add_argument("manifest", metavar="MANIFEST")
+    score.add_argument("--output", help="the manifest to write (default: MANIFEST itself, replaced when done)")
+    score.add_argument("--motion", action="store_true", help="motion_score: mean optical flow, Farneback (OpenCV) "
+                                                             "or RAFT with --raft-weights")
+    score.add_argument("--aesthetic", metavar="HEAD", help="aesthetic_score: the LAION aesthetic MLP head's weights "
+                                                           "(e.g. sac+logos+ava1-l14-linearMSE.pth)")
+    score.add_argument("--aesthetic-clip", metavar="DIR", help="the local CLIP model folder the head was trained on "
+                                                               "(clip-vit-large-patch14 for LAION's)")
+    score.add_argument("--aesthetic-frames", type=int, default=3, help="frames per clip scored and averaged")
+    add_score_arguments(score, aesthetic=True)
     index = actions.add_parser("index", parents=[verbose_parent()],
                                help="a manifest as a clip index (Parquet, by bucket) for corpora of millions of clips")
     index.add_argument("manifest", metavar="MANIFEST")
@@ -49,25 +81,74 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     images.add_argument("--output", required=True, help="the index folder to write")
     images.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1), help="tars read in parallel")
     images.add_argument("--overwrite", action="store_true")
+    from cogvx_mega.tools import data_caption, data_dedup
+
+    data_dedup.add_arguments(actions.add_parser("dedup", parents=[verbose_parent()], help=data_dedup.HELP))
+    data_caption.add_arguments(actions.add_parser("caption", parents=[verbose_parent()], help=data_caption.HELP))
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (a SLURM task's allocation), or the machine's where that is not known."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def add_score_arguments(parser: argparse.ArgumentParser, aesthetic: bool) -> None:
+    """The flags `split` and `score` share: motion sampling, workers, parts, device."""
+    parser.add_argument("--raft-weights", metavar="PATH",
+                        help="motion by torchvision's RAFT-small with these weights (implies --motion)")
+    parser.add_argument("--motion-fps", type=float, default=2.0, help="frame pairs scored per second of video")
+    parser.add_argument("--motion-side", type=int, default=128, help="short side of the frames the flow is taken on")
+    parser.add_argument("--every-frame", action="store_true",
+                        help="decode every frame (exact cut frames); by default the frames no other frame refers to "
+                             "(H.264/HEVC non-reference B-frames) are skipped: ~25%% faster, a cut at most a frame late")
+    parser.add_argument("--workers", type=int, default=usable_cores(),
+                        help="files decoded in parallel (default: the cores this process may use)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cuda: decode with DALI on the GPU (where installed)" +
+                             (", run CLIP and RAFT there" if aesthetic else ", run RAFT there"))
+    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--part", default=None, metavar="I/N",
+                        help="do part I of N (0-based) and merge when all are written; under torchrun or a SLURM job "
+                             "array the task's place is used without this flag")
 
 
 def run(args: argparse.Namespace) -> int:
-    return {"scan": run_scan, "index": run_index, "encode": run_encode, "info": run_info,
-            "index-images": run_index_images}[args.data_command](args)
+    return {"scan": run_scan, "split": run_split, "score": run_score, "index": run_index, "encode": run_encode,
+            "info": run_info, "index-images": run_index_images, "dedup": run_dedup,
+            "caption": run_caption}[args.data_command](args)
+
+
+def run_dedup(args: argparse.Namespace) -> int:
+    from cogvx_mega.tools.data_dedup import run as dedup
+
+    return dedup(args)
+
+
+def run_caption(args: argparse.Namespace) -> int:
+    from cogvx_mega.tools.data_caption import run as caption
+
+    return caption(args)
+
+
+def parse_part(text):
+    """--part I/N as (I, N); None without the flag."""
+    from cogvx_mega.config.errors import ConfigError
+
+    if text is None:
+        return None
+    try:
+        part = tuple(int(v) for v in text.split("/"))
+    except ValueError:
+        part = ()
+    if len(part) != 2:
+        raise ConfigError("--part", text, "write I/N, e.g. 3/16 for the fourth of 16 parts")
+    return part
 
 
 def run_scan(args: argparse.Namespace) -> int:
-    from cogvx_mega.config.errors import ConfigError
     from cogvx_mega.tools.data_scan import scan_folder
 
-    part = None
-    if args.part is not None:
-        try:
-            part = tuple(int(v) for v in args.part.split("/"))
-        except ValueError:
-            part = ()
-        if len(part) != 2:
-            raise ConfigError("--part", args.part, "write I/N, e.g. 3/16 for the fourth of 16 parts")
+    part = parse_part(args.part)
     summary = scan_folder(args.source, args.output, args.captions, args.workers, args.overwrite, part)
     if not summary.merged:
         print(f"scanned {summary.files} files of this part: {summary.clips} clips, {summary.skipped} skipped; the "
@@ -75,6 +156,67 @@ def run_scan(args: argparse.Namespace) -> int:
         return 0
     print(f"scanned {summary.files} files: {summary.clips} clips ({summary.videos} videos, "
           f"{summary.clips - summary.videos} images) written to {args.output}, {summary.skipped} skipped")
+    return 0
+
+
+def motion_options(args: argparse.Namespace):
+    from cogvx_mega.tools.data_curate import MotionOptions
+
+    if not (args.motion or args.raft_weights):
+        return None
+    return MotionOptions(fps=args.motion_fps, side=args.motion_side, raft_weights=args.raft_weights)
+
+
+def report_curation(summary, output: str, what: str) -> None:
+    if not summary.merged:
+        print(f"{what} this part: {summary.clips} clips, {summary.written} lines, {summary.failed} failed; the last "
+              f"part to finish writes {output}")
+    else:
+        print(f"{what} {summary.clips} clips: {summary.written} lines written to {output}, {summary.failed} failed "
+              f"(written unchanged)")
+    print(summary.table())
+
+
+def run_split(args: argparse.Namespace) -> int:
+    """One line per shot long enough for training; the shortest video bucket of a config given sets what is long
+    enough (--min-shot-seconds overrides it)."""
+    from cogvx_mega.config.errors import ConfigError
+    from cogvx_mega.data.shots import ShotOptions
+    from cogvx_mega.tools.data_curate import SplitOptions, split_manifest
+
+    for flag, value in (("--threshold", args.threshold), ("--adaptive-threshold", args.adaptive_threshold),
+                        ("--detect-width", args.detect_width), ("--motion-fps", args.motion_fps)):
+        if not value > 0:
+            raise ConfigError(flag, value, "use a positive number")
+    options = SplitOptions(ShotOptions(args.detector, args.threshold, args.adaptive_threshold, args.min_content_val,
+                                       detect_width=args.detect_width), motion=motion_options(args),
+                           every_frame=args.every_frame)
+    if args.min_shot_seconds is not None:
+        if args.min_shot_seconds < 0:
+            raise ConfigError("--min-shot-seconds", args.min_shot_seconds, "use 0 or more seconds")
+        options.min_shot_seconds = args.min_shot_seconds
+    elif args.preset or args.config_file or args.overrides:
+        from cogvx_mega.cli.arguments import resolve_config
+
+        config = resolve_config(args)
+        videos = [int(name.split("x")[0]) for name in config.data.bucket_names() if int(name.split("x")[0]) > 1]
+        if videos:
+            options.min_video_frames, options.data_fps = min(videos), config.data.fps
+    summary = split_manifest(args.manifest, args.output, options, args.workers, args.overwrite,
+                             parse_part(args.part), args.device)
+    report_curation(summary, args.output, "split")
+    return 0
+
+
+def run_score(args: argparse.Namespace) -> int:
+    """Score columns on every line; a clip that cannot be decoded keeps its line without them."""
+    from cogvx_mega.tools.data_curate import ScoreOptions, score_manifest
+
+    options = ScoreOptions(motion=motion_options(args), aesthetic=args.aesthetic, aesthetic_clip=args.aesthetic_clip,
+                           aesthetic_frames=max(1, args.aesthetic_frames), every_frame=args.every_frame)
+    summary = score_manifest(args.manifest, args.output, options, args.workers, args.overwrite,
+                             parse_part(args.part), args.device)
+    report_curation(summary, args.output or args.manifest, "scored")
     return 0
 
 
