@@ -15,7 +15,8 @@ What it measures, through the classes `cogvx train --data` uses (not copies of t
   step's clips), resume_s (opening the index and computing step 1,000,000's clips, from process start to the
   answer, imports excluded).
 - files_per_million_clips: files of a latent cache written by the cache writer (`cache.create_store`,
-  `cache.write_shard`) for `--cache-clips` clips of a stub encoder at the default shard size, per million clips.
+  `cache.encode_cache`) for `--cache-clips` clips of a stub encoder at the default shard size, extrapolated to a
+  million clips (files per shard x shards, text_row chunks, metadata).
 """
 from __future__ import annotations
 
@@ -63,40 +64,46 @@ def write_manifest(path: Path, clips: int, caption_bytes: int, seed: int = 0) ->
 
 
 def count_cache_files(clips: int, work: Path) -> dict:
-    """Files of a latent cache of `clips` clips (one bucket, tiny arrays, a stub encoder) at the encoder's default
-    shard size."""
+    """Files of a latent cache of `clips` clips (one bucket, tiny arrays, a stub encoder, every caption distinct so
+    every shard writes text) at the encoder's default shard size, written by `cache.encode_cache` (claims and
+    markers included); per million clips: the files of a shard times the shards of a million clips, plus the
+    text_row chunks of a million clips and the store's metadata."""
+    import math
+
     import numpy as np
 
     from cogvx_mega.data import cache
+    from cogvx_mega.data.encoder import EncodedClips
     from cogvx_mega.tools.data_encode import DEFAULT_SHARD_CLIPS
 
     class StubEncoder:
-        """What `cache.write_shard` asks of a `ClipEncoder`, without a VAE or T5."""
+        """What `cache.write_shard` asks of a `ClipEncoder`, without a VAE or T5 (values that are not the fill
+        value, so every chunk is stored)."""
 
         def encode(self, records, bucket, decoded=None):
             latent = (4, 1 + (bucket.frames - 1) // 4, bucket.height // 8, bucket.width // 8)
-            moments = [(np.zeros(latent, np.float32), np.zeros(latent, np.float32)) for _ in records]
+            moments = [(np.ones(latent, np.float32), np.ones(latent, np.float32)) for _ in records]
+            return EncodedClips(moments, np.ones((len(records), 4, 8), np.float32), [None] * len(records),
+                                [np.ones((3, bucket.height, bucket.width), np.uint8) for _ in records])
 
-            class Encoded:
-                pass
+    def count(store: Path) -> int:
+        return sum(len(names) for _, _, names in os.walk(store))
 
-            out = Encoded()
-            out.moments, out.failures = moments, [None] * len(records)
-            out.text = [np.zeros((4, 8), np.float32) for _ in records]
-            out.first_frames = [np.zeros((3, bucket.height, bucket.width), np.uint8) for _ in records]
-            return out
-
-    records = [{"path": f"/x/{i}.mp4", "caption": f"clip {i % 97}", "kind": "video", "fps": 8.0, "frames": 9,
+    records = [{"path": f"/x/{i}.mp4", "caption": f"clip {i}", "kind": "video", "fps": 8.0, "frames": 9,
                 "width": 16, "height": 16} for i in range(clips)]
     plan = cache.plan_cache(records, ["9x16x16"], FPS, DEFAULT_SHARD_CLIPS)
     store = work / "cache.zarr"
     cache.create_store(store, plan, 4, 4, 8, {"scaling_factor": 1.0})
-    encoder = StubEncoder()
-    for shard in plan.shards:
-        cache.write_shard(store, plan, shard, encoder)
-    files = sum(len(names) for _, _, names in os.walk(store))
+    created = count(store)
+    cache.encode_cache(store, plan, StubEncoder(), progress=False)
+    files = count(store)
+    per_shard = (files - created) / len(plan.shards)
+    row_chunks = math.ceil(clips / cache.TEXT_ROW_CHUNK)
+    per_million = (per_shard * math.ceil(1_000_000 / DEFAULT_SHARD_CLIPS) + math.ceil(1_000_000 / cache.TEXT_ROW_CHUNK)
+                   + created - row_chunks)
     return {"cache_clips": clips, "shard_clips": DEFAULT_SHARD_CLIPS, "cache_files": files,
-            "files_per_million_clips": round(files * 1_000_000 / clips)}
+            "cache_files_per_shard": per_shard, "cache_metadata_files": created - row_chunks,
+            "files_per_million_clips": round(per_million)}
 
 
 def measure_order(index: str, global_batch: int, steps: int) -> dict:

@@ -6,10 +6,15 @@ in the data is the global sample index s*G (what a checkpoint records). Each cli
 posterior sample, mean + std * noise with the noise keyed on (seed, step, global slot), times the VAE's latent
 scale: [T', C, H, W] as the transformer takes it.
 
-Reads are asynchronous: the batch of the next step is requested while the current one is returned.
+Reads are asynchronous: the batch of the next step is requested while the current one is returned. A clip's
+text embedding is the row `text_row[clip]` of the store's deduplicated `text` array (the text rows are read a
+chunk of `cache.TEXT_ROW_CHUNK` clips at a time and the last few chunks kept: memory does not grow with the
+clips). The float16 moments and text come back as float32. A "latent-cache-v1" store (float32, text per bucket)
+is read too.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 from typing import Optional
 
@@ -18,7 +23,8 @@ import torch
 
 from cogvx_mega.config.errors import ConfigError
 from cogvx_mega.diffusion.randomness import Stream, slot_normal
-from cogvx_mega.data.cache import CACHE_FORMAT, FIRST_FRAME, committed, usable_clips
+from cogvx_mega.data.cache import (CACHE_FORMAT, CACHE_FORMAT_V1, FIRST_FRAME, TEXT, TEXT_ROW, TEXT_ROW_CHUNK,
+                                   committed, usable_clips)
 from cogvx_mega.data.order import BucketedBatches
 
 
@@ -45,8 +51,9 @@ class CacheDataset(BucketedBatches):
         if not (self.path / "zarr.json").is_file():
             raise ConfigError("--data", path, "no latent cache there; write one with `cogvx data encode`")
         attrs = zarr.open_group(str(self.path), mode="r").attrs.asdict()
-        if attrs.get("format") != CACHE_FORMAT:
+        if attrs.get("format") not in (CACHE_FORMAT, CACHE_FORMAT_V1):
             raise ConfigError("--data", path, f"a zarr store but not a {CACHE_FORMAT} cache")
+        self.v1 = attrs["format"] == CACHE_FORMAT_V1
         self.scaling_factor = float(attrs["scaling_factor"])
         markers = committed(self.path)
         planned = attrs.get("shard_count")
@@ -69,13 +76,23 @@ class CacheDataset(BucketedBatches):
                 raise ConfigError("--data", path, f"holds no first frames (bucket {missing[0]}): an image-to-video "
                                                   f"model trains on each clip's first frame; re-encode the cache with "
                                                   f"this version of `cogvx data encode`")
-        self.arrays = {bucket: {name: ts.open({"driver": "zarr3", "kvstore": {"driver": "file",
-                                                                             "path": str(self.path / bucket / name)}},
-                                             read=True).result()
-                                for name in self._arrays_read(image_latents)} for bucket in self.usable}
+        def open_array(*where: str):
+            return ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(self.path.joinpath(*where))}},
+                           read=True).result()
+
+        self.arrays = {bucket: {name: open_array(bucket, name) for name in self._arrays_read(image_latents)}
+                       for bucket in self.usable}
+        if self.v1:
+            for bucket, arrays in self.arrays.items():
+                arrays["text"] = open_array(bucket, "text")
+            text_shape = tuple(next(iter(self.arrays.values()))["text"].shape[1:])
+        else:
+            self.text = open_array(TEXT)
+            self.text_rows = {bucket: open_array(bucket, TEXT_ROW) for bucket in self.usable}
+            self._row_chunks: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
+            text_shape = tuple(self.text.shape[1:])
         self.image_latents = image_latents
         first = next(iter(self.arrays.values()))
-        text_shape = tuple(first["text"].shape[1:])
         if text_length is not None and text_shape[0] != text_length:
             raise ConfigError("--data", path, f"text embeddings have {text_shape[0]} tokens; the model takes "
                                               f"model.max_text_seq_length={text_length}")
@@ -87,7 +104,29 @@ class CacheDataset(BucketedBatches):
 
     @staticmethod
     def _arrays_read(image_latents) -> tuple[str, ...]:
-        return ("mean", "logvar", "text", FIRST_FRAME) if image_latents is not None else ("mean", "logvar", "text")
+        return ("mean", "logvar", FIRST_FRAME) if image_latents is not None else ("mean", "logvar")
+
+    def _rows_of(self, bucket: str, indices) -> list[int]:
+        """The text rows of a bucket's clips, a `TEXT_ROW_CHUNK` chunk of text_row read at a time (the last 64 kept)."""
+        rows = []
+        for index in indices:
+            key = (bucket, int(index) // TEXT_ROW_CHUNK)
+            if key not in self._row_chunks:
+                start = key[1] * TEXT_ROW_CHUNK
+                array = self.text_rows[bucket]
+                self._row_chunks[key] = np.asarray(array[start:min(start + TEXT_ROW_CHUNK, array.shape[0])].read()
+                                                   .result())
+                while len(self._row_chunks) > 64:
+                    self._row_chunks.popitem(last=False)
+            self._row_chunks.move_to_end(key)
+            rows.append(int(self._row_chunks[key][int(index) % TEXT_ROW_CHUNK]))
+        return rows
+
+    def _text_reads(self, bucket: str, indices) -> list:
+        """Futures of the text embeddings [L, D] of a bucket's clips."""
+        if self.v1:
+            return [self.arrays[bucket]["text"][index].read() for index in indices]
+        return [self.text[row].read() for row in self._rows_of(bucket, indices)]
 
     @property
     def provides_image_latents(self) -> bool:
@@ -103,11 +142,13 @@ class CacheDataset(BucketedBatches):
 
     def read_clips(self, refs, slots, step: int, seed: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Latents [T', C, H', W'] (a posterior sample keyed on each clip's slot) and text [L, D] of `refs`."""
-        futures = [{name: self.arrays[bucket][name][index].read() for name in ("mean", "logvar", "text")}
-                   for bucket, index in refs]
+        futures = [{"mean": self.arrays[bucket]["mean"][index].read(),
+                    "logvar": self.arrays[bucket]["logvar"][index].read(),
+                    "text": self._text_reads(bucket, [index])[0]} for bucket, index in refs]
         latents, texts = [], []
         for slot, future in zip(slots, futures):
-            values = {name: torch.from_numpy(np.asarray(f.result()))[None] for name, f in future.items()}
+            values = {name: torch.from_numpy(np.asarray(f.result(), dtype=np.float32))[None]
+                      for name, f in future.items()}
             latents.append(posterior_latents(values["mean"], values["logvar"], range(slot, slot + 1), seed, step,
                                              self.scaling_factor)[0])
             texts.append(values["text"][0])
@@ -117,7 +158,9 @@ class CacheDataset(BucketedBatches):
         bucket, clips = self.batch_of_step(step, global_batch, seed)
         mine = clips[slots.start:slots.stop]
         arrays = self.arrays[bucket]
-        futures = {name: [arrays[name][index].read() for index in mine] for name in arrays}
+        futures = {name: [arrays[name][index].read() for index in mine] for name in self._arrays_read(
+            self.image_latents)}
+        futures["text"] = self._text_reads(bucket, mine)
         return {"bucket": bucket, "futures": futures}
 
     def step_batch(self, step: int, slots: range, global_batch: int, seed: int) -> dict[str, torch.Tensor]:
@@ -125,7 +168,8 @@ class CacheDataset(BucketedBatches):
         request = self._pending.pop(key, None) or self._request(step, slots, global_batch, seed)
         following = (step + 1, slots.start, slots.stop, global_batch, seed)
         self._pending = {following: self._request(step + 1, slots, global_batch, seed)}  # prefetch one step
-        values = {name: torch.from_numpy(np.stack([f.result() for f in futures]))
+        values = {name: torch.from_numpy(np.stack([f.result() for f in futures]).astype(
+                      np.uint8 if name == FIRST_FRAME else np.float32, copy=False))
                   for name, futures in request["futures"].items()}
         latents = posterior_latents(values["mean"], values["logvar"], slots, seed, step, self.scaling_factor)
         batch = {"latents": latents, "text_embeds": values["text"]}

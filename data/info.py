@@ -1,8 +1,9 @@
 """`cogvx data info CACHE|MANIFEST`: what a latent cache holds, or what a manifest would make.
 
 A latent cache (`cache.py`): what it was made from (VAE, text encoder, frame rate, latent scale, the small-bucket
-policy and global batch it was planned for), its fingerprint, its committed shards, and per bucket the usable
-clips, the clips that failed to encode, the latent size and the batches per epoch at the config's global batch.
+policy and global batch it was planned for), its fingerprint, its layout (format, stored dtype, clips per shard
+file, distinct captions), its committed shards, and per bucket the usable clips, the clips that failed to encode,
+the latent size and the batches per epoch at the config's global batch.
 A manifest (`manifest.py`): its clips (videos, images), the lines left out and why, and the clips per bucket it
 would make at the config's data.buckets and data.fps (with data.small_buckets=merge, after merging), as
 `cogvx data encode` would plan them. The global batch is training.global_batch_size, or micro_batch_size when it
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from cogvx_mega.config.errors import ConfigError
 from cogvx_mega.data.accounting import config_bucket_table
-from cogvx_mega.data.cache import CACHE_FORMAT, committed, usable_clips
+from cogvx_mega.data.cache import CACHE_FORMAT, CACHE_FORMAT_V1, TEXT, committed, usable_clips
 from cogvx_mega.data.index import INDEX_FILE, ClipIndex, index_for
 
 def describe_data(path: str, config) -> str:
@@ -40,8 +41,9 @@ def describe_cache(path: Path, config) -> str:
 
     group = zarr.open_group(str(path), mode="r")
     attrs = group.attrs.asdict()
-    if attrs.get("format") != CACHE_FORMAT:
+    if attrs.get("format") not in (CACHE_FORMAT, CACHE_FORMAT_V1):
         raise ConfigError("CACHE|MANIFEST", str(path), f"a zarr store but not a {CACHE_FORMAT} cache")
+    v1 = attrs["format"] == CACHE_FORMAT_V1
     markers = committed(path)
     planned = attrs.get("shard_count")
     usable = usable_clips(path, markers)
@@ -55,7 +57,14 @@ def describe_cache(path: Path, config) -> str:
         latents[bucket] = "x".join(str(n) for n in shape)
     done = "complete" if planned is None or len(markers) >= planned else (
         "unfinished: run the same `cogvx data encode` again to finish it; training refuses it until then")
-    text = next((group[f"{b}/text"].shape[1:] for b in attrs.get("buckets", [])), None)
+    if v1:
+        text = next((group[f"{b}/text"].shape[1:] for b in attrs.get("buckets", [])), None)
+        layout = f"{CACHE_FORMAT_V1}: float32, one file per clip and array (re-encode it to store it in ~half the bytes)"
+    else:
+        text = group[TEXT].shape[1:]
+        planned_clips = sum(attrs.get("clips", {}).values())
+        layout = (f"{CACHE_FORMAT}: {attrs.get('stored_dtype')} moments and text, {attrs.get('shard_clips')} clips "
+                  f"per shard file; {attrs.get('text_rows')} distinct captions of {planned_clips} planned clips")
     lines = [f"latent cache {path}",
              f"  fingerprint  {attrs.get('fingerprint')}",
              f"  made from    VAE {attrs.get('vae')} (latent scale {attrs.get('scaling_factor')}), text encoder "
@@ -63,6 +72,7 @@ def describe_cache(path: Path, config) -> str:
              f"  planned for  data.small_buckets={attrs.get('small_buckets', 'drop')} at a global batch of "
              f"{attrs.get('global_batch', 'unknown')}" if "global_batch" in attrs else
              "  planned for  (not recorded: written by an older version)",
+             f"  layout       {layout}",
              f"  shards       {len(markers)} of {planned if planned is not None else '?'} committed ({done})",
              f"  clips        {sum(clips.values())} usable, {sum(failed.values())} failed to encode"
              + (f"; text embeddings {text[0]} tokens x {text[1]}" if text else "")]

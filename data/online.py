@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from cogvx_mega.data.buckets import Bucket
-from cogvx_mega.data.cache import CachePlan
+from cogvx_mega.data.cache import CachePlan, moments_problem, stored
 from cogvx_mega.data.cache_reader import posterior_latents
 from cogvx_mega.data.decode import media_name
 from cogvx_mega.data.order import BucketedBatches, ClipRange
@@ -84,10 +84,14 @@ class OnlineDataset(BucketedBatches):
         records = [self._record(c) for c in todo]
         encoded = self.encoder.encode(records, Bucket.parse(todo[0][0]), [self._decoding.pop(c) for c in todo])
         for offset, clip in enumerate(todo):
-            if encoded.moments[offset] is None:
-                self.skipped[clip] = encoded.failures[offset]
+            pair = encoded.moments[offset]
+            reason = encoded.failures[offset] if pair is None else moments_problem(pair)
+            if reason is not None:  # as the cache: a clip that does not decode, or float16 cannot hold
+                self.skipped[clip] = reason
                 continue
-            self._kept[clip] = (*encoded.moments[offset], encoded.text[offset], encoded.first_frames[offset])
+            # the cache's float16 round trip, so both train on the same numbers
+            self._kept[clip] = (stored(pair[0]), stored(pair[1]), stored(encoded.text[offset]),
+                                encoded.first_frames[offset])
 
     def _clip_or_replacement(self, clip: tuple[str, int]) -> tuple[str, int]:
         """The clip, or when it does not decode, the next one of its bucket (in index order, wrapping) that does."""

@@ -5,6 +5,11 @@ a manifest with no clip to encode, one whose files are all gone, a VAE whose lat
 channels, a T5 of another width, an output holding something else. An encode in which every clip failed writes
 nothing either (the store it began is removed) and exits non-zero. The summary ends with the table of buckets at
 the run's global batch (`data/accounting.py`), naming the buckets that never fill one.
+
+Many nodes: `--jobs N --job I` (or the task of a SLURM job array) writes the shards i mod N == I; each job may be a
+torchrun of several ranks, and any job may start, stop and resume on its own. The first job's first rank creates
+the store (a race between creators leaves one store, `cache.create_store`); each shard is claimed before it is
+written (`cache.claim_shard`), so two jobs given the same shard write it once.
 """
 from __future__ import annotations
 
@@ -17,13 +22,18 @@ from typing import Optional
 
 from cogvx_mega.config.errors import ConfigError
 from cogvx_mega.data.accounting import config_bucket_table, small_bucket_warning
-from cogvx_mega.data.cache import (CachePlan, check_output, committed, create_store, encode_cache, missing_files,
-                                   plan_from_manifest, usable_clips)
+from cogvx_mega.data.cache import (CLAIM_TIMEOUT_S, CachePlan, check_output, committed, create_store, encode_cache,
+                                   job_of_environment, missing_files, plan_from_manifest, usable_clips)
 from cogvx_mega.data.encoder import ClipEncoder
 from cogvx_mega.data.text import T5TextEncoder
 from cogvx_mega.tools.load import load_vae
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_SHARD_CLIPS = 2048
+"""Clips per encode shard, and per shard file of every array: a million clips make ~3,000 files (per 2,048 clips
+one file each of mean, logvar, first_frame and text, a commit marker and a claim: 489 x 6, plus the text_row chunks
+and the metadata); the writer holds a window of `cache.DECODE_WINDOW` clips, not the shard."""
 
 
 def check_vae_channels(vae, config, flag: str, path: str) -> None:
@@ -72,17 +82,41 @@ def check_plan(plan: CachePlan, manifest: str, skipped: list[str], buckets: list
                                                   f"written")
 
 
+def resolve_jobs(jobs: Optional[int], job: Optional[int]) -> tuple[int, int]:
+    """(this job, jobs): `--jobs N --job I`, else the SLURM job array's task, else (0, 1)."""
+    if jobs is None and job is None:
+        return job_of_environment()
+    if jobs is None or job is None:
+        raise ConfigError("--jobs" if jobs is None else "--job", None, "give --jobs N and --job I together (this "
+                                                                       "job's number, 0 to N-1)")
+    if jobs < 1:
+        raise ConfigError("--jobs", jobs, "use a positive number of jobs")
+    if not 0 <= job < jobs:
+        raise ConfigError("--job", job, f"use 0 to {jobs - 1} (--jobs {jobs})")
+    return job, jobs
+
+
 def encode_manifest(config, manifest: str, vae_path: str, text_encoder_path: str, output: str,
-                    shard_clips: int = 16, device: Optional[str] = None, overwrite: bool = False) -> dict:
+                    shard_clips: int = DEFAULT_SHARD_CLIPS, device: Optional[str] = None, overwrite: bool = False,
+                    jobs: Optional[int] = None, job: Optional[int] = None,
+                    claim_timeout: float = CLAIM_TIMEOUT_S) -> dict:
     """Encode a manifest into a latent cache (see `cogvx_mega.data.cache`); under torchrun every rank takes
-    its share of the shards. Per-clip faults are skipped, printed and counted; returns the counts. With
-    data.small_buckets=merge the clips of a bucket that holds fewer than the global batch
-    (`encode_global_batch`) are encoded at the size of the nearest bucket that fills one."""
+    its share of the shards, and with `jobs` (or in a SLURM job array) each job its share of them. Per-clip faults
+    are skipped, printed and counted; returns the counts. With data.small_buckets=merge the clips of a bucket that
+    holds fewer than the global batch (`encode_global_batch`) are encoded at the size of the nearest bucket that
+    fills one."""
     import torch
     import torch.distributed as dist
 
     if shard_clips < 1:
         raise ConfigError("--shard-clips", shard_clips, "use a positive number of clips per shard")
+    if claim_timeout <= 0:
+        raise ConfigError("--claim-timeout", claim_timeout, "use a positive number of seconds")
+    job, jobs = resolve_jobs(jobs, job)
+    if overwrite and jobs > 1:
+        raise ConfigError("--overwrite", True, f"would let each of the {jobs} jobs remove the store the others write; "
+                                               f"remove it once before starting them, and start them without "
+                                               f"--overwrite")
     output = Path(output)
     global_batch = encode_global_batch(config)
     buckets = config.data.bucket_names()
@@ -109,6 +143,9 @@ def encode_manifest(config, manifest: str, vae_path: str, text_encoder_path: str
         if output.exists() and overwrite:
             shutil.rmtree(output)
         resumed = len(committed(output)) if resuming else 0
+        if jobs > 1:
+            logger.info("job %d of %d: shards i mod %d == %d (%d of %d)", job, jobs, jobs, job,
+                        len(plan.shards[job::jobs]), len(plan.shards))
         create_store(output, plan, vae.config.latent_channels, config.model.max_text_seq_length,
                      config.model.text_embed_dim, {"vae": os.path.abspath(vae_path),
                                                    "text_encoder": os.path.abspath(text_encoder_path),
@@ -120,10 +157,11 @@ def encode_manifest(config, manifest: str, vae_path: str, text_encoder_path: str
             logger.info("resuming: %d of %d shards are already committed", resumed, len(plan.shards))
     barrier()
     with ClipEncoder(vae, text_encoder, config.data.fps, device, workers=config.data.num_workers) as encoder:
-        counts = encode_cache(output, plan, encoder, rank, world, barrier=barrier)
+        counts = encode_cache(output, plan, encoder, rank, world, barrier=barrier, job=job, jobs=jobs,
+                              claim_timeout=claim_timeout)
     markers = committed(output)  # every rank: all of them refuse a cache that holds nothing
     clips = {bucket: len(indices) for bucket, indices in usable_clips(output, markers).items()}
-    if not any(clips.values()):
+    if not any(clips.values()) and len(markers) == len(plan.shards):  # finished, and nothing in it
         failed = [f for marker in markers.values() for f in marker["failed"]]
         barrier()  # every rank has read the markers before rank 0 removes them
         if rank == 0:
@@ -133,7 +171,12 @@ def encode_manifest(config, manifest: str, vae_path: str, text_encoder_path: str
                                                   f"one is listed above; nothing written")
     if rank == 0:
         print(encode_summary(config, output, plan, markers, clips, counts, len(skipped), global_batch))
-        warning = None if config.data.packing else small_bucket_warning(
+        if len(markers) < len(plan.shards):
+            print(f"{len(markers)} of {len(plan.shards)} shards are committed"
+                  + (f"; {len(counts['left'])} of this rank's are being written by other writers" if counts["left"]
+                     else "") + "; run the same `cogvx data encode` again once the other jobs end, to finish the "
+                                "cache or check that it is finished", file=sys.stderr)
+        warning = None if config.data.packing or len(markers) < len(plan.shards) else small_bucket_warning(
             clips, global_batch, config.data.small_buckets,
             fix="training with this cache never draws them; re-encode with data.small_buckets=merge to encode "
                 "their clips at the nearest bucket that fills a global batch, or train with a smaller "

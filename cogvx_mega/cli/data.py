@@ -66,7 +66,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     encode.add_argument("--vae", required=True, help="diffusers AutoencoderKLCogVideoX folder or cogvx-mega VAE")
     encode.add_argument("--text-encoder", required=True, help="local T5 folder (or a pipeline folder)")
     encode.add_argument("--output", required=True, help="the zarr store (an interrupted one resumes)")
-    encode.add_argument("--shard-clips", type=int, default=16, help="clips per committed shard")
+    encode.add_argument("--shard-clips", type=int, default=None,
+                        help="clips per shard: per shard file of every array, per commit and per claim (default 2048)")
+    encode.add_argument("--jobs", type=int, default=None,
+                        help="independent jobs sharing the encode, each taking the shards i mod N == I (default: the "
+                             "tasks of a SLURM job array, else 1); each may be a torchrun of several ranks")
+    encode.add_argument("--job", type=int, default=None, help="this job's number, 0 to N-1 (default: the SLURM array "
+                                                              "task's)")
+    encode.add_argument("--claim-timeout", type=float, default=None,
+                        help="seconds without a heartbeat after which another machine's claim on a shard is taken "
+                             "over (default 1800)")
     encode.add_argument("--device", choices=("cpu", "cuda"), default=None)
     encode.add_argument("--overwrite", action="store_true")
     add_config_arguments(encode)
@@ -241,11 +250,14 @@ def run_encode(args: argparse.Namespace) -> int:
     """Every rank under torchrun takes its share of the shards; a restarted encode resumes."""
     from cogvx_mega.cli.arguments import resolve_config
     from cogvx_mega.config.errors import check_writable
-    from cogvx_mega.tools.data_encode import encode_manifest
+    from cogvx_mega.data.cache import CLAIM_TIMEOUT_S
+    from cogvx_mega.tools.data_encode import DEFAULT_SHARD_CLIPS, encode_manifest
 
     check_writable("--output", args.output, folder=True)  # the store is written in place: before any encoder loads
     encode_manifest(resolve_config(args), args.manifest, args.vae, args.text_encoder, args.output,
-                    shard_clips=args.shard_clips, device=args.device, overwrite=args.overwrite)
+                    shard_clips=DEFAULT_SHARD_CLIPS if args.shard_clips is None else args.shard_clips,
+                    device=args.device, overwrite=args.overwrite, jobs=args.jobs, job=args.job,
+                    claim_timeout=CLAIM_TIMEOUT_S if args.claim_timeout is None else args.claim_timeout)
     return 0
 
 

@@ -23,7 +23,7 @@ def test_two_ranks_write_the_same_cache_as_one(tmp_path):
     from text_encoder import make_tiny_t5
 
     from cogvx_mega.cli import main
-    from cogvx_mega.data.cache import committed
+    from cogvx_mega.data.cache import clip_paths, committed
 
     make_media_folder(tmp_path / "media")
     manifest = tmp_path / "manifest.jsonl"
@@ -40,8 +40,10 @@ def test_two_ranks_write_the_same_cache_as_one(tmp_path):
     assert run_ranks(1, encode, args(tmp_path / "one.zarr")) == [0]
     assert run_ranks(2, encode, args(tmp_path / "two.zarr")) == [0, 0]
     one, two = (zarr.open_group(str(tmp_path / name), mode="r") for name in ("one.zarr", "two.zarr"))
-    assert json.dumps(one.attrs["clips"]) == json.dumps(two.attrs["clips"])
+    assert json.dumps(one.attrs.asdict(), sort_keys=True) == json.dumps(two.attrs.asdict(), sort_keys=True)
     for bucket in one.attrs["buckets"]:
-        for name in ("mean", "logvar", "text"):
+        assert clip_paths(tmp_path / "one.zarr", bucket) == clip_paths(tmp_path / "two.zarr", bucket)
+        for name in ("mean", "logvar", "first_frame", "text_row"):
             assert np.array_equal(one[f"{bucket}/{name}"][:], two[f"{bucket}/{name}"][:]), (bucket, name)
+    assert np.array_equal(one["text"][:], two["text"][:])
     assert committed(tmp_path / "one.zarr") == committed(tmp_path / "two.zarr")

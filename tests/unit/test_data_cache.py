@@ -47,8 +47,9 @@ def arrays(store):
     import zarr
 
     group = zarr.open_group(str(store), mode="r")
-    return {f"{bucket}/{name}": np.asarray(group[f"{bucket}/{name}"][:]) for bucket in group.attrs["buckets"]
-            for name in ("mean", "logvar", "text")}
+    out = {f"{bucket}/{name}": np.asarray(group[f"{bucket}/{name}"][:]) for bucket in group.attrs["buckets"]
+           for name in ("mean", "logvar", "first_frame", "text_row")}
+    return out | {"text": np.asarray(group["text"][:])}
 
 
 # Run in a fresh interpreter: DALI's worker threads do not survive a fork of a process that has used DALI.
@@ -119,3 +120,32 @@ def test_encode_bad_input_is_one_line_and_writes_nothing(parts, tmp_path, capsys
     assert main(encode_args(parts, output)) == EXIT_USER_ERROR
     assert "not a latent cache" in capsys.readouterr().err
     assert sorted(p.name for p in output.iterdir()) == ["something"]
+
+
+def test_two_jobs_write_the_cache_one_job_writes(parts, tmp_path, capsys):
+    from cogvx_mega.config import load_config
+    from cogvx_mega.config.errors import ConfigError
+    from cogvx_mega.data.cache import committed
+    from cogvx_mega.data.cache_reader import CacheDataset
+    from cogvx_mega.tools.data_encode import encode_manifest
+
+    config = load_config("tiny", overrides=[BUCKETS, "data.num_workers=0"])
+
+    def encode(output, **jobs):
+        return encode_manifest(config, str(parts / "manifest.jsonl"), str(parts / "vae"), str(parts / "t5"),
+                               str(output), shard_clips=1, device="cpu", **jobs)
+
+    one, two = tmp_path / "one.zarr", tmp_path / "two.zarr"
+    encode(one)
+    assert encode(two, jobs=2, job=1)["shards"] == 3  # shards 1, 3, 5 of 7
+    assert "3 of 7 shards are committed" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="3 of 7 shards are committed"):
+        CacheDataset(str(two))
+    assert encode(two, jobs=2, job=0)["shards"] == 4  # the other job, later: the cache is whole
+    expected, written = arrays(one), arrays(two)
+    assert sorted(expected) == sorted(written)
+    for key in expected:
+        assert np.array_equal(expected[key], written[key]), key
+    assert committed(two) == committed(one)
+    with pytest.raises(ConfigError, match="--overwrite"):  # each job would remove what the others write
+        encode(two, jobs=2, job=0, overwrite=True)

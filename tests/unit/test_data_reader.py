@@ -72,8 +72,9 @@ def test_latents_are_fresh_posterior_samples_of_the_cached_moments(cache):
     data = CacheDataset(str(cache))
     bucket, clips = data.batch_of_step(0, 2, seed=3)
     group = zarr.open_group(str(cache), mode="r")
-    mean = torch.from_numpy(group[f"{bucket}/mean"][clips])
-    std = torch.exp(0.5 * torch.from_numpy(group[f"{bucket}/logvar"][clips]))
+    assert group[f"{bucket}/mean"].dtype == "float16"  # stored in 16 bits, read back as float32
+    mean = torch.from_numpy(group[f"{bucket}/mean"][clips].astype("float32"))
+    std = torch.exp(0.5 * torch.from_numpy(group[f"{bucket}/logvar"][clips].astype("float32")))
     noise = slot_normal(mean.shape[1:], range(2), seed=3, step=0, stream=Stream.VAE_POSTERIOR)
     expected = ((mean + std * noise) * group.attrs["scaling_factor"]).permute(0, 2, 1, 3, 4)
     batch = data.step_batch(0, range(2), 2, seed=3)
@@ -112,6 +113,7 @@ def test_online_mode_gives_the_losses_of_the_cache(cache, cache_losses, tmp_path
 
 def test_online_mode_replaces_a_clip_that_does_not_decode(cache, tmp_path, caplog):
     from cogvx_mega.config import load_config
+    from cogvx_mega.data.cache import stored
     from cogvx_mega.data.text import T5TextEncoder
     from cogvx_mega.tools.training_data import open_training_data
 
@@ -136,7 +138,8 @@ def test_online_mode_replaces_a_clip_that_does_not_decode(cache, tmp_path, caplo
     assert list(data.skipped) == [("5x32x48", gone)] and "gone.mp4" in caplog.text
     slot = clips.index(gone)
     replacement = videos[(gone + 1) % len(videos)]  # the next clip of the bucket takes its place
-    assert torch.allclose(batch["text_embeds"][slot], t5.encode([replacement["caption"]])[0], atol=1e-6)
+    expected = torch.from_numpy(stored(t5.encode([replacement["caption"]])[0].numpy()))  # as a cache stores it
+    assert torch.allclose(batch["text_embeds"][slot], expected, atol=1e-6)
     data.close()
 
 
@@ -159,12 +162,13 @@ def test_packs_from_the_cache_hold_posterior_samples_keyed_on_each_clip_slot(cac
     for pack, refs in zip(batch["packs"], packed.plan.step_packs(1, 2)):
         for latents, text, slot, (bucket, index) in zip(pack["latents"], pack["text_embeds"], pack["slots"],
                                                         refs.clips):
-            mean = torch.from_numpy(group[f"{bucket}/mean"][index])
-            std = torch.exp(0.5 * torch.from_numpy(group[f"{bucket}/logvar"][index]))
+            mean = torch.from_numpy(group[f"{bucket}/mean"][index].astype("float32"))
+            std = torch.exp(0.5 * torch.from_numpy(group[f"{bucket}/logvar"][index].astype("float32")))
             noise = slot_normal(mean.shape, [slot], seed=3, step=1, stream=Stream.VAE_POSTERIOR)[0]
             expected = ((mean + std * noise) * group.attrs["scaling_factor"]).permute(1, 0, 2, 3)
             assert torch.allclose(latents, expected, atol=1e-6)
-            assert torch.equal(text, torch.from_numpy(group[f"{bucket}/text"][index]))
+            row = int(group[f"{bucket}/text_row"][index])  # the row of its caption in the deduplicated text
+            assert torch.equal(text, torch.from_numpy(group["text"][row].astype("float32")))
 
 
 def test_train_packed_from_the_cache(cache, tmp_path):
