@@ -130,6 +130,9 @@ class CachePlan:
     """{small bucket: {bucket: clips moved there}} with data.small_buckets=merge (`buckets.merge_small_buckets`)."""
     shard_clips: int = 0
     """K: clips per encode shard and per shard file (0: a plan with no shards, e.g. online mode's)."""
+    filtered: Optional[dict] = None
+    """With data.filters: {"summary": the lines of `index.filter_summary`, "kept": clips kept, "dropped": lines
+    each filter dropped}."""
 
 
 def _shards(counts: dict[str, int], shard_clips: int) -> list[Shard]:
@@ -163,13 +166,16 @@ def plan_from_manifest(manifest: str | Path, bucket_names: list[str], fps: float
     first `index.SKIPPED_SHOWN`, then a count). `cogvx data encode` and online training plan alike, so a clip
     has the same bucket and index in both. The records are read from the index as shards need them: memory
     does not grow with the manifest. `merge_below`: see `plan_cache`; `filters`: data.filters (`index.index_for`)."""
-    from cogvx_mega.data.index import index_for, skipped_lines
+    from cogvx_mega.data.index import filter_summary, index_for, skipped_lines
 
     index = index_for(manifest, bucket_names, fps, merge_below, flag="--manifest", filters=filters)
     counts = index.clip_counts()
     clips = {name: index.records(name) for name in counts}
     fingerprint = hashlib.sha256(f"{index.fingerprint}/{shard_clips}".encode()).hexdigest()
-    return (CachePlan(clips, [], _shards(counts, shard_clips), fingerprint, index.merged, shard_clips),
+    filtered = None
+    if index.meta.get("filters"):
+        filtered = {"summary": filter_summary(index), "kept": len(index), "dropped": index.meta["filter_dropped"]}
+    return (CachePlan(clips, [], _shards(counts, shard_clips), fingerprint, index.merged, shard_clips, filtered),
             skipped_lines(index))
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from cogvx_mega.config.errors import ConfigError
 from cogvx_mega.data.accounting import config_bucket_table
 from cogvx_mega.data.cache import CACHE_FORMAT, CACHE_FORMAT_V1, TEXT, committed, usable_clips
-from cogvx_mega.data.index import INDEX_FILE, ClipIndex, index_for
+from cogvx_mega.data.index import INDEX_FILE, ClipIndex, filter_summary, index_for
 
 def describe_data(path: str, config) -> str:
     """The report of `cogvx data info` on a latent cache or a manifest; one clear error for anything else."""
@@ -90,7 +90,8 @@ def describe_manifest(path: Path, config) -> str:
         data = dataclasses.replace(data, buckets=index.buckets, fps=index.meta["fps"])
         config = dataclasses.replace(config, data=data)
     else:
-        index = index_for(path, data.bucket_names(), data.fps, data.merge_below(global_batch), flag="--manifest")
+        index = index_for(path, data.bucket_names(), data.fps, data.merge_below(global_batch), flag="--manifest",
+                          filters=data.filters)
     kinds = index.meta["kinds"]
     clips = index.clip_counts()
     reasons = Counter(line.rsplit(": ", 1)[-1] for line in index.skipped_examples)
@@ -102,5 +103,8 @@ def describe_manifest(path: Path, config) -> str:
              f"  planned at   data.buckets {', '.join(data.bucket_names())}, {data.fps:g} fps, "
              f"data.small_buckets={data.small_buckets}",
              f"  left out     {index.skipped}" + shown]
+    summary = filter_summary(index)
+    if summary:
+        lines.append(summary)
     lines.append(config_bucket_table(clips, config, global_batch, merged=index.merged, title="buckets"))
     return "\n".join(lines)

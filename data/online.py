@@ -163,6 +163,8 @@ class OnlineDataset(BucketedBatches):
         batch = {"latents": latents, "text_embeds": text}
         if self.image_latents is not None:
             batch["image_latents"] = self.image_latents(first, slots, seed, step)
+        if self.plan.filtered:  # data.filters: what the stage draws from, in the run's metrics
+            batch["data_filters"] = {"kept": self.plan.filtered["kept"], "dropped": self.plan.filtered["dropped"]}
         return batch
 
     @property

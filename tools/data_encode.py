@@ -121,7 +121,7 @@ def encode_manifest(config, manifest: str, vae_path: str, text_encoder_path: str
     global_batch = encode_global_batch(config)
     buckets = config.data.bucket_names()
     plan, skipped = plan_from_manifest(manifest, buckets, config.data.fps, shard_clips,
-                                       config.data.merge_below(global_batch))
+                                       config.data.merge_below(global_batch), config.data.filters)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if world > 1:
@@ -194,6 +194,8 @@ def encode_summary(config, output: Path, plan: CachePlan, markers: dict, clips: 
     lines = [f"wrote {output}: {sum(clips.values())} clips in {sum(1 for c in clips.values() if c)} bucket(s), "
              f"{failed + skipped} skipped; this run encoded {encoded} clips on rank 0 "
              f"({encoded / max(counts['seconds'], 1e-9):.2f} clips/s)"]
+    if plan.filtered:
+        lines.append(plan.filtered["summary"])
     lines.append(config_bucket_table(clips, config, global_batch, merged=plan.merged, title="cache"))
     return "\n".join(lines)
 

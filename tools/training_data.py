@@ -157,10 +157,12 @@ def plan_online_source(config, global_batch: int, must_hold_clips: bool = True):
 
     data = config.data
     plan, skipped = plan_from_manifest(data.source, data.bucket_names(), data.fps, ONLINE_SHARD_CLIPS,
-                                       data.merge_below(global_batch))
+                                       data.merge_below(global_batch), data.filters)
     if first_rank():
         for line in skipped:
             logger.warning(line)
+        if plan.filtered:
+            logger.info("%s", plan.filtered["summary"])
     if must_hold_clips and not plan.shards:
         raise ConfigError("--data", data.source, f"no clip of the manifest fits a bucket of "
                                                  f"{', '.join(data.bucket_names())}")

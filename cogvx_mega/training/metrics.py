@@ -134,6 +134,9 @@ class MetricsLog:
                       "tokens_per_s": global_batch * tokens_per_sample / elapsed}
         if "stage" in batch:
             fields["stage"] = batch["stage"]
+        if "data_filters" in batch:  # data.filters: the clips the step's stage draws from, each filter's drops
+            fields["data_clips_kept"] = batch["data_filters"]["kept"]
+            fields["data_filter_dropped"] = batch["data_filters"]["dropped"]
         if step % self.config.training.log_interval == 0:
             fields.update(self.telemetry.step_fields(self.step_flops(batch, global_batch, tokens_per_sample),
                                                      elapsed, data_wait))

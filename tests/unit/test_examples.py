@@ -16,7 +16,7 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "configs"
 @pytest.mark.parametrize("name, world, extra", [
     ("cogvideox-5b-8xh100.yaml", 8, []), ("tiny.yaml", 1, []), ("tiny-videos.yaml", 1, []),
     ("tiny-packing.yaml", 1, []), ("tiny-samples.yaml", 1, ["--vae", "VAE", "--text-encoder", "T5"]),
-    ("tiny-lora.yaml", 1, []), ("tiny-i2v.yaml", 1, []), ("tiny-images.yaml", 1, [])])
+    ("tiny-lora.yaml", 1, []), ("tiny-i2v.yaml", 1, []), ("tiny-filters.yaml", 1, []), ("tiny-images.yaml", 1, [])])
 def test_example_dry_runs(name, world, extra, capsys):
     assert main(["train", "--config", str(EXAMPLES / name), "--dry-run", "--world-size", str(world), *extra]) == 0
     assert "memory per GPU" in capsys.readouterr().out
