@@ -55,11 +55,12 @@ setup(
         # `cogvx data`: probing and decoding media (PyAV, Pillow, DALI: its CPU pipelines run without a GPU),
         # the T5 text encoder (transformers, sentencepiece), the latent cache (zarr v3, tensorstore), the clip index
         # (pyarrow: Parquet)
+        # curation: shot detection (PySceneDetect, which brings OpenCV for the optical flow of motion scores)
         "data": ["av", "Pillow", "nvidia-dali-cuda130", "transformers", "sentencepiece", "zarr>=3", "tensorstore",
-                 "pyarrow"],
+                 "pyarrow", "scenedetect>=0.7"],
         "triton": ["triton"],  # the Triton kernels on CPU (TRITON_INTERPRET=1); CUDA torch wheels bring it
         "test": ["pytest", "pytest-timeout", "pytest-xdist", "diffusers==0.42.1", "peft", "transformers", "sentencepiece", "av", "triton",
-                 "Pillow", "nvidia-dali-cuda130", "zarr>=3", "tensorstore", "pyarrow",
+                 "Pillow", "nvidia-dali-cuda130", "zarr>=3", "tensorstore", "pyarrow", "scenedetect>=0.7",
                  "webdataset"],  # tests write image shards as img2dataset does
     },
     entry_points={"console_scripts": ["cogvx = cogvx_mega.cli:main"]},
