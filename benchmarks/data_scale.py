@@ -8,12 +8,16 @@ What it measures, through the classes `cogvx train --data` uses (not copies of t
   (captions of ~`--caption-bytes` bytes cut from a random text of real-looking words; paths, sizes, rates and
   durations varied); writing the manifest itself is not counted (it is `manifest_write_s`).
 - index_bytes_per_item: bytes on disk of the index over its clips.
+- image_index_bytes_per_image: an image index of `--images` images in tar shards of `--images-per-shard` (the
+  format `cogvx data index-images` writes: one Parquet row per shard, synthetic rows, no tars).
 - In a fresh process (so that nothing of the build is resident), one rank of a run: the manifest's plan from the
-  index (`cache.plan_from_manifest`), the online dataset over it (`online.OnlineDataset`, its order
-  `order.BucketedBatches`), then the order of 1,000 steps at a global batch of `--global-batch`:
-  rss_gib (peak resident memory of that process, Python and torch included), step_lookup_ms (median time of one
-  step's clips), resume_s (opening the index and computing step 1,000,000's clips, from process start to the
-  answer, imports excluded).
+  index (`cache.plan_from_manifest`), the image index's plan (`image_shards.image_plan`), the online dataset of
+  each stream (`online.OnlineDataset`, its order `order.BucketedBatches`) mixed at `--image-ratio`
+  (`image_shards.MixedDataset`, as training builds it for data.images), then the order of 1,000 steps at a global
+  batch of `--global-batch`: rss_gib (peak resident memory of that process, Python, torch and pyarrow included),
+  step_lookup_ms (median time of one step's clips: which clips, and for an image step which shard and member),
+  resume_s (opening both indexes and computing step 1,000,000's clips, from process start to the answer, imports
+  excluded).
 - files_per_million_clips: files of a latent cache written by the cache writer (`cache.create_store`,
   `cache.encode_cache`) for `--cache-clips` clips of a stub encoder at the default shard size, extrapolated to a
   million clips (files per shard x shards, text_row chunks, metadata).
@@ -31,7 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-BUCKETS = ["49x480x720", "49x720x480", "49x768x1360", "81x768x1360", "1x480x720", "1x768x768"]
+BUCKETS = ["49x480x720", "49x720x480", "49x768x1360", "81x768x1360", "1x480x720", "1x720x480", "1x768x768"]
 FPS = 8.0
 SEED = 1234
 
@@ -49,7 +53,7 @@ def write_manifest(path: Path, clips: int, caption_bytes: int, seed: int = 0) ->
         for i in range(clips):
             at = rng.randrange(0, len(text) - caption_bytes)
             height, width = sizes[i % len(sizes)] if i % 7 else sizes[rng.randrange(len(sizes))]
-            image = i % 5 == 4
+            image = False  # images come from the tar-shard index (`write_image_index`)
             lines.append('{"path": "/corpus/%s/%09d.%s", "caption": "%s", "kind": "%s", "container": "%s", '
                          '"codec": "%s", "fps": %s, "frames": %d, "width": %d, "height": %d}\n'
                          % ("images" if image else "clips", i, "jpg" if image else "mp4",
@@ -106,46 +110,93 @@ def count_cache_files(clips: int, work: Path) -> dict:
             "files_per_million_clips": round(per_million)}
 
 
-def measure_order(index: str, global_batch: int, steps: int) -> dict:
-    """One rank: the plan from the index, the online dataset, the order of `steps` steps, a resume."""
+def write_image_index(folder: Path, images: int, per_shard: int, seed: int = 0) -> None:
+    """The index `cogvx data index-images` writes, for `images` images in shards of about `per_shard` (synthetic
+    rows: the sizes img2dataset resizes to, no tars)."""
+    import hashlib
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cogvx_mega.data.image_shards import IMAGE_INDEX_FORMAT
+
+    shards = max(1, images // per_shard)
+    rng = np.random.default_rng(seed)
+    counts = np.full(shards, images // shards, np.int64)
+    counts[: images - int(counts.sum())] += 1
+    sizes = np.array([(480, 720), (720, 480), (768, 768)])[rng.integers(0, 3, shards)]
+    table = pa.table({"path": [f"/corpus/images/{i:07d}.tar" for i in range(shards)], "count": counts,
+                      "width": sizes[:, 1], "height": sizes[:, 0], "image_sizes": np.ones(shards, np.int64),
+                      "bytes": counts * 60_000})
+    folder.mkdir(parents=True)
+    pq.write_table(table, folder / "shards.parquet", compression="zstd")
+    (folder / "index.json").write_text(json.dumps({
+        "format": IMAGE_INDEX_FORMAT, "shards": shards, "images": int(counts.sum()), "mixed_sizes": 0, "skipped": 0,
+        "skipped_examples": [], "file": "shards.parquet", "bytes": (folder / "shards.parquet").stat().st_size,
+        "fingerprint": hashlib.sha256(f"{images}/{per_shard}/{seed}".encode()).hexdigest()}))
+
+
+def measure_order(index: str, images: str, image_ratio: float, global_batch: int, steps: int) -> dict:
+    """One rank: the plans of both indexes, the streams' online datasets mixed as training mixes them, the order
+    of `steps` steps, a resume at step 1,000,000."""
+    import functools
+
     import numpy as np
 
     from cogvx_mega.data.cache import plan_from_manifest
+    from cogvx_mega.data.image_shards import ImageShardIndex, MixedDataset, image_plan, split_plan, stream_step
     from cogvx_mega.data.online import OnlineDataset
 
     started = time.perf_counter()
     plan, _ = plan_from_manifest(index, BUCKETS, FPS, shard_clips=1)
-    dataset = OnlineDataset(plan, encoder=None, scaling_factor=1.0)
-    bucket, clips = dataset.batch_of_step(1_000_000, global_batch, SEED)
+    image_index = ImageShardIndex.open(images)
+    pictures, _ = image_plan(image_index, BUCKETS)
+    streams = {kind: OnlineDataset(stream, encoder=None, scaling_factor=1.0,
+                                   order_step=functools.partial(stream_step, image_ratio=image_ratio,
+                                                                images=kind == "images"))
+               for kind, stream in (("images", pictures), ("videos", split_plan(plan, images=False)))}
+    mixed = MixedDataset(streams["images"], streams["videos"], image_ratio, global_batch)
+
+    def clips_of(step: int) -> int:
+        bucket, clips = mixed.batch_of_step(step, global_batch, SEED)
+        if mixed.is_image_step(step):  # which shard and which member of it
+            rows, numbers = pictures.clips[bucket].locate(clips)
+            assert (numbers < image_index.counts[rows]).all()
+        return len(clips)
+
+    assert clips_of(1_000_000) == global_batch
     resume_s = time.perf_counter() - started
-    assert len(clips) == global_batch
     times = []
     for step in range(steps):
         before = time.perf_counter()
-        dataset.batch_of_step(step, global_batch, SEED)
+        clips_of(step)
         times.append(time.perf_counter() - before)
-    first = dataset.batch_of_step(0, global_batch, SEED)
-    record = plan.clips[first[0]][first[1][0]]  # the first clip's manifest line, read from the index
+    bucket, clips = mixed.batch_of_step(0 if not mixed.is_image_step(0) else 1, global_batch, SEED)
+    record = plan.clips[bucket][clips[0]]  # a video clip's manifest line, read from the index
     return {"resume_s": round(resume_s, 3), "step_lookup_ms": round(float(np.median(times)) * 1e3, 3),
-            "steps": steps, "global_batch": global_batch, "batches_per_epoch": dataset.batches_per_epoch(global_batch),
+            "steps": steps, "global_batch": global_batch, "image_ratio": image_ratio,
+            "image_steps": sum(mixed.is_image_step(s) for s in range(steps)),
             "rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
-            "first_clip": record["path"]}
+            "first_video_clip": record["path"]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clips", type=int, default=100_000)
     parser.add_argument("--images", type=int, default=1_000_000)
+    parser.add_argument("--images-per-shard", type=int, default=10_000)
+    parser.add_argument("--image-ratio", type=float, default=0.25, help="share of the steps that are image steps")
     parser.add_argument("--caption-bytes", type=int, default=300)
     parser.add_argument("--global-batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--cache-clips", type=int, default=8192)
     parser.add_argument("--work", default=None, help="folder for the manifest and index (default: a temporary one)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--measure-order", default=None, help=argparse.SUPPRESS)  # the fresh process's part
+    parser.add_argument("--measure-order", nargs=2, default=None, help=argparse.SUPPRESS)  # the fresh process's part
     args = parser.parse_args()
     if args.measure_order:
-        print(json.dumps(measure_order(args.measure_order, args.global_batch, args.steps)))
+        print(json.dumps(measure_order(*args.measure_order, args.image_ratio, args.global_batch, args.steps)))
         return
 
     from cogvx_mega.data.index import build_index, index_bytes
@@ -162,7 +213,12 @@ def main() -> None:
         result["index_bytes_per_item"] = round(index_bytes(work / "index") / len(index), 1)
         result["indexed_clips"] = len(index)
         (work / "manifest.jsonl").unlink()
+        started = time.perf_counter()
+        write_image_index(work / "images", args.images, args.images_per_shard)
+        result["image_index_write_s"] = round(time.perf_counter() - started, 1)
+        result["image_index_bytes_per_image"] = round(index_bytes(work / "images") / args.images, 6)
         order = subprocess.run([sys.executable, __file__, "--measure-order", str(work / "index"),
+                                str(work / "images"), "--image-ratio", str(args.image_ratio),
                                 "--global-batch", str(args.global_batch), "--steps", str(args.steps)],
                                check=True, capture_output=True, text=True)
         result.update(json.loads(order.stdout.strip().splitlines()[-1]))
