@@ -160,15 +160,17 @@ def plan_cache(records: list[dict], bucket_names: list[str], fps: float, shard_c
 
 
 def plan_from_manifest(manifest: str | Path, bucket_names: list[str], fps: float, shard_clips: int,
-                       merge_below: Optional[int] = None, filters: Optional[list] = None) -> tuple[CachePlan, list[str]]:
+                       merge_below: Optional[int] = None, filters: Optional[list] = None,
+                       captions: Optional[list] = None) -> tuple[CachePlan, list[str]]:
     """The plan of a manifest's clips (or of a clip index folder built from one, `index.py`), and the 'skipped
     PATH: reason' lines of the manifest lines left out (no path, caption or size, or fitting no bucket; the
     first `index.SKIPPED_SHOWN`, then a count). `cogvx data encode` and online training plan alike, so a clip
     has the same bucket and index in both. The records are read from the index as shards need them: memory
-    does not grow with the manifest. `merge_below`: see `plan_cache`; `filters`: data.filters (`index.index_for`)."""
+    does not grow with the manifest. `merge_below`: see `plan_cache`; `filters`, `captions`: data.filters and
+    data.captions (`index.index_for`)."""
     from cogvx_mega.data.index import filter_summary, index_for, skipped_lines
 
-    index = index_for(manifest, bucket_names, fps, merge_below, flag="--manifest", filters=filters)
+    index = index_for(manifest, bucket_names, fps, merge_below, flag="--manifest", filters=filters, captions=captions)
     counts = index.clip_counts()
     clips = {name: index.records(name) for name in counts}
     fingerprint = hashlib.sha256(f"{index.fingerprint}/{shard_clips}".encode()).hexdigest()

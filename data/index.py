@@ -300,13 +300,16 @@ def _explain_bad_manifest(manifest: Path, error: Exception) -> ConfigError:
 
 def build_index(manifest: str | os.PathLike, folder: str | os.PathLike, bucket_names: Sequence[str], fps: float,
                 merge_below: Optional[int] = None, block_bytes: int = BLOCK_BYTES,
-                progress: bool = False, filters: Optional[list] = None) -> ClipIndex:
+                progress: bool = False, filters: Optional[list] = None,
+                captions: Optional[list] = None) -> ClipIndex:
     """Index `manifest` into `folder` (written whole or not at all) for `bucket_names` at `fps`; with
     `merge_below` (the global batch, data.small_buckets=merge) the clips of buckets holding fewer move as
     `buckets.merge_small_buckets` moves them; with `filters` (data.filters) only the lines whose columns lie in
     bounds are kept, and the lines each filter drops are counted. `manifest` may also be an index folder built
     without filters: its rows are read back (in manifest order within each bucket) and indexed again, which is
-    how a stage's filters are applied to an index built once."""
+    how a stage's filters are applied to an index built once. `captions` (data.captions): the columns a caption
+    may come from; the index's `caption` column holds the first of them each line has (the original text of
+    `caption` is kept as `manifest_caption` where it differs), so every reader sees the chosen caption."""
     pa = _pyarrow()
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -315,10 +318,10 @@ def build_index(manifest: str | os.PathLike, folder: str | os.PathLike, bucket_n
     source_index = ClipIndex.open(manifest) if (manifest / INDEX_FILE).is_file() else None
     if source_index is None and not manifest.is_file():
         raise ConfigError("--manifest", str(manifest), "no such file; write one with `cogvx data scan DIR --output M`")
-    if source_index is not None and source_index.meta.get("filters"):
-        raise ConfigError("--data", str(manifest), "this index was built with data.filters, so the clips they dropped "
-                                                   "are not in it: build it from the manifest without filters, and "
-                                                   "filter per run or stage")
+    if source_index is not None and (source_index.meta.get("filters") or source_index.meta.get("captions")):
+        raise ConfigError("--data", str(manifest), "this index was built with data.filters or data.captions, so it "
+                                                   "lacks what they dropped or replaced: build it from the manifest "
+                                                   "without them, and set them per run or stage")
     buckets = [Bucket.parse(name) for name in bucket_names]
     names = [b.name for b in buckets]
     filters = list(filters or [])
@@ -341,6 +344,8 @@ def build_index(manifest: str | os.PathLike, folder: str | os.PathLike, bucket_n
                       for batch in pq.ParquetFile(manifest / part["file"]).iter_batches(batch_size=1 << 16))
         try:
             for table in blocks:
+                if captions and list(captions) != ["caption"]:
+                    table = choose_captions(table, captions)
                 columns = numeric_columns(table)
                 all_columns.update(table.column_names)
                 if "kind" in table.column_names:
@@ -390,7 +395,7 @@ def build_index(manifest: str | os.PathLike, folder: str | os.PathLike, bucket_n
                                   f"{', '.join(sorted(all_columns))}")
         meta = {"format": INDEX_FORMAT, "manifest": str(manifest.resolve()), "buckets": names, "fps": fps,
                 "merge_below": merge_below, "parts": parts, "skipped": skipped, "skipped_examples": examples,
-                "lines": line, "kinds": kinds, "filters": filters or None,
+                "lines": line, "kinds": kinds, "filters": filters or None, "captions": list(captions or []) or None,
                 "filter_dropped": dropped}
         counts = {name: sum(p["segments"].get(name, [0, 0])[1] for p in parts) for name in names}
         merged: dict[str, dict[str, int]] = {}
@@ -405,9 +410,33 @@ def build_index(manifest: str | os.PathLike, folder: str | os.PathLike, bucket_n
             made_from["merged"] = merged
         if filters:
             made_from["filters"] = filters
+        if captions and list(captions) != ["caption"]:
+            made_from["captions"] = list(captions)
         meta["fingerprint"] = hashlib.sha256(json.dumps(made_from, sort_keys=True).encode()).hexdigest()
         (tmp / INDEX_FILE).write_text(json.dumps(meta, indent=1))
     return ClipIndex.open(folder)
+
+
+def choose_captions(table, columns: Sequence[str]):
+    """`table` with `caption` = the first of `columns` each row holds as non-empty text (null where none: the row is
+    then left out as one without a caption); the original `caption`, where there was one, as `manifest_caption`."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    def text(name):
+        if name not in table.column_names or not pa.types.is_string(table.column(name).type):
+            return pa.nulls(table.num_rows, pa.string())
+        values = table.column(name)
+        return pc.if_else(pc.fill_null(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(values)), 0), False),
+                          values, pa.scalar(None, pa.string()))
+
+    chosen = pc.coalesce(*[text(name) for name in columns])
+    if "caption" in table.column_names:
+        table = table.append_column("manifest_caption", table.column("caption"))
+        table = table.set_column(table.column_names.index("caption"), "caption", chosen)
+    else:
+        table = table.append_column("caption", chosen)
+    return table
 
 
 def filter_passes(table, filters: list, seen_columns: set) -> list[np.ndarray]:
@@ -489,7 +518,8 @@ def _merge(tmp: Path, meta: dict, buckets: list[Bucket], counts: dict[str, int],
 
 
 def index_for(source: str | os.PathLike, bucket_names: Sequence[str], fps: float,
-              merge_below: Optional[int] = None, flag: str = "--data", filters: Optional[list] = None) -> ClipIndex:
+              merge_below: Optional[int] = None, flag: str = "--data", filters: Optional[list] = None,
+              captions: Optional[list] = None) -> ClipIndex:
     """The clip index of `source`: an index folder (checked to be built for these buckets, rate and merge; with
     other `filters` than it was built with, indexed again with them into a temporary folder), or a JSONL
     manifest indexed into a temporary folder removed when the process ends."""
@@ -501,13 +531,14 @@ def index_for(source: str | os.PathLike, bucket_names: Sequence[str], fps: float
         if built != wanted:
             raise ConfigError(flag, str(source), f"the index was built for {built}, this run needs {wanted}; build "
                                                  f"it again with `cogvx data index` and this config")
-        if (index.meta.get("filters") or None) == (list(filters or []) or None):
+        if ((index.meta.get("filters") or None) == (list(filters or []) or None)
+                and (index.meta.get("captions") or ["caption"]) == list(captions or ["caption"])):
             return index
     import atexit
 
     tmp = Path(tempfile.mkdtemp(prefix="cogvx-index-"))
     atexit.register(shutil.rmtree, tmp, True)
-    return build_index(where, tmp / "index", bucket_names, fps, merge_below, filters=filters)
+    return build_index(where, tmp / "index", bucket_names, fps, merge_below, filters=filters, captions=captions)
 
 
 def skipped_lines(index: ClipIndex) -> list[str]:

@@ -91,7 +91,7 @@ def describe_manifest(path: Path, config) -> str:
         config = dataclasses.replace(config, data=data)
     else:
         index = index_for(path, data.bucket_names(), data.fps, data.merge_below(global_batch), flag="--manifest",
-                          filters=data.filters)
+                          filters=data.filters, captions=data.captions)
     kinds = index.meta["kinds"]
     clips = index.clip_counts()
     reasons = Counter(line.rsplit(": ", 1)[-1] for line in index.skipped_examples)

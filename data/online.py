@@ -29,9 +29,11 @@ import torch
 from cogvx_mega.data.buckets import Bucket
 from cogvx_mega.data.cache import CachePlan, moments_problem, stored
 from cogvx_mega.data.cache_reader import posterior_latents
+from cogvx_mega.data.captioning import pick_caption
 from cogvx_mega.data.decode import media_name
 from cogvx_mega.data.order import BucketedBatches, ClipRange
 from cogvx_mega.data.encoder import ClipEncoder, cancel
+from cogvx_mega.diffusion.randomness import Stream, slot_uniform
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +50,10 @@ class OnlineDataset(BucketedBatches):
         carries `image_latents` [n, 1, C, h, w] of the clips' first frames. `order_step`: the step of the data
         order that training step s reads (None: s itself); a stream of a mix reads its own stream's steps
         (`image_shards.stream_step`), while the posterior noise stays keyed on s."""
+        self.captions: list[str] = ["caption"]
+        """data.captions; with `caption_pick` 'random' each use of a clip draws one of those it holds."""
+        self.caption_pick = "first"
+        self._texts: OrderedDict[str, np.ndarray] = OrderedDict()  # caption -> embedding, least recent first
         self.image_latents = image_latents
         self.order_step = order_step
         super().__init__({bucket: ClipRange(len(items)) for bucket, items in plan.clips.items() if len(items)})
@@ -140,7 +146,8 @@ class OnlineDataset(BucketedBatches):
         """Latents [T', C, H', W'] (a posterior sample keyed on each clip's slot) and text [L, D] of `refs`."""
         for bucket in dict.fromkeys(ref[0] for ref in refs):
             self._encode([ref for ref in refs if ref[0] == bucket])
-        values = self._use([self._clip_or_replacement(ref) for ref in refs])
+        chosen = [self._clip_or_replacement(ref) for ref in refs]
+        values = self._picked_texts(self._use(chosen), chosen, slots, seed, step)
         latents, texts = [], []
         for slot, (mean, logvar, text, _) in zip(slots, values):
             latents.append(posterior_latents(torch.from_numpy(mean)[None], torch.from_numpy(logvar)[None],
@@ -157,7 +164,8 @@ class OnlineDataset(BucketedBatches):
         cancel([self._decoding.pop(c) for c in stale])
         self._encode(mine)
         self._start_decoding(upcoming)  # decoded in the background while this step trains
-        values = self._use([self._clip_or_replacement(clip) for clip in mine])
+        chosen = [self._clip_or_replacement(clip) for clip in mine]
+        values = self._picked_texts(self._use(chosen), chosen, slots, seed, step)
         mean, logvar, text, first = (torch.from_numpy(np.stack(parts)) for parts in zip(*values))
         latents = posterior_latents(mean, logvar, slots, seed, step, self.scaling_factor)
         batch = {"latents": latents, "text_embeds": text}
@@ -166,6 +174,29 @@ class OnlineDataset(BucketedBatches):
         if self.plan.filtered:  # data.filters: what the stage draws from, in the run's metrics
             batch["data_filters"] = {"kept": self.plan.filtered["kept"], "dropped": self.plan.filtered["dropped"]}
         return batch
+
+    def _picked_texts(self, values: list, clips: list, slots, seed: int, step: int) -> list:
+        """data.caption_pick=random: each clip's text embedding for the caption drawn for its slot of this step
+        (`captioning.pick_caption` with a draw keyed on (seed, step, slot)); the kept embedding where the draw gives
+        the caption the clip was encoded with (the first of data.captions it holds), others encoded once and kept."""
+        if self.caption_pick != "random" or len(self.captions) < 2:
+            return values
+        draws = slot_uniform(list(slots), seed=seed, step=step, stream=Stream.CAPTION_PICK).tolist()
+        out = []
+        for value, clip, draw in zip(values, clips, draws):
+            record = self._record(clip)
+            # the index's caption column holds the first choice; the manifest's own caption is kept beside it
+            columns = {**record, "caption": record.get("manifest_caption", record["caption"])}
+            caption = pick_caption(columns, self.captions, "random", draw)
+            if caption != record["caption"]:
+                if caption not in self._texts:
+                    self._texts[caption] = stored(self.encoder.encode_text([caption])[0])
+                    while len(self._texts) > max(self.keep_clips, 64):
+                        self._texts.popitem(last=False)
+                self._texts.move_to_end(caption)
+                value = (value[0], value[1], self._texts[caption], value[3])
+            out.append(value)
+        return out
 
     @property
     def provides_image_latents(self) -> bool:
@@ -190,6 +221,10 @@ def open_online_dataset(plan: CachePlan, vae, text_encoder, config, device: Opti
         from cogvx_mega.data.first_frames import VAEFirstFrameLatents
 
         image_latents = VAEFirstFrameLatents(vae, config.diffusion, device)
-    return OnlineDataset(plan, encoder, float(vae.config.scaling_factor), keep_clips=config.data.online_keep_clips,
-                         compression=(config.model.temporal_compression_ratio, config.data.spatial_compression_ratio),
-                         image_latents=image_latents, order_step=order_step)
+    dataset = OnlineDataset(plan, encoder, float(vae.config.scaling_factor), keep_clips=config.data.online_keep_clips,
+                            compression=(config.model.temporal_compression_ratio,
+                                         config.data.spatial_compression_ratio),
+                            image_latents=image_latents, order_step=order_step)
+    dataset.captions = list(config.data.captions or ["caption"])
+    dataset.caption_pick = config.data.caption_pick
+    return dataset

@@ -121,7 +121,8 @@ def encode_manifest(config, manifest: str, vae_path: str, text_encoder_path: str
     global_batch = encode_global_batch(config)
     buckets = config.data.bucket_names()
     plan, skipped = plan_from_manifest(manifest, buckets, config.data.fps, shard_clips,
-                                       config.data.merge_below(global_batch), config.data.filters)
+                                       config.data.merge_below(global_batch), config.data.filters,
+                                       config.data.captions)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if world > 1:

@@ -110,6 +110,10 @@ def open_source_data(config, global_batch: Optional[int] = None):
     if os.path.isfile(os.path.join(source, "zarr.json")):  # a latent cache written by `cogvx data encode`
         from cogvx_mega.data.cache_reader import CacheDataset
 
+        if config.data.caption_pick == "random":
+            raise ConfigError("data.caption_pick", "random", "a latent cache holds one caption's embedding per clip: "
+                                                             "train online (a manifest or clip index with --vae and "
+                                                             "--text-encoder), or use data.caption_pick=first")
         return CacheDataset(source, config.model.max_text_seq_length, config.model.out_channels,
                             image_latents=cache_image_latents(config))
     if os.path.isfile(source) or is_clip_index(source):
@@ -157,7 +161,7 @@ def plan_online_source(config, global_batch: int, must_hold_clips: bool = True):
 
     data = config.data
     plan, skipped = plan_from_manifest(data.source, data.bucket_names(), data.fps, ONLINE_SHARD_CLIPS,
-                                       data.merge_below(global_batch), data.filters)
+                                       data.merge_below(global_batch), data.filters, data.captions)
     if first_rank():
         for line in skipped:
             logger.warning(line)

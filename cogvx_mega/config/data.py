@@ -9,7 +9,8 @@ from cogvx_mega.config.errors import ConfigError, check_choices, check_frame_cou
 from cogvx_mega.config.model import ModelConfig
 
 STAGE_FIELDS = {"buckets", "source", "pack_tokens", "num_frames", "height", "width", "images", "image_ratio",
-                "filters"}
+                "filters", "captions", "caption_pick"}
+CaptionPick = Literal["first", "random"]
 FILTER_KEYS = {"column", "min", "max"}
 SmallBuckets = Literal["drop", "merge"]
 
@@ -67,6 +68,14 @@ class DataConfig:
     value for a filtered column is left out. Applied when the manifest or clip index is planned (online mode and
     `cogvx data encode`); the clips kept and dropped per filter are printed when a stage opens. Per stage in
     `data.stages`, so thresholds can tighten as training goes on."""
+    captions: Optional[list[str]] = None
+    """The manifest columns a clip's caption may come from, in order of preference, e.g. [dense_caption, caption]
+    (`cogvx data caption` writes dense_caption); None: caption. A clip holding none of them is left out."""
+    caption_pick: CaptionPick = "first"
+    """'first': the first of `captions` the clip holds, fixed when the manifest is planned (online mode and the
+    latent cache alike); 'random': one of those it holds at every use, drawn by the clip's place in the run
+    (seed, step, slot), so a resume or another layout picks the same (online mode only: a latent cache stores one
+    caption's embedding per clip)."""
     stages: Optional[list] = None
     """Progressive training: a list of stages, each {until_step: N (absent on the last), and any of buckets,
     source, pack_tokens, num_frames, height, width, images, image_ratio, filters}, overriding these data fields
@@ -206,6 +215,10 @@ class DataConfig:
         if not self.stages:  # with stages, each stage is checked with its own buckets
             self.validate_image_mix()
         self.validate_filters()
+        if self.captions is not None and (not isinstance(self.captions, list) or not self.captions or not all(
+                isinstance(c, str) and c for c in self.captions)):
+            raise ConfigError("data.captions", self.captions, "use a list of manifest column names, e.g. "
+                                                              "[dense_caption, caption]")
 
     def validate_filters(self) -> None:
         """data.filters: a list of {column, min, max} with numbers as bounds and at least one bound."""

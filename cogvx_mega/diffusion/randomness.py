@@ -28,6 +28,8 @@ class Stream(enum.IntEnum):
     """Image-to-video: the VAE posterior draw of the noised first frame's latent."""
     IMAGE_DROP = 7
     """Image-to-video: whether the image conditioning is dropped (unconditional training)."""
+    CAPTION_PICK = 8
+    """data.caption_pick=random: which of a clip's captions it trains with at this use."""
 
 
 def slot_seed(seed: int, step: int, slot: int, stream: Stream) -> int:
