@@ -130,3 +130,20 @@ def test_captions_first_equals_a_hand_made_manifest_and_random_picks_by_slot(sco
             expected = torch.from_numpy(data.encoder.encode_text([caption])[0]).half().float()
             assert torch.equal(random[step][slot], expected), (step, slot, caption)
     data.close()
+
+
+def test_a_resume_across_the_stage_whose_filter_tightens_continues_the_run(scored, tmp_path):
+    import shutil
+
+    root, _ = scored
+    online = ["--data", str(root / "scored.jsonl"), "--vae", str(root / "vae"), "--text-encoder", str(root / "t5")]
+    assert main(["train", "--config", EXAMPLE, *online, "--run-dir", str(tmp_path / "whole")]) == 0
+    assert main(["train", "--config", EXAMPLE, *online, "--run-dir", str(tmp_path / "cut"),
+                 "training.save_interval=2"]) == 0
+    for step in (4, 6):  # keep the checkpoint of step 2, before the stage switch at step 3
+        shutil.rmtree(tmp_path / "cut" / "checkpoints" / f"step_{step:08d}")
+    assert [p.name for p in (tmp_path / "cut" / "checkpoints").glob("step_*")] == ["step_00000002"]
+    assert main(["train", "--config", EXAMPLE, *online, "--run-dir", str(tmp_path / "cut"), "--resume", "auto"]) == 0
+    losses = {name: [json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+              for name in ("whole", "cut")}
+    assert len(losses["whole"]) == 6 and losses["cut"] == losses["whole"]
