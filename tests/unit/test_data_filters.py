@@ -139,7 +139,7 @@ def test_a_resume_across_the_stage_whose_filter_tightens_continues_the_run(score
     online = ["--data", str(root / "scored.jsonl"), "--vae", str(root / "vae"), "--text-encoder", str(root / "t5")]
     assert main(["train", "--config", EXAMPLE, *online, "--run-dir", str(tmp_path / "whole")]) == 0
     assert main(["train", "--config", EXAMPLE, *online, "--run-dir", str(tmp_path / "cut"),
-                 "training.save_interval=2"]) == 0
+                 "training.save_interval=2", "training.keep_checkpoints=3"]) == 0
     for step in (4, 6):  # keep the checkpoint of step 2, before the stage switch at step 3
         shutil.rmtree(tmp_path / "cut" / "checkpoints" / f"step_{step:08d}")
     assert [p.name for p in (tmp_path / "cut" / "checkpoints").glob("step_*")] == ["step_00000002"]
