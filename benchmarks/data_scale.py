@@ -149,7 +149,7 @@ def measure_order(index: str, images: str, image_ratio: float, global_batch: int
     from cogvx_mega.data.online import OnlineDataset
 
     started = time.perf_counter()
-    plan, _ = plan_from_manifest(index, BUCKETS, FPS, shard_clips=1)
+    plan, _ = plan_from_manifest(index, BUCKETS, FPS, shard_clips=0)  # as online mode plans it
     image_index = ImageShardIndex.open(images)
     pictures, _ = image_plan(image_index, BUCKETS)
     streams = {kind: OnlineDataset(stream, encoder=None, scaling_factor=1.0,

@@ -136,6 +136,10 @@ class CachePlan:
 
 
 def _shards(counts: dict[str, int], shard_clips: int) -> list[Shard]:
+    """The encode shards of a plan; none for `shard_clips` 0 (online mode plans no shards: at 35M clips a Shard
+    object per few clips would be gigabytes)."""
+    if not shard_clips:
+        return []
     starts = [(name, start, min(start + shard_clips, count)) for name, count in counts.items()
               for start in range(0, count, shard_clips)]
     return [Shard(name, start, stop, number) for number, (name, start, stop) in enumerate(starts)]

@@ -27,7 +27,7 @@ from cogvx_mega.tools.data_encode import check_vae_channels
 
 logger = logging.getLogger(__name__)
 
-ONLINE_SHARD_CLIPS = 16  # planning only: online mode's clip indices do not depend on it
+ONLINE_SHARD_CLIPS = 0  # online mode plans no encode shards (its clip indices do not depend on them)
 
 
 def run_global_batch(config) -> int:
@@ -167,7 +167,7 @@ def plan_online_source(config, global_batch: int, must_hold_clips: bool = True):
             logger.warning(line)
         if plan.filtered:
             logger.info("%s", plan.filtered["summary"])
-    if must_hold_clips and not plan.shards:
+    if must_hold_clips and not any(len(clips) for clips in plan.clips.values()):
         raise ConfigError("--data", data.source, f"no clip of the manifest fits a bucket of "
                                                  f"{', '.join(data.bucket_names())}")
     return plan
