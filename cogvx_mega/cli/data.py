@@ -23,6 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     scan.add_argument("--part", default=None, metavar="I/N",
                       help="scan part I of N (0-based) and merge when all are written; under torchrun or a SLURM job "
                            "array the task's place is used without this flag")
+    scan.add_argument("--index", metavar="INDEX", default=None,
+                      help="also write the clip index (cogvx data index) of the manifest, for the config's buckets")
+    add_config_arguments(scan)  # with --index: the buckets, fps and merging it is built for
     split = actions.add_parser("split", parents=[verbose_parent()],
                                help="cut every video of a manifest into shots (PySceneDetect), one line per shot")
     split.add_argument("manifest", metavar="MANIFEST")
@@ -155,8 +158,11 @@ def parse_part(text):
 
 
 def run_scan(args: argparse.Namespace) -> int:
+    from cogvx_mega.config.errors import refuse_existing_output
     from cogvx_mega.tools.data_scan import scan_folder
 
+    if args.index:
+        refuse_existing_output("--index", args.index, args.overwrite, what="folder")
     part = parse_part(args.part)
     summary = scan_folder(args.source, args.output, args.captions, args.workers, args.overwrite, part)
     if not summary.merged:
@@ -165,6 +171,8 @@ def run_scan(args: argparse.Namespace) -> int:
         return 0
     print(f"scanned {summary.files} files: {summary.clips} clips ({summary.videos} videos, "
           f"{summary.clips - summary.videos} images) written to {args.output}, {summary.skipped} skipped")
+    if args.index:  # the task that wrote the manifest indexes it
+        index_manifest(args, args.output, args.index)
     return 0
 
 
@@ -232,18 +240,24 @@ def run_score(args: argparse.Namespace) -> int:
 def run_index(args: argparse.Namespace) -> int:
     """The index that `--data INDEX` (online mode) and `cogvx data encode --manifest INDEX` read without holding the
     manifest in memory; built for the config's data.buckets, data.fps and small-bucket merging."""
-    from cogvx_mega.cli.arguments import resolve_config
     from cogvx_mega.config.errors import refuse_existing_output
-    from cogvx_mega.data.index import build_index
 
     refuse_existing_output("--output", args.output, args.overwrite, what="folder")
+    index_manifest(args, args.manifest, args.output)
+    return 0
+
+
+def index_manifest(args: argparse.Namespace, manifest: str, output: str) -> None:
+    """The clip index of `manifest` at `output`, for the buckets, fps and merging of the command's config."""
+    from cogvx_mega.cli.arguments import resolve_config
+    from cogvx_mega.data.index import build_index
+
     config = resolve_config(args)
     data = config.data
-    index = build_index(args.manifest, args.output, data.bucket_names(), data.fps,
+    index = build_index(manifest, output, data.bucket_names(), data.fps,
                         data.merge_below(config.training.global_batch(1)), progress=True)
-    print(f"indexed {len(index)} clips of {index.meta['lines']} manifest lines into {args.output} "
+    print(f"indexed {len(index)} clips of {index.meta['lines']} manifest lines into {output} "
           f"({index.skipped} left out)")
-    return 0
 
 
 def run_encode(args: argparse.Namespace) -> int:

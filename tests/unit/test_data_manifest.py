@@ -119,3 +119,19 @@ def test_scan_parts_from_the_command_line(media, tmp_path, capsys):
     assert "written to" in capsys.readouterr().out and output.is_file()
     assert main(["data", "scan", str(root), "--output", str(tmp_path / "x.jsonl"), "--part", "3"]) == EXIT_USER_ERROR
     assert "--part='3': write I/N" in capsys.readouterr().err
+
+
+def test_scan_writes_the_clip_index_too(media, tmp_path, capsys):
+    """`--index`: the task that writes the manifest also indexes it, for the config's buckets (what `cogvx data
+    index` would write)."""
+    root, _ = media
+    buckets = "data.buckets=[5x32x48,1x32x32]"
+    assert main(["data", "scan", str(root), "--output", str(tmp_path / "m.jsonl"), "--index", str(tmp_path / "idx"),
+                 "--preset", "tiny", buckets]) == 0
+    assert main(["data", "index", str(tmp_path / "m.jsonl"), "--output", str(tmp_path / "again"), "--preset", "tiny",
+                 buckets]) == 0
+    from cogvx_mega.data.index import ClipIndex
+
+    scanned, again = ClipIndex.open(tmp_path / "idx"), ClipIndex.open(tmp_path / "again")
+    assert scanned.clip_counts() == again.clip_counts() and sum(scanned.clip_counts().values()) > 0
+    assert scanned.fingerprint == again.fingerprint
