@@ -137,6 +137,15 @@ def write_image_index(folder: Path, images: int, per_shard: int, seed: int = 0) 
         "fingerprint": hashlib.sha256(f"{images}/{per_shard}/{seed}".encode()).hexdigest()}))
 
 
+def peak_resident_bytes() -> int:
+    """This process's peak resident memory (VmHWM). Not getrusage's ru_maxrss: Linux carries that across exec, so
+    a process started by a parent holding gigabytes would report the parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def measure_order(index: str, images: str, image_ratio: float, global_batch: int, steps: int) -> dict:
     """One rank: the plans of both indexes, the streams' online datasets mixed as training mixes them, the order
     of `steps` steps, a resume at step 1,000,000."""
@@ -177,7 +186,7 @@ def measure_order(index: str, images: str, image_ratio: float, global_batch: int
     return {"resume_s": round(resume_s, 3), "step_lookup_ms": round(float(np.median(times)) * 1e3, 3),
             "steps": steps, "global_batch": global_batch, "image_ratio": image_ratio,
             "image_steps": sum(mixed.is_image_step(s) for s in range(steps)),
-            "rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+            "rss_gib": round(peak_resident_bytes() / 2**30, 3),
             "first_video_clip": record["path"]}
 
 
