@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
+from cogvx_mega.tools.data_scan import parse_part, parts_folder
+
 HELP = ("caption every clip of a manifest with a local vision-language model (frames captioned, then summarised) "
         "into a new column")
 RESERVED_COLUMNS = ("path", "caption", "kind", "container", "codec", "fps", "frames", "width", "height", "start",
@@ -90,22 +92,6 @@ def run(args: argparse.Namespace) -> int:
         print(summary_table(f"caption of {args.manifest}, this part", rows))
         print(f"the last part to finish writes {args.output}")
     return 0
-
-
-def parse_part(text: str) -> tuple[int, int]:
-    from cogvx_mega.config.errors import ConfigError
-
-    try:
-        part = tuple(int(v) for v in text.split("/"))
-    except ValueError:
-        part = ()
-    if len(part) != 2:
-        raise ConfigError("--part", text, "write I/N, e.g. 3/16 for the fourth of 16 parts")
-    return part
-
-
-def parts_folder(output: str) -> Path:
-    return Path(f"{output}.parts")
 
 
 def part_name(index: int, count: int) -> str:

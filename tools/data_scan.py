@@ -78,6 +78,19 @@ def task_part() -> tuple[int, int]:
     return 0, 1
 
 
+def parse_part(text: Optional[str]) -> Optional[tuple[int, int]]:
+    """--part I/N as (I, N); None without the flag (every command split over tasks takes it)."""
+    if text is None:
+        return None
+    try:
+        part = tuple(int(v) for v in text.split("/"))
+    except ValueError:
+        part = ()
+    if len(part) != 2:
+        raise ConfigError("--part", text, "write I/N, e.g. 3/16 for the fourth of 16 parts")
+    return part
+
+
 def parts_folder(output: str) -> Path:
     return Path(f"{output}.parts")
 

@@ -143,18 +143,9 @@ def run_caption(args: argparse.Namespace) -> int:
 
 
 def parse_part(text):
-    """--part I/N as (I, N); None without the flag."""
-    from cogvx_mega.config.errors import ConfigError
+    from cogvx_mega.tools.data_scan import parse_part as parsed
 
-    if text is None:
-        return None
-    try:
-        part = tuple(int(v) for v in text.split("/"))
-    except ValueError:
-        part = ()
-    if len(part) != 2:
-        raise ConfigError("--part", text, "write I/N, e.g. 3/16 for the fourth of 16 parts")
-    return part
+    return parsed(text)
 
 
 def run_scan(args: argparse.Namespace) -> int:
