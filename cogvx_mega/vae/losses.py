@@ -1,0 +1,185 @@
+"""VAE training losses (issue 29): reconstruction + KL + LPIPS, then a hinge GAN with a 3D discriminator.
+
+`VAELoss.generator_loss` is the VAE's objective, `VAELoss.discriminator_loss` the discriminator's; both
+return `VAELossTerms` (every term detached for logging, `loss` the one to back-propagate).
+
+Generator: loss = recon + kl_weight * KL + perceptual_weight * LPIPS + w * (-mean(D(recon)))
+  * recon: mean |x - x'| (L1, default) or mean (x - x')^2 ("mse") over all elements;
+  * KL: of the diagonal Gaussian posterior (log-variance clamped to [-30, 20]) to N(0, I), summed over the
+    latent's elements of each clip and averaged over the batch (the convention kl_weight ~1e-6 is tuned for);
+  * LPIPS on all frames by default, or `lpips_frames` random frames per clip (SAT uses one);
+  * w, the GAN weight (0 before `gan_start_step`: the GAN is on when step >= gan_start_step):
+    with `apply_adaptive_weight` (default) the VQGAN rule, disc_weight * clamp(||grad_L(recon +
+    perceptual_weight * LPIPS)|| / (||grad_L(gan)|| + 1e-4), 0, 1e4), detached, L the decoder's last layer's
+    weight; otherwise disc_weight. (SAT computes such a weight, logs it and does not use it.)
+Discriminator: loss = mean(relu(1 - D(x))) + mean(relu(1 + D(x'.detach()))) + r1_weight * R1 where
+  R1 = mean over clips of ||d sum(D(x)) / dx||^2 (StyleGAN's gamma / 2 is r1_weight), only when r1_weight > 0.
+
+The generator loss back-propagates into the discriminator's parameters too: zero the discriminator's
+gradients before its own step (or freeze it around the VAE step), as with any GAN.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cogvx_mega.vae.discriminator import Discriminator3D
+from cogvx_mega.vae.lpips import LPIPS
+
+ADAPTIVE_EPS = 1e-4
+ADAPTIVE_MAX = 1e4
+
+
+class VAELossError(ValueError):
+    """A loss setting or call that cannot work."""
+
+
+@dataclass
+class VAELossConfig:
+    reconstruction: str = "l1"  # "l1" or "mse"
+    kl_weight: float = 1e-6
+    perceptual_weight: float = 1.0
+    lpips_frames: Optional[int] = None  # None: all frames; k: k random frames per clip
+    disc_weight: float = 0.5
+    gan_start_step: int = 0
+    apply_adaptive_weight: bool = True
+    r1_weight: float = 0.0
+
+    def validate(self) -> "VAELossConfig":
+        if self.reconstruction not in ("l1", "mse"):
+            raise VAELossError(f"reconstruction={self.reconstruction!r}: use 'l1' or 'mse'")
+        for name in ("kl_weight", "perceptual_weight", "disc_weight", "r1_weight"):
+            if getattr(self, name) < 0:
+                raise VAELossError(f"{name}={getattr(self, name)}: weights are not negative")
+        if self.lpips_frames is not None and self.lpips_frames < 1:
+            raise VAELossError(f"lpips_frames={self.lpips_frames}: use None (all frames) or a positive count")
+        return self
+
+
+@dataclass
+class VAELossTerms:
+    """One step's loss terms: `loss` carries the graph, the others are detached scalars for logging."""
+    loss: torch.Tensor
+    recon_loss: torch.Tensor
+    kl_loss: torch.Tensor
+    perceptual_loss: torch.Tensor
+    gan_loss: torch.Tensor
+    disc_loss: torch.Tensor
+    adaptive_weight: torch.Tensor
+    r1_penalty: torch.Tensor
+
+    def as_floats(self) -> dict[str, float]:
+        return {f.name: float(getattr(self, f.name).detach()) for f in fields(self)}
+
+
+# --- the terms as functions ------------------------------------------------------------------------------
+
+
+def reconstruction_loss(video: torch.Tensor, reconstruction: torch.Tensor, kind: str = "l1") -> torch.Tensor:
+    if kind == "l1":
+        return (video - reconstruction).abs().mean()
+    if kind == "mse":
+        return F.mse_loss(reconstruction, video)
+    raise VAELossError(f"reconstruction={kind!r}: use 'l1' or 'mse'")
+
+
+def kl_loss(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean, exp(logvar)) || N(0, 1)), summed over each clip's latent elements, averaged over the batch."""
+    logvar = logvar.clamp(-30.0, 20.0)
+    per_element = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar)
+    return per_element.flatten(1).sum(dim=1).mean()
+
+
+def hinge_generator_loss(logits_fake: torch.Tensor) -> torch.Tensor:
+    return -logits_fake.mean()
+
+
+def hinge_discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    return F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean()
+
+
+def adaptive_weight(nll_loss: torch.Tensor, gan_loss: torch.Tensor, last_layer: torch.Tensor,
+                    disc_weight: float = 1.0) -> torch.Tensor:
+    """disc_weight * clamp(||d nll / d last_layer|| / (||d gan / d last_layer|| + 1e-4), 0, 1e4), detached."""
+    nll_grad, = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)
+    gan_grad, = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)
+    ratio = nll_grad.norm() / (gan_grad.norm() + ADAPTIVE_EPS)
+    return (ratio.clamp(0.0, ADAPTIVE_MAX) * disc_weight).detach()
+
+
+def r1_penalty(discriminator: nn.Module, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R1, logits): mean over clips of the squared norm of d sum(D(real)) / d real, with a graph for backward."""
+    real = real.detach().requires_grad_(True)
+    logits = discriminator(real)
+    grad, = torch.autograd.grad(logits.sum(), real, create_graph=True)
+    return grad.pow(2).flatten(1).sum(dim=1).mean(), logits
+
+
+def last_decoder_layer(vae: nn.Module) -> torch.Tensor:
+    """The weight the adaptive GAN weight is measured on: the decoder's output conv."""
+    return vae.decoder.conv_out.conv.weight
+
+
+# --- the module -------------------------------------------------------------------------------------------
+
+
+class VAELoss(nn.Module):
+    """Holds the frozen LPIPS and the (trainable) discriminator; see the module docstring for the terms."""
+
+    def __init__(self, config: VAELossConfig, lpips: Optional[LPIPS] = None,
+                 discriminator: Optional[Discriminator3D] = None):
+        super().__init__()
+        self.config = config.validate()
+        if config.perceptual_weight > 0 and lpips is None:
+            raise VAELossError("perceptual_weight > 0 needs an LPIPS module (LPIPS.from_files(vgg, lin))")
+        self.lpips = lpips
+        self.discriminator = discriminator
+
+    def gan_active(self, step: int) -> bool:
+        return self.discriminator is not None and step >= self.config.gan_start_step
+
+    def generator_loss(self, video: torch.Tensor, reconstruction: torch.Tensor, mean: torch.Tensor,
+                       logvar: torch.Tensor, step: int, last_layer: Optional[torch.Tensor] = None,
+                       generator: Optional[torch.Generator] = None) -> VAELossTerms:
+        c = self.config
+        if video.shape != reconstruction.shape:
+            raise VAELossError(f"video {tuple(video.shape)} and reconstruction {tuple(reconstruction.shape)} differ")
+        zero = video.new_zeros(())
+        recon = reconstruction_loss(video, reconstruction, c.reconstruction)
+        kl = kl_loss(mean, logvar)
+        perceptual = (self.lpips.video_distance(video, reconstruction, frames=c.lpips_frames, generator=generator)
+                      if c.perceptual_weight > 0 else zero)
+        nll = recon + c.perceptual_weight * perceptual
+        loss = nll + c.kl_weight * kl
+        gan, weight = zero, zero
+        if self.gan_active(step):
+            gan = hinge_generator_loss(self.discriminator(reconstruction))
+            if c.apply_adaptive_weight and torch.is_grad_enabled():
+                if last_layer is None:
+                    raise VAELossError("the adaptive GAN weight needs last_layer (last_decoder_layer(vae))")
+                weight = adaptive_weight(nll, gan, last_layer, c.disc_weight)
+            else:  # no adaptive weight asked for, or no gradients to measure it with (evaluation)
+                weight = video.new_tensor(c.disc_weight)
+            loss = loss + weight * gan
+        return VAELossTerms(loss=loss, recon_loss=recon.detach(), kl_loss=kl.detach(),
+                            perceptual_loss=perceptual.detach(), gan_loss=gan.detach(), disc_loss=zero,
+                            adaptive_weight=weight.detach(), r1_penalty=zero)
+
+    def discriminator_loss(self, video: torch.Tensor, reconstruction: torch.Tensor, step: int) -> VAELossTerms:
+        zero = video.new_zeros(())
+        if not self.gan_active(step):
+            return VAELossTerms(loss=zero, recon_loss=zero, kl_loss=zero, perceptual_loss=zero, gan_loss=zero,
+                                disc_loss=zero, adaptive_weight=zero, r1_penalty=zero)
+        if self.config.r1_weight > 0:
+            penalty, logits_real = r1_penalty(self.discriminator, video)
+        else:
+            penalty, logits_real = zero, self.discriminator(video.detach())
+        logits_fake = self.discriminator(reconstruction.detach())
+        disc = hinge_discriminator_loss(logits_real, logits_fake)
+        loss = disc + self.config.r1_weight * penalty
+        return VAELossTerms(loss=loss, recon_loss=zero, kl_loss=zero, perceptual_loss=zero, gan_loss=zero,
+                            disc_loss=disc.detach(), adaptive_weight=zero, r1_penalty=penalty.detach())
