@@ -306,3 +306,18 @@ def read_manifest(path: str | Path) -> list[dict]:
             raise ConfigError("--manifest", str(path), f"line {number} is not a JSON object (one clip a line)")
         lines.append(item)
     return lines
+
+
+def read_clip_lines(path: str | Path, flag: str = "MANIFEST") -> list[dict]:
+    """The lines of a manifest a curation command works through: at least one, each with a path (one
+    ConfigError naming the line otherwise)."""
+    from cogvx_mega.config.errors import ConfigError
+
+    records = read_manifest(path)
+    if not records:
+        raise ConfigError(flag, str(path), "holds no clip")
+    for number, record in enumerate(records, 1):
+        if not isinstance(record.get("path"), str):
+            raise ConfigError(flag, str(path), f"line {number} has no path")
+    return records
+

@@ -114,7 +114,7 @@ def caption_manifest(manifest: str, output: str, model: str, column: str = "dens
     settings."""
     from cogvx_mega.config.errors import ConfigError, refuse_existing_output
     from cogvx_mega.data.captioning import DEFAULT_PROMPT, DEFAULT_SUMMARY_PROMPT, local_model_folder
-    from cogvx_mega.data.manifest import read_manifest
+    from cogvx_mega.data.manifest import read_clip_lines
     from cogvx_mega.tools.data_scan import task_part
 
     prompt = DEFAULT_PROMPT if prompt is None else prompt
@@ -137,12 +137,7 @@ def caption_manifest(manifest: str, output: str, model: str, column: str = "dens
     index, count = part or task_part()
     if not 0 <= index < count:
         raise ConfigError("--part", f"{index}/{count}", "write I/N with 0 <= I < N")
-    records = read_manifest(manifest)
-    if not records:
-        raise ConfigError("MANIFEST", manifest, "holds no clip")
-    for number, record in enumerate(records, 1):
-        if not isinstance(record.get("path"), str):
-            raise ConfigError("MANIFEST", manifest, f"line {number} has no path")
+    records = read_clip_lines(manifest)
     folder = parts_folder(output)
     settings = {"manifest": hashlib.blake2b(Path(manifest).read_bytes(), digest_size=16).hexdigest(),
                 "lines": len(records), "model": str(Path(model).resolve()),

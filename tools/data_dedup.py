@@ -105,7 +105,7 @@ def dedup_manifest(manifest: str, output: str, frames: int = 4, threshold: float
     from cogvx_mega.config.errors import ConfigError, refuse_existing_output
     from cogvx_mega.data.dedup import HashCache, find_groups, hash_clip
     from cogvx_mega.data.decode import media_name
-    from cogvx_mega.data.manifest import read_manifest
+    from cogvx_mega.data.manifest import read_clip_lines
 
     if frames < 1:
         raise ConfigError("--frames", frames, "hash at least 1 frame per clip")
@@ -114,12 +114,7 @@ def dedup_manifest(manifest: str, output: str, frames: int = 4, threshold: float
     if os.path.abspath(manifest) == os.path.abspath(output):
         raise ConfigError("--output", output, "is the manifest read; write the deduplicated one to another file")
     refuse_existing_output("--output", output, overwrite)
-    records = read_manifest(manifest)
-    if not records:
-        raise ConfigError("MANIFEST", manifest, "holds no clip")
-    for number, record in enumerate(records, 1):
-        if not isinstance(record.get("path"), str):
-            raise ConfigError("MANIFEST", manifest, f"line {number} has no path")
+    records = read_clip_lines(manifest)
     cache = HashCache(Path(f"{output}.hashes.jsonl"))
     reused = hashed = 0
 
