@@ -67,6 +67,9 @@ def test_a_job_requeued_at_its_time_limit_resumes_with_the_uninterrupted_losses(
         return info.get("Restarts") == "1" and info.get("JobState") == "PENDING"
 
     wait_until(requeued, 180, "the job to requeue itself")
+    # SLURM revokes the old run's credential with a time stamp in whole seconds, and refuses a new start in that
+    # same second ("Job credential revoked", the job then FAILED): let the second pass before skipping the delay
+    time.sleep(2.0)
     subprocess.run(["scontrol", "update", f"jobid={job_id}", "StartTime=now"], check=True)  # skip SLURM's 120 s delay
     info = slurm.wait_for(job_id, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=180)
     text = log_text()
