@@ -61,7 +61,8 @@ setup(
         "triton": ["triton"],  # the Triton kernels on CPU (TRITON_INTERPRET=1); CUDA torch wheels bring it
         "test": ["pytest", "pytest-timeout", "pytest-xdist", "diffusers==0.42.1", "peft", "transformers", "sentencepiece", "av", "triton",
                  "Pillow", "nvidia-dali-cuda130", "zarr>=3", "tensorstore", "pyarrow", "scenedetect>=0.7",
-                 "webdataset"],  # tests write image shards as img2dataset does
+                 "webdataset",  # tests write image shards as img2dataset does
+                 "scikit-image"],  # the oracle of the VAE's SSIM
     },
     entry_points={"console_scripts": ["cogvx = cogvx_mega.cli:main"]},
 )
