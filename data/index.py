@@ -31,6 +31,7 @@ import numpy as np
 from cogvx_mega.checkpoint.atomic import atomic_directory
 from cogvx_mega.config.errors import ConfigError
 from cogvx_mega.data.buckets import Bucket, bucket_for, merge_targets
+from cogvx_mega.data.manifest import parse_manifest_line
 
 logger = logging.getLogger(__name__)
 
@@ -281,12 +282,9 @@ def _explain_bad_manifest(manifest: Path, error: Exception) -> ConfigError:
             if not raw.strip():
                 continue
             try:
-                item = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as bad:
-                return ConfigError("--manifest", str(manifest), f"line {number} is not JSON ({bad})")
-            if not isinstance(item, dict):
-                return ConfigError("--manifest", str(manifest), f"line {number} is not a JSON object (one clip a "
-                                                                f"line)")
+                item = parse_manifest_line(raw, number, manifest)
+            except ConfigError as bad:
+                return bad
             for name, kind in KNOWN_COLUMNS.items():
                 value = item.get(name)
                 wrong = value is not None and (isinstance(value, bool) or (

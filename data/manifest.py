@@ -296,16 +296,23 @@ def read_manifest(path: str | Path) -> list[dict]:
     except MediaError as error:
         raise ConfigError("--manifest", str(path), str(error)) from None
     for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ConfigError("--manifest", str(path), f"line {number} is not JSON ({error})") from None
-        if not isinstance(item, dict):
-            raise ConfigError("--manifest", str(path), f"line {number} is not a JSON object (one clip a line)")
-        lines.append(item)
+        if line.strip():
+            lines.append(parse_manifest_line(line, number, path))
     return lines
+
+
+def parse_manifest_line(line: str | bytes, number: int, path) -> dict:
+    """One manifest line as a dict; a ConfigError naming the line when it is not a JSON object. (The clip index
+    calls it to name the line pyarrow's reader could not parse.)"""
+    from cogvx_mega.config.errors import ConfigError
+
+    try:
+        item = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError("--manifest", str(path), f"line {number} is not JSON ({error})") from None
+    if not isinstance(item, dict):
+        raise ConfigError("--manifest", str(path), f"line {number} is not a JSON object (one clip a line)")
+    return item
 
 
 def read_clip_lines(path: str | Path, flag: str = "MANIFEST") -> list[dict]:
