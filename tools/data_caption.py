@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
-from cogvx_mega.tools.data_scan import parse_part, parts_folder
+from cogvx_mega.tools.data_scan import claim_complete_parts, parse_part, part_name, parts_folder
 
 HELP = ("caption every clip of a manifest with a local vision-language model (frames captioned, then summarised) "
         "into a new column")
@@ -92,10 +92,6 @@ def run(args: argparse.Namespace) -> int:
         print(summary_table(f"caption of {args.manifest}, this part", rows))
         print(f"the last part to finish writes {args.output}")
     return 0
-
-
-def part_name(index: int, count: int) -> str:
-    return f"part-{index:05d}-of-{count:05d}"
 
 
 def block(index: int, count: int, lines: int) -> range:
@@ -322,17 +318,10 @@ def merge_when_complete(records: list[dict], output: str, column: str, count: in
     from cogvx_mega.checkpoint.atomic import hidden_sibling
 
     folder = parts_folder(output)
+    totals = claim_complete_parts(folder, count)
+    if totals is None:
+        return None
     names = [part_name(i, count) for i in range(count)]
-    if not all((folder / f"{name}.json").is_file() for name in names):
-        return None
-    claim = folder / f"merging-of-{count:05d}"
-    if count == 1:
-        claim.unlink(missing_ok=True)  # alone, a claim left there is a killed merge of this task's own
-    try:
-        os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
-    except FileExistsError:
-        return None
-    totals = [json.loads((folder / f"{name}.json").read_text()) for name in names]
     summary = CaptionSummary(**{key: sum(t[key] for t in totals)
                                 for key in ("clips", "captioned", "resumed", "unreadable", "empty")})
     target = Path(output)

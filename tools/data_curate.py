@@ -42,7 +42,7 @@ from cogvx_mega.checkpoint.atomic import hidden_sibling, write_text_atomically
 from cogvx_mega.config.errors import ConfigError, refuse_existing_output
 from cogvx_mega.data.manifest import IMAGE_SUFFIXES, MediaError
 from cogvx_mega.data.shots import DETECTORS, ShotOptions, Span, analyze_file, frame_range, pair_starts, spread_frames
-from cogvx_mega.tools.data_scan import task_part
+from cogvx_mega.tools.data_scan import claim_complete_parts, part_name, task_part
 
 COUNTS = ("clips", "videos", "images", "failed", "shots", "dropped", "written", "motion", "aesthetic")
 
@@ -426,7 +426,7 @@ def curate(command: str, manifest: str, output: str, settings: dict, work: Calla
     if not 0 <= index < count:
         raise ConfigError("--part", f"{index}/{count}", "write I/N with 0 <= I < N")
     groups = read_part(manifest, index, count)
-    folder, name = parts_folder(output, command), f"part-{index:05d}-of-{count:05d}"
+    folder, name = parts_folder(output, command), part_name(index, count)
     if (folder / f"{name}.json").is_file():  # this part was finished by an earlier run
         summary = CurationSummary(**json.loads((folder / f"{name}.json").read_text()))
         return merge_when_complete(command, output, count) or dataclasses.replace(summary, merged=False)
@@ -485,15 +485,10 @@ def merge_when_complete(command: str, output: str, count: int) -> Optional[Curat
     claim file created exclusively decides; one part alone merges without it); the whole run's summary, or None
     when this task leaves the merge to another."""
     folder = parts_folder(output, command)
-    names = [f"part-{i:05d}-of-{count:05d}" for i in range(count)]
-    if not all((folder / f"{name}.json").is_file() for name in names):
+    parts = claim_complete_parts(folder, count)
+    if parts is None:
         return None
-    if count > 1:
-        try:
-            os.close(os.open(folder / f"merging-of-{count:05d}", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
-        except FileExistsError:
-            return None
-    parts = [json.loads((folder / f"{name}.json").read_text()) for name in names]
+    names = [part_name(i, count) for i in range(count)]
     summary = CurationSummary(command, **{k: sum(p[k] for p in parts) for k in (*COUNTS, "resumed")},
                               seconds=max(p["seconds"] for p in parts))
     files = [open(folder / f"{name}.jsonl", encoding="utf-8") for name in names]

@@ -45,7 +45,7 @@ def scan_folder(source: str, output: str, captions: Optional[str] = None, worker
     index, count = part or task_part()
     if not 0 <= index < count:
         raise ConfigError("--part", f"{index}/{count}", "write I/N with 0 <= I < N")
-    folder, name = parts_folder(output), f"part-{index:05d}-of-{count:05d}"
+    folder, name = parts_folder(output), part_name(index, count)
     if count > 1 and (folder / f"{name}.json").is_file():  # written by an earlier run of this task: resumed
         summary = ScanSummary(**json.loads((folder / f"{name}.json").read_text()))
         return merge_when_complete(source, output, count) or dataclasses.replace(summary, merged=False)
@@ -95,18 +95,34 @@ def parts_folder(output: str) -> Path:
     return Path(f"{output}.parts")
 
 
+def part_name(index: int, count: int) -> str:
+    return f"part-{index:05d}-of-{count:05d}"
+
+
+def claim_complete_parts(folder: Path, count: int) -> Optional[list[dict]]:
+    """The summaries of the n parts in `folder` (`part-i-of-n.json`) when all are written and this task is the
+    first to claim their merge (a claim file created exclusively decides); None when a part is missing or another
+    task has the merge. One part alone merges without a claim (a claim left by its own killed merge is no
+    obstacle). Every command split over tasks (scan, split, score, caption) merges this way."""
+    names = [part_name(i, count) for i in range(count)]
+    if not all((folder / f"{name}.json").is_file() for name in names):
+        return None
+    if count > 1:
+        try:
+            os.close(os.open(folder / f"merging-of-{count:05d}", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        except FileExistsError:
+            return None
+    return [json.loads((folder / f"{name}.json").read_text()) for name in names]
+
+
 def merge_when_complete(source: str, output: str, count: int) -> Optional[ScanSummary]:
     """Merge the n parts into `output` when all are written and no other task has begun to (a claim file
     created exclusively decides); the whole scan's summary, or None when this task leaves the merge to another."""
     folder = parts_folder(output)
-    names = [f"part-{i:05d}-of-{count:05d}" for i in range(count)]
-    if not all((folder / f"{name}.json").is_file() for name in names):
+    totals = claim_complete_parts(folder, count)
+    if totals is None:
         return None
-    try:
-        os.close(os.open(folder / f"merging-of-{count:05d}", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
-    except FileExistsError:
-        return None
-    totals = [json.loads((folder / f"{name}.json").read_text()) for name in names]
+    names = [part_name(i, count) for i in range(count)]
     summary = ScanSummary(**{field: sum(t[field] for t in totals) for field in ("files", "clips", "videos", "skipped")})
     summary.merged = True
     if not summary.clips:
