@@ -16,19 +16,27 @@ Discriminator: loss = mean(relu(1 - D(x))) + mean(relu(1 + D(x'.detach()))) + r1
   R1 = mean over clips of ||d sum(D(x)) / dx||^2 (StyleGAN's gamma / 2 is r1_weight), only when r1_weight > 0.
 
 The generator loss back-propagates into the discriminator's parameters too: zero the discriminator's
-gradients before its own step (or freeze it around the VAE step), as with any GAN.
+gradients before its own step (or freeze it around the VAE step), as with any GAN. The discriminator sees
+frames 1.. of a 1 + 4k clip (frame 0 is encoded alone; the rest is a multiple of its frame count).
+
+Context parallel (`ClipShard`): each rank holds a block of the clip's frames. The generator loss it returns is
+its share: recon, KL and LPIPS are this rank's sums divided by the whole clip's counts, so the shares add up
+over the CP group to the whole-clip terms; the GAN term is computed on the whole reconstruction (`shard.gather`,
+whose backward keeps this rank's frames: every rank computes the same discriminator pass), and the adaptive
+weight from gradients summed over the group (`shard.reduce_grads`). Gradients summed over the CP group (and
+averaged over data-parallel replicas) are then the one-process gradients.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from cogvx_mega.vae.discriminator import Discriminator3D
-from cogvx_mega.vae.lpips import LPIPS
+from cogvx_mega.vae.lpips import LPIPS, pick_frames
 
 ADAPTIVE_EPS = 1e-4
 ADAPTIVE_MAX = 1e4
@@ -76,6 +84,34 @@ class VAELossTerms:
         return {f.name: float(getattr(self, f.name).detach()) for f in fields(self)}
 
 
+@dataclass
+class ClipShard:
+    """The frames of the clips a rank holds (context parallel); the default is the whole clip in one process."""
+
+    frame_offset: int = 0
+    """The clip's index of this rank's first video frame."""
+    clip_frames: Optional[int] = None
+    """The whole clip's video frames (None: this rank holds the whole clip)."""
+    gather: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    """This rank's reconstruction frames -> the whole clip's (differentiable; None: nothing to gather)."""
+    reduce_grads: Optional[Callable[[Sequence[torch.Tensor]], list[torch.Tensor]]] = None
+    """Gradients of this rank's share -> the whole batch's (summed over CP, averaged over data parallel)."""
+
+    def whole(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gather(x) if self.gather is not None else x
+
+    def reduced(self, grads: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return self.reduce_grads(grads) if self.reduce_grads is not None else list(grads)
+
+
+WHOLE_CLIP = ClipShard()
+
+
+def discriminator_view(video: torch.Tensor) -> torch.Tensor:
+    """What the discriminator sees of a clip: frames 1.. when the count is odd (1 + 4k), else all of them."""
+    return video[:, :, 1:] if video.shape[2] % 2 == 1 and video.shape[2] > 1 else video
+
+
 # --- the terms as functions ------------------------------------------------------------------------------
 
 
@@ -103,10 +139,12 @@ def hinge_discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tenso
 
 
 def adaptive_weight(nll_loss: torch.Tensor, gan_loss: torch.Tensor, last_layer: torch.Tensor,
-                    disc_weight: float = 1.0) -> torch.Tensor:
-    """disc_weight * clamp(||d nll / d last_layer|| / (||d gan / d last_layer|| + 1e-4), 0, 1e4), detached."""
+                    disc_weight: float = 1.0, shard: ClipShard = WHOLE_CLIP) -> torch.Tensor:
+    """disc_weight * clamp(||d nll / d last_layer|| / (||d gan / d last_layer|| + 1e-4), 0, 1e4), detached; the
+    gradients are the whole batch's (`shard.reduce_grads`) when the losses are a rank's shares."""
     nll_grad, = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)
     gan_grad, = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)
+    nll_grad, gan_grad = shard.reduced([nll_grad, gan_grad])
     ratio = nll_grad.norm() / (gan_grad.norm() + ADAPTIVE_EPS)
     return (ratio.clamp(0.0, ADAPTIVE_MAX) * disc_weight).detach()
 
@@ -144,24 +182,31 @@ class VAELoss(nn.Module):
 
     def generator_loss(self, video: torch.Tensor, reconstruction: torch.Tensor, mean: torch.Tensor,
                        logvar: torch.Tensor, step: int, last_layer: Optional[torch.Tensor] = None,
-                       generator: Optional[torch.Generator] = None) -> VAELossTerms:
+                       generator: Optional[torch.Generator] = None, picked_frames: Optional[torch.Tensor] = None,
+                       shard: ClipShard = WHOLE_CLIP) -> VAELossTerms:
+        """The VAE's loss (this rank's share under context parallel, see the module docstring). LPIPS frames
+        (`lpips_frames`): `picked_frames` [B, k] clip frame indices, or drawn with `generator`."""
         c = self.config
         if video.shape != reconstruction.shape:
             raise VAELossError(f"video {tuple(video.shape)} and reconstruction {tuple(reconstruction.shape)} differ")
         zero = video.new_zeros(())
-        recon = reconstruction_loss(video, reconstruction, c.reconstruction)
+        batch, _, frames = video.shape[:3]
+        clip_frames = shard.clip_frames or frames
+        difference = video - reconstruction
+        per_element = difference.abs() if c.reconstruction == "l1" else difference.pow(2)
+        recon = per_element.sum() / (per_element.numel() // frames * clip_frames)
         kl = kl_loss(mean, logvar)
-        perceptual = (self.lpips.video_distance(video, reconstruction, frames=c.lpips_frames, generator=generator)
-                      if c.perceptual_weight > 0 else zero)
+        perceptual = self._perceptual(video, reconstruction, generator, picked_frames, shard) \
+            if c.perceptual_weight > 0 else zero
         nll = recon + c.perceptual_weight * perceptual
         loss = nll + c.kl_weight * kl
         gan, weight = zero, zero
         if self.gan_active(step):
-            gan = hinge_generator_loss(self.discriminator(reconstruction))
+            gan = hinge_generator_loss(self.discriminator(discriminator_view(shard.whole(reconstruction))))
             if c.apply_adaptive_weight and torch.is_grad_enabled():
                 if last_layer is None:
                     raise VAELossError("the adaptive GAN weight needs last_layer (last_decoder_layer(vae))")
-                weight = adaptive_weight(nll, gan, last_layer, c.disc_weight)
+                weight = adaptive_weight(nll, gan, last_layer, c.disc_weight, shard)
             else:  # no adaptive weight asked for, or no gradients to measure it with (evaluation)
                 weight = video.new_tensor(c.disc_weight)
             loss = loss + weight * gan
@@ -169,16 +214,32 @@ class VAELoss(nn.Module):
                             perceptual_loss=perceptual.detach(), gan_loss=gan.detach(), disc_loss=zero,
                             adaptive_weight=weight.detach(), r1_penalty=zero)
 
+    def _perceptual(self, video, reconstruction, generator, picked_frames, shard: ClipShard) -> torch.Tensor:
+        """Mean LPIPS over the clip's frames (or the picked ones): this rank's sum over the whole clip's count."""
+        batch, _, frames = video.shape[:3]
+        clip_frames = shard.clip_frames or frames
+        if self.config.lpips_frames is None:
+            return self.lpips.frame_distance_sum(video, reconstruction) / (batch * clip_frames)
+        if picked_frames is None:
+            picked_frames = pick_frames(batch, clip_frames, self.config.lpips_frames, generator)
+        local = picked_frames.to(video.device) - shard.frame_offset
+        keep = torch.zeros(batch, frames, dtype=torch.bool, device=video.device)
+        inside = (local >= 0) & (local < frames)
+        rows = torch.arange(batch, device=video.device)[:, None].expand_as(local)
+        keep[rows[inside], local[inside]] = True
+        return self.lpips.frame_distance_sum(video, reconstruction, keep) / picked_frames.numel()
+
     def discriminator_loss(self, video: torch.Tensor, reconstruction: torch.Tensor, step: int) -> VAELossTerms:
+        """The discriminator's loss on whole clips (under context parallel: the gathered reconstruction)."""
         zero = video.new_zeros(())
         if not self.gan_active(step):
             return VAELossTerms(loss=zero, recon_loss=zero, kl_loss=zero, perceptual_loss=zero, gan_loss=zero,
                                 disc_loss=zero, adaptive_weight=zero, r1_penalty=zero)
         if self.config.r1_weight > 0:
-            penalty, logits_real = r1_penalty(self.discriminator, video)
+            penalty, logits_real = r1_penalty(self.discriminator, discriminator_view(video))
         else:
-            penalty, logits_real = zero, self.discriminator(video.detach())
-        logits_fake = self.discriminator(reconstruction.detach())
+            penalty, logits_real = zero, self.discriminator(discriminator_view(video).detach())
+        logits_fake = self.discriminator(discriminator_view(reconstruction).detach())
         disc = hinge_discriminator_loss(logits_real, logits_fake)
         loss = disc + self.config.r1_weight * penalty
         return VAELossTerms(loss=loss, recon_loss=zero, kl_loss=zero, perceptual_loss=zero, gan_loss=zero,

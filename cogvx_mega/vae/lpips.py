@@ -175,25 +175,42 @@ class LPIPS(nn.Module):
                        generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """Mean LPIPS over the frames of videos [B, 3, T, H, W]: all frames (frames=None, the default), or
         `frames` distinct frames per clip drawn at random with `generator` (SAT draws one per clip)."""
+        self._check_videos(video, reconstruction)
+        b, t = video.shape[0], video.shape[2]
+        if frames is None:
+            return self.frame_distance_sum(video, reconstruction) / (b * t)
+        picked = pick_frames(b, t, frames, generator).to(video.device)
+        keep = torch.zeros(b, t, dtype=torch.bool, device=video.device)
+        keep[torch.arange(b, device=video.device)[:, None], picked] = True
+        return self.frame_distance_sum(video, reconstruction, keep) / (b * frames)
+
+    def frame_distance_sum(self, video: torch.Tensor, reconstruction: torch.Tensor,
+                           keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The sum of the LPIPS distances of the frames of videos [B, 3, T, H, W] (with `keep` [B, T] bool: of
+        the frames it marks), a 0-dim tensor."""
+        self._check_videos(video, reconstruction)
+        b, c, t, h, w = video.shape
+        a, r = video.transpose(1, 2).reshape(b * t, c, h, w), reconstruction.transpose(1, 2).reshape(b * t, c, h, w)
+        if keep is not None:
+            index = keep.reshape(-1).nonzero().squeeze(1)
+            if index.numel() == 0:  # none of this rank's frames picked: a zero that still joins the graph
+                return reconstruction.sum() * 0.0
+            a, r = a.index_select(0, index), r.index_select(0, index)
+        return self(a, r).sum()
+
+    @staticmethod
+    def _check_videos(video: torch.Tensor, reconstruction: torch.Tensor) -> None:
         if video.shape != reconstruction.shape or video.dim() != 5:
             raise LPIPSInputError(f"video LPIPS needs two [B, 3, T, H, W] tensors of one shape: got "
                                   f"{tuple(video.shape)} and {tuple(reconstruction.shape)}")
-        b, c, t, h, w = video.shape
-        if frames is not None:
-            if not 1 <= frames <= t:
-                raise LPIPSInputError(f"frames={frames}: choose between 1 and the clip's {t} frames")
-            device = generator.device if generator is not None else torch.device("cpu")
-            picked = torch.rand(b, t, generator=generator, device=device).topk(frames, dim=1).indices
-            picked = picked.to(video.device)
-            rows = torch.arange(b, device=video.device)[:, None]
-            video = video.transpose(1, 2)[rows, picked].transpose(1, 2)
-            reconstruction = reconstruction.transpose(1, 2)[rows, picked].transpose(1, 2)
-            t = frames
 
-        def as_images(x):
-            return x.transpose(1, 2).reshape(b * t, c, h, w)
 
-        return self(as_images(video), as_images(reconstruction)).mean()
+def pick_frames(batch: int, clip_frames: int, frames: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """[batch, frames] distinct frame indices per clip, drawn with `generator` (uniform without replacement)."""
+    if not 1 <= frames <= clip_frames:
+        raise LPIPSInputError(f"frames={frames}: choose between 1 and the clip's {clip_frames} frames")
+    device = generator.device if generator is not None else torch.device("cpu")
+    return torch.rand(batch, clip_frames, generator=generator, device=device).topk(frames, dim=1).indices
 
 
 def _load(path: str | os.PathLike) -> dict:
