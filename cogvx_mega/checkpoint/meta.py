@@ -12,6 +12,8 @@ MODEL_FILE = "model.safetensors"
 SINGLE_FORMAT = "cogvx-mega/single-v1"
 SHARDED_FORMAT = "cogvx-mega/torch-dist-v1"
 VAE_FORMAT = "cogvx-mega/vae-single-v1"
+VAE_TRAINING_FORMAT = "cogvx-mega/vae-train-v1"
+"""A VAE training step: the VAE as in vae-single-v1 (model.safetensors), the discriminator and both optimizers."""
 TRANSFORMER_FORMATS = (SINGLE_FORMAT, SHARDED_FORMAT)
 
 

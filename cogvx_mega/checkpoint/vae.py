@@ -1,6 +1,8 @@
 """The VAE's formats. Project VAE parameter names are diffusers' `AutoencoderKLCogVideoX` names
 (`cogvx_mega.vae.model` mirrors them), so diffusers <-> project is a strict identity with a shape check;
-SAT names map by template. A project VAE checkpoint is format vae-single-v1.
+SAT names map by template. A project VAE checkpoint is format vae-single-v1; a VAE training checkpoint
+(vae-train-v1, `cogvx vae train`) holds the same model.safetensors beside the discriminator and the optimizers, so
+every reader of a VAE checkpoint takes it too.
 
 SAT's released VAE is `<name>-sat/vae/3d-vae.pt`, a torch.save'd `{"state_dict": ...}`; a whole-engine SAT
 checkpoint (a full fine-tune) holds the VAE as `first_stage_model.*`. Both are read like the SAT transformer
@@ -17,7 +19,8 @@ import torch
 from torch import Tensor
 
 from cogvx_mega.checkpoint.atomic import atomic_directory
-from cogvx_mega.checkpoint.meta import MODEL_FILE, VAE_FORMAT, ConversionError, read_checkpoint_meta
+from cogvx_mega.checkpoint.meta import (META_FILE, MODEL_FILE, VAE_FORMAT, VAE_TRAINING_FORMAT, ConversionError,
+                                        read_checkpoint_meta)
 from cogvx_mega.checkpoint.single_file import write_single_file_checkpoint
 from cogvx_mega.checkpoint.transformer import SAT_LATEST_FILE, find_sat_transformer_file, read_sat_file
 from cogvx_mega.checkpoint.weights import read_diffusers_weights
@@ -151,9 +154,56 @@ def read_vae_checkpoint(path: str, verify: bool = True):
     if verify:
         refuse_damaged(path)
     meta = read_checkpoint_meta(path)
-    if meta.get("format") != VAE_FORMAT:
-        raise ConversionError(f"{path}: a {meta.get('format')} checkpoint, not a VAE ({VAE_FORMAT})")
+    if meta.get("format") not in (VAE_FORMAT, VAE_TRAINING_FORMAT):
+        raise ConversionError(f"{path}: a {meta.get('format')} checkpoint, not a VAE ({VAE_FORMAT} or "
+                              f"{VAE_TRAINING_FORMAT})")
     config = vae_config_from_dict(meta["vae"])
     state = load_file(str(Path(path) / MODEL_FILE))
     check_vae_state(state, config)
     return config, state
+
+
+DISCRIMINATOR_FILE = "discriminator.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+
+
+def save_vae_training_checkpoint(path: str | Path, vae_state: dict[str, Tensor], config, meta: dict,
+                                 discriminator_state: Optional[dict[str, Tensor]], optimizers: dict) -> Path:
+    """One VAE training step (vae-train-v1), written by one process (every rank holds the same replica): the VAE
+    (model.safetensors), the discriminator, the optimizers' states (optimizer.pt) and the metadata with every
+    file's size and CRC32C, written last, atomically (`atomic_directory`)."""
+    from safetensors.torch import save_file
+
+    from cogvx_mega.checkpoint import faults
+    from cogvx_mega.checkpoint.verify import record_files
+
+    check_vae_state(vae_state, config)
+    with atomic_directory(path) as tmp:
+        names = [MODEL_FILE, OPTIMIZER_FILE]
+        save_file({k: v.detach().cpu().contiguous() for k, v in vae_state.items()}, str(tmp / MODEL_FILE))
+        if discriminator_state is not None:
+            save_file({k: v.detach().cpu().contiguous() for k, v in discriminator_state.items()},
+                      str(tmp / DISCRIMINATOR_FILE))
+            names.append(DISCRIMINATOR_FILE)
+        torch.save(optimizers, tmp / OPTIMIZER_FILE)
+        faults.maybe_kill("save", int(meta["step"]), "after-write")
+        (tmp / META_FILE).write_text(json.dumps({"format": VAE_TRAINING_FORMAT, **meta, "vae": dataclasses.asdict(config),
+                                                 "files": record_files(tmp, names)}, indent=2))
+        faults.maybe_kill("rename", int(meta["step"]))
+    return Path(path)
+
+
+def read_vae_training_checkpoint(path: str | Path) -> tuple[dict, dict[str, Tensor], Optional[dict[str, Tensor]], dict]:
+    """(metadata, VAE state, discriminator state or None, optimizer states) of a vae-train-v1 folder (verified
+    by the caller: `training.checkpoint.find_resume_checkpoint`)."""
+    from safetensors.torch import load_file
+
+    meta = read_checkpoint_meta(path)
+    if meta.get("format") != VAE_TRAINING_FORMAT:
+        raise ConversionError(f"{path}: a {meta.get('format')} checkpoint, not a VAE training step "
+                              f"({VAE_TRAINING_FORMAT})")
+    folder = Path(path)
+    discriminator = folder / DISCRIMINATOR_FILE
+    return (meta, load_file(str(folder / MODEL_FILE)),
+            load_file(str(discriminator)) if discriminator.is_file() else None,
+            torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True))
