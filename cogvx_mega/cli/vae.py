@@ -41,6 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--init-from", default=None, help="start from these VAE weights: a diffusers "
                                                          "AutoencoderKLCogVideoX folder, a VAE checkpoint or a VAE "
                                                          "training step (the previous stage)")
+    train.add_argument("--dry-run", action="store_true", help="run every check and print the plan (layout, clips, "
+                                                              "model sizes); nothing is trained or written")
 
     evaluate = actions.add_parser("eval", parents=[verbose_parent()],
                                   help="PSNR, SSIM and flicker of the VAE's reconstructions of a manifest's clips")
@@ -80,7 +82,7 @@ def _train(args: argparse.Namespace) -> int:
 
     config = load_vae_run_config(args.preset, args.config_file, args.overrides)
     train_vae(config, args.data, args.run_dir, cp=args.cp, resume=args.resume, init_from=args.init_from,
-              steps=args.steps)
+              steps=args.steps, dry_run=args.dry_run)
     return 0
 
 

@@ -73,9 +73,11 @@ def time_blocks(frames: int, ratio: int, cp: int) -> list[tuple[int, int, int, i
     latent_frames = 1 + (frames - 1) // ratio
     try:
         sizes = shard_sizes(latent_frames, cp)
-    except VAEInputError as error:
-        raise ConfigError("--cp", cp, f"vae_train.frames={frames} gives {latent_frames} latent frames and "
-                                      f"{str(error).split(': ', 1)[1]}") from None
+    except VAEInputError:
+        most = max(1, (latent_frames - latent_frames % 2) // 2)
+        raise ConfigError("--cp", cp, f"vae_train.frames={frames} gives {latent_frames} latent frames and every "
+                                      f"context-parallel rank needs at least 2 of them; use --cp {most} or less, or "
+                                      f"more frames") from None
     blocks, video_start, latent_start = [], 0, 0
     for rank, count in enumerate(sizes):
         video = 1 + ratio * (count - 1) if rank == 0 else ratio * count
@@ -88,13 +90,15 @@ def plan_layout(config: VAERunConfig, cp: int, world_size: int) -> list[tuple[in
     """Every layout check that needs no process group (run before anything is written)."""
     if cp < 1:
         raise ConfigError("--cp", cp, "use a positive context-parallel size")
+    blocks = time_blocks(config.vae_train.frames, config.vae.temporal_compression_ratio, cp)
     if world_size % cp:
-        raise ConfigError("--cp", cp, f"it must divide the world size ({world_size} ranks)")
+        raise ConfigError("--cp", cp, f"it must divide the world size ({world_size} ranks; launch with torchrun "
+                                      f"--nproc-per-node a multiple of {cp})")
     dp = world_size // cp
     if config.vae_train.global_batch_size % dp:
         raise ConfigError("vae_train.global_batch_size", config.vae_train.global_batch_size,
                           f"use a multiple of the data-parallel size {dp} (world {world_size} / cp {cp})")
-    return time_blocks(config.vae_train.frames, config.vae.temporal_compression_ratio, cp)
+    return blocks
 
 
 def build_layout(config: VAERunConfig, cp: int, device: str):
@@ -390,9 +394,34 @@ def check_init_from(path: str, config: VAERunConfig) -> None:
                                                f"preset it was trained with, or another --init-from")
 
 
+def describe_plan(config: VAERunConfig, clips, blocks: list, world_size: int, cp: int) -> str:
+    """What `cogvx vae train --dry-run` prints: the run's layout, data and model sizes."""
+    from cogvx_mega.vae.discriminator import Discriminator3D
+    from cogvx_mega.vae.model import CogVideoXVAE
+
+    t = config.vae_train
+    with torch.device("meta"):
+        vae_params = sum(p.numel() for p in CogVideoXVAE(config.vae).parameters())
+        disc_params = sum(p.numel() for p in Discriminator3D(dim=t.disc_dim, image_size=t.size,
+                                                             frame_num=t.disc_frames(),
+                                                             max_dim=t.disc_max_dim).parameters())
+    per_rank = ", ".join(f"rank {r}: frames {v0}..{v0 + v - 1} (latent {l0}..{l0 + n - 1})"
+                         for r, (v0, v, l0, n) in enumerate(blocks))
+    lines = [f"vae train plan (preset {config.preset})",
+             f"  layout: {world_size} ranks = data parallel {world_size // cp} x context parallel {cp}; {per_rank}",
+             f"  clips: {len(clips)} usable, {clips.left_out} left out (too short at every fps); {t.frames} frames at "
+             f"{t.size}x{t.size}, fps from {t.fps_choices}",
+             f"  batch: {t.global_batch_size} clips per step, {t.global_batch_size // (world_size // cp)} per replica; "
+             f"steps {t.steps}",
+             f"  VAE {vae_params:,} parameters; discriminator {disc_params:,} (frame_num {t.disc_frames()}, GAN from "
+             f"step {config.loss.gan_start_step}); LPIPS {'on' if config.loss.perceptual_weight > 0 else 'off'}"]
+    return "\n".join(lines)
+
+
 def train_vae(config: VAERunConfig, data: str, run_dir: str, cp: int = 1, resume: Optional[str] = None,
-              init_from: Optional[str] = None, steps: Optional[int] = None) -> dict:
-    """Train; returns the last step's metrics row. Every check runs before anything is written."""
+              init_from: Optional[str] = None, steps: Optional[int] = None, dry_run: bool = False) -> dict:
+    """Train; returns the last step's metrics row. Every check runs before anything is written. `dry_run`: the
+    checks and the plan (printed), nothing trained or written."""
     import os
 
     from cogvx_mega.training import checkpoint as ckpt
@@ -404,15 +433,29 @@ def train_vae(config: VAERunConfig, data: str, run_dir: str, cp: int = 1, resume
         config.validate()
     t = config.vae_train
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    plan_layout(config, cp, world_size)
+    blocks = plan_layout(config, cp, world_size)
     run_path = Path(run_dir)
     if run_path.exists() and not run_path.is_dir():
         refuse_existing_output("--run-dir", run_dir, overwrite=False, what="folder")
     device = t.device or ("cuda" if torch.cuda.is_available() else "cpu")
     clips = VAETrainingClips(data, t.frames, t.size, t.fps_choices, config.vae.temporal_compression_ratio, t.seed,
                              t.random_start)
+    if config.loss.perceptual_weight > 0:
+        for name in ("lpips_vgg", "lpips_lin"):
+            if not Path(getattr(t, name)).is_file():
+                raise ConfigError(f"vae_train.{name}", getattr(t, name), "no such file; LPIPS reads its weights from "
+                                                                        "disk (nothing is downloaded)")
     if init_from is not None:
         check_init_from(init_from, config)
+    if resume is None and ckpt.list_checkpoints(run_path):
+        raise ConfigError("--run-dir", run_dir, f"already holds checkpoints of a run (newest "
+                                                f"{ckpt.list_checkpoints(run_path)[-1].name}); pass --resume auto to "
+                                                f"continue it, or use another --run-dir")
+    if not run_path.exists():
+        refuse_existing_output("--run-dir", run_dir, overwrite=False, what="folder")  # its parent takes a folder
+    if dry_run:
+        print(describe_plan(config, clips, blocks, world_size, cp))
+        return {}
     layout, cp_group, grad_group = build_layout(config, cp, device)
     if layout.is_logging_rank:
         ckpt.repair_checkpoints(run_path)
@@ -422,12 +465,8 @@ def train_vae(config: VAERunConfig, data: str, run_dir: str, cp: int = 1, resume
     changes: list[str] = []
     if resume_path is not None:
         changes = check_resume(json.loads((resume_path / "cogvx_checkpoint.json").read_text()), config, resume_path)
-    elif ckpt.list_checkpoints(run_path):
-        raise ConfigError("--run-dir", run_dir, f"already holds checkpoints of a run (newest "
-                                                f"{ckpt.list_checkpoints(run_path)[-1].name}); pass --resume auto to "
-                                                f"continue it, or use another --run-dir")
-    if layout.is_logging_rank and not run_path.exists():
-        refuse_existing_output("--run-dir", run_dir, overwrite=False, what="folder")
+    elif ckpt.list_checkpoints(run_path):  # --resume auto found none that verifies, yet some are listed
+        raise ConfigError("--resume", resume, "no checkpoint of the run verifies; start another --run-dir")
 
     trainer = VAETrainer(config, clips, layout, cp_group, grad_group, device)
     start = 0
