@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from cogvx_mega.vae.train_config import load_vae_run_config
-    from cogvx_mega.vae.trainer import train_vae
+    from cogvx_mega.run.vae_training import train_vae
 
     config = load_vae_run_config(args.preset, args.config_file, args.overrides)
     train_vae(config, args.data, args.run_dir, cp=args.cp, resume=args.resume, init_from=args.init_from,

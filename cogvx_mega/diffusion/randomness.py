@@ -30,6 +30,10 @@ class Stream(enum.IntEnum):
     """Image-to-video: whether the image conditioning is dropped (unconditional training)."""
     CAPTION_PICK = 8
     """data.caption_pick=random: which of a clip's captions it trains with at this use."""
+    VAE_TRAINING_POSTERIOR = 9
+    """VAE training: the posterior draw decoded for the clip."""
+    VAE_TRAINING_LPIPS_FRAMES = 10
+    """VAE training with loss.lpips_frames: which frames of the clip LPIPS compares."""
 
 
 def slot_seed(seed: int, step: int, slot: int, stream: Stream) -> int:

@@ -37,8 +37,8 @@ def train_steps(rank: int, world_size: int, manifest: str, cp: int, overrides: t
                 dtype: torch.dtype = torch.float64) -> dict:
     torch.set_default_dtype(dtype)
     from cogvx_mega.vae.train_config import load_vae_run_config
-    from cogvx_mega.vae.train_data import VAETrainingClips
-    from cogvx_mega.vae.trainer import VAETrainer, build_layout
+    from cogvx_mega.data.vae_clips import VAETrainingClips
+    from cogvx_mega.training.vae_trainer import VAETrainer, build_layout
 
     config = load_vae_run_config("tiny", None, overrides)
     t = config.vae_train

@@ -175,7 +175,7 @@ def test_keyed_clip_draws(media, tmp_path):
     from vae_training import clip_manifest
 
     from cogvx_mega.data.decode import DecodeSpec, decode_clip
-    from cogvx_mega.vae.train_data import VAETrainingClips
+    from cogvx_mega.data.vae_clips import VAETrainingClips
 
     clips = VAETrainingClips(media["manifest"], 9, 32, [8, 16], 2, seed=3)
     assert len(clips) == 4 and clips.left_out == 1  # the 3-frame clip

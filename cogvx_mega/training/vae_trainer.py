@@ -1,4 +1,4 @@
-"""`cogvx vae train`: the 3D causal VAE trained with L1 (or MSE) + LPIPS + KL and a hinge GAN, data parallel x
+"""The VAE trainer of `cogvx vae train` (the run around it: `run/vae_training.py`): the 3D causal VAE trained with L1 (or MSE) + LPIPS + KL and a hinge GAN, data parallel x
 context parallel over time.
 
 Layout. The process groups come from `parallel.state.initialize_parallel` (megatron's), as for the
@@ -23,19 +23,33 @@ that verifies) at any layout; data order and noise are arithmetic on (seed, slot
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
-import time
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
+from safetensors.torch import load_file
 
-from cogvx_mega.config.errors import ConfigError, refuse_existing_output
-from cogvx_mega.data.order import derive_key
+from cogvx_mega.checkpoint import faults
+from cogvx_mega.checkpoint.meta import VAE_TRAINING_FORMAT, is_project_checkpoint, read_checkpoint_meta
+from cogvx_mega.checkpoint.vae import (DISCRIMINATOR_FILE, read_diffusers_vae_folder, read_vae_checkpoint,
+                                       read_vae_training_checkpoint, save_vae_training_checkpoint)
+from cogvx_mega.config.errors import ConfigError
+from cogvx_mega.config.parallel import ParallelConfig
+from cogvx_mega.diffusion.randomness import Stream, slot_generator
+from cogvx_mega.parallel.state import initialize_parallel
+from cogvx_mega.training import checkpoint as ckpt
+from cogvx_mega.vae.discriminator import Discriminator3D
+from cogvx_mega.vae.losses import ClipShard, VAELoss, last_decoder_layer
+from cogvx_mega.vae.lpips import LPIPS, pick_frames
+from cogvx_mega.vae.model import CogVideoXVAE
+from cogvx_mega.vae.time_split import (ContextParallelTime, TimeSplit, VAEInputError, gather_time_for_shared_loss,
+                                       shard_sizes)
 from cogvx_mega.vae.train_config import (RESUME_SAFE_VAE_TRAIN_FIELDS, VAERunConfig, architecture_differences,
                                          run_config_from_dict)
 
@@ -68,8 +82,6 @@ class VAELayout:
 def time_blocks(frames: int, ratio: int, cp: int) -> list[tuple[int, int, int, int]]:
     """(video start, video frames, latent start, latent frames) of each CP rank for a clip of `frames` frames;
     a ConfigError when the clip cannot be split that many ways."""
-    from cogvx_mega.vae.time_split import VAEInputError, shard_sizes
-
     latent_frames = 1 + (frames - 1) // ratio
     try:
         sizes = shard_sizes(latent_frames, cp)
@@ -103,12 +115,6 @@ def plan_layout(config: VAERunConfig, cp: int, world_size: int) -> list[tuple[in
 
 def build_layout(config: VAERunConfig, cp: int, device: str):
     """(VAELayout, CP group or None, data x context group or None) from megatron's process groups."""
-    from megatron.core import parallel_state
-
-    from cogvx_mega.config.parallel import ParallelConfig
-    from cogvx_mega.parallel.state import initialize_parallel
-
-    import os
     blocks = plan_layout(config, cp, int(os.environ.get("WORLD_SIZE", "1")))
     dims = initialize_parallel(ParallelConfig(context_parallel_size=cp), device=device, seed=config.vae_train.seed)
     cp_rank = parallel_state.get_context_parallel_rank()
@@ -131,13 +137,9 @@ class VAETrainer:
 
     def __init__(self, config: VAERunConfig, clips, layout: VAELayout, cp_group=None, grad_group=None,
                  device: str = "cpu"):
-        from cogvx_mega.vae.discriminator import Discriminator3D
-        from cogvx_mega.vae.losses import VAELoss
-        from cogvx_mega.vae.lpips import LPIPS
-        from cogvx_mega.vae.model import CogVideoXVAE
-
         self.config, self.clips, self.layout = config, clips, layout
         self.cp_group, self.grad_group, self.device = cp_group, grad_group, torch.device(device)
+        self.step = 0  # the step being computed (a key of its random draws)
         t = config.vae_train
         torch.manual_seed(t.seed)  # the same initial weights on every rank
         self.vae = CogVideoXVAE(config.vae).to(self.device)
@@ -172,35 +174,27 @@ class VAETrainer:
         layout = self.layout
         rows = []
         for slot in slots:
-            generator = torch.Generator().manual_seed(derive_key(self.config.vae_train.seed, "vae-posterior", slot)
-                                                      % (1 << 63))
+            generator = slot_generator(self.config.vae_train.seed, self.step, slot, Stream.VAE_TRAINING_POSTERIOR)
             noise = torch.randn(c, layout.clip_latent_frames, h, w, generator=generator)
             rows.append(noise[:, layout.latent_start:layout.latent_start + layout.latent_frames])
         return torch.stack(rows).to(like.device, like.dtype)
 
     def lpips_frames(self, slots: list[int]) -> Optional[torch.Tensor]:
         """[B, k] clip frames LPIPS compares (keyed on the slot), or None for all frames."""
-        from cogvx_mega.vae.lpips import pick_frames
-
         k = self.config.loss.lpips_frames
         if k is None or self.config.loss.perceptual_weight == 0:
             return None
         seed = self.config.vae_train.seed
-        return torch.cat([pick_frames(1, self.layout.clip_frames, k, torch.Generator().manual_seed(
-            derive_key(seed, "vae-lpips-frames", slot) % (1 << 63))) for slot in slots])
+        return torch.cat([pick_frames(1, self.layout.clip_frames, k, slot_generator(
+            seed, self.step, slot, Stream.VAE_TRAINING_LPIPS_FRAMES)) for slot in slots])
 
     def time_split(self, frames: int):
-        from cogvx_mega.vae.time_split import ContextParallelTime, TimeSplit
-
         impl = self.config.vae_train.conv_impl
         if self.cp_group is None:
             return TimeSplit(frames=frames, conv_impl=impl)
         return ContextParallelTime(frames=frames, conv_impl=impl, group=self.cp_group)
 
     def clip_shard(self):
-        from cogvx_mega.vae.losses import ClipShard
-        from cogvx_mega.vae.time_split import gather_time_for_shared_loss
-
         layout = self.layout
         return ClipShard(frame_offset=layout.video_start, clip_frames=layout.clip_frames,
                          gather=lambda x: gather_time_for_shared_loss(x, self.cp_group, layout.video_start),
@@ -245,10 +239,8 @@ class VAETrainer:
     def train_step(self, step: int) -> dict:
         """One optimisation step of the VAE (and the discriminator once the GAN is on); the row metrics.jsonl
         gets: every term of the whole batch (the same on every rank)."""
-        from cogvx_mega.checkpoint import faults
-        from cogvx_mega.vae.losses import last_decoder_layer
-
         layout, config = self.layout, self.config
+        self.step = step
         self.vae.train()
         slots = self.slots(step)
         video, draws = self.read_batch(step)
@@ -300,9 +292,6 @@ class VAETrainer:
 
     # --- checkpoints --------------------------------------------------------------------------------------
     def save(self, run_dir: Path, step: int) -> Optional[Path]:
-        from cogvx_mega.checkpoint.vae import save_vae_training_checkpoint
-        from cogvx_mega.training import checkpoint as ckpt
-
         path = ckpt.step_folder(run_dir, step)
         if self.layout.is_logging_rank:
             save_vae_training_checkpoint(
@@ -315,8 +304,6 @@ class VAETrainer:
         return path
 
     def load(self, path: Path) -> int:
-        from cogvx_mega.checkpoint.vae import read_vae_training_checkpoint
-
         meta, vae_state, disc_state, optimizers = read_vae_training_checkpoint(path)
         self.vae.load_state_dict(vae_state)
         if disc_state is not None:
@@ -341,9 +328,6 @@ class VAETrainer:
 def read_init_weights(path: str):
     """(VAE config, VAE state, discriminator state or None) of a diffusers VAE folder, a VAE checkpoint or a VAE
     training checkpoint; verified first."""
-    from cogvx_mega.checkpoint.meta import VAE_TRAINING_FORMAT, is_project_checkpoint, read_checkpoint_meta
-    from cogvx_mega.checkpoint.vae import DISCRIMINATOR_FILE, read_diffusers_vae_folder, read_vae_checkpoint
-
     folder = Path(path)
     if not folder.is_dir():
         raise ConfigError("--init-from", path, "no such folder; pass a diffusers AutoencoderKLCogVideoX folder, a "
@@ -354,13 +338,11 @@ def read_init_weights(path: str):
     config, state = read_vae_checkpoint(path)
     disc = None
     if read_checkpoint_meta(path).get("format") == VAE_TRAINING_FORMAT and (folder / DISCRIMINATOR_FILE).is_file():
-        from safetensors.torch import load_file
-
         disc = load_file(str(folder / DISCRIMINATOR_FILE))
     return config, state, disc
 
 
-# --- the run ----------------------------------------------------------------------------------------------
+# --- checks before a run ---------------------------------------------------------------------------------
 
 
 def check_resume(meta: dict, config: VAERunConfig, path: Path) -> list[str]:
@@ -394,116 +376,3 @@ def check_init_from(path: str, config: VAERunConfig) -> None:
                                                f"preset it was trained with, or another --init-from")
 
 
-def describe_plan(config: VAERunConfig, clips, blocks: list, world_size: int, cp: int) -> str:
-    """What `cogvx vae train --dry-run` prints: the run's layout, data and model sizes."""
-    from cogvx_mega.vae.discriminator import Discriminator3D
-    from cogvx_mega.vae.model import CogVideoXVAE
-
-    t = config.vae_train
-    with torch.device("meta"):
-        vae_params = sum(p.numel() for p in CogVideoXVAE(config.vae).parameters())
-        disc_params = sum(p.numel() for p in Discriminator3D(dim=t.disc_dim, image_size=t.size,
-                                                             frame_num=t.disc_frames(),
-                                                             max_dim=t.disc_max_dim).parameters())
-    per_rank = ", ".join(f"rank {r}: frames {v0}..{v0 + v - 1} (latent {l0}..{l0 + n - 1})"
-                         for r, (v0, v, l0, n) in enumerate(blocks))
-    lines = [f"vae train plan (preset {config.preset})",
-             f"  layout: {world_size} ranks = data parallel {world_size // cp} x context parallel {cp}; {per_rank}",
-             f"  clips: {len(clips)} usable, {clips.left_out} left out (too short at every fps); {t.frames} frames at "
-             f"{t.size}x{t.size}, fps from {t.fps_choices}",
-             f"  batch: {t.global_batch_size} clips per step, {t.global_batch_size // (world_size // cp)} per replica; "
-             f"steps {t.steps}",
-             f"  VAE {vae_params:,} parameters; discriminator {disc_params:,} (frame_num {t.disc_frames()}, GAN from "
-             f"step {config.loss.gan_start_step}); LPIPS {'on' if config.loss.perceptual_weight > 0 else 'off'}"]
-    return "\n".join(lines)
-
-
-def train_vae(config: VAERunConfig, data: str, run_dir: str, cp: int = 1, resume: Optional[str] = None,
-              init_from: Optional[str] = None, steps: Optional[int] = None, dry_run: bool = False) -> dict:
-    """Train; returns the last step's metrics row. Every check runs before anything is written. `dry_run`: the
-    checks and the plan (printed), nothing trained or written."""
-    import os
-
-    from cogvx_mega.training import checkpoint as ckpt
-    from cogvx_mega.training.metrics import METRICS_FILE, append_whole, set_aside_rows_after
-    from cogvx_mega.vae.train_data import VAETrainingClips
-
-    if steps is not None:
-        config.vae_train.steps = steps
-        config.validate()
-    t = config.vae_train
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    blocks = plan_layout(config, cp, world_size)
-    run_path = Path(run_dir)
-    if run_path.exists() and not run_path.is_dir():
-        refuse_existing_output("--run-dir", run_dir, overwrite=False, what="folder")
-    device = t.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    clips = VAETrainingClips(data, t.frames, t.size, t.fps_choices, config.vae.temporal_compression_ratio, t.seed,
-                             t.random_start)
-    if config.loss.perceptual_weight > 0:
-        for name in ("lpips_vgg", "lpips_lin"):
-            if not Path(getattr(t, name)).is_file():
-                raise ConfigError(f"vae_train.{name}", getattr(t, name), "no such file; LPIPS reads its weights from "
-                                                                        "disk (nothing is downloaded)")
-    if init_from is not None:
-        check_init_from(init_from, config)
-    if resume is None and ckpt.list_checkpoints(run_path):
-        raise ConfigError("--run-dir", run_dir, f"already holds checkpoints of a run (newest "
-                                                f"{ckpt.list_checkpoints(run_path)[-1].name}); pass --resume auto to "
-                                                f"continue it, or use another --run-dir")
-    if not run_path.exists():
-        refuse_existing_output("--run-dir", run_dir, overwrite=False, what="folder")  # its parent takes a folder
-    if dry_run:
-        print(describe_plan(config, clips, blocks, world_size, cp))
-        return {}
-    layout, cp_group, grad_group = build_layout(config, cp, device)
-    if layout.is_logging_rank:
-        ckpt.repair_checkpoints(run_path)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-    resume_path = ckpt.find_resume_checkpoint(resume, run_path)
-    changes: list[str] = []
-    if resume_path is not None:
-        changes = check_resume(json.loads((resume_path / "cogvx_checkpoint.json").read_text()), config, resume_path)
-    elif ckpt.list_checkpoints(run_path):  # --resume auto found none that verifies, yet some are listed
-        raise ConfigError("--resume", resume, "no checkpoint of the run verifies; start another --run-dir")
-
-    trainer = VAETrainer(config, clips, layout, cp_group, grad_group, device)
-    start = 0
-    if resume_path is not None:
-        start = trainer.load(resume_path)
-    elif init_from is not None:
-        trainer.init_from(init_from)
-
-    if layout.is_logging_rank:
-        run_path.mkdir(parents=True, exist_ok=True)
-        from cogvx_mega.checkpoint.atomic import write_text_atomically
-        import yaml
-
-        write_text_atomically(run_path / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
-        if resume_path is not None:
-            ckpt.abandon_newer_checkpoints(run_path, start)
-            set_aside_rows_after(run_path, start)
-        logger.info("vae train: %d clips (%d left out: too short at every fps), %d ranks (data %d x context %d), "
-                    "steps %d..%d%s", len(clips), clips.left_out, layout.world_size, layout.data_parallel_size,
-                    cp, start + 1, t.steps, f", resumed from {resume_path.name}" if resume_path else "")
-        for change in changes:
-            logger.info("resume changes %s", change)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-    row: dict = {}
-    began = time.perf_counter()
-    for step in range(start, t.steps):
-        row = trainer.train_step(step)
-        row["skipped_clips"] = clips.skipped
-        row["samples_per_s"] = t.global_batch_size * (step + 1 - start) / (time.perf_counter() - began)
-        if layout.is_logging_rank:
-            append_whole(run_path / METRICS_FILE, json.dumps(row) + "\n")
-            if (step + 1) % t.log_interval == 0 or step + 1 == t.steps:
-                logger.info("step %d/%d | loss %.4f | recon %.4f | kl %.1f | lpips %.4f | gan %.4f | disc %.4f | "
-                            "grad_norm %.3f", step + 1, t.steps, row["loss"], row["recon_loss"], row["kl_loss"],
-                            row["perceptual_loss"], row["gan_loss"], row["disc_loss"], row["grad_norm"])
-        if (step + 1) % t.save_interval == 0 or step + 1 == t.steps:
-            trainer.save(run_path, step + 1)
-    return row
