@@ -18,6 +18,7 @@ from cogvx_mega.checkpoint.atomic import write_text_atomically
 from cogvx_mega.config.errors import ConfigError, refuse_existing_output
 from cogvx_mega.data.vae_clips import VAETrainingClips
 from cogvx_mega.training import checkpoint as ckpt
+from cogvx_mega.training.interrupts import TrainingInterrupted, catch_interrupts
 from cogvx_mega.training.metrics import METRICS_FILE, append_whole, set_aside_rows_after
 from cogvx_mega.training.vae_trainer import VAETrainer, build_layout, check_init_from, check_resume, plan_layout
 from cogvx_mega.vae.discriminator import Discriminator3D
@@ -115,16 +116,29 @@ def train_vae(config: VAERunConfig, data: str, run_dir: str, cp: int = 1, resume
 
     row: dict = {}
     began = time.perf_counter()
-    for step in range(start, t.steps):
-        row = trainer.train_step(step)
-        row["skipped_clips"] = clips.skipped
-        row["samples_per_s"] = t.global_batch_size * (step + 1 - start) / (time.perf_counter() - began)
-        if layout.is_logging_rank:
-            append_whole(run_path / METRICS_FILE, json.dumps(row) + "\n")
-            if (step + 1) % t.log_interval == 0 or step + 1 == t.steps:
-                logger.info("step %d/%d | loss %.4f | recon %.4f | kl %.1f | lpips %.4f | gan %.4f | disc %.4f | "
-                            "grad_norm %.3f", step + 1, t.steps, row["loss"], row["recon_loss"], row["kl_loss"],
-                            row["perceptual_loss"], row["gan_loss"], row["disc_loss"], row["grad_norm"])
-        if (step + 1) % t.save_interval == 0 or step + 1 == t.steps:
-            trainer.save(run_path, step + 1)
+    with catch_interrupts() as interrupts:
+        for step in range(start, t.steps):
+            row = trainer.train_step(step)
+            row["skipped_clips"] = clips.skipped  # this rank's replica's (the logging rank's)
+            row["samples_per_s"] = t.global_batch_size * (step + 1 - start) / (time.perf_counter() - began)
+            if layout.is_logging_rank:
+                append_whole(run_path / METRICS_FILE, json.dumps(row) + "\n")
+                if (step + 1) % t.log_interval == 0 or step + 1 == t.steps:
+                    logger.info("step %d/%d | loss %.4f | recon %.4f | kl %.1f | lpips %.4f | gan %.4f | disc %.4f "
+                                "| grad_norm %.3f", step + 1, t.steps, row["loss"], row["recon_loss"], row["kl_loss"],
+                                row["perceptual_loss"], row["gan_loss"], row["disc_loss"], row["grad_norm"])
+            signal_number = agreed_signal(interrupts.signal_number, trainer.device)
+            if (step + 1) % t.save_interval == 0 or step + 1 == t.steps or signal_number:
+                saved = trainer.save(run_path, step + 1)
+            if signal_number:
+                raise TrainingInterrupted(signal_number, step + 1, saved)
     return row
+
+
+def agreed_signal(local: int, device: torch.device) -> int:
+    """The signal any rank noted during the step (0: none), so that every rank saves and stops together."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return local
+    vote = torch.tensor([float(local)], device=device)
+    dist.all_reduce(vote, op=dist.ReduceOp.MAX)
+    return int(vote.item())

@@ -63,16 +63,22 @@ def _cli(args: list[str], **env) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600, start_new_session=True)
 
 
-def test_resume_after_sigkill_equals_the_uninterrupted_run(media, tmp_path):
+def test_resume_after_sigterm_and_sigkill_equals_the_uninterrupted_run(media, tmp_path):
     from safetensors.torch import load_file
 
-    common = ["--preset", "tiny", "--data", media["manifest"], *media["lpips"], "loss.gan_start_step=2",
+    common = ["--preset", "tiny", "--data", media["manifest"], *media["lpips"], "loss.gan_start_step=2", "loss.lpips_frames=2",
               "vae_train.save_interval=2", "vae_train.steps=6"]
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     assert _cli([*common, "--run-dir", str(whole)]).returncode == 0
-    killed = _cli([*common, "--run-dir", str(cut)], COGVX_FAULT_INJECT="step@5")
+    # SIGTERM during step 3 (a scheduler's stop): step 3 finishes, is saved, exit 128 + 15
+    stopped = _cli([*common, "--run-dir", str(cut)], COGVX_FAULT_INJECT="sigterm@3")
+    assert stopped.returncode == 143, stopped.stderr
+    assert "interrupted by SIGTERM at step 3" in stopped.stderr
+    assert [p.name for p in sorted((cut / "checkpoints").iterdir())] == ["step_00000002", "step_00000003"]
+    # then SIGKILL during step 5 of the resumed run: nothing saved after step 4
+    killed = _cli([*common, "--run-dir", str(cut), "--resume", "auto"], COGVX_FAULT_INJECT="step@5")
     assert killed.returncode == -9, killed.stderr
-    assert [p.name for p in sorted((cut / "checkpoints").iterdir())] == ["step_00000002", "step_00000004"]
+    assert [p.name for p in sorted((cut / "checkpoints").iterdir())][-1] == "step_00000004"
     resumed = _cli([*common, "--run-dir", str(cut), "--resume", "auto"])
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from step_00000004" in resumed.stderr
