@@ -34,6 +34,8 @@ logger = logging.getLogger(__name__)
 # Optimizer state saved so that it reloads at any TP/PP/CP/DP layout (megatron's default for the
 # distributed optimizer in 0.16.1 raises "flattened_range is not supported").
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+EMA_PREFIX = "ema."
+"""The stored names of a run's weight average (`training.ema`): `ema.<the parameter's global name>`."""
 
 
 def model_sharded_state(model_chunks, keep: Optional[Callable[[str], bool]] = None) -> dict:
@@ -60,7 +62,7 @@ def _barrier() -> None:
 
 def save_sharded_checkpoint(path: str | Path, model_chunks, optimizer, meta: dict, async_queue=None,
                             on_complete: Optional[Callable[[], None]] = None,
-                            keep: Optional[Callable[[str], bool]] = None) -> Path:
+                            keep: Optional[Callable[[str], bool]] = None, extra_state: Optional[dict] = None) -> Path:
     """Every rank writes its shards into a hidden temporary folder and records their sizes and CRC32Cs; rank 0
     then adds the metadata (which marks the checkpoint complete and lists every file, `checkpoint.verify`)
     and renames it into place. A run killed mid-save leaves only the
@@ -68,6 +70,7 @@ def save_sharded_checkpoint(path: str | Path, model_chunks, optimizer, meta: dic
     disk) removes it on every rank (`_removed_on_failure`).
 
     `meta` is the metadata to record (model config, step, training config, ...); the format is added here.
+    `extra_state`: more sharded tensors saved beside the model (the weight average, `training.ema`).
     With `async_queue` (megatron's `AsyncCallsQueue`) the state is snapshotted now, the shards are written
     by a background process and the metadata + rename (then `on_complete`) run when the queue finalizes
     the request on every rank; until then the checkpoint does not exist for readers.
@@ -83,7 +86,7 @@ def save_sharded_checkpoint(path: str | Path, model_chunks, optimizer, meta: dic
         tmp.mkdir(parents=True)
     _barrier()
     model_state = model_sharded_state(model_chunks, keep)
-    state = {**model_state, "step": meta["step"],
+    state = {**model_state, **(extra_state or {}), "step": meta["step"],
              "optimizer": optimizer.sharded_state_dict(model_state, is_loading=False, metadata=OPTIMIZER_METADATA)}
 
     def complete() -> None:
@@ -224,14 +227,15 @@ def _tolerate_missing_step(distributed) -> None:
 
 
 def load_sharded_checkpoint(path: str | Path, model_chunks, optimizer=None,
-                            keep: Optional[Callable[[str], bool]] = None) -> None:
+                            keep: Optional[Callable[[str], bool]] = None, extra_state: Optional[dict] = None) -> dict:
     """Load a torch_dist checkpoint into this rank's chunks (and optimizer) at the current layout; every
     rank reads only the shards its own parameters need. With `keep`, only those tensors (the rest of the
-    chunks stays as it is)."""
+    chunks stays as it is). `extra_state`: more sharded tensors to read (saved as `save_sharded_checkpoint`'s);
+    returns what was loaded of them."""
     from megatron.core import dist_checkpointing
 
     model_state = model_sharded_state(model_chunks, keep)
-    state = dict(model_state)
+    state = {**model_state, **(extra_state or {})}
     if optimizer is not None:
         _materialise_adam_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=True, metadata=OPTIMIZER_METADATA)
@@ -247,6 +251,7 @@ def load_sharded_checkpoint(path: str | Path, model_chunks, optimizer=None,
             _tolerate_missing_step(distributed)
         optimizer.load_state_dict(loaded["optimizer"])
         _unshare_adam_steps(optimizer)
+    return {key: loaded[key] for key in (extra_state or {})}
 
 
 _LAYER_KEY = PROJECT_LAYER.format(i=0)[: -len("0.")]  # "decoder.layers."
@@ -280,16 +285,19 @@ def read_stored_tensors(path: str | Path, keys, missing_hint: str) -> dict[str, 
     return buffers
 
 
-def read_sharded_model_state(path: str | Path, meta: dict) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+def read_sharded_model_state(path: str | Path, meta: dict, ema: bool = False) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """The whole model of a torch_dist checkpoint saved at any layout, read into this process through
     torch.distributed.checkpoint's single-process load: no model is built and no process group is
-    created or used. Returns project names (`decoder.layers.{i}.*`), the optimizer is not read."""
+    created or used. Returns project names (`decoder.layers.{i}.*`), the optimizer is not read. `ema`: the
+    weight average saved beside the model (`training.ema`) instead of the weights."""
     model_config = model_config_from_dict(meta["model"])
     wanted = project_keys(model_config)
     per_layer = {key.split(".", 3)[3] for key in wanted if key.startswith(_LAYER_KEY)}
-    buffers = read_stored_tensors(path, [k for k in wanted if not k.startswith(_LAYER_KEY)]
-                                  + [_LAYER_KEY + rest for rest in per_layer],
-                                  "it was not written for this model config (or is damaged)")
+    prefix = EMA_PREFIX if ema else ""
+    stored = read_stored_tensors(path, [prefix + k for k in wanted if not k.startswith(_LAYER_KEY)]
+                                 + [prefix + _LAYER_KEY + rest for rest in per_layer],
+                                 "it was not written for this model config (or is damaged)")
+    buffers = {key[len(prefix):]: value for key, value in stored.items()}
     state = {key: value for key, value in buffers.items() if not key.startswith(_LAYER_KEY)}
     for rest in per_layer:
         stacked = buffers[_LAYER_KEY + rest]  # [num_layers, ...]

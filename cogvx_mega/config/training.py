@@ -111,6 +111,11 @@ class TrainingConfig:
     stop_file: Optional[str] = None
     """When this file appears, every rank stops at the next step boundary after a checkpoint (the SLURM
     launcher's requeue uses it); the file is removed."""
+    ema_decay: Optional[float] = None
+    """Keep an exponential moving average of the weights with this decay (e.g. 0.9999; None: none), sharded like
+    the parameters, saved in checkpoints; sample/export/from_pretrained then read it by default (--weights)."""
+    ema_start_step: int = 0
+    """Before this step the average is the weights themselves; from it on it averages."""
 
     def precision(self) -> str:
         """What the run does: 'fp32', 'autocast' or 'bf16_params' (from bf16, mixed_precision and device)."""
@@ -158,6 +163,11 @@ class TrainingConfig:
             raise ConfigError("training.peak_tflops", self.peak_tflops, "use the per-GPU peak in TFLOP/s, or null")
         if isinstance(self.sample_every, bool) or not isinstance(self.sample_every, int) or self.sample_every < 0:
             raise ConfigError("training.sample_every", self.sample_every, "use a number of steps (0: no samples)")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ConfigError("training.ema_decay", self.ema_decay, "use a decay between 0 and 1 (e.g. 0.9999), or "
+                                                                   "null for no average")
+        if isinstance(self.ema_start_step, bool) or not isinstance(self.ema_start_step, int) or self.ema_start_step < 0:
+            raise ConfigError("training.ema_start_step", self.ema_start_step, "use a step number (0: from the start)")
 
 
 @dataclass

@@ -141,7 +141,7 @@ RESUME_SAFE_FIELDS = {
                  "grad_clip", "device", "bf16", "recompute", "recompute_num_layers", "log_interval", "save_interval",
                  "save_every_minutes", "keep_checkpoints", "async_save", "run_dir", "micro_batch_size", "global_batch_size",
                  "mixed_precision", "sample_every", "tensorboard", "peak_tflops", "loss_spike_factor",
-                 "loss_spike_window", "max_skipped_steps", "stop_file"},  # a change of the optimizer's master weights is refused on its own
+                 "loss_spike_window", "max_skipped_steps", "stop_file", "ema_decay", "ema_start_step"},  # a change of the optimizer's master weights is refused on its own
     "data": {"num_workers", "online_keep_clips"},
     "diffusion": set(),
     "finetune": set(),

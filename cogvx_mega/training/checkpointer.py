@@ -182,7 +182,7 @@ class Checkpointer:
             meta["data_state"] = data_state
         return meta
 
-    def _model_keys(self):
+    def trained_keys(self):
         """Which model tensors a checkpoint holds: all (None), or a LoRA run's adapters alone."""
         if not self.config.finetune.lora:
             return None
@@ -190,7 +190,8 @@ class Checkpointer:
 
         return is_lora_parameter
 
-    def save(self, step: int, ddp_chunks: list, optimizer, global_batch: int, data_state: Optional[dict] = None) -> Path:
+    def save(self, step: int, ddp_chunks: list, optimizer, global_batch: int, data_state: Optional[dict] = None,
+             ema=None) -> Path:
         """A sharded checkpoint of model, optimizer and step at run_dir/checkpoints/step_<N>/ (all ranks take part).
 
         With training.async_save the shards are written in the background and the folder appears when the save is
@@ -206,9 +207,12 @@ class Checkpointer:
             queue = self._async_saves
         self.last_saved_step = step
         self._last_save_time = _clock()
-        return save_sharded_checkpoint(ckpt.step_folder(self.run_dir, step), ddp_chunks, optimizer,
-                                       self.metadata(step, global_batch, data_state), async_queue=queue, on_complete=self._prune,
-                                       keep=self._model_keys())
+        meta = self.metadata(step, global_batch, data_state)
+        if ema is not None:
+            meta["ema"] = {"decay": ema.decay, "start_step": ema.start_step}
+        return save_sharded_checkpoint(ckpt.step_folder(self.run_dir, step), ddp_chunks, optimizer, meta,
+                                       async_queue=queue, on_complete=self._prune, keep=self.trained_keys(),
+                                       extra_state=ema.sharded_state() if ema is not None else None)
 
     def is_due(self, step: int) -> bool:
         """A periodic checkpoint at this step (`training.save_interval`; the last step saves at the end)."""
@@ -235,14 +239,23 @@ class Checkpointer:
             self._async_saves.maybe_finalize_async_calls(blocking=blocking)
 
     # --- loading -----------------------------------------------------------------------------------------------
-    def load(self, path, ddp_chunks: list, optimizer) -> int:
-        """Model and optimizer from a training checkpoint saved at any layout; returns its step."""
+    def load(self, path, ddp_chunks: list, optimizer, ema=None) -> int:
+        """Model and optimizer (and the weight average `ema`, when the checkpoint has one; else it starts at the
+        loaded weights) from a training checkpoint saved at any layout; returns its step."""
         meta = read_checkpoint_meta(path)
         self._check_training_checkpoint(meta, path)
         if bool(meta.get("lora")) != self.config.finetune.lora:
             raise ConfigError("--resume", str(path), "a LoRA checkpoint resumes a LoRA run and a full checkpoint a full "
                                                      "run: keep finetune.lora_rank as it was saved")
-        load_sharded_checkpoint(path, ddp_chunks, optimizer, keep=self._model_keys())
+        with_average = ema is not None and bool(meta.get("ema"))
+        loaded = load_sharded_checkpoint(path, ddp_chunks, optimizer, keep=self.trained_keys(),
+                                         extra_state=ema.sharded_state() if with_average else None)
+        if with_average:
+            ema.load(loaded)
+        elif ema is not None:
+            ema.reset_to_weights()
+            if self.dims.is_logging_rank:
+                logger.info("%s holds no weight average: training.ema_decay starts one at its weights", path)
         use_fused_cpu_adam(optimizer)
         self.last_saved_step = int(meta.get("step", 0))
         return self.last_saved_step

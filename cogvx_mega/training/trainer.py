@@ -37,6 +37,7 @@ from cogvx_mega.parallel.state import ParallelDims, data_parallel_group
 from cogvx_mega.training import TrainingDiverged
 from cogvx_mega.training import checkpoint as ckpt
 from cogvx_mega.training.checkpointer import Checkpointer
+from cogvx_mega.training.ema import WeightAverage
 from cogvx_mega.training.interrupts import TrainingInterrupted, catch_interrupts
 from cogvx_mega.training.metrics import MetricsLog, latent_grid
 from cogvx_mega.training.objective import packed_v_prediction_loss, v_prediction_token_loss
@@ -96,6 +97,10 @@ class Trainer:
         self.sampler = sampler
         self.checkpointer = checkpointer or Checkpointer(config, dims, run_dir, lora_base)
         self.run_dir = self.checkpointer.run_dir
+        # built after the data-parallel wrap, which may move the parameters into its buffers; a LoRA run averages
+        # what it trains (its adapters)
+        self.ema = (WeightAverage(self.ddp_chunks, config.training.ema_decay, config.training.ema_start_step,
+                                  keep=self.checkpointer.trained_keys()) if config.training.ema_decay else None)
         self.device = torch.device(config.training.device)
         self.micro_batches = config.training.micro_batches_per_step(dims.data_parallel_size)
         self.global_batch = config.check_world(dims.data_parallel_size)
@@ -348,6 +353,9 @@ class Trainer:
         faults.maybe_kill("step", self.step)
         _, grad_norm, _ = self.optimizer.step()
         self.step += 1
+        if self.ema is not None:
+            self.finish_parameter_sync()  # overlap_param_gather defers the updated weights' all-gather
+            self.ema.update(self.step)
         self.skipped_in_a_row = 0
         self.recent_losses.append(loss)
         return {"loss": loss, "grad_norm": float(grad_norm), "lr": lr}
@@ -418,7 +426,7 @@ class Trainer:
         self.finish_parameter_sync()
         state_of = getattr(self.dataset, "state_dict", None)
         return self.checkpointer.save(self.step, self.ddp_chunks, self.optimizer, self.global_batch,
-                                      state_of() if state_of is not None else None)
+                                      state_of() if state_of is not None else None, ema=self.ema)
 
     def _save_if_needed(self) -> None:
         """A checkpoint of this step unless there is one (then every save is completed)."""
@@ -432,7 +440,7 @@ class Trainer:
     def load(self, path) -> None:
         """Resume model, optimizer and step from a training checkpoint saved at any layout (and the data order's
         saved state, where the dataset keeps one)."""
-        self.step = self.checkpointer.load(path, self.ddp_chunks, self.optimizer)
+        self.step = self.checkpointer.load(path, self.ddp_chunks, self.optimizer, ema=self.ema)
         load_state = getattr(self.dataset, "load_state_dict", None)
         if load_state is not None:
             state = read_checkpoint_meta(path).get("data_state")

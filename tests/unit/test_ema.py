@@ -1,0 +1,77 @@
+"""The weight average (`training.ema_decay`, issue 30): after N steps it equals an EMA computed by hand from the
+weights saved at every step (1e-6), it is saved beside the model as `ema.*` tensors, a resume continues it
+exactly, and a run that adds it to a checkpoint without one starts it at the loaded weights."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cogvx_mega.cli import main
+from cogvx_mega.checkpoint.meta import read_checkpoint_meta
+from cogvx_mega.checkpoint.sharded import read_sharded_model_state
+
+DECAY, START = 0.8, 2
+BASE = ["train", "--preset", "tiny", "--data", "synthetic", "--device", "cpu", "data.num_synthetic_clips=4",
+        "training.save_interval=1", "training.keep_checkpoints=10", f"training.ema_decay={DECAY}",
+        f"training.ema_start_step={START}", "training.lr=0.01", "training.warmup_steps=0"]
+
+
+def saved(run, step, ema=False):
+    folder = run / "checkpoints" / f"step_{step:08d}"
+    return read_sharded_model_state(folder, read_checkpoint_meta(folder), ema=ema)[1]
+
+
+def hand_ema(run, steps: int) -> dict[str, torch.Tensor]:
+    average = None
+    for step in range(1, steps + 1):
+        weights = saved(run, step)
+        if step <= START or average is None:
+            average = {k: v.double().clone() for k, v in weights.items()}
+        else:
+            average = {k: DECAY * average[k] + (1 - DECAY) * weights[k].double() for k in weights}
+    return average
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("ema") / "run"
+    assert main([*BASE, "--run-dir", str(run), "--steps", "5"]) == 0
+    return run
+
+
+def test_the_average_equals_a_hand_computed_ema_of_the_saved_weights(run):
+    expected = hand_ema(run, 5)
+    found = saved(run, 5, ema=True)
+    assert found.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(found[key].double(), value, atol=1e-6, rtol=0, msg=key)
+    # it is an average, not the weights: the last step moved the weights away from it
+    weights = saved(run, 5)
+    assert max((found[k] - weights[k]).abs().max().item() for k in weights) > 1e-4
+    assert read_checkpoint_meta(run / "checkpoints" / "step_00000005")["ema"] == {"decay": DECAY, "start_step": START}
+
+
+def test_a_resume_continues_the_average_exactly(run, tmp_path):
+    import shutil
+
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(run / "checkpoints" / "step_00000003", resumed / "checkpoints" / "step_00000003")
+    assert main([*BASE, "--run-dir", str(resumed), "--steps", "5", "--resume", "auto"]) == 0
+    for ema in (False, True):
+        expected, found = saved(run, 5, ema), saved(resumed, 5, ema)
+        for key in expected:
+            assert torch.equal(found[key], expected[key]), (ema, key)
+
+
+def test_a_checkpoint_without_an_average_starts_one_at_its_weights(tmp_path):
+    plain = tmp_path / "plain"
+    assert main(["train", "--preset", "tiny", "--data", "synthetic", "--device", "cpu", "data.num_synthetic_clips=4",
+                 "--run-dir", str(plain), "--steps", "2"]) == 0
+    assert "ema" not in read_checkpoint_meta(plain / "checkpoints" / "step_00000002")
+    assert main([*BASE, "--run-dir", str(plain), "--steps", "3", "--resume", "auto",
+                 "training.ema_start_step=0"]) == 0
+    start, weights, average = saved(plain, 2), saved(plain, 3), saved(plain, 3, ema=True)
+    for key in weights:
+        torch.testing.assert_close(average[key].double(), DECAY * start[key].double()
+                                   + (1 - DECAY) * weights[key].double(), atol=1e-6, rtol=0)
