@@ -22,7 +22,6 @@ that verifies) at any layout; data order and noise are arithmetic on (seed, slot
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -48,8 +47,7 @@ from cogvx_mega.vae.discriminator import Discriminator3D
 from cogvx_mega.vae.losses import ClipShard, VAELoss, last_decoder_layer
 from cogvx_mega.vae.lpips import LPIPS, pick_frames
 from cogvx_mega.vae.model import CogVideoXVAE
-from cogvx_mega.vae.time_split import (ContextParallelTime, TimeSplit, VAEInputError, gather_time_for_shared_loss,
-                                       shard_sizes)
+from cogvx_mega.vae.time_split import ContextParallelTime, TimeSplit, VAEInputError, shard_sizes
 from cogvx_mega.vae.train_config import (RESUME_SAFE_VAE_TRAIN_FIELDS, VAERunConfig, architecture_differences,
                                          run_config_from_dict)
 
@@ -106,6 +104,14 @@ def plan_layout(config: VAERunConfig, cp: int, world_size: int) -> list[tuple[in
     if world_size % cp:
         raise ConfigError("--cp", cp, f"it must divide the world size ({world_size} ranks; launch with torchrun "
                                       f"--nproc-per-node a multiple of {cp})")
+    frame_num = config.vae_train.disc_frames()
+    judged = [count - (1 if start == 0 and config.vae_train.frames % 2 else 0) for start, count, _, _ in blocks]
+    if any(count % frame_num for count in judged):
+        fits = math.gcd(*judged) & -math.gcd(*judged)  # the largest power of two dividing every rank's count
+        raise ConfigError("vae_train.disc_frame_num", config.vae_train.disc_frame_num,
+                          f"the discriminator judges windows of {frame_num} frames and each of the {cp} context-"
+                          f"parallel ranks must hold whole windows (their frames after frame 0: {judged}); set "
+                          f"vae_train.disc_frame_num={fits}")
     dp = world_size // cp
     if config.vae_train.global_batch_size % dp:
         raise ConfigError("vae_train.global_batch_size", config.vae_train.global_batch_size,
@@ -197,7 +203,6 @@ class VAETrainer:
     def clip_shard(self):
         layout = self.layout
         return ClipShard(frame_offset=layout.video_start, clip_frames=layout.clip_frames,
-                         gather=lambda x: gather_time_for_shared_loss(x, self.cp_group, layout.video_start),
                          reduce_grads=lambda grads: self.reduce(grads, divide_by=layout.data_parallel_size))
 
     def reduce(self, tensors, divide_by: int) -> list[torch.Tensor]:
@@ -253,9 +258,6 @@ class VAETrainer:
         reconstruction = self.vae.decoder(latents, self.time_split(layout.clip_latent_frames))
         shard = self.clip_shard()
         gan_on = self.loss.gan_active(step)
-        whole_reconstruction = shard.whole(reconstruction) if gan_on else None
-        if gan_on:  # gather once: the generator's GAN term and the discriminator's step both use it
-            shard = dataclasses.replace(shard, gather=lambda x: whole_reconstruction)
         terms = self.loss.generator_loss(local_video, reconstruction, mean, logvar, step,
                                          last_layer=last_decoder_layer(self.vae), picked_frames=self.lpips_frames(slots),
                                          shard=shard)
@@ -267,9 +269,9 @@ class VAETrainer:
         disc_grad_norm = 0.0
         if gan_on:
             self.discriminator.requires_grad_(True)
-            disc_terms = self.loss.discriminator_loss(video, whole_reconstruction.detach(), step)
+            disc_terms = self.loss.discriminator_loss(local_video, reconstruction.detach(), step, shard)
             disc_terms.loss.backward()
-            self.reduce_gradients(self.discriminator, divide_by=layout.data_parallel_size * layout.context_parallel_size)
+            self.reduce_gradients(self.discriminator, divide_by=layout.data_parallel_size)
             disc_grad_norm = self.clip_and_step(self.discriminator, self.disc_optimizer, config.vae_train.disc_lr, step)
             self.discriminator.requires_grad_(False)
             disc_loss, r1 = disc_terms.disc_loss, disc_terms.r1_penalty
@@ -277,11 +279,10 @@ class VAETrainer:
             disc_loss = r1 = video.new_zeros(())
         # the logged terms of the whole batch: shares summed over CP, replicas averaged
         dp, cp = layout.data_parallel_size, layout.context_parallel_size
-        shares = self.reduce([terms.recon_loss, terms.kl_loss, terms.perceptual_loss], divide_by=dp)
-        whole = self.reduce([terms.gan_loss, terms.adaptive_weight, torch.as_tensor(disc_loss),
-                             torch.as_tensor(r1)], divide_by=dp * cp)
-        recon, kl, perceptual = (float(x) for x in shares)
-        gan, weight, disc, r1_value = (float(x) for x in whole)
+        shares = self.reduce([terms.recon_loss, terms.kl_loss, terms.perceptual_loss, terms.gan_loss,
+                              torch.as_tensor(disc_loss), torch.as_tensor(r1)], divide_by=dp)
+        recon, kl, perceptual, gan, disc, r1_value = (float(x) for x in shares)
+        weight = float(self.reduce([terms.adaptive_weight], divide_by=dp * cp)[0])  # the same on every rank
         c = config.loss
         loss = recon + c.perceptual_weight * perceptual + c.kl_weight * kl + weight * gan
         return {"step": step + 1, "loss": loss, "recon_loss": recon, "kl_loss": kl, "perceptual_loss": perceptual,

@@ -19,12 +19,17 @@ The generator loss back-propagates into the discriminator's parameters too: zero
 gradients before its own step (or freeze it around the VAE step), as with any GAN. The discriminator sees
 frames 1.. of a 1 + 4k clip (frame 0 is encoded alone; the rest is a multiple of its frame count).
 
-Context parallel (`ClipShard`): each rank holds a block of the clip's frames. The generator loss it returns is
-its share: recon, KL and LPIPS are this rank's sums divided by the whole clip's counts, so the shares add up
-over the CP group to the whole-clip terms; the GAN term is computed on the whole reconstruction (`shard.gather`,
-whose backward keeps this rank's frames: every rank computes the same discriminator pass), and the adaptive
-weight from gradients summed over the group (`shard.reduce_grads`). Gradients summed over the CP group (and
-averaged over data-parallel replicas) are then the one-process gradients.
+The discriminator judges windows of its `frame_num` frames (SAT's Discriminator3D is built for frame_num
+frames): frames 1.. of a 1 + 4k clip (frame 0 is encoded alone) cut into consecutive windows, each a sample;
+for a 17-frame clip and frame_num 16 that is the whole clip, as in SAT.
+
+Context parallel (`ClipShard`): each rank holds a block of the clip's frames. The losses it returns are its
+share: every term is this rank's sum divided by the whole batch's count (elements, latent clips, frames,
+windows), so the shares add up over the CP group to the one-process terms, and gradients summed over the group
+(and averaged over data-parallel replicas) are the one-process gradients. The discriminator's windows never
+straddle two ranks (`discriminator_windows` refuses a shard that is not whole windows), so each rank judges its
+own windows and nothing is gathered; the adaptive weight takes gradients summed over the group
+(`shard.reduce_grads`).
 """
 from __future__ import annotations
 
@@ -92,13 +97,8 @@ class ClipShard:
     """The clip's index of this rank's first video frame."""
     clip_frames: Optional[int] = None
     """The whole clip's video frames (None: this rank holds the whole clip)."""
-    gather: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
-    """This rank's reconstruction frames -> the whole clip's (differentiable; None: nothing to gather)."""
     reduce_grads: Optional[Callable[[Sequence[torch.Tensor]], list[torch.Tensor]]] = None
     """Gradients of this rank's share -> the whole batch's (summed over CP, averaged over data parallel)."""
-
-    def whole(self, x: torch.Tensor) -> torch.Tensor:
-        return self.gather(x) if self.gather is not None else x
 
     def reduced(self, grads: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         return self.reduce_grads(grads) if self.reduce_grads is not None else list(grads)
@@ -107,9 +107,25 @@ class ClipShard:
 WHOLE_CLIP = ClipShard()
 
 
-def discriminator_view(video: torch.Tensor) -> torch.Tensor:
-    """What the discriminator sees of a clip: frames 1.. when the count is odd (1 + 4k), else all of them."""
-    return video[:, :, 1:] if video.shape[2] % 2 == 1 and video.shape[2] > 1 else video
+def discriminator_windows(video: torch.Tensor, frame_num: int, shard: ClipShard = WHOLE_CLIP) -> torch.Tensor:
+    """[B, C, T, H, W] (this rank's frames) -> the discriminator's samples [B * windows, C, frame_num, H, W]: the
+    frames after frame 0 of a 1 + 4k clip (all frames of an even clip) in consecutive windows of frame_num."""
+    clip_frames = shard.clip_frames or video.shape[2]
+    if shard.frame_offset == 0 and clip_frames % 2 == 1 and clip_frames > 1:
+        video = video[:, :, 1:]
+    b, c, t, h, w = video.shape
+    if t % frame_num:
+        raise VAELossError(f"{t} frames (of a {clip_frames}-frame clip, from frame {shard.frame_offset}) do not cut "
+                           f"into the discriminator's windows of {frame_num} frames; choose vae_train.disc_frame_num "
+                           f"dividing every context-parallel rank's frame count")
+    return video.reshape(b, c, t // frame_num, frame_num, h, w).transpose(1, 2).reshape(-1, c, frame_num, h, w)
+
+
+def window_count(batch: int, frame_num: int, shard: ClipShard, frames: int) -> int:
+    """The discriminator's samples in the whole batch (every rank's windows)."""
+    clip_frames = shard.clip_frames or frames
+    usable = clip_frames - 1 if clip_frames % 2 == 1 and clip_frames > 1 else clip_frames
+    return batch * (usable // frame_num)
 
 
 # --- the terms as functions ------------------------------------------------------------------------------
@@ -202,7 +218,9 @@ class VAELoss(nn.Module):
         loss = nll + c.kl_weight * kl
         gan, weight = zero, zero
         if self.gan_active(step):
-            gan = hinge_generator_loss(self.discriminator(discriminator_view(shard.whole(reconstruction))))
+            frame_num = self.discriminator.frame_num
+            logits = self.discriminator(discriminator_windows(reconstruction, frame_num, shard))
+            gan = -logits.sum() / window_count(batch, frame_num, shard, frames)  # the hinge generator loss
             if c.apply_adaptive_weight and torch.is_grad_enabled():
                 if last_layer is None:
                     raise VAELossError("the adaptive GAN weight needs last_layer (last_decoder_layer(vae))")
@@ -229,18 +247,24 @@ class VAELoss(nn.Module):
         keep[rows[inside], local[inside]] = True
         return self.lpips.frame_distance_sum(video, reconstruction, keep) / picked_frames.numel()
 
-    def discriminator_loss(self, video: torch.Tensor, reconstruction: torch.Tensor, step: int) -> VAELossTerms:
-        """The discriminator's loss on whole clips (under context parallel: the gathered reconstruction)."""
+    def discriminator_loss(self, video: torch.Tensor, reconstruction: torch.Tensor, step: int,
+                           shard: ClipShard = WHOLE_CLIP) -> VAELossTerms:
+        """The discriminator's loss (this rank's share under context parallel): the hinge loss over the windows
+        of the real and reconstructed clips, plus r1_weight times the R1 penalty (mean over windows)."""
         zero = video.new_zeros(())
         if not self.gan_active(step):
             return VAELossTerms(loss=zero, recon_loss=zero, kl_loss=zero, perceptual_loss=zero, gan_loss=zero,
                                 disc_loss=zero, adaptive_weight=zero, r1_penalty=zero)
+        frame_num = self.discriminator.frame_num
+        count = window_count(video.shape[0], frame_num, shard, video.shape[2])
+        real = discriminator_windows(video.detach(), frame_num, shard)
         if self.config.r1_weight > 0:
-            penalty, logits_real = r1_penalty(self.discriminator, discriminator_view(video))
+            penalty, logits_real = r1_penalty(self.discriminator, real)
+            penalty = penalty * (real.shape[0] / count)
         else:
-            penalty, logits_real = zero, self.discriminator(discriminator_view(video).detach())
-        logits_fake = self.discriminator(discriminator_view(reconstruction).detach())
-        disc = hinge_discriminator_loss(logits_real, logits_fake)
+            penalty, logits_real = zero, self.discriminator(real)
+        logits_fake = self.discriminator(discriminator_windows(reconstruction.detach(), frame_num, shard))
+        disc = (F.relu(1.0 - logits_real).sum() + F.relu(1.0 + logits_fake).sum()) / count
         loss = disc + self.config.r1_weight * penalty
         return VAELossTerms(loss=loss, recon_loss=zero, kl_loss=zero, perceptual_loss=zero, gan_loss=zero,
                             disc_loss=disc.detach(), adaptive_weight=zero, r1_penalty=penalty.detach())

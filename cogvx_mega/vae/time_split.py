@@ -326,24 +326,3 @@ def gather_time(x: torch.Tensor, group) -> torch.Tensor:
     dist.all_gather(gathered, padded, group=group)
     return torch.cat([g[:, :, :n] for g, n in zip(gathered, counts)], dim=2)
 
-
-class _GatherTime(torch.autograd.Function):
-    """gather_time with a backward that keeps this rank's frames of the gradient: for a loss that every rank of
-    the group computes alike from the gathered clip (the discriminator's), that is this rank's whole gradient."""
-
-    @staticmethod
-    def forward(ctx, x, group, start: int):
-        ctx.start, ctx.count = start, x.shape[2]
-        return gather_time(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad[:, :, ctx.start:ctx.start + ctx.count], None, None
-
-
-def gather_time_for_shared_loss(x: torch.Tensor, group, start: int) -> torch.Tensor:
-    """The whole clip from every rank's frames (this rank's start at `start`), differentiable for a loss every
-    rank of `group` computes alike from it (see `_GatherTime`)."""
-    if group is None or dist.get_world_size(group) == 1:
-        return x
-    return _GatherTime.apply(x, group, start)

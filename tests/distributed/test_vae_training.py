@@ -75,7 +75,8 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_layout_step_equals_one_process(case, data):
     world, cp, overrides = CASES[case]
-    overrides = (*overrides, *data["lpips"], "vae_train.global_batch_size=2")
+    # windows of 4 frames: 2 per 9-frame clip, each CP rank's 4 frames after frame 0 one of them
+    overrides = (*overrides, *data["lpips"], "vae_train.global_batch_size=2", "vae_train.disc_frame_num=4")
     one = run_ranks(1, train_steps, data["manifest"], 1, overrides, timeout=300)[0]
     layout = run_ranks(world, train_steps, data["manifest"], cp, overrides, timeout=300)
     for step, (expected, *found) in enumerate(zip(one["rows"], *(r["rows"] for r in layout)), start=1):
@@ -90,9 +91,20 @@ def test_layout_step_equals_one_process(case, data):
                                            msg=lambda m: f"{case} rank {rank} {part}.{name}: {m}")
 
 
-def test_first_step_in_float32_equals_one_process(data):
-    overrides = ("loss.gan_start_step=0", *data["lpips"], "vae_train.global_batch_size=2")
+@pytest.mark.parametrize("gan", [False, True])
+def test_first_step_in_float32_equals_one_process(gan, data):
+    """float32, the dtype training runs in: every loss term within rel 1e-5, the gradient norms within 1e-4 (2.2e-5
+    measured): one process runs LPIPS's VGG16 on the batch's 18 frames and the discriminator on its 4 windows in
+    one call each, a DP2 x CP2 rank on its own 4 or 5 frames and 1 window, and oneDNN sums a convolution's
+    backward in another order for another batch size. In float64 the norms agree to 1e-5 over 3 steps
+    (`test_layout_step_equals_one_process`), so the difference is float32 rounding, not the layout's arithmetic."""
+    overrides = (f"loss.gan_start_step={0 if gan else 1000}", *data["lpips"], "vae_train.global_batch_size=2",
+                 "vae_train.disc_frame_num=4")
     one = run_ranks(1, train_steps, data["manifest"], 1, overrides, 1, torch.float32, timeout=300)[0]["rows"][0]
     for rank, found in enumerate(run_ranks(4, train_steps, data["manifest"], 2, overrides, 1, torch.float32,
                                            timeout=300)):
-        assert_terms_close(found["rows"][0], one, f"float32 rank {rank}")
+        row = found["rows"][0]
+        for norm in ("grad_norm", "disc_grad_norm"):
+            assert abs(row[norm] - one[norm]) <= 1e-4 * one[norm], (norm, row[norm], one[norm])
+        assert_terms_close({**row, "grad_norm": one["grad_norm"], "disc_grad_norm": one["disc_grad_norm"]}, one,
+                           f"float32 rank {rank}")

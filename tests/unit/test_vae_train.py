@@ -142,9 +142,14 @@ def test_the_two_stage_example_dry_runs(media, tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "s1").exists() and not (tmp_path / "s2").exists()
 
 
-def _refused(args: list[str], capsys) -> str:
+def _refused(args: list[str], capsys, world: int = 1) -> str:
     capsys.readouterr()
-    assert main(["vae", "train", *args]) == 2
+    os.environ["WORLD_SIZE"] = str(world)  # what torchrun would say (only read before any process group)
+    try:
+        status = main(["vae", "train", *args])
+    finally:
+        del os.environ["WORLD_SIZE"]
+    assert status == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
     return err
@@ -169,6 +174,8 @@ def test_bad_input_is_one_line_and_nothing_is_written(media, tmp_path, capsys):
     assert "latent_channels 8 (preset 16)" in err
     err = _refused([*base, "--data", media["manifest"], "--cp", "4"], capsys)
     assert "--cp=4" in err and "5 latent frames" in err and "--cp 2 or less" in err
+    err = _refused([*base, "--data", media["manifest"], "--cp", "2"], capsys, world=2)  # 2 ranks' 4 frames each
+    assert "windows of 8 frames" in err and "set vae_train.disc_frame_num=4" in err
     err = _refused(["--preset", "tiny", "--run-dir", str(run), "--data", media["manifest"],
                     "vae_train.lpips_vgg=/nowhere/vgg16.pth", "vae_train.lpips_lin=/nowhere/vgg.pth"], capsys)
     assert "vae_train.lpips_vgg='/nowhere/vgg16.pth'" in err
