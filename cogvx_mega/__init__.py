@@ -5,14 +5,14 @@ Importing the package does nothing but define names; heavy modules load on first
 __version__ = "0.1.0"
 
 
-def from_pretrained(path, device="cpu", dtype=None, backend="local", verify=True, **model_overrides):
+def from_pretrained(path, device="cpu", dtype=None, backend="local", verify=True, weights=None, **model_overrides):
     """See `cogvx_mega.api.from_pretrained`."""
     import torch
 
     from cogvx_mega.api import from_pretrained as _from_pretrained
 
     return _from_pretrained(path, device=device, dtype=dtype or torch.float32, backend=backend, verify=verify,
-                            **model_overrides)
+                            weights=weights, **model_overrides)
 
 
 def load_vae(path, device="cpu", dtype=None, verify=True):

@@ -1,11 +1,13 @@
 """Public Python entry points."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 
 def from_pretrained(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32, backend: str = "local",
-                    verify: bool = True, **model_overrides):
+                    verify: bool = True, weights: Optional[str] = None, **model_overrides):
     """Load a diffusers transformer (or pipeline) folder or a cogvx-mega checkpoint (single-file, or sharded
     at any training layout) into one whole model in this process.
 
@@ -20,7 +22,8 @@ def from_pretrained(path: str, device: str = "cpu", dtype: torch.dtype = torch.f
     """
     from cogvx_mega.tools.load import load_transformer
 
-    return load_transformer(path, device=device, dtype=dtype, backend=backend, verify=verify, **model_overrides)
+    return load_transformer(path, device=device, dtype=dtype, backend=backend, verify=verify, weights=weights,
+                            **model_overrides)
 
 
 def load_vae(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32, verify: bool = True):

@@ -236,6 +236,11 @@ def model_card(model_config, meta: dict, source: str, folder: str = "path/to/thi
     lines = ["---", "library_name: diffusers", f"pipeline_tag: {tag}", "tags: [cogvideox, cogvx-mega]", "---",
              "", "# CogVideoX transformer trained with cogvx-mega", "",
              f"Exported from `{source}`" + (f" at training step {meta['step']}." if known_step else "."), ""]
+    if meta.get("ema"):
+        read = ("the exponential moving average of the weights" if meta.get("weights_read") == "ema" else
+                "the trained weights (not their moving average, which the checkpoint also holds)")
+        lines += [f"Weights: {read}; training.ema_decay={meta['ema']['decay']}, ema_start_step="
+                  f"{meta['ema']['start_step']}.", ""]
     default = ("the same as diffusers' default" if text_length == 226 else
                "diffusers' default is 226, which changes the output")
     size = ("the size it was trained at (the longest bucket of the data stage of its last step)"
@@ -252,7 +257,7 @@ def model_card(model_config, meta: dict, source: str, folder: str = "path/to/thi
 
 
 def export_diffusers(ckpt: str, vae: str, text_encoder: str, out: str, dtype: str = "fp32",
-                     overwrite: bool = False, verify: bool = True) -> Path:
+                     overwrite: bool = False, verify: bool = True, weights: Optional[str] = None) -> Path:
     from cogvx_mega.checkpoint.reader import read_transformer_checkpoint
     from cogvx_mega.checkpoint.transformer import diffusers_config_from_model, project_to_diffusers
     from cogvx_mega.checkpoint.vae import read_diffusers_vae_folder, read_vae_checkpoint, write_diffusers_vae_folder
@@ -268,7 +273,7 @@ def export_diffusers(ckpt: str, vae: str, text_encoder: str, out: str, dtype: st
     tokenizer_dir, encoder_dir = t5_parts(text_encoder)
     vae_config, vae_state = (read_vae_checkpoint(vae, verify) if is_project_checkpoint(vae)
                              else read_diffusers_vae_folder(vae))
-    model_config, state, meta = read_transformer_checkpoint(ckpt, refuse_damaged if verify else None)
+    model_config, state, meta = read_transformer_checkpoint(ckpt, refuse_damaged if verify else None, weights)
     if vae_config.latent_channels != model_config.out_channels:
         raise ConfigError("--vae", vae, f"makes {vae_config.latent_channels}-channel latents; the checkpoint's "
                                         f"model works on {model_config.out_channels} (another model family)")

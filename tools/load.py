@@ -3,6 +3,7 @@ tensors only)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -12,7 +13,7 @@ from cogvx_mega.config.errors import ConfigError
 
 
 def load_transformer(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32, backend: str = "local",
-                     verify: bool = True, **model_overrides):
+                     verify: bool = True, weights: Optional[str] = None, **model_overrides):
     """The whole transformer in this process from a diffusers folder or a cogvx-mega checkpoint (see
     `cogvx_mega.from_pretrained`), with `model_overrides` of the fields in LOADER_MODEL_FIELDS. A project
     checkpoint is verified before it is read (`verify=False`: read it as it is)."""
@@ -32,7 +33,7 @@ def load_transformer(path: str, device: str = "cpu", dtype: torch.dtype = torch.
             raise ConfigError(name, model_overrides[name], f"from_pretrained overrides only the fields that choose "
                                                            f"how the model runs ({', '.join(LOADER_MODEL_FIELDS)}); "
                                                            f"the others describe the checkpoint's weights")
-    model_config, state, _ = read_transformer_checkpoint(path, refuse_damaged if verify else None)
+    model_config, state, _ = read_transformer_checkpoint(path, refuse_damaged if verify else None, weights)
     model_config = dataclasses.replace(model_config, backend=backend, **model_overrides)
     model_config.validate()
     model = build_model(model_config, device="cpu", params_dtype=torch.float32, run_device=device)

@@ -155,7 +155,8 @@ def _sampling_model(args, device: str, dtype: torch.dtype):
         if layout > 1:
             raise ConfigError("--tp/--pp/--cp", " x ".join(str(v) for v in sizes.values()),
                               f"a layout of {layout} ranks runs under torchrun --nproc-per-node {layout}")
-        model = load_transformer(args.ckpt, device=device, dtype=dtype, verify=not args.no_verify)
+        model = load_transformer(args.ckpt, device=device, dtype=dtype, verify=not args.no_verify,
+                                 weights=args.weights)
         return model.model_config, layout_forward([model], dtype)
     if layout != world:
         raise ConfigError("--tp/--pp/--cp", " x ".join(str(v) for v in sizes.values()),
@@ -177,7 +178,7 @@ def _sampling_model(args, device: str, dtype: torch.dtype):
     parallel.validate(model_config)
     initialize_parallel(parallel, device=device, seed=args.seed)
     chunks = build_model_chunks(model_config, parallel, device=device)
-    load_pretrained_weights(chunks, args.ckpt, model_config)
+    load_pretrained_weights(chunks, args.ckpt, model_config, weights_choice=args.weights)
     chunks = [chunk.to(dtype).eval() for chunk in chunks]
     chunks[0].config.pipeline_dtype = dtype  # what the stages send each other
     return model_config, layout_forward(chunks, dtype)

@@ -42,14 +42,18 @@ def lora_weight_key(layer: int, target: str) -> str:
 
 # --- adapters of a LoRA training checkpoint -------------------------------------------------------------------
 
-def read_lora_adapters(path: str | os.PathLike, meta: dict) -> dict[tuple[int, str], tuple[Tensor, Tensor]]:
-    """{(layer, target): (A [r, in], B [out, r])} of a LoRA training checkpoint, read in this process."""
-    from cogvx_mega.checkpoint.sharded import read_stored_tensors
+def read_lora_adapters(path: str | os.PathLike, meta: dict,
+                       ema: bool = False) -> dict[tuple[int, str], tuple[Tensor, Tensor]]:
+    """{(layer, target): (A [r, in], B [out, r])} of a LoRA training checkpoint, read in this process (`ema`: the
+    adapters' weight average)."""
+    from cogvx_mega.checkpoint.sharded import EMA_PREFIX, read_stored_tensors
 
     lora, layers = meta["lora"], int(meta["model"]["num_layers"])
+    prefix = EMA_PREFIX if ema else ""
     keys = [f"decoder.layers.{_DIFFUSERS_MODULES[target][0]}.{factor}" for target in lora["targets"]
             for factor in ("lora_A", "lora_B")]
-    buffers = read_stored_tensors(path, keys, "the LoRA checkpoint is damaged")
+    buffers = {key[len(prefix):]: value for key, value in
+               read_stored_tensors(path, [prefix + k for k in keys], "the LoRA checkpoint is damaged").items()}
     out = {}
     for target in lora["targets"]:
         a, b = (buffers[f"decoder.layers.{_DIFFUSERS_MODULES[target][0]}.{f}"] for f in ("lora_A", "lora_B"))

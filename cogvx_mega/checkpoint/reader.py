@@ -58,6 +58,21 @@ def open_transformer_weights(path: str | os.PathLike) -> TransformerWeights:
     return TransformerWeights(folder, "diffusers", model, {"format": "diffusers", "step": 0}, source)
 
 
+WEIGHT_CHOICES = ("ema", "model")
+
+
+def reads_average(weights: TransformerWeights, asked: Optional[str]) -> bool:
+    """Whether `--weights` (`asked`: 'ema', 'model' or None) reads the checkpoint's weight average (training.ema):
+    None takes it when the checkpoint has one; 'ema' from a checkpoint without one is a ConfigError."""
+    has_average = bool(weights.meta.get("ema"))
+    if asked not in (None, *WEIGHT_CHOICES):
+        raise ConfigError("--weights", asked, f"choose one of {', '.join(WEIGHT_CHOICES)}")
+    if asked == "ema" and not has_average:
+        raise ConfigError("--weights", asked, f"{weights.path} holds no weight average (trained without "
+                                              f"training.ema_decay); use --weights model")
+    return has_average if asked is None else asked == "ema"
+
+
 Verify = Optional[Callable[[Path], None]]
 """What a reader does with each project checkpoint it opens before reading it: `checkpoint.verify.refuse_damaged`
 (every size and checksum, in this process), a job's shared check, or None (--no-verify)."""
@@ -71,22 +86,27 @@ def verified(weights: TransformerWeights, verify: Verify) -> TransformerWeights:
     return weights
 
 
-def read_transformer_checkpoint(path: str | os.PathLike,
-                                verify: Verify = refuse_damaged) -> tuple[ModelConfig, dict[str, Tensor], dict]:
+def read_transformer_checkpoint(path: str | os.PathLike, verify: Verify = refuse_damaged,
+                                weights_choice: Optional[str] = None) -> tuple[ModelConfig, dict[str, Tensor], dict]:
     """(model config, the whole project-named state, metadata) of any accepted format, in this process:
     nothing is built, no process group is touched. A LoRA checkpoint gives its base with the adapters merged.
-    Every project checkpoint read (a LoRA checkpoint's bases too) is verified first (`verify`)."""
+    Every project checkpoint read (a LoRA checkpoint's bases too) is verified first (`verify`).
+    `weights_choice` ('ema', 'model', None: the average when there is one, `reads_average`): the checkpoint's
+    weights or their average (a LoRA checkpoint: its adapters' average, on its base's weights); the metadata
+    returned says which under `weights_read`."""
     from cogvx_mega.checkpoint.sharded import read_sharded_model_state
 
     weights = verified(open_transformer_weights(path), verify)
-    base, deltas = resolve_lora_chain(weights, verify)
+    average = reads_average(weights, weights_choice)
+    base, deltas = resolve_lora_chain(weights, verify, ema=average)
     if base.kind == "sharded":
-        _, state = read_sharded_model_state(base.path, base.meta)
+        _, state = read_sharded_model_state(base.path, base.meta, ema=average and base is weights)
     else:
         if base.kind == "diffusers":
             base.source.check_nothing_unused()
         state = base.source.read_all()
-    return weights.model, merge_deltas(state, deltas) if deltas else state, weights.meta
+    return weights.model, merge_deltas(state, deltas) if deltas else state, {
+        **weights.meta, "weights_read": "ema" if average else "model"}
 
 
 def read_project_checkpoint(path: str | os.PathLike,
@@ -99,18 +119,21 @@ def read_project_checkpoint(path: str | os.PathLike,
 
 # --- LoRA checkpoints and their bases -------------------------------------------------------------------------
 
-def resolve_lora_chain(weights: TransformerWeights, verify: Verify = None) -> tuple[TransformerWeights,
-                                                                                  dict[str, Tensor]]:
+def resolve_lora_chain(weights: TransformerWeights, verify: Verify = None,
+                       ema: bool = False) -> tuple[TransformerWeights, dict[str, Tensor]]:
     """(the full weights under a LoRA checkpoint, {project weight key: the summed delta}) of `weights`: a LoRA
     training checkpoint holds adapters and points at its base (checked to be the weights it was trained on),
     which may itself be a LoRA checkpoint; each level adds its adapters (alpha / rank * B A) and the diffusers
     LoRA merged into its base before training (`--init-lora`), if any. Full weights give themselves and {}. Each
-    base is verified (`verify`) before it is read; `weights` itself is the caller's to verify."""
+    base is verified (`verify`) before it is read; `weights` itself is the caller's to verify. `ema`: the first
+    level's adapters are its weight average (the bases are what the run trained on: their weights)."""
     deltas: dict[str, Tensor] = {}
     while weights.kind == "sharded" and weights.meta.get("lora"):
         lora = weights.meta["lora"]
         base = check_lora_base(lora, weights.model, str(weights.path))
-        accumulate_deltas(deltas, adapter_deltas(read_lora_adapters(weights.path, weights.meta), lora_scale(lora)))
+        accumulate_deltas(deltas, adapter_deltas(read_lora_adapters(weights.path, weights.meta, ema=ema),
+                                                 lora_scale(lora)))
+        ema = False
         if lora.get("base_lora"):
             accumulate_deltas(deltas, deltas_from_diffusers_lora(lora["base_lora"], weights.model))
         weights = verified(open_transformer_weights(base), verify)

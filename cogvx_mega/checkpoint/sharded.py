@@ -10,6 +10,7 @@ with a leading layer dimension, which `read_sharded_model_state` unstacks into p
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -227,14 +228,21 @@ def _tolerate_missing_step(distributed) -> None:
 
 
 def load_sharded_checkpoint(path: str | Path, model_chunks, optimizer=None,
-                            keep: Optional[Callable[[str], bool]] = None, extra_state: Optional[dict] = None) -> dict:
+                            keep: Optional[Callable[[str], bool]] = None, extra_state: Optional[dict] = None,
+                            ema: bool = False) -> dict:
     """Load a torch_dist checkpoint into this rank's chunks (and optimizer) at the current layout; every
     rank reads only the shards its own parameters need. With `keep`, only those tensors (the rest of the
     chunks stays as it is). `extra_state`: more sharded tensors to read (saved as `save_sharded_checkpoint`'s);
-    returns what was loaded of them."""
+    returns what was loaded of them. `ema`: the weight average saved beside the model goes into the chunks'
+    parameters instead of the weights (weights only: no optimizer)."""
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
     model_state = model_sharded_state(model_chunks, keep)
+    if ema:
+        model_state = {chunk_key: {name: dataclasses.replace(value, key=EMA_PREFIX + value.key)
+                                   for name, value in chunk_state.items() if isinstance(value, ShardedTensor)}
+                       for chunk_key, chunk_state in model_state.items()}
     state = {**model_state, **(extra_state or {})}
     if optimizer is not None:
         _materialise_adam_state(optimizer)
@@ -242,7 +250,12 @@ def load_sharded_checkpoint(path: str | Path, model_chunks, optimizer=None,
     loaded = dist_checkpointing.load(state, str(path))
     chunks = [unwrap_model(chunk) for chunk in model_chunks]
     for key, chunk in zip(model_state, chunks):
-        result = chunk.load_state_dict(loaded[key], strict=keep is None)
+        result = chunk.load_state_dict(loaded[key], strict=keep is None and not ema)
+        if ema:
+            result.missing_keys[:] = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+            if result.missing_keys or result.unexpected_keys:
+                raise ConfigError("checkpoint", str(path), f"its weight average does not fit this model (missing "
+                                                           f"{result.missing_keys[:3]})")
         if keep is not None and (result.unexpected_keys or [k for k in result.missing_keys if keep(k)]):
             raise ConfigError("checkpoint", str(path), f"does not fit this model (unexpected "
                                                        f"{result.unexpected_keys[:3]})")

@@ -17,6 +17,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace --out when it holds a previous export of the same kind (it has "
                              "cogvx_export.json) or is empty; any other existing path is refused and kept")
+    parser.add_argument("--weights", choices=("ema", "model"), default=None,
+                        help="diffusers: the checkpoint's moving average of the weights (training.ema_decay) or its "
+                             "weights (default: the average when the checkpoint has one)")
     parser.add_argument("--no-verify", action="store_true",
                         help="read --ckpt and --vae without checking its files' sizes and CRC32C (a damaged one is "
                              "refused otherwise)")
@@ -39,6 +42,6 @@ def run(args: argparse.Namespace) -> int:
         if not value:
             raise ConfigError(flag, value, "`cogvx export diffusers` writes a whole pipeline and needs it")
     written = export_diffusers(args.ckpt, args.vae, args.text_encoder, args.out, args.dtype, args.overwrite,
-                               verify=not args.no_verify)
+                               verify=not args.no_verify, weights=args.weights)
     print(f"wrote {written}")
     return 0

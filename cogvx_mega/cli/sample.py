@@ -10,6 +10,9 @@ HELP = "make a video with a checkpoint (DDIM / DPM-Solver++, classifier-free gui
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ckpt", required=True, help="a cogvx-mega checkpoint (any layout) or a diffusers folder")
+    parser.add_argument("--weights", choices=("ema", "model"), default=None,
+                        help="the checkpoint's moving average of the weights (training.ema_decay) or its weights "
+                             "(default: the average when the checkpoint has one)")
     parser.add_argument("--vae", required=True, help="diffusers AutoencoderKLCogVideoX folder or cogvx-mega VAE")
     parser.add_argument("--prompt", nargs="+", help="prompt text (one or more), with --text-encoder")
     parser.add_argument("--negative-prompt", default=None, help="with --prompt: the negative prompt (default '')")

@@ -15,7 +15,8 @@ from typing import Optional
 import torch
 
 from cogvx_mega.checkpoint.lora import accumulate_deltas, deltas_from_diffusers_lora
-from cogvx_mega.checkpoint.reader import Verify, open_transformer_weights, resolve_lora_chain, verified
+from cogvx_mega.checkpoint.reader import (Verify, open_transformer_weights, reads_average, resolve_lora_chain,
+                                         verified)
 from cogvx_mega.checkpoint.sharded import load_sharded_checkpoint
 from cogvx_mega.config.errors import ConfigError
 from cogvx_mega.config.model import ModelConfig
@@ -28,22 +29,24 @@ logger = logging.getLogger(__name__)
 
 @torch.no_grad()
 def load_pretrained_weights(model_chunks, path: str, model_config: ModelConfig, lora: Optional[str] = None,
-                            verify: Verify = None) -> dict:
+                            verify: Verify = None, weights_choice: Optional[str] = "model") -> dict:
     """Copy the weights at `path` into this rank's chunks (call before wrapping them for training);
     returns the checkpoint's metadata. The model config must match the checkpoint's (backend aside).
 
     A LoRA training checkpoint loads as its base with the adapters merged; `lora` (a diffusers/PEFT LoRA
     folder or file) is merged into the weights as well. Each rank adds only its shard of every delta. `verify`
-    checks each project checkpoint read first (`checkpoint.reader.Verify`; None: the caller has)."""
+    checks each project checkpoint read first (`checkpoint.reader.Verify`; None: the caller has).
+    `weights_choice`: 'model' (what training starts from), 'ema' or None (`checkpoint.reader.reads_average`)."""
     requested = verified(open_transformer_weights(path), verify)
-    weights, deltas = resolve_lora_chain(requested, verify)  # a LoRA checkpoint: its base (over a base ...) and the deltas
+    average = reads_average(requested, weights_choice)
+    weights, deltas = resolve_lora_chain(requested, verify, ema=average)  # a LoRA checkpoint: its base (over a base ...) and the deltas
     ckpt.check_same_model({"model": dataclasses.asdict(weights.model)}, model_config, path,
                           ignore=ckpt.NOT_IN_THE_WEIGHTS)
     if lora is not None:
         accumulate_deltas(deltas, deltas_from_diffusers_lora(lora, model_config))
     chunks = [unwrap_model(chunk) for chunk in model_chunks]
     if weights.kind == "sharded":
-        load_sharded_checkpoint(weights.path, chunks)
+        load_sharded_checkpoint(weights.path, chunks, ema=average and weights is requested)
     else:
         _copy_from_source(chunks, weights.source, path)
     if deltas:

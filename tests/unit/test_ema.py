@@ -75,3 +75,52 @@ def test_a_checkpoint_without_an_average_starts_one_at_its_weights(tmp_path):
     for key in weights:
         torch.testing.assert_close(average[key].double(), DECAY * start[key].double()
                                    + (1 - DECAY) * weights[key].double(), atol=1e-6, rtol=0)
+
+
+def test_export_and_from_pretrained_take_the_average_or_the_weights(run, tmp_path, capsys):
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
+    from text_encoder import make_tiny_t5
+
+    import cogvx_mega
+    from cogvx_mega.checkpoint.transformer import project_to_diffusers
+    from cogvx_mega.config import load_config
+
+    model_config = load_config("tiny").model
+    AutoencoderKLCogVideoX(block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=4,
+                           latent_channels=model_config.out_channels).save_pretrained(tmp_path / "vae")
+    make_tiny_t5(tmp_path / "t5", d_model=model_config.text_embed_dim)
+    step = run / "checkpoints" / "step_00000005"
+    for choice in ("ema", "model", None):
+        weights = ["--weights", choice] if choice else []
+        assert main(["export", "diffusers", "--ckpt", str(step), "--vae", str(tmp_path / "vae"), "--text-encoder",
+                     str(tmp_path / "t5"), "--out", str(tmp_path / str(choice)), *weights]) == 0
+    exported = {choice: CogVideoXTransformer3DModel.from_pretrained(str(tmp_path / choice), subfolder="transformer")
+                .state_dict() for choice in ("ema", "model", "None")}
+    expected = {"ema": project_to_diffusers(saved(run, 5, ema=True), model_config),
+                "model": project_to_diffusers(saved(run, 5), model_config)}
+    for choice in ("ema", "model"):
+        for name, tensor in expected[choice].items():
+            assert torch.equal(exported[choice][name], tensor), (choice, name)
+    assert any(not torch.equal(exported["ema"][k], exported["model"][k]) for k in exported["ema"])
+    assert all(torch.equal(exported["None"][k], exported["ema"][k]) for k in exported["ema"])  # the default
+    assert "moving average of the weights" in (tmp_path / "ema" / "README.md").read_text()
+    assert "not their moving average" in (tmp_path / "model" / "README.md").read_text()
+    # from_pretrained: the same choice, the same default
+    average = cogvx_mega.from_pretrained(str(step)).state_dict()
+    weights = cogvx_mega.from_pretrained(str(step), weights="model").state_dict()
+    for key, value in saved(run, 5, ema=True).items():
+        assert torch.equal(average[key], value) and torch.equal(weights[key], saved(run, 5)[key]), key
+
+
+def test_weights_ema_from_a_checkpoint_without_one_is_refused(tmp_path):
+    plain = tmp_path / "plain"
+    assert main(["train", "--preset", "tiny", "--data", "synthetic", "--device", "cpu", "data.num_synthetic_clips=4",
+                 "--run-dir", str(plain), "--steps", "1"]) == 0
+    import cogvx_mega
+    from cogvx_mega.config.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="holds no weight average"):
+        cogvx_mega.from_pretrained(str(plain / "checkpoints" / "step_00000001"), weights="ema")
+    model = cogvx_mega.from_pretrained(str(plain / "checkpoints" / "step_00000001"))  # the default: its weights
+    for key, value in saved(plain, 1).items():
+        assert torch.equal(model.state_dict()[key], value), key
