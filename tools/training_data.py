@@ -54,6 +54,14 @@ def open_training_data(config, global_batch: Optional[int] = None):
                           for start, end, data in stages])
 
 
+def open_validation_data(config):
+    """The dataset of data.valid (training.valid_every), read like data.source but whole: no packing, no stages,
+    no image mix; its first batch of training.valid_samples clips is the validation set."""
+    data = dataclasses.replace(config.data, source=config.data.valid, packing=False, stages=None, images=None,
+                               image_ratio=None)
+    return open_source_data(dataclasses.replace(config, data=data), config.training.valid_samples)
+
+
 def open_stage_data(config, global_batch: Optional[int] = None):
     """One stage's dataset: the source, packed when data.packing is on; its buckets accounted for
     (`account_buckets`)."""

@@ -61,6 +61,9 @@ class DataConfig:
     """Token budget of a pack, text tokens included (with data.packing; at least the longest clip)."""
     pack_window: int = 4096
     """Clips packed together best-fit-decreasing (a larger window packs tighter)."""
+    valid: Optional[str] = None
+    """The validation set of training.valid_every: a latent cache, a manifest, a latent folder or 'synthetic' (read
+    like `source`, without packing, stages or the image mix)."""
     filters: Optional[list] = None
     """Keep only the clips whose manifest columns lie in bounds: a list of {column, min, max} (either bound may be
     left out; both inclusive), e.g. [{column: motion_score, min: 0.3}, {column: aesthetic_score, min: 5.0}]. Any

@@ -38,6 +38,10 @@ class Config:
         self.diffusion.validate()
         self.data.validate(self.model)
         self.training.validate()
+        if self.training.valid_every and not self.data.valid:
+            raise ConfigError("training.valid_every", self.training.valid_every, "validation needs data.valid (a "
+                                                                             "cache, manifest, latent folder or "
+                                                                             "'synthetic')")
         self.sampling.validate(self.model, self.training, self.data)
         self.finetune.validate()
         if self.model.is_image_to_video and self.data.packing:

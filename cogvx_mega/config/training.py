@@ -116,6 +116,12 @@ class TrainingConfig:
     the parameters, saved in checkpoints; sample/export/from_pretrained then read it by default (--weights)."""
     ema_start_step: int = 0
     """Before this step the average is the weights themselves; from it on it averages."""
+    valid_every: int = 0
+    """Every N steps, the loss on data.valid at fixed timesteps and noise, overall and per timestep bin (0: never)."""
+    valid_samples: int = 8
+    """Clips of data.valid the validation loss is measured on (a multiple of micro_batch_size x data parallel)."""
+    valid_bins: int = 10
+    """Equal timestep bins of 0..999 (10: bins of 100), one timestep per clip in each."""
 
     def precision(self) -> str:
         """What the run does: 'fp32', 'autocast' or 'bf16_params' (from bf16, mixed_precision and device)."""
@@ -163,6 +169,9 @@ class TrainingConfig:
             raise ConfigError("training.peak_tflops", self.peak_tflops, "use the per-GPU peak in TFLOP/s, or null")
         if isinstance(self.sample_every, bool) or not isinstance(self.sample_every, int) or self.sample_every < 0:
             raise ConfigError("training.sample_every", self.sample_every, "use a number of steps (0: no samples)")
+        require_positive_integers(self, "training", ("valid_samples", "valid_bins"))
+        if isinstance(self.valid_every, bool) or not isinstance(self.valid_every, int) or self.valid_every < 0:
+            raise ConfigError("training.valid_every", self.valid_every, "use a number of steps (0: no validation)")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ConfigError("training.ema_decay", self.ema_decay, "use a decay between 0 and 1 (e.g. 0.9999), or "
                                                                    "null for no average")

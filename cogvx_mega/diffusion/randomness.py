@@ -34,6 +34,10 @@ class Stream(enum.IntEnum):
     """VAE training: the posterior draw decoded for the clip."""
     VAE_TRAINING_LPIPS_FRAMES = 10
     """VAE training with loss.lpips_frames: which frames of the clip LPIPS compares."""
+    VALID_TIMESTEP = 11
+    """Validation: the timestep of a clip inside a timestep bin (the bin stands where the step does)."""
+    VALID_NOISE = 12
+    """Validation: the noise of a clip at a timestep bin."""
 
 
 def slot_seed(seed: int, step: int, slot: int, stream: Stream) -> int:

@@ -15,7 +15,7 @@ from cogvx_mega.config.errors import ConfigError, check_writable
 from cogvx_mega.data.accounting import training_bucket_table
 from cogvx_mega.model.transformer import build_model_chunks
 from cogvx_mega.parallel.state import ParallelDims, initialize_parallel
-from cogvx_mega.tools.training_data import open_training_data
+from cogvx_mega.tools.training_data import open_training_data, open_validation_data
 from cogvx_mega.training import checkpoint as ckpt
 from cogvx_mega.training.checkpointer import Checkpointer, Start
 from cogvx_mega.training.pretrained import load_pretrained_weights
@@ -67,6 +67,7 @@ def prepare_training(config: Config, resume: Optional[str] = None, init_from: Op
     global_batch = config.check_world(dims.data_parallel_size)
     start = checkpointer.plan_start(resume, init_from, init_lora, global_batch, verify=verify)
     dataset = open_training_data(config, global_batch)
+    valid_dataset = open_validation_data(config) if config.training.valid_every else None
     sampler = None
     if config.training.sample_every:
         from cogvx_mega.tools.sample import training_sampler
@@ -81,7 +82,8 @@ def prepare_training(config: Config, resume: Optional[str] = None, init_from: Op
                                 recompute=config.training.recompute,
                                 recompute_num_layers=config.training.recompute_num_layers)
     load_start_weights(chunks, start, config, dims)
-    trainer = Trainer(config, dims, chunks, dataset, sampler=sampler, checkpointer=checkpointer)
+    trainer = Trainer(config, dims, chunks, dataset, sampler=sampler, checkpointer=checkpointer,
+                      valid_dataset=valid_dataset)
     if start.resume is not None:
         trainer.load(start.resume)
         if dims.is_logging_rank:

@@ -141,8 +141,9 @@ RESUME_SAFE_FIELDS = {
                  "grad_clip", "device", "bf16", "recompute", "recompute_num_layers", "log_interval", "save_interval",
                  "save_every_minutes", "keep_checkpoints", "async_save", "run_dir", "micro_batch_size", "global_batch_size",
                  "mixed_precision", "sample_every", "tensorboard", "peak_tflops", "loss_spike_factor",
-                 "loss_spike_window", "max_skipped_steps", "stop_file", "ema_decay", "ema_start_step"},  # a change of the optimizer's master weights is refused on its own
-    "data": {"num_workers", "online_keep_clips"},
+                 "loss_spike_window", "max_skipped_steps", "stop_file", "ema_decay", "ema_start_step",
+                 "valid_every", "valid_samples", "valid_bins"},  # a change of the optimizer's master weights is refused on its own
+    "data": {"num_workers", "online_keep_clips", "valid"},
     "diffusion": set(),
     "finetune": set(),
 }

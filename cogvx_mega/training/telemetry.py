@@ -123,6 +123,9 @@ class Telemetry:
             for name, value in metrics.items():
                 if name != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                     self.writer.add_scalar(f"train/{name}", value, step)
+                elif name.endswith("_by_bin") and isinstance(value, list):  # validation loss per timestep bin
+                    for index, bin_value in enumerate(value):
+                        self.writer.add_scalar(f"{name}/bin_{index:02d}", bin_value, step)
             if metrics.get("samples"):
                 self.writer.add_text("samples", "\n".join(metrics["samples"]), step)
             if metrics.get("skipped"):

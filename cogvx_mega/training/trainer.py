@@ -38,6 +38,7 @@ from cogvx_mega.training import TrainingDiverged
 from cogvx_mega.training import checkpoint as ckpt
 from cogvx_mega.training.checkpointer import Checkpointer
 from cogvx_mega.training.ema import WeightAverage
+from cogvx_mega.training.validation import Validator
 from cogvx_mega.training.interrupts import TrainingInterrupted, catch_interrupts
 from cogvx_mega.training.metrics import MetricsLog, latent_grid
 from cogvx_mega.training.objective import packed_v_prediction_loss, v_prediction_token_loss
@@ -78,7 +79,8 @@ def finalize_gradients_with_lora(model_chunks, num_tokens=None, **kwargs) -> Non
 
 class Trainer:
     def __init__(self, config: Config, dims: ParallelDims, model, dataset=None, run_dir: Optional[str] = None,
-                 sampler=None, lora_base: Optional[dict] = None, checkpointer: Optional[Checkpointer] = None):
+                 sampler=None, lora_base: Optional[dict] = None, checkpointer: Optional[Checkpointer] = None,
+                 valid_dataset=None):
         """`model`: this rank's chunks (`build_model_chunks`) or one model built at the current layout; they are
         wrapped for data parallelism here (`parallel.data_parallel`), which installs megatron's hooks. `dataset`:
         anything with `step_batch(step, slots, global_batch, seed) -> {"latents", "text_embeds"}` (e.g.
@@ -101,6 +103,7 @@ class Trainer:
         # what it trains (its adapters)
         self.ema = (WeightAverage(self.ddp_chunks, config.training.ema_decay, config.training.ema_start_step,
                                   keep=self.checkpointer.trained_keys()) if config.training.ema_decay else None)
+        self.validator = Validator(self, valid_dataset) if valid_dataset is not None else None
         self.device = torch.device(config.training.device)
         self.micro_batches = config.training.micro_batches_per_step(dims.data_parallel_size)
         self.global_batch = config.check_world(dims.data_parallel_size)
@@ -149,6 +152,8 @@ class Trainer:
                                **log.step_fields(self.step, batch, self.global_batch, tokens, elapsed,
                                                  started - waited)}
                     self._sample_if_due(metrics)
+                    if self.validator is not None and t.valid_every and self.step % t.valid_every == 0:
+                        metrics.update(self.validator.measure())
                     history.append(metrics)
                     log.record(metrics)
                     if on_step is not None:
