@@ -128,11 +128,41 @@ class Telemetry:
                         self.writer.add_scalar(f"{name}/bin_{index:02d}", bin_value, step)
             if metrics.get("samples"):
                 self.writer.add_text("samples", "\n".join(metrics["samples"]), step)
+                for index, path in enumerate(metrics["samples"]):
+                    self.add_video(f"samples/sample_{index:02d}", self.folder.parent / path, step)
             if metrics.get("skipped"):
                 self.writer.add_text("skipped_steps", f"step {step}: {metrics.get('skip_reason')}", step)
+
+    def add_video(self, tag: str, path: Path, step: int) -> None:
+        """A sample video file in TensorBoard's images tab as an animated GIF: what `SummaryWriter.add_video` writes,
+        encoded here with Pillow (torch's add_video needs moviepy 1.x's `moviepy.editor`, which moviepy 2 removed,
+        and prints instead of failing without it)."""
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        from cogvx_mega.vae.io import read_video, uint8_frames
+
+        video, fps = read_video(str(path))
+        frames = uint8_frames(video)  # [T, H, W, 3]
+        image = Summary.Image(height=frames.shape[1], width=frames.shape[2], colorspace=3,
+                              encoded_image_string=gif_bytes(frames, fps))
+        with self._writing():
+            self.writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
 
     def close(self) -> None:
         if self.writer is not None:
             with self._writing():
                 self.writer.flush()
                 self.writer.close()
+
+
+def gif_bytes(frames, fps: float) -> bytes:
+    """uint8 frames [T, H, W, 3] as an animated GIF that loops (Pillow)."""
+    import io
+
+    from PIL import Image
+
+    images = [Image.fromarray(frame) for frame in frames]
+    buffer = io.BytesIO()
+    images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:], loop=0,
+                   duration=max(1, round(1000 / max(fps, 1e-3))))
+    return buffer.getvalue()

@@ -67,3 +67,27 @@ def test_validation_needs_a_validation_set(tmp_path, capsys):
     assert main(["train", "--preset", "tiny", "--data", "synthetic", "--device", "cpu", "training.valid_every=2",
                  "--run-dir", str(tmp_path / "r")]) == 2
     assert "needs data.valid" in capsys.readouterr().err
+
+
+def test_sample_videos_reach_tensorboard(tmp_path):
+    import io
+
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from cogvx_mega.data.tiny_models import make_tiny_t5, make_tiny_vae
+    from cogvx_mega.vae.io import read_video
+
+    examples = __import__("pathlib").Path(__file__).resolve().parents[2] / "examples" / "configs"
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(examples / "tiny-samples.yaml"), "--vae", str(make_tiny_vae(tmp_path / "vae")),
+                 "--text-encoder", str(make_tiny_t5(tmp_path / "t5")), "--run-dir", str(run), "--steps", "2",
+                 "training.sample_every=2", "sampling.steps=2", "training.tensorboard=true"]) == 0
+    samples = [r for r in rows(run) if r.get("samples")][-1]["samples"]
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    assert {f"samples/sample_{i:02d}" for i in range(len(samples))} <= set(events.Tags()["images"])
+    for index, path in enumerate(samples):
+        video, _ = read_video(str(run / path))
+        gif = Image.open(io.BytesIO(events.Images(f"samples/sample_{index:02d}")[-1].encoded_image_string))
+        assert gif.format == "GIF" and gif.n_frames == video.shape[2] and gif.size == (video.shape[4], video.shape[3])
