@@ -59,10 +59,12 @@ setup(
         "data": ["av", "Pillow", "nvidia-dali-cuda130", "transformers", "sentencepiece", "zarr>=3", "tensorstore",
                  "pyarrow", "scenedetect>=0.7"],
         "triton": ["triton"],  # the Triton kernels on CPU (TRITON_INTERPRET=1); CUDA torch wheels bring it
+        "wandb": ["wandb"],  # training.wandb_project: Weights & Biases beside TensorBoard
         "test": ["pytest", "pytest-timeout", "pytest-xdist", "diffusers==0.42.1", "peft", "transformers", "sentencepiece", "av", "triton",
                  "Pillow", "nvidia-dali-cuda130", "zarr>=3", "tensorstore", "pyarrow", "scenedetect>=0.7",
                  "webdataset",  # tests write image shards as img2dataset does
-                 "scikit-image"],  # the oracle of the VAE's SSIM
+                 "scikit-image",  # the oracle of the VAE's SSIM
+                 "wandb"],  # training.wandb_project, tested offline
     },
     entry_points={"console_scripts": ["cogvx = cogvx_mega.cli:main"]},
 )

@@ -12,6 +12,7 @@ if TYPE_CHECKING:
 
 TimestepSampling = Literal["explicit_uniform", "uniform"]
 Device = Literal["cpu", "cuda"]
+WandbMode = Literal["online", "offline"]
 MixedPrecision = Literal["auto", "bf16_params", "autocast"]
 Recompute = Literal["none", "selective", "full"]
 Scheduler = Literal["ddim", "dpm"]
@@ -122,6 +123,12 @@ class TrainingConfig:
     """Clips of data.valid the validation loss is measured on (a multiple of micro_batch_size x data parallel)."""
     valid_bins: int = 10
     """Equal timestep bins of 0..999 (10: bins of 100), one timestep per clip in each."""
+    wandb_project: Optional[str] = None
+    """Also log the TensorBoard scalars (and sample videos) to Weights & Biases under this project (the `wandb`
+    package, an optional dependency); None: no W&B."""
+    wandb_mode: Optional[WandbMode] = None
+    """'online' or 'offline' (written under <run_dir>/wandb, `wandb sync` uploads it later; works without a
+    network); None: wandb's own default (its WANDB_MODE environment variable, else online)."""
 
     def precision(self) -> str:
         """What the run does: 'fp32', 'autocast' or 'bf16_params' (from bf16, mixed_precision and device)."""

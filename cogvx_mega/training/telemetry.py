@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import uuid
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -75,6 +76,7 @@ class Telemetry:
         if self.peak_tflops is None and device.type == "cuda":
             self.peak_tflops = peak_tflops_of(torch.cuda.get_device_name(device), fp8=config.model.fp8 is not None)
         self.writer = None
+        self.wandb_run = start_wandb(config, run_dir) if is_logger and t.wandb_project else None
         self.folder = run_dir / "tensorboard"
         if is_logger and t.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -115,7 +117,9 @@ class Telemetry:
         return fields
 
     def write(self, metrics: dict) -> None:
-        """TensorBoard scalars of a metrics record (logging rank)."""
+        """TensorBoard scalars of a metrics record (logging rank), and the same to W&B (training.wandb_project)."""
+        if self.wandb_run is not None:
+            self.write_wandb(metrics)
         if self.writer is None:
             return
         step = metrics["step"]
@@ -148,7 +152,24 @@ class Telemetry:
         with self._writing():
             self.writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
 
+    def write_wandb(self, metrics: dict) -> None:
+        """The scalars TensorBoard gets (per-bin lists as one scalar a bin) and the sample videos, at the step."""
+        import wandb
+
+        values = {}
+        for name, value in metrics.items():
+            if name != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                values[f"train/{name}"] = value
+            elif name.endswith("_by_bin") and isinstance(value, list):
+                values.update({f"{name}/bin_{i:02d}": v for i, v in enumerate(value)})
+        for index, path in enumerate(metrics.get("samples") or []):
+            values[f"samples/sample_{index:02d}"] = wandb.Video(str(self.folder.parent / path), format="mp4")
+        self.wandb_run.log(values, step=metrics["step"])
+
     def close(self) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+            self.wandb_run = None
         if self.writer is not None:
             with self._writing():
                 self.writer.flush()
@@ -166,3 +187,25 @@ def gif_bytes(frames, fps: float) -> bytes:
     images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:], loop=0,
                    duration=max(1, round(1000 / max(fps, 1e-3))))
     return buffer.getvalue()
+
+
+WANDB_ID_FILE = "wandb_run_id"
+
+
+def start_wandb(config, run_dir: Path):
+    """The W&B run of this training run (training.wandb_project, wandb_mode): its id is kept in
+    <run_dir>/wandb_run_id, so a resumed run goes on logging into the same W&B run; files under <run_dir>/wandb."""
+    try:
+        import wandb
+    except ImportError:
+        from cogvx_mega.config.errors import ConfigError
+
+        raise ConfigError("training.wandb_project", config.training.wandb_project, "W&B logging needs the wandb "
+                                                                                  "package: pip install wandb") from None
+    id_file = Path(run_dir) / WANDB_ID_FILE
+    run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
+    if not id_file.is_file():
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        id_file.write_text(run_id + "\n")
+    return wandb.init(project=config.training.wandb_project, id=run_id, resume="allow", dir=str(run_dir),
+                      mode=config.training.wandb_mode, config=config.to_dict(), name=Path(run_dir).name)

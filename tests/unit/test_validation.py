@@ -91,3 +91,37 @@ def test_sample_videos_reach_tensorboard(tmp_path):
         video, _ = read_video(str(run / path))
         gif = Image.open(io.BytesIO(events.Images(f"samples/sample_{index:02d}")[-1].encoded_image_string))
         assert gif.format == "GIF" and gif.n_frames == video.shape[2] and gif.size == (video.shape[4], video.shape[3])
+
+
+def test_weights_and_biases_offline_gets_the_same_scalars(tmp_path, monkeypatch):
+    """Offline (no network): the run's .wandb file is written, and every step's row reached W&B's log with the
+    values of metrics.jsonl (what W&B stores of a logged value is W&B's business: its reader is Go, not Python)."""
+    wandb = pytest.importorskip("wandb", reason="W&B is an optional dependency: pip install wandb")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    logged = []
+    real_init = wandb.init
+
+    def recording_init(*args, **kwargs):
+        run = real_init(*args, **kwargs)
+        real_log = run.log
+
+        def log(values, step=None, **more):
+            logged.append((step, dict(values)))
+            return real_log(values, step=step, **more)
+
+        run.log = log
+        return run
+
+    monkeypatch.setattr(wandb, "init", recording_init)
+    run = tmp_path / "run"
+    assert main([*BASE, "--run-dir", str(run), "--steps", "2", "training.wandb_project=cogvx-test",
+                 "training.wandb_mode=offline"]) == 0
+    [record] = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert record.stat().st_size > 0
+    assert [step for step, _ in logged] == [r["step"] for r in rows(run)] == [1, 2]
+    for (_, values), row in zip(logged, rows(run)):
+        assert values["train/loss"] == row["loss"] and values["train/lr"] == row["lr"]
+    last = logged[-1][1]
+    assert last["train/valid_loss"] == rows(run)[-1]["valid_loss"]
+    assert [last[f"valid_loss_by_bin/bin_{i:02d}"] for i in range(10)] == rows(run)[-1]["valid_loss_by_bin"]
+    assert (run / "wandb_run_id").is_file()
