@@ -6,12 +6,13 @@
 
 On a 24 GiB CPU machine: 161 x 256^2 with the GAN off peaks at 13.5 GiB of tensors (15 GiB resident) at CP=1
 with the default widths (4, 8, 8, 16); widths (8, 16, 16, 32) would need about 22 GiB of tensors there, and
-the GAN on at 256^2 about as much (its discriminator runs on the whole clip), so the GAN is measured at 128^2.
+the GAN on at 256^2 about 21 GiB (4x its 5.4 GiB at 128^2; CP ranks share the machine, so CP2 and CP4 need
+about as much in all), so the GAN is measured at 128^2.
 
 Each CP size runs on its own forked gloo ranks (tests/distributed/launcher.run_ranks, one intra-op thread a
 rank), each rank building the trainer as `cogvx vae train` does (`build_layout`, `VAETrainer`) on random clips
-(no video files: a stand-in for `data.vae_clips.VAETrainingClips` returns uniform noise in [-1, 1]). One untracked warm-up step
-runs first (it creates AdamW's state), then one step is measured.
+(no video files: a stand-in for `data.vae_clips.VAETrainingClips` returns uniform noise in [-1, 1]). One
+untracked warm-up step runs first (it creates AdamW's state), then one step is measured.
 
 Counted: the peak of live tensor bytes created during that step (vae_cp.PeakTensorMemory: every tensor an op
 returns counts until its last reference dies), i.e. everything the step allocates: the clip as read (every
@@ -24,7 +25,10 @@ The VAE has the CogVideoX structure (4 blocks, temporal compression 4, latent ch
 spatial norms) at reduced widths (`--widths`, `--layers-per-block`), because the full widths do not fit on a
 CPU machine at 161 x 256^2. LPIPS is off (loss.perceptual_weight=0: it needs weight files). The GAN is off
 unless `--gan on|both` (loss.gan_start_step=0 then, discriminator vae_train.disc_dim / disc_max_dim from
-`--disc-dim`); the discriminator sees the whole gathered clip on every CP rank.
+`--disc-dim`, vae_train.disc_frame_num from `--disc-frame-num`). The discriminator judges windows of
+disc_frame_num frames (the frames after frame 0), each CP rank its own windows, so every rank must hold whole
+windows: 161 frames at CP4 leave 40 frames after frame 0 a rank, hence the default 8, used at every CP size so
+that all sizes train the same model.
 
 Times are wall seconds of the measured step under the tracking mode, max over ranks; CP ranks share the
 machine's cores, so they include waiting on each other and are not a speed measurement of CP.
@@ -120,7 +124,8 @@ def run_config(args, gan: bool):
                     sample_width=args.size)
     loss = VAELossConfig(perceptual_weight=0.0, gan_start_step=0 if gan else 10 ** 9)
     train = VAETrainConfig(frames=args.frames, size=args.size, global_batch_size=1, disc_dim=args.disc_dim,
-                           disc_max_dim=args.disc_max_dim, device="cpu", steps=2)
+                           disc_max_dim=args.disc_max_dim, disc_frame_num=args.disc_frame_num, device="cpu",
+                           steps=2)
     return VAERunConfig(preset="benchmark", vae=vae, loss=loss, vae_train=train).validate()
 
 
@@ -167,6 +172,9 @@ def main() -> None:
                         help="the GAN off (loss.gan_start_step=1e9), on from step 0, or both")
     parser.add_argument("--disc-dim", type=int, nargs=2, default=[8, 32], metavar=("DIM", "MAX_DIM"),
                         help="vae_train.disc_dim and disc_max_dim")
+    parser.add_argument("--disc-frame-num", type=int, default=8,
+                        help="vae_train.disc_frame_num: frames a discriminator window holds (a power of two "
+                             "dividing every CP rank's frames after frame 0)")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads per rank")
     parser.add_argument("--top", type=int, default=8, help="largest live tensors at the peak to list per CP size")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds a CP size may take")
@@ -182,7 +190,8 @@ def main() -> None:
     clip_bytes = 3 * args.frames * args.size ** 2 * 4
     print(f"torch {torch.__version__}, clip 1x3x{args.frames}x{args.size}x{args.size} fp32 "
           f"({mib(clip_bytes)} MiB), VAE block_out_channels={tuple(args.widths)} layers_per_block="
-          f"{args.layers_per_block} norm_num_groups={args.groups}, LPIPS off, {args.threads} thread(s) per rank",
+          f"{args.layers_per_block} norm_num_groups={args.groups}, LPIPS off, disc_dim {args.disc_dim} / disc_max_dim "
+          f"{args.disc_max_dim} / disc_frame_num {args.disc_frame_num}, {args.threads} thread(s) per rank",
           flush=True)
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.gan]
     results = []

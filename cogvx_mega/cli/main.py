@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 from cogvx_mega.files import FULL_DISK_ERRNOS, full_disk_error, shown_path
-from cogvx_mega.cli import (checkpoint, config, convert, data, demo, export, launch, plan, sample, scaling,
-                            train, vae)
+from cogvx_mega.cli import (checkpoint, config, convert, data, demo, export, launch, plan, report, sample,
+                            scaling, train, vae)
 from cogvx_mega.cli.arguments import parse_with_overrides, verbose_parent
 
 logger = logging.getLogger("cogvx_mega")
@@ -25,7 +25,7 @@ EXIT_SYSTEM_ERROR = 1
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3  # training.max_skipped_steps steps in a row were skipped
 # in the order `cogvx --help` lists them
-COMMANDS = (train, demo, convert, data, vae, sample, export, checkpoint, config, plan, scaling, launch)
+COMMANDS = (train, demo, convert, data, vae, sample, export, checkpoint, config, plan, scaling, launch, report)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,7 +16,8 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "configs"
 @pytest.mark.parametrize("name, world, extra", [
     ("cogvideox-5b-8xh100.yaml", 8, []), ("tiny.yaml", 1, []), ("tiny-videos.yaml", 1, []),
     ("tiny-packing.yaml", 1, []), ("tiny-samples.yaml", 1, ["--vae", "VAE", "--text-encoder", "T5"]),
-    ("tiny-lora.yaml", 1, []), ("tiny-i2v.yaml", 1, []), ("tiny-filters.yaml", 1, []), ("tiny-images.yaml", 1, [])])
+    ("tiny-lora.yaml", 1, []), ("tiny-i2v.yaml", 1, []), ("tiny-filters.yaml", 1, []), ("tiny-images.yaml", 1, []),
+    ("tiny-ema-valid.yaml", 1, ["--vae", "VAE", "--text-encoder", "T5"])])
 def test_example_dry_runs(name, world, extra, capsys):
     assert main(["train", "--config", str(EXAMPLES / name), "--dry-run", "--world-size", str(world), *extra]) == 0
     assert "memory per GPU" in capsys.readouterr().out
@@ -120,3 +121,18 @@ def test_the_lora_example_trains_and_exports_for_diffusers(tmp_path):
     with safe_open(str(tmp_path / "lora" / "pytorch_lora_weights.safetensors"), framework="pt") as f:
         keys = set(f.keys())
     assert "transformer.transformer_blocks.7.attn1.to_v.lora_B.weight" in keys and len(keys) == 8 * 6 * 2
+
+
+def test_the_ema_and_validation_example_trains_and_reports(tmp_path, capsys):
+    import json
+
+    from cogvx_mega.data.tiny_models import make_tiny_t5, make_tiny_vae
+
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(EXAMPLES / "tiny-ema-valid.yaml"), "--vae", str(make_tiny_vae(tmp_path / "vae")),
+                 "--text-encoder", str(make_tiny_t5(tmp_path / "t5")), "--run-dir", str(run), "--steps", "10"]) == 0
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert len(last["valid_loss_by_bin"]) == 10 and "valid_loss_ema" in last and last["samples"]
+    assert main(["report", str(run)]) == 0
+    page = (run / "report.html").read_text()
+    assert "<video" in page and "900-999" in page and "<polyline" in page
