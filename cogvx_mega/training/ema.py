@@ -39,12 +39,15 @@ class WeightAverage:
     @torch.no_grad()
     def update(self, step: int) -> None:
         """Fold in the weights after optimizer step `step` (1-based: the number of steps done)."""
-        for averages in self.averages:
-            for param, average in averages.values():
-                if step <= self.start_step:
-                    average.copy_(param)
-                else:
-                    average.mul_(self.decay).add_(param.detach().float(), alpha=1.0 - self.decay)
+        pairs = [(param.detach(), average) for averages in self.averages for param, average in averages.values()]
+        if not pairs:
+            return
+        params = [param if param.dtype == average.dtype else param.float() for param, average in pairs]
+        targets = [average for _, average in pairs]
+        if step <= self.start_step:
+            torch._foreach_copy_(targets, params)
+        else:  # ema + (1 - decay) * (w - ema), every tensor in one multi-tensor call
+            torch._foreach_lerp_(targets, params, 1.0 - self.decay)
 
     @torch.no_grad()
     def reset_to_weights(self) -> None:
