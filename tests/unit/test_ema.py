@@ -124,3 +124,40 @@ def test_weights_ema_from_a_checkpoint_without_one_is_refused(tmp_path):
     model = cogvx_mega.from_pretrained(str(plain / "checkpoints" / "step_00000001"))  # the default: its weights
     for key, value in saved(plain, 1).items():
         assert torch.equal(model.state_dict()[key], value), key
+
+
+def test_a_lora_run_averages_its_adapters_only(tmp_path):
+    """The checkpoint holds `ema.` tensors for the adapters and nothing else, equal to a hand EMA of the saved
+    adapters; reading the average gives the base with the averaged adapters merged."""
+    from pathlib import Path
+
+    from families import make_tiny_preset_diffusers_model
+
+    from cogvx_mega.checkpoint.lora import read_lora_adapters
+    from cogvx_mega.checkpoint.reader import read_transformer_checkpoint
+    from cogvx_mega.checkpoint.sharded import EMA_PREFIX
+    from torch.distributed.checkpoint import FileSystemReader
+
+    examples = Path(__file__).resolve().parents[2] / "examples" / "configs"
+    make_tiny_preset_diffusers_model().save_pretrained(tmp_path / "base")
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(examples / "tiny-lora.yaml"), "--init-from", str(tmp_path / "base"),
+                 "--run-dir", str(run), "--steps", "3", "training.ema_decay=0.5", "training.ema_start_step=1",
+                 "training.save_interval=1",
+                 "training.keep_checkpoints=5", "training.lr=0.05"]) == 0
+    last = run / "checkpoints" / "step_00000003"
+    stored = FileSystemReader(str(last)).read_metadata().state_dict_metadata
+    averaged = {k[len(EMA_PREFIX):] for k in stored if k.startswith(EMA_PREFIX)}
+    assert averaged and all(".lora_A" in k or ".lora_B" in k for k in averaged)
+    metas = [read_checkpoint_meta(run / "checkpoints" / f"step_{s:08d}") for s in (1, 2, 3)]
+    adapters = [read_lora_adapters(run / "checkpoints" / f"step_{s:08d}", m) for s, m in zip((1, 2, 3), metas)]
+    found = read_lora_adapters(last, metas[-1], ema=True)
+    for key in found:
+        for factor in (0, 1):
+            expected = adapters[0][key][factor]
+            for step_adapters in adapters[1:]:
+                expected = 0.5 * expected + 0.5 * step_adapters[key][factor]
+            torch.testing.assert_close(found[key][factor], expected, atol=1e-6, rtol=0)
+    merged_average = read_transformer_checkpoint(last, weights_choice="ema")[1]
+    merged_weights = read_transformer_checkpoint(last, weights_choice="model")[1]
+    assert any(not torch.equal(merged_average[k], merged_weights[k]) for k in merged_weights)
