@@ -6,7 +6,7 @@ import os
 import tomllib
 import typing
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import yaml
 
@@ -18,17 +18,24 @@ from cogvx_mega.config.schema import Config
 def load_config(preset: Optional[str] = None, config_file: Optional[str] = None,
                 overrides: Sequence[str] = ()) -> Config:
     """Preset defaults, then the file's values, then command-line overrides; validated."""
+    return resolve_config(get_preset, "cogvideox-2b", preset, config_file, overrides, example="training.lr=1e-4")
+
+
+def resolve_config(preset_of: Callable[[str], Any], default_preset: str, preset: Optional[str] = None,
+                   config_file: Optional[str] = None, overrides: Sequence[str] = (), example: str = "section.field=1"):
+    """A config of nested dataclasses (with a `validate()`): `preset_of(name)` (the --preset, else the file's
+    `preset:`, else `default_preset`), then the file's values, then `section.field=value` overrides."""
     file_values: dict = {}
     if config_file is not None:
         file_values = read_config_file(config_file)
-    preset_name = preset or file_values.pop("preset", None) or "cogvideox-2b"
+    preset_name = preset or file_values.pop("preset", None) or default_preset
     file_values.pop("preset", None)
-    config = get_preset(preset_name)
+    config = preset_of(preset_name)
     apply_nested(config, file_values, prefix="")
     for override in overrides:
         key, sep, raw = override.partition("=")
         if not sep or not key:
-            raise ConfigError("override", override, "write overrides as section.field=value, e.g. training.lr=1e-4")
+            raise ConfigError("override", override, f"write overrides as section.field=value, e.g. {example}")
         set_field(config, key.strip(), yaml.safe_load(raw))
     return config.validate()
 

@@ -82,7 +82,7 @@ def train_vae(config: VAERunConfig, data: str, run_dir: str, cp: int = 1, resume
         print(describe_plan(config, clips, blocks, world_size, cp))
         return {}
     layout, cp_group, grad_group = build_layout(config, cp, device)
-    if layout.is_logging_rank:
+    if layout.dims.is_logging_rank:
         ckpt.repair_checkpoints(run_path)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
@@ -100,14 +100,14 @@ def train_vae(config: VAERunConfig, data: str, run_dir: str, cp: int = 1, resume
     elif init_from is not None:
         trainer.init_from(init_from)
 
-    if layout.is_logging_rank:
+    if layout.dims.is_logging_rank:
         run_path.mkdir(parents=True, exist_ok=True)
         write_text_atomically(run_path / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
         if resume_path is not None:
             ckpt.abandon_newer_checkpoints(run_path, start)
             set_aside_rows_after(run_path, start)
         logger.info("vae train: %d clips (%d left out: too short at every fps), %d ranks (data %d x context %d), "
-                    "steps %d..%d%s", len(clips), clips.left_out, layout.world_size, layout.data_parallel_size,
+                    "steps %d..%d%s", len(clips), clips.left_out, layout.dims.world_size, layout.dims.data_parallel_size,
                     cp, start + 1, t.steps, f", resumed from {resume_path.name}" if resume_path else "")
         for change in changes:
             logger.info("resume changes %s", change)
@@ -121,7 +121,7 @@ def train_vae(config: VAERunConfig, data: str, run_dir: str, cp: int = 1, resume
             row = trainer.train_step(step)
             row["skipped_clips"] = clips.skipped  # this rank's replica's (the logging rank's)
             row["samples_per_s"] = t.global_batch_size * (step + 1 - start) / (time.perf_counter() - began)
-            if layout.is_logging_rank:
+            if layout.dims.is_logging_rank:
                 append_whole(run_path / METRICS_FILE, json.dumps(row) + "\n")
                 if (step + 1) % t.log_interval == 0 or step + 1 == t.steps:
                     logger.info("step %d/%d | loss %.4f | recon %.4f | kl %.1f | lpips %.4f | gan %.4f | disc %.4f "

@@ -41,7 +41,7 @@ from cogvx_mega.checkpoint.vae import (DISCRIMINATOR_FILE, read_diffusers_vae_fo
 from cogvx_mega.config.errors import ConfigError
 from cogvx_mega.config.parallel import ParallelConfig
 from cogvx_mega.diffusion.randomness import Stream, slot_generator
-from cogvx_mega.parallel.state import initialize_parallel
+from cogvx_mega.parallel.state import ParallelDims, initialize_parallel
 from cogvx_mega.training import checkpoint as ckpt
 from cogvx_mega.vae.discriminator import Discriminator3D
 from cogvx_mega.vae.losses import ClipShard, VAELoss, last_decoder_layer
@@ -59,11 +59,9 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class VAELayout:
-    world_size: int
-    rank: int
-    data_parallel_size: int
-    data_parallel_rank: int
-    context_parallel_size: int
+    """Where this rank sits (`dims`, the transformer's `ParallelDims`) and which frames of each clip it holds."""
+
+    dims: ParallelDims
     context_parallel_rank: int
     video_start: int
     video_frames: int
@@ -71,10 +69,6 @@ class VAELayout:
     latent_frames: int
     clip_frames: int
     clip_latent_frames: int
-
-    @property
-    def is_logging_rank(self) -> bool:
-        return self.rank == 0
 
 
 def time_blocks(frames: int, ratio: int, cp: int) -> list[tuple[int, int, int, int]]:
@@ -125,9 +119,7 @@ def build_layout(config: VAERunConfig, cp: int, device: str):
     dims = initialize_parallel(ParallelConfig(context_parallel_size=cp), device=device, seed=config.vae_train.seed)
     cp_rank = parallel_state.get_context_parallel_rank()
     video_start, video_frames, latent_start, latent_frames = blocks[cp_rank]
-    layout = VAELayout(world_size=dims.world_size, rank=dims.rank, data_parallel_size=dims.data_parallel_size,
-                       data_parallel_rank=dims.data_parallel_rank, context_parallel_size=cp,
-                       context_parallel_rank=cp_rank, video_start=video_start, video_frames=video_frames,
+    layout = VAELayout(dims=dims, context_parallel_rank=cp_rank, video_start=video_start, video_frames=video_frames,
                        latent_start=latent_start, latent_frames=latent_frames, clip_frames=config.vae_train.frames,
                        clip_latent_frames=sum(b[3] for b in blocks))
     cp_group = parallel_state.get_context_parallel_group() if cp > 1 else None
@@ -165,8 +157,8 @@ class VAETrainer:
     def slots(self, step: int) -> list[int]:
         """The global sample slots this rank's replica reads at `step`."""
         g = self.config.vae_train.global_batch_size
-        local = g // self.layout.data_parallel_size
-        first = step * g + self.layout.data_parallel_rank * local
+        local = g // self.layout.dims.data_parallel_size
+        first = step * g + self.layout.dims.data_parallel_rank * local
         return list(range(first, first + local))
 
     def read_batch(self, step: int) -> tuple[torch.Tensor, list]:
@@ -203,7 +195,7 @@ class VAETrainer:
     def clip_shard(self):
         layout = self.layout
         return ClipShard(frame_offset=layout.video_start, clip_frames=layout.clip_frames,
-                         reduce_grads=lambda grads: self.reduce(grads, divide_by=layout.data_parallel_size))
+                         reduce_grads=lambda grads: self.reduce(grads, divide_by=layout.dims.data_parallel_size))
 
     def reduce(self, tensors, divide_by: int) -> list[torch.Tensor]:
         """Sum over the data x context group, divided by `divide_by` (one all-reduce of a flat buffer)."""
@@ -263,7 +255,7 @@ class VAETrainer:
                                          shard=shard)
         terms.loss.backward()
         faults.maybe_kill("step", step + 1)
-        self.reduce_gradients(self.vae, divide_by=layout.data_parallel_size)
+        self.reduce_gradients(self.vae, divide_by=layout.dims.data_parallel_size)
         grad_norm = self.clip_and_step(self.vae, self.optimizer, config.vae_train.lr, step)
 
         disc_grad_norm = 0.0
@@ -271,14 +263,14 @@ class VAETrainer:
             self.discriminator.requires_grad_(True)
             disc_terms = self.loss.discriminator_loss(local_video, reconstruction.detach(), step, shard)
             disc_terms.loss.backward()
-            self.reduce_gradients(self.discriminator, divide_by=layout.data_parallel_size)
+            self.reduce_gradients(self.discriminator, divide_by=layout.dims.data_parallel_size)
             disc_grad_norm = self.clip_and_step(self.discriminator, self.disc_optimizer, config.vae_train.disc_lr, step)
             self.discriminator.requires_grad_(False)
             disc_loss, r1 = disc_terms.disc_loss, disc_terms.r1_penalty
         else:
             disc_loss = r1 = video.new_zeros(())
         # the logged terms of the whole batch: shares summed over CP, replicas averaged
-        dp, cp = layout.data_parallel_size, layout.context_parallel_size
+        dp, cp = layout.dims.data_parallel_size, layout.dims.context_parallel_size
         shares = self.reduce([terms.recon_loss, terms.kl_loss, terms.perceptual_loss, terms.gan_loss,
                               torch.as_tensor(disc_loss), torch.as_tensor(r1)], divide_by=dp)
         recon, kl, perceptual, gan, disc, r1_value = (float(x) for x in shares)
@@ -294,7 +286,7 @@ class VAETrainer:
     # --- checkpoints --------------------------------------------------------------------------------------
     def save(self, run_dir: Path, step: int) -> Optional[Path]:
         path = ckpt.step_folder(run_dir, step)
-        if self.layout.is_logging_rank:
+        if self.layout.dims.is_logging_rank:
             save_vae_training_checkpoint(
                 path, self.vae.state_dict(), self.config.vae, {"step": step, "run": self.config.to_dict()},
                 self.discriminator.state_dict(),
@@ -321,7 +313,7 @@ class VAETrainer:
             mine = self.discriminator.state_dict()
             if all(k in disc_state and disc_state[k].shape == v.shape for k, v in mine.items()):
                 self.discriminator.load_state_dict(disc_state)
-            elif self.layout.is_logging_rank:
+            elif self.layout.dims.is_logging_rank:
                 logger.info("the discriminator of %s has other shapes (another frame count or size): it starts "
                             "fresh", path)
 

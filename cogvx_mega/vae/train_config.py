@@ -16,9 +16,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-import yaml
-
 from cogvx_mega.config.errors import ConfigError, check_choices, check_frame_count, require_positive_integers
+from cogvx_mega.config.loading import resolve_config
 from cogvx_mega.vae.config import VAEConfig, vae_config_from_dict, vae_preset
 from cogvx_mega.vae.losses import VAELossConfig, VAELossError
 
@@ -153,19 +152,7 @@ RESUME_SAFE_VAE_TRAIN_FIELDS = {"steps", "log_interval", "save_interval", "keep_
 def load_vae_run_config(preset: Optional[str] = None, config_file: Optional[str] = None,
                         overrides=()) -> VAERunConfig:
     """Preset defaults, then the file's values, then `section.field=value` overrides; validated."""
-    from cogvx_mega.config.loading import apply_nested, read_config_file, set_field
-
-    values = read_config_file(config_file) if config_file is not None else {}
-    name = preset or values.pop("preset", None) or "tiny"
-    values.pop("preset", None)
-    config = vae_run_preset(name)
-    apply_nested(config, values, prefix="")
-    for override in overrides:
-        key, sep, raw = override.partition("=")
-        if not sep or not key:
-            raise ConfigError("override", override, "write overrides as section.field=value, e.g. vae_train.lr=1e-4")
-        set_field(config, key.strip(), yaml.safe_load(raw))
-    return config.validate()
+    return resolve_config(vae_run_preset, "tiny", preset, config_file, overrides, example="vae_train.lr=1e-4")
 
 
 def run_config_from_dict(values: dict) -> VAERunConfig:
