@@ -131,11 +131,13 @@ def window_count(batch: int, frame_num: int, shard: ClipShard, frames: int) -> i
 # --- the terms as functions ------------------------------------------------------------------------------
 
 
-def reconstruction_loss(video: torch.Tensor, reconstruction: torch.Tensor, kind: str = "l1") -> torch.Tensor:
+def reconstruction_sum(video: torch.Tensor, reconstruction: torch.Tensor, kind: str = "l1") -> torch.Tensor:
+    """The sum over elements of |x - x'| (l1) or (x - x')^2 (mse); the loss divides it by the batch's count."""
+    difference = video - reconstruction
     if kind == "l1":
-        return (video - reconstruction).abs().mean()
+        return difference.abs().sum()
     if kind == "mse":
-        return F.mse_loss(reconstruction, video)
+        return difference.pow(2).sum()
     raise VAELossError(f"reconstruction={kind!r}: use 'l1' or 'mse'")
 
 
@@ -146,12 +148,14 @@ def kl_loss(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return per_element.flatten(1).sum(dim=1).mean()
 
 
-def hinge_generator_loss(logits_fake: torch.Tensor) -> torch.Tensor:
-    return -logits_fake.mean()
+def hinge_generator_sum(logits_fake: torch.Tensor) -> torch.Tensor:
+    """-sum D(x'): the hinge GAN's generator term before dividing by the batch's count of windows."""
+    return -logits_fake.sum()
 
 
-def hinge_discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
-    return F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean()
+def hinge_discriminator_sum(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    """sum relu(1 - D(x)) + sum relu(1 + D(x')), before dividing by the batch's count of windows."""
+    return F.relu(1.0 - logits_real).sum() + F.relu(1.0 + logits_fake).sum()
 
 
 def adaptive_weight(nll_loss: torch.Tensor, gan_loss: torch.Tensor, last_layer: torch.Tensor,
@@ -208,9 +212,7 @@ class VAELoss(nn.Module):
         zero = video.new_zeros(())
         batch, _, frames = video.shape[:3]
         clip_frames = shard.clip_frames or frames
-        difference = video - reconstruction
-        per_element = difference.abs() if c.reconstruction == "l1" else difference.pow(2)
-        recon = per_element.sum() / (per_element.numel() // frames * clip_frames)
+        recon = reconstruction_sum(video, reconstruction, c.reconstruction) / (video.numel() // frames * clip_frames)
         kl = kl_loss(mean, logvar)
         perceptual = self._perceptual(video, reconstruction, generator, picked_frames, shard) \
             if c.perceptual_weight > 0 else zero
@@ -220,7 +222,7 @@ class VAELoss(nn.Module):
         if self.gan_active(step):
             frame_num = self.discriminator.frame_num
             logits = self.discriminator(discriminator_windows(reconstruction, frame_num, shard))
-            gan = -logits.sum() / window_count(batch, frame_num, shard, frames)  # the hinge generator loss
+            gan = hinge_generator_sum(logits) / window_count(batch, frame_num, shard, frames)
             if c.apply_adaptive_weight and torch.is_grad_enabled():
                 if last_layer is None:
                     raise VAELossError("the adaptive GAN weight needs last_layer (last_decoder_layer(vae))")
@@ -264,7 +266,7 @@ class VAELoss(nn.Module):
         else:
             penalty, logits_real = zero, self.discriminator(real)
         logits_fake = self.discriminator(discriminator_windows(reconstruction.detach(), frame_num, shard))
-        disc = (F.relu(1.0 - logits_real).sum() + F.relu(1.0 + logits_fake).sum()) / count
+        disc = hinge_discriminator_sum(logits_real, logits_fake) / count
         loss = disc + self.config.r1_weight * penalty
         return VAELossTerms(loss=loss, recon_loss=zero, kl_loss=zero, perceptual_loss=zero, gan_loss=zero,
                             disc_loss=disc.detach(), adaptive_weight=zero, r1_penalty=penalty.detach())

@@ -15,8 +15,8 @@ from torch import nn
 
 from cogvx_mega.vae.discriminator import Discriminator3D, DiscriminatorInputError
 from cogvx_mega.vae.lpips import LPIPS
-from cogvx_mega.vae.losses import (VAELoss, VAELossConfig, adaptive_weight, hinge_discriminator_loss,
-                                   hinge_generator_loss, kl_loss, r1_penalty, reconstruction_loss)
+from cogvx_mega.vae.losses import (VAELoss, VAELossConfig, adaptive_weight, hinge_discriminator_sum,
+                                   hinge_generator_sum, kl_loss, r1_penalty, reconstruction_sum)
 
 # --- LPIPS ---------------------------------------------------------------------------------------------------
 
@@ -202,14 +202,14 @@ def test_discriminator_antialiased_and_bad_input():
 def test_hinge_losses_by_hand():
     real, fake = torch.tensor([2.0, 0.5, -1.0]), torch.tensor([-2.0, 0.25, 1.0])
     # real: relu(1-2)=0, relu(0.5)=0.5, relu(2)=2 -> 2.5/3; fake: relu(-1)=0, relu(1.25)=1.25, relu(2)=2 -> 3.25/3
-    torch.testing.assert_close(hinge_discriminator_loss(real, fake), torch.tensor(2.5 / 3 + 3.25 / 3))
-    torch.testing.assert_close(hinge_generator_loss(fake), torch.tensor(-(-2.0 + 0.25 + 1.0) / 3))
+    torch.testing.assert_close(hinge_discriminator_sum(real, fake), torch.tensor(2.5 + 3.25))
+    torch.testing.assert_close(hinge_generator_sum(fake), torch.tensor(-(-2.0 + 0.25 + 1.0)))
 
 
 def test_reconstruction_and_kl_by_hand():
     x, y = torch.tensor([[1.0, -1.0]]), torch.tensor([[0.5, 1.0]])
-    torch.testing.assert_close(reconstruction_loss(x, y), torch.tensor((0.5 + 2.0) / 2))
-    torch.testing.assert_close(reconstruction_loss(x, y, "mse"), torch.tensor((0.25 + 4.0) / 2))
+    torch.testing.assert_close(reconstruction_sum(x, y), torch.tensor(0.5 + 2.0))
+    torch.testing.assert_close(reconstruction_sum(x, y, "mse"), torch.tensor(0.25 + 4.0))
     mean, logvar = torch.tensor([[1.0, 0.0], [0.0, 0.0]]), torch.tensor([[0.0, math.log(2.0)], [0.0, 0.0]])
     # clip 0: 0.5*(1+1-1-0) + 0.5*(0+2-1-ln2); clip 1: 0
     expected = (0.5 + 0.5 * (1 - math.log(2.0))) / 2
@@ -273,15 +273,16 @@ def test_gan_terms_off_before_gan_start_step_and_on_after():
     assert after.gan_loss != 0 and after.adaptive_weight > 0
     torch.testing.assert_close(after.loss.detach(), expected + after.adaptive_weight * after.gan_loss)
     # the weight is the VQGAN rule on the last layer
-    nll = reconstruction_loss(video, recon) + loss.lpips.video_distance(video, recon)
-    gan = hinge_generator_loss(disc(recon))
+    nll = reconstruction_sum(video, recon) / recon.numel() + loss.lpips.video_distance(video, recon)
+    logits = disc(recon)  # one window a clip here: the toy discriminator's frame_num is the clip's frame count
+    gan = hinge_generator_sum(logits) / logits.numel()
     torch.testing.assert_close(after.adaptive_weight, adaptive_weight(nll, gan, vae.last.weight, 0.5))
     after.loss.backward()
     assert vae.last.weight.grad is not None
 
     d_after = loss.discriminator_loss(video, recon, step=10)
     real, fake = disc(video), disc(recon.detach())
-    torch.testing.assert_close(d_after.disc_loss, hinge_discriminator_loss(real, fake).detach())
+    torch.testing.assert_close(d_after.disc_loss, hinge_discriminator_sum(real, fake).detach() / real.numel())
     assert d_after.r1_penalty > 0
     torch.testing.assert_close(d_after.loss.detach(), d_after.disc_loss + 0.5 * d_after.r1_penalty)
     disc.zero_grad()
@@ -297,3 +298,19 @@ def test_plain_disc_weight_when_adaptive_weight_is_off():
     torch.testing.assert_close(terms.loss.detach(), terms.recon_loss + 1e-6 * terms.kl_loss + 0.25 * terms.gan_loss)
     assert set(terms.as_floats()) == {"loss", "recon_loss", "kl_loss", "perceptual_loss", "gan_loss", "disc_loss",
                                       "adaptive_weight", "r1_penalty"}
+
+
+def test_discriminator_windows_are_consecutive_frames_after_frame_0():
+    from cogvx_mega.vae.losses import ClipShard, VAELossError, discriminator_windows, window_count
+
+    video = torch.arange(9, dtype=torch.float32).view(1, 1, 9, 1, 1).expand(2, 3, 9, 4, 4).clone()
+    video[1] += 100  # the second clip
+    windows = discriminator_windows(video, 4)  # frames 1..8 of each clip in windows of 4
+    assert windows.shape == (4, 3, 4, 4, 4) and window_count(2, 4, ClipShard(), 9) == 4
+    assert [windows[i, 0, :, 0, 0].tolist() for i in range(4)] == [[1, 2, 3, 4], [5, 6, 7, 8], [101, 102, 103, 104],
+                                                                   [105, 106, 107, 108]]
+    # a context-parallel rank's frames 5..8 of the 9-frame clip: one window per clip, frame 0 not among them
+    later = discriminator_windows(video[:, :, 5:], 4, ClipShard(frame_offset=5, clip_frames=9))
+    assert [later[i, 0, :, 0, 0].tolist() for i in range(2)] == [[5, 6, 7, 8], [105, 106, 107, 108]]
+    with pytest.raises(VAELossError, match="disc_frame_num"):
+        discriminator_windows(video[:, :, :7], 4, ClipShard(clip_frames=9))  # 6 frames after frame 0
