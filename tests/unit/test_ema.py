@@ -161,3 +161,24 @@ def test_a_lora_run_averages_its_adapters_only(tmp_path):
     merged_average = read_transformer_checkpoint(last, weights_choice="ema")[1]
     merged_weights = read_transformer_checkpoint(last, weights_choice="model")[1]
     assert any(not torch.equal(merged_average[k], merged_weights[k]) for k in merged_weights)
+
+
+def test_loading_at_a_layout_takes_the_average_on_request(run):
+    """What `cogvx sample` under torchrun does (`load_pretrained_weights` into this rank's chunks): the average
+    with 'ema' or by default, the weights with 'model'."""
+    from cogvx_mega.config import load_config
+    from cogvx_mega.model.init import global_parameter_name
+    from cogvx_mega.model.transformer import build_model_chunks
+    from cogvx_mega.parallel.state import initialize_parallel
+    from cogvx_mega.training.pretrained import load_pretrained_weights
+
+    config = load_config("tiny", overrides=["training.device=cpu"])
+    initialize_parallel(config.parallel, device="cpu")
+    step = run / "checkpoints" / "step_00000005"
+    for choice, expected in (("ema", saved(run, 5, ema=True)), (None, saved(run, 5, ema=True)),
+                             ("model", saved(run, 5))):
+        [chunk] = build_model_chunks(config.model, config.parallel, device="cpu")
+        load_pretrained_weights([chunk], str(step), config.model, weights_choice=choice)
+        for name, param in chunk.named_parameters():
+            key = global_parameter_name(chunk, name)
+            assert torch.equal(param.detach(), expected[key]), (choice, key)
