@@ -105,7 +105,7 @@ def train_vae(config: VAERunConfig, data: str, run_dir: str, cp: int = 1, resume
         write_text_atomically(run_path / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
         if resume_path is not None:
             ckpt.abandon_newer_checkpoints(run_path, start)
-            set_aside_rows_after(run_path, start)
+        set_aside_rows_after(run_path, start)  # rows of a run that went on past its last checkpoint (or had none)
         logger.info("vae train: %d clips (%d left out: too short at every fps), %d ranks (data %d x context %d), "
                     "steps %d..%d%s", len(clips), clips.left_out, layout.dims.world_size, layout.dims.data_parallel_size,
                     cp, start + 1, t.steps, f", resumed from {resume_path.name}" if resume_path else "")
