@@ -25,6 +25,15 @@ _REASON_LOST = re.compile(r"unexpected pos \d+ vs \d+|basic_ios::clear|PytorchSt
 _HIDDEN_TEMPORARY = re.compile(r"^\.(?P<name>.+?)\.tmp(-[0-9a-f]{8}(\.[^./]+)?)?$")
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg", ".mpeg", ".ts", ".gif")
+"""What a file's suffix says it holds (media scans, a run's sample videos beside its latent files)."""
+
+
+def video_files(paths) -> list:
+    """The paths among `paths` whose suffix is a video's (a training row's `samples` also lists latent files)."""
+    return [path for path in paths if isinstance(path, str) and Path(path).suffix.lower() in VIDEO_SUFFIXES]
+
 def process_umask() -> int:
     """The process umask, read without changing it where Linux reports it (`os.umask` can only be read by setting
     it, which for a moment gives other threads' new files a wrong mode)."""

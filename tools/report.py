@@ -22,6 +22,7 @@ from urllib.parse import quote
 
 from cogvx_mega.checkpoint.atomic import write_text_atomically
 from cogvx_mega.config.errors import ConfigError, refuse_existing_output
+from cogvx_mega.files import video_files
 
 METRICS_FILE = "metrics.jsonl"  # as cogvx_mega.training.metrics writes it (not imported: that module needs torch)
 CONFIG_FILE = "config.yaml"
@@ -238,7 +239,7 @@ def samples_section(rows: dict[int, dict], run_dir: Path, page_folder: Path) -> 
     blocks = []
     for step, row in rows.items():
         listed = row.get("samples")
-        samples = [path for path in listed if isinstance(path, str)] if isinstance(listed, list) else []
+        samples = video_files(listed) if isinstance(listed, list) else []
         if samples:
             blocks.append(f"<h3>Step {step}</h3>" + "".join(sample_item(s, run_dir, page_folder) for s in samples))
     return "".join(blocks) or "<p>No samples.</p>"

@@ -21,6 +21,7 @@ from typing import Iterator, Optional
 
 import torch
 
+from cogvx_mega.files import video_files
 from cogvx_mega.model.flops import peak_tflops_of
 
 logger = logging.getLogger(__name__)
@@ -132,7 +133,7 @@ class Telemetry:
                         self.writer.add_scalar(f"{name}/bin_{index:02d}", bin_value, step)
             if metrics.get("samples"):
                 self.writer.add_text("samples", "\n".join(metrics["samples"]), step)
-                for index, path in enumerate(metrics["samples"]):
+                for index, path in enumerate(video_files(metrics["samples"])):
                     self.add_video(f"samples/sample_{index:02d}", self.folder.parent / path, step)
             if metrics.get("skipped"):
                 self.writer.add_text("skipped_steps", f"step {step}: {metrics.get('skip_reason')}", step)
@@ -162,7 +163,7 @@ class Telemetry:
                 values[f"train/{name}"] = value
             elif name.endswith("_by_bin") and isinstance(value, list):
                 values.update({f"{name}/bin_{i:02d}": v for i, v in enumerate(value)})
-        for index, path in enumerate(metrics.get("samples") or []):
+        for index, path in enumerate(video_files(metrics.get("samples") or [])):
             values[f"samples/sample_{index:02d}"] = wandb.Video(str(self.folder.parent / path), format="mp4")
         self.wandb_run.log(values, step=metrics["step"])
 
@@ -209,3 +210,4 @@ def start_wandb(config, run_dir: Path):
         id_file.write_text(run_id + "\n")
     return wandb.init(project=config.training.wandb_project, id=run_id, resume="allow", dir=str(run_dir),
                       mode=config.training.wandb_mode, config=config.to_dict(), name=Path(run_dir).name)
+
