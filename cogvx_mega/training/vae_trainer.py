@@ -1,5 +1,5 @@
-"""The VAE trainer of `cogvx vae train` (the run around it: `run/vae_training.py`): the 3D causal VAE trained with L1 (or MSE) + LPIPS + KL and a hinge GAN, data parallel x
-context parallel over time.
+"""The VAE trainer of `cogvx vae train` (the run around it: `run/vae_training.py`): the 3D causal VAE trained
+with L1 (or MSE) + LPIPS + KL and a hinge GAN, data parallel x context parallel over time.
 
 Layout. The process groups come from `parallel.state.initialize_parallel` (megatron's), as for the
 transformer: `--cp N` ranks split each clip's time axis (the halo exchange and the distributed GroupNorm of
@@ -12,8 +12,9 @@ One step (every rank):
    frames of it) decoded;
 2. this rank's share of the generator loss (`VAELoss`, `ClipShard`), backward; the VAE's gradients summed over
    the CP group and averaged over replicas (one all-reduce over the data x context group), clipped, AdamW;
-3. once the GAN is on, the discriminator's hinge loss on the whole real and reconstructed clips (every CP rank
-   computes the same), its gradients averaged over the group, its own AdamW.
+3. once the GAN is on, the discriminator's hinge loss on this rank's windows of the real and reconstructed
+   clips (its share, `VAELoss.discriminator_loss`), its gradients summed over CP and averaged over replicas the
+   same way, its own AdamW.
 So a step gives the one-process numbers at any layout (tests/distributed/test_vae_training.py).
 
 Checkpoints (`checkpoints/step_<N>/`, format vae-train-v1): the VAE, the discriminator, both optimizers and
