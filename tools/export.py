@@ -260,7 +260,7 @@ def export_diffusers(ckpt: str, vae: str, text_encoder: str, out: str, dtype: st
                      overwrite: bool = False, verify: bool = True, weights: Optional[str] = None) -> Path:
     from cogvx_mega.checkpoint.reader import read_transformer_checkpoint
     from cogvx_mega.checkpoint.transformer import diffusers_config_from_model, project_to_diffusers
-    from cogvx_mega.checkpoint.vae import read_diffusers_vae_folder, read_vae_checkpoint, write_diffusers_vae_folder
+    from cogvx_mega.checkpoint.vae import read_vae_weights, write_diffusers_vae_folder
     from cogvx_mega.data.text import t5_parts
     from cogvx_mega.tools.sample import diffusion_config_for
 
@@ -271,8 +271,7 @@ def export_diffusers(ckpt: str, vae: str, text_encoder: str, out: str, dtype: st
         if not Path(path).exists():
             raise ConfigError(flag, path, "no such file or folder")
     tokenizer_dir, encoder_dir = t5_parts(text_encoder)
-    vae_config, vae_state = (read_vae_checkpoint(vae, verify) if is_project_checkpoint(vae)
-                             else read_diffusers_vae_folder(vae))
+    vae_config, vae_state = read_vae_weights(vae, verify)
     model_config, state, meta = read_transformer_checkpoint(ckpt, refuse_damaged if verify else None, weights)
     if vae_config.latent_channels != model_config.out_channels:
         raise ConfigError("--vae", vae, f"makes {vae_config.latent_channels}-channel latents; the checkpoint's "

@@ -7,8 +7,7 @@ from typing import Optional
 
 import torch
 
-from cogvx_mega.checkpoint.meta import is_project_checkpoint
-from cogvx_mega.checkpoint.vae import read_diffusers_vae_folder, read_vae_checkpoint
+from cogvx_mega.checkpoint.vae import read_vae_weights
 from cogvx_mega.config.errors import ConfigError
 
 
@@ -50,10 +49,7 @@ def load_vae(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
     if not folder.exists():
         raise ConfigError("path", str(path), "no such folder; pass a diffusers AutoencoderKLCogVideoX folder or a "
                                              "cogvx-mega VAE checkpoint folder")
-    if is_project_checkpoint(folder):
-        config, state = read_vae_checkpoint(str(folder), verify)
-    else:
-        config, state = read_diffusers_vae_folder(str(folder))
+    config, state = read_vae_weights(str(folder), verify)
     with torch.device("meta"):
         model = CogVideoXVAE(config)
     model.load_state_dict(state, strict=True, assign=True)

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from cogvx_mega.checkpoint.atomic import atomic_directory
 from cogvx_mega.checkpoint.meta import (META_FILE, MODEL_FILE, VAE_FORMAT, VAE_TRAINING_FORMAT, ConversionError,
-                                        read_checkpoint_meta)
+                                        is_project_checkpoint, read_checkpoint_meta)
 from cogvx_mega.checkpoint.single_file import write_single_file_checkpoint
 from cogvx_mega.checkpoint.transformer import SAT_LATEST_FILE, find_sat_transformer_file, read_sat_file
 from cogvx_mega.checkpoint.weights import read_diffusers_weights
@@ -106,8 +106,9 @@ def read_sat_vae(path: str | Path, trust_pickle: bool = False) -> dict[str, Tens
     return read_sat_file(find_sat_vae_file(path), trust_pickle)
 
 
-def read_diffusers_vae_folder(path: str):
-    """(VAEConfig, state) from a diffusers `AutoencoderKLCogVideoX` folder or a pipeline folder with vae/."""
+def _diffusers_vae_config(path: str):
+    """(the folder holding the weights, VAEConfig) of a diffusers `AutoencoderKLCogVideoX` folder or a pipeline
+    folder with vae/; reads config.json only."""
     from cogvx_mega.vae.config import vae_config_from_diffusers
 
     folder = Path(path)
@@ -119,10 +120,41 @@ def read_diffusers_vae_folder(path: str):
     raw = json.loads(config_file.read_text())
     if raw.get("_class_name", "AutoencoderKLCogVideoX") != "AutoencoderKLCogVideoX":
         raise ConversionError(f"{path}: config is a {raw['_class_name']}, not an AutoencoderKLCogVideoX")
-    config = vae_config_from_diffusers(raw)
+    return folder, vae_config_from_diffusers(raw)
+
+
+def read_diffusers_vae_folder(path: str):
+    """(VAEConfig, state) from a diffusers `AutoencoderKLCogVideoX` folder or a pipeline folder with vae/."""
+    folder, config = _diffusers_vae_config(path)
     state = read_diffusers_weights(folder)
     check_vae_state(state, config)
     return config, state
+
+
+def read_vae_weights(path: str, verify: bool = True):
+    """(VAE config, state) of any VAE we read: a diffusers folder (or pipeline folder), a project VAE checkpoint or
+    a VAE training step (verified first, unless `verify=False`)."""
+    if is_project_checkpoint(path):
+        return read_vae_checkpoint(str(path), verify)
+    return read_diffusers_vae_folder(str(path))
+
+
+def read_vae_config(path: str):
+    """The VAEConfig of what `read_vae_weights` reads, from its metadata alone (no tensor read, nothing verified)."""
+    from cogvx_mega.vae.config import vae_config_from_dict
+
+    if not is_project_checkpoint(path):
+        return _diffusers_vae_config(str(path))[1]
+    meta = _vae_meta(path)
+    return vae_config_from_dict(meta["vae"])
+
+
+def _vae_meta(path) -> dict:
+    meta = read_checkpoint_meta(path)
+    if meta.get("format") not in (VAE_FORMAT, VAE_TRAINING_FORMAT):
+        raise ConversionError(f"{path}: a {meta.get('format')} checkpoint, not a VAE ({VAE_FORMAT} or "
+                              f"{VAE_TRAINING_FORMAT})")
+    return meta
 
 
 def write_diffusers_vae_folder(state: dict[str, Tensor], config, path: str) -> Path:
@@ -153,11 +185,7 @@ def read_vae_checkpoint(path: str, verify: bool = True):
 
     if verify:
         refuse_damaged(path)
-    meta = read_checkpoint_meta(path)
-    if meta.get("format") not in (VAE_FORMAT, VAE_TRAINING_FORMAT):
-        raise ConversionError(f"{path}: a {meta.get('format')} checkpoint, not a VAE ({VAE_FORMAT} or "
-                              f"{VAE_TRAINING_FORMAT})")
-    config = vae_config_from_dict(meta["vae"])
+    config = vae_config_from_dict(_vae_meta(path)["vae"])
     state = load_file(str(Path(path) / MODEL_FILE))
     check_vae_state(state, config)
     return config, state
@@ -187,7 +215,8 @@ def save_vae_training_checkpoint(path: str | Path, vae_state: dict[str, Tensor],
             names.append(DISCRIMINATOR_FILE)
         torch.save(optimizers, tmp / OPTIMIZER_FILE)
         faults.maybe_kill("save", int(meta["step"]), "after-write")
-        (tmp / META_FILE).write_text(json.dumps({"format": VAE_TRAINING_FORMAT, **meta, "vae": dataclasses.asdict(config),
+        (tmp / META_FILE).write_text(json.dumps({"format": VAE_TRAINING_FORMAT, **meta,
+                                                 "vae": dataclasses.asdict(config),
                                                  "files": record_files(tmp, names)}, indent=2))
         faults.maybe_kill("rename", int(meta["step"]))
     return Path(path)

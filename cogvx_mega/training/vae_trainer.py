@@ -37,8 +37,8 @@ from safetensors.torch import load_file
 
 from cogvx_mega.checkpoint import faults
 from cogvx_mega.checkpoint.meta import VAE_TRAINING_FORMAT, is_project_checkpoint, read_checkpoint_meta
-from cogvx_mega.checkpoint.vae import (DISCRIMINATOR_FILE, read_diffusers_vae_folder, read_vae_checkpoint,
-                                       read_vae_training_checkpoint, save_vae_training_checkpoint)
+from cogvx_mega.checkpoint.vae import (DISCRIMINATOR_FILE, read_vae_config, read_vae_training_checkpoint,
+                                       read_vae_weights, save_vae_training_checkpoint)
 from cogvx_mega.config.errors import ConfigError
 from cogvx_mega.config.parallel import ParallelConfig
 from cogvx_mega.diffusion.randomness import Stream, slot_generator
@@ -47,7 +47,7 @@ from cogvx_mega.training import checkpoint as ckpt
 from cogvx_mega.vae.discriminator import Discriminator3D
 from cogvx_mega.vae.losses import ClipShard, VAELoss, last_decoder_layer
 from cogvx_mega.vae.lpips import LPIPS, pick_frames
-from cogvx_mega.vae.model import CogVideoXVAE
+from cogvx_mega.vae.model import CogVideoXVAE, video_ranges
 from cogvx_mega.vae.time_split import ContextParallelTime, TimeSplit, VAEInputError, shard_sizes
 from cogvx_mega.vae.train_config import (RESUME_SAFE_VAE_TRAIN_FIELDS, VAERunConfig, architecture_differences,
                                          run_config_from_dict)
@@ -83,12 +83,9 @@ def time_blocks(frames: int, ratio: int, cp: int) -> list[tuple[int, int, int, i
         raise ConfigError("--cp", cp, f"vae_train.frames={frames} gives {latent_frames} latent frames and every "
                                       f"context-parallel rank needs at least 2 of them; use --cp {most} or less, or "
                                       f"more frames") from None
-    blocks, video_start, latent_start = [], 0, 0
-    for rank, count in enumerate(sizes):
-        video = 1 + ratio * (count - 1) if rank == 0 else ratio * count
-        blocks.append((video_start, video, latent_start, count))
-        video_start, latent_start = video_start + video, latent_start + count
-    return blocks
+    latent_starts = [sum(sizes[:rank]) for rank in range(cp)]
+    return [(video_start, video, latent_start, count) for (video_start, video), latent_start, count
+            in zip(video_ranges(sizes, ratio), latent_starts, sizes)]
 
 
 def plan_layout(config: VAERunConfig, cp: int, world_size: int) -> list[tuple[int, int, int, int]]:
@@ -252,8 +249,8 @@ class VAETrainer:
         shard = self.clip_shard()
         gan_on = self.loss.gan_active(step)
         terms = self.loss.generator_loss(local_video, reconstruction, mean, logvar, step,
-                                         last_layer=last_decoder_layer(self.vae), picked_frames=self.lpips_frames(slots),
-                                         shard=shard)
+                                         last_layer=last_decoder_layer(self.vae),
+                                         picked_frames=self.lpips_frames(slots), shard=shard)
         terms.loss.backward()
         faults.maybe_kill("step", step + 1)
         self.reduce_gradients(self.vae, divide_by=layout.dims.data_parallel_size)
@@ -326,12 +323,10 @@ def read_init_weights(path: str):
     if not folder.is_dir():
         raise ConfigError("--init-from", path, "no such folder; pass a diffusers AutoencoderKLCogVideoX folder, a "
                                                "cogvx-mega VAE checkpoint or a vae train checkpoints/step_* folder")
-    if not is_project_checkpoint(folder):
-        config, state = read_diffusers_vae_folder(path)
-        return config, state, None
-    config, state = read_vae_checkpoint(path)
+    config, state = read_vae_weights(path)
     disc = None
-    if read_checkpoint_meta(path).get("format") == VAE_TRAINING_FORMAT and (folder / DISCRIMINATOR_FILE).is_file():
+    if is_project_checkpoint(folder) and read_checkpoint_meta(path).get("format") == VAE_TRAINING_FORMAT \
+            and (folder / DISCRIMINATOR_FILE).is_file():
         disc = load_file(str(folder / DISCRIMINATOR_FILE))
     return config, state, disc
 
@@ -362,7 +357,10 @@ def check_resume(meta: dict, config: VAERunConfig, path: Path) -> list[str]:
 
 def check_init_from(path: str, config: VAERunConfig) -> None:
     """The --init-from VAE has the architecture of the run's preset (before anything is written)."""
-    vae_config, _, _ = read_init_weights(path)
+    if not Path(path).is_dir():
+        raise ConfigError("--init-from", path, "no such folder; pass a diffusers AutoencoderKLCogVideoX folder, a "
+                                               "cogvx-mega VAE checkpoint or a vae train checkpoints/step_* folder")
+    vae_config = read_vae_config(path)  # the weights are read (and verified) once, when the trainer loads them
     differing = architecture_differences(vae_config, config.vae)
     if differing:
         shown = ", ".join(f"{n} {getattr(vae_config, n)!r} (preset {getattr(config.vae, n)!r})" for n in differing)

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cogvx_mega.vae.discriminator import Discriminator3D
-from cogvx_mega.vae.lpips import LPIPS, pick_frames
+from cogvx_mega.vae.lpips import LPIPS, frames_kept, pick_frames
 
 ADAPTIVE_EPS = 1e-4
 ADAPTIVE_MAX = 1e4
@@ -242,11 +242,7 @@ class VAELoss(nn.Module):
             return self.lpips.frame_distance_sum(video, reconstruction) / (batch * clip_frames)
         if picked_frames is None:
             picked_frames = pick_frames(batch, clip_frames, self.config.lpips_frames, generator)
-        local = picked_frames.to(video.device) - shard.frame_offset
-        keep = torch.zeros(batch, frames, dtype=torch.bool, device=video.device)
-        inside = (local >= 0) & (local < frames)
-        rows = torch.arange(batch, device=video.device)[:, None].expand_as(local)
-        keep[rows[inside], local[inside]] = True
+        keep = frames_kept(picked_frames.to(video.device), frames, shard.frame_offset)
         return self.lpips.frame_distance_sum(video, reconstruction, keep) / picked_frames.numel()
 
     def discriminator_loss(self, video: torch.Tensor, reconstruction: torch.Tensor, step: int,

@@ -179,9 +179,7 @@ class LPIPS(nn.Module):
         b, t = video.shape[0], video.shape[2]
         if frames is None:
             return self.frame_distance_sum(video, reconstruction) / (b * t)
-        picked = pick_frames(b, t, frames, generator).to(video.device)
-        keep = torch.zeros(b, t, dtype=torch.bool, device=video.device)
-        keep[torch.arange(b, device=video.device)[:, None], picked] = True
+        keep = frames_kept(pick_frames(b, t, frames, generator), t)
         return self.frame_distance_sum(video, reconstruction, keep) / (b * frames)
 
     def frame_distance_sum(self, video: torch.Tensor, reconstruction: torch.Tensor,
@@ -203,6 +201,17 @@ class LPIPS(nn.Module):
         if video.shape != reconstruction.shape or video.dim() != 5:
             raise LPIPSInputError(f"video LPIPS needs two [B, 3, T, H, W] tensors of one shape: got "
                                   f"{tuple(video.shape)} and {tuple(reconstruction.shape)}")
+
+
+def frames_kept(picked: torch.Tensor, frames: int, first_frame: int = 0) -> torch.Tensor:
+    """[B, frames] bool: which of the `frames` frames from clip frame `first_frame` on (a context-parallel rank's)
+    are among the clip frame indices `picked` [B, k]."""
+    local = picked - first_frame
+    keep = torch.zeros(picked.shape[0], frames, dtype=torch.bool, device=picked.device)
+    inside = (local >= 0) & (local < frames)
+    rows = torch.arange(picked.shape[0], device=picked.device)[:, None].expand_as(local)
+    keep[rows[inside], local[inside]] = True
+    return keep
 
 
 def pick_frames(batch: int, clip_frames: int, frames: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:

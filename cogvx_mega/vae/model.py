@@ -271,7 +271,7 @@ class CogVideoXVAE(nn.Module):
         first_frame = 0  # of the clip's latent frames, the first one `moments` holds
         if group is not None:
             sizes = shard_sizes(latent_frames, dist.get_world_size(group))
-            start, count = _video_range(sizes, dist.get_rank(group), ratio)
+            start, count = video_ranges(sizes, ratio)[dist.get_rank(group)]
             split = ContextParallelTime(frames=frames, conv_impl=conv_impl, group=group)
             moments = self.encoder(video[:, :, start:start + count], split)
             if gather:
@@ -368,7 +368,8 @@ def _chunks(frames: int, chunk: int) -> list[tuple[int, int]]:
     return bounds
 
 
-def _video_range(latent_sizes: list[int], rank: int, ratio: int) -> tuple[int, int]:
-    """Video frames of `rank` when latent frames are split as `latent_sizes` (rank 0 also holds frame 0)."""
+def video_ranges(latent_sizes: list[int], ratio: int) -> list[tuple[int, int]]:
+    """(first video frame, video frames) of each CP rank when latent frames are split as `latent_sizes` (rank 0
+    also holds frame 0, which encodes alone)."""
     videos = [1 + ratio * (latent_sizes[0] - 1)] + [ratio * n for n in latent_sizes[1:]]
-    return sum(videos[:rank]), videos[rank]
+    return [(sum(videos[:rank]), count) for rank, count in enumerate(videos)]
