@@ -32,7 +32,9 @@ def test_the_2x8_script_field_by_field(tmp_path, capsys):
                           "signal": "B:USR1@300"}
     assert {"#SBATCH --requeue", "#SBATCH --exclusive"} <= set(lines)
     exports = dict(line[len("export "):].split("=", 1) for line in lines if line.startswith("export "))
-    assert exports["MASTER_ADDR"] == '"$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"'
+    # the rendezvous host is the first node's NodeAddr, what slurmctld reaches it by (its name may not resolve)
+    assert 'first_node="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"' in lines
+    assert exports["MASTER_ADDR"] == '"${MASTER_ADDR:-$first_node}"'
     assert exports["MASTER_PORT"] == '"$((20000 + SLURM_JOB_ID % 20000))"'
     assert exports["CUDA_DEVICE_MAX_CONNECTIONS"] == "1" and exports["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
     assert exports["NCCL_SOCKET_IFNAME"] == "ib0" and exports["OMP_NUM_THREADS"] == "12"  # 96 CPUs / 8 ranks
@@ -40,14 +42,17 @@ def test_the_2x8_script_field_by_field(tmp_path, capsys):
     (srun,) = [line for line in lines if line.startswith("srun ")]
     words = shlex.split(srun.rstrip(" &").replace("$", "DOLLAR"))
     assert words[:3] == ["srun", "--kill-on-bad-exit=1", "--ntasks-per-node=1"]
-    torchrun = words[3:words.index("cogvx_mega.cli") + 1]
-    assert torchrun == [sys.executable, "-m", "torch.distributed.run", "--nnodes", "DOLLARSLURM_NNODES",
-                        "--nproc-per-node", "8", "--rdzv-backend", "c10d", "--rdzv-endpoint",
-                        "DOLLARMASTER_ADDR:DOLLARMASTER_PORT", "--rdzv-id", "DOLLARSLURM_JOB_ID", "-m", "cogvx_mega.cli"]
-    train = words[words.index("cogvx_mega.cli") + 1:]
-    assert train == ["train", "--preset", "cogvideox-5b", "--data", "synthetic",
+    node = words[3:words.index("--")]
+    assert node == [sys.executable, "-m", "cogvx_mega.cli", "launch", "node", "--nnodes", "DOLLARSLURM_NNODES",
+                    "--nproc-per-node", "8", "--rdzv-endpoint", "DOLLARMASTER_ADDR:DOLLARMASTER_PORT", "--rdzv-id",
+                    "DOLLARSLURM_JOB_ID"]
+    train = words[words.index("--") + 1:]
+    assert train == ["--preset", "cogvideox-5b", "--data", "synthetic",
                      "parallel.tensor_model_parallel_size=2", "parallel.context_parallel_size=2", "--run-dir", str(run),
                      f"training.stop_file={run}/.stop-requested", "--resume", "auto"]
+    # a failed run (the hang watchdog, a lost peer) is requeued at most --max-failures times, counted per job
+    assert f"FAILURES_FILE={run}/slurm/cogvx-5b-$SLURM_JOB_ID.failures" in lines
+    assert '  if [ "$failures" -le 3 ]; then' in lines
     assert 'scontrol requeue "$SLURM_JOB_ID"' in script
     assert not run.exists()  # a dry run writes nothing
 
@@ -59,6 +64,7 @@ def test_the_2x8_script_field_by_field(tmp_path, capsys):
     (["--nodes", "1", "--gpus-per-node", "1"], "after --"),
     (["--nodes", "1", "--gpus-per-node", "1", "--", "--preset", "tiny", "--dry-run"], "not a training argument"),
     (["--nodes", "0", "--gpus-per-node", "1", "--", "--preset", "tiny"], "positive"),
+    (["--nodes", "1", "--gpus-per-node", "1", "--max-failures", "-1", "--", "--preset", "tiny"], "use 0"),
     (["--nodes", "1", "--gpus-per-node", "1", "--", "--preset", "tiny", "--device", "cpu"], "sbatch"),  # PATH empty
 ])
 def test_bad_launch_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, monkeypatch, args, needle):
@@ -68,3 +74,32 @@ def test_bad_launch_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, mon
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and needle in error[0], error
     assert not run.exists()
+
+
+def test_a_node_finds_its_route_interface_and_whether_it_hosts_the_rendezvous():
+    """`cogvx launch node` on this machine: the route to a loopback rendezvous leaves from lo, this node hosts it,
+    and the node's torchrun gets the interface for gloo and NCCL unless the job's environment names one (the
+    2-node case, each node on its veth, is tests/distributed/test_slurm_multinode.py)."""
+    from cogvx_mega.tools.launch import node_torchrun, route_to
+
+    route = route_to("127.0.0.1", 29500, nnodes=1)
+    assert (route.address, route.interface, route.is_host) == ("127.0.0.1", "lo", True)
+    command, env = node_torchrun(1, 2, "127.0.0.1:29500", "7", ["--preset", "tiny"], route, environ={})
+    assert env == {"GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo"}
+    assert command[command.index("--rdzv-conf") + 1] == "is_host=true"
+    assert command[command.index("--local-addr") + 1] == "127.0.0.1"
+    assert command[-4:] == ["cogvx_mega.cli", "train", "--preset", "tiny"]
+    _, env = node_torchrun(1, 2, "127.0.0.1:29500", "7", [], route, environ={"NCCL_SOCKET_IFNAME": "ib0"})
+    assert env == {"GLOO_SOCKET_IFNAME": "lo"}
+
+
+@pytest.mark.parametrize("endpoint, nnodes, needle", [
+    ("127.0.0.1:29500", 2, "loopback address 127.0.0.1"),  # Debian's hostname -> 127.0.1.1 trap on a multi-node job
+    ("no-such-host.invalid:29500", 2, "does not resolve"),
+    ("10.0.0.1", 2, "HOST:PORT"),
+])
+def test_a_node_that_cannot_reach_the_rendezvous_is_one_line_exit_2(capsys, endpoint, nnodes, needle):
+    assert main(["launch", "node", "--nnodes", str(nnodes), "--nproc-per-node", "1", "--rdzv-endpoint", endpoint,
+                 "--rdzv-id", "1", "--", "--preset", "tiny"]) == EXIT_USER_ERROR
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and needle in error[0], error

@@ -1,0 +1,136 @@
+"""`cogvx launch slurm --nodes 2` on a real 2-node SLURM cluster: two network namespaces joined by a veth pair, a
+slurmd in each with its own NodeName (a hostname no resolver knows) and NodeAddr (tests/slurm_cluster.py,
+NamespaceSlurm). Two ranks a node, tensor parallel inside a node and data parallel across the two: gloo's traffic
+crosses the veth pair. Each job is cut once, and must end with the per-step losses and grad norms of one process
+(rel 1e-5):
+- SLURM's time-limit signal: checkpoint, requeue (the script), resume;
+- a rank that hangs inside a step: every rank's `training.hang_timeout_s` watchdog dumps its threads' stacks to
+  the job log and exits, the script requeues the job, the run resumes from its last checkpoint;
+- a node killed mid-step (every process in its namespace, slurmd too): SLURM marks it down and requeues the job,
+  which resumes from the last checkpoint once the node is back."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+from slurm_cluster import NamespaceSlurm, ensure_installed, namespaces_possible
+
+STEPS = 6
+COMMON = ["--preset", "tiny", "--data", "synthetic", "--device", "cpu", "--steps", str(STEPS),
+          "training.micro_batch_size=1", "training.global_batch_size=2", "data.num_synthetic_clips=4",
+          "training.save_interval=2"]
+JOB = [*COMMON, "parallel.tensor_model_parallel_size=2"]  # 2 nodes x 2 ranks: TP2 in a node, DP2 across
+HANG_TIMEOUT_S = 15
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    for reason in (namespaces_possible(), ensure_installed()):
+        if reason is not None:
+            pytest.skip(reason)
+    slurm = NamespaceSlurm(tmp_path_factory.mktemp("slurm-2nodes"))
+    try:
+        slurm.start()
+        addresses = slurm.node_addresses()
+        print(f"nodes={len(addresses)} NodeAddrs={','.join(f'{n}={a}' for n, a in sorted(addresses.items()))}")
+        yield slurm
+    finally:
+        slurm.stop()
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The per-step rows of the same run in one process."""
+    run = tmp_path_factory.mktemp("one-process") / "run"
+    subprocess.run([sys.executable, "-m", "cogvx_mega.cli", "train", *COMMON, "--run-dir", str(run)], check=True,
+                   capture_output=True)
+    return read_metrics(run)
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def wait_until(predicate, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.25)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class Job:
+    def __init__(self, cluster: NamespaceSlurm, run_dir, launch_args=(), train_args=()):
+        self.cluster, self.run_dir = cluster, run_dir
+        launched = cluster.run([sys.executable, "-m", "cogvx_mega.cli", "launch", "slurm", "--nodes", "2",
+                                "--gpus-per-node", "2", "--env", "OMP_NUM_THREADS=1", *launch_args, "--",
+                                *JOB, *train_args, "--run-dir", str(run_dir)])
+        assert launched.returncode == 0, launched.stderr
+        self.id = re.search(r"submitted job (\d+)", launched.stdout).group(1)
+        self.log = next(iter((run_dir / "slurm").glob("*.sbatch"))).with_name(f"cogvx-{run_dir.name}-{self.id}.out")
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def state(self) -> dict:
+        info = self.cluster.job(self.id)
+        if info.get("JobState") in ("FAILED", "CANCELLED", "TIMEOUT"):
+            raise AssertionError(f"job {self.id} {info.get('JobState')}:\n{self.text()[-6000:]}")
+        return info
+
+    def steps_done(self) -> int:
+        path = self.run_dir / "metrics.jsonl"
+        return len(path.read_text().splitlines()) if path.exists() else 0
+
+    def wait_requeued(self, timeout: float) -> None:
+        wait_until(lambda: self.state().get("Restarts") == "1" and self.state().get("JobState") == "PENDING",
+                   timeout, f"job {self.id} to be requeued")
+
+    def finish(self) -> str:
+        """Start the requeued job now (not after SLURM's 120 s) and wait for it to complete."""
+        self.cluster.start_now(self.id)
+        info = self.cluster.wait_for(self.id, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=180)
+        text = self.text()
+        assert info["JobState"] == "COMPLETED", text[-6000:]
+        assert "(restart 1)" in text and "resumed from" in text, text[-6000:]
+        return text
+
+
+def assert_one_process_losses(run_dir, expected) -> None:
+    rows = read_metrics(run_dir)
+    assert [row["step"] for row in rows] == list(range(1, STEPS + 1))
+    for got, want in zip(rows, expected):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-5), got["step"]
+        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5), got["step"]
+
+
+def assert_two_nodes(cluster: NamespaceSlurm, text: str) -> None:
+    """Each node ran its own torchrun, on its own address and interface, the first hosting the rendezvous."""
+    for index, (name, address) in enumerate(zip(cluster.names, cluster.addresses)):
+        line = re.search(rf"cogvx: node {name} \({index} of 2\): address {re.escape(address)} on (\S+), "
+                         r"GLOO_SOCKET_IFNAME=(\S+), NCCL_SOCKET_IFNAME=(\S+); rendezvous (\S+)(.*)", text)
+        assert line is not None, text[-6000:]
+        interface, gloo, nccl, endpoint, hosted = line.groups()
+        assert interface == cluster.links[index] and gloo == nccl == interface
+        assert endpoint.startswith(f"{cluster.addresses[0]}:") and (hosted == " (hosted here)") == (index == 0)
+
+
+@pytest.mark.timeout(300)
+def test_two_nodes_requeued_at_the_time_limit_equal_one_process(cluster, one_process, tmp_path):
+    run = tmp_path / "run"
+    job = Job(cluster, run)
+    wait_until(lambda: "cogvx: job" in job.text(), 120, "the job to start (its trap set)")
+    cluster.run(["scancel", "--signal=USR1", "--batch", job.id], check=True)  # what --signal does at the limit
+    job.wait_requeued(180)
+    text = job.finish()
+    assert "time limit near: checkpoint, then requeue" in text and f"requeue job {job.id}" in text
+    assert f"on {cluster.names[0][:-1]}[0-1]" in text  # one job on both nodes
+    assert_two_nodes(cluster, text)
+    assert_one_process_losses(run, one_process)
