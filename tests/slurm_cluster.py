@@ -219,7 +219,7 @@ class NamespaceSlurm:
             f"SlurmctldLogFile={self.root}/log/ctld.log", f"SlurmdLogFile={self.root}/log/d-%n.log",
             f"SlurmctldPidFile={self.root}/ctld.pid", f"SlurmdPidFile={self.root}/d-%n.pid", "ReturnToService=2",
             "MpiDefault=none", "JobAcctGatherType=jobacct_gather/none", "MinJobAge=600",
-            "SlurmdTimeout=10",  # a lost node is noticed in about 20 s here (300 s by default)
+            "SlurmdTimeout=5",  # a lost node is noticed in about 10-20 s here (300 s by default)
             *nodes, f"PartitionName=debug Nodes={','.join(self.names)} Default=YES MaxTime=INFINITE State=UP", ""]))
         subprocess.run(self.in_node(0, ["slurmctld", "-f", str(self.conf)], hostname=True), check=True)
         for index in range(len(self.names)):

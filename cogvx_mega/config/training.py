@@ -123,6 +123,20 @@ class TrainingConfig:
     """Clips of data.valid the validation loss is measured on (a multiple of micro_batch_size x data parallel)."""
     valid_bins: int = 10
     """Equal timestep bins of 0..999 (10: bins of 100), one timestep per clip in each."""
+    hang_timeout_s: Optional[float] = None
+    """A hang watchdog on every rank (`cogvx_mega.training.watchdog`): a rank that finishes no step for this many
+    seconds (saves, validation and sampling do not count) writes one line naming it, its node and its last step,
+    and every thread's stack, to stderr and <run_dir>/hangs/step<N>-rank<R>.txt, then exits with status 75 (the
+    launcher requeues the job). Set it above the slowest step, the first (warm-up, compilation) included.
+    None or 0: no watchdog."""
+    straggler_factor: Optional[float] = None
+    """Every log_interval steps, name in the log (and as `stragglers` in metrics.jsonl, with
+    `compute_time_median` and `compute_time_max`) each rank whose compute per step (from the step's start to its
+    gradients being ready for the data-parallel reduction) is more than this factor x the median over ranks
+    (e.g. 1.5; above 1), with its node (`cogvx_mega.training.stragglers`). Under tensor/pipeline parallelism the
+    ranks of a group wait for each other inside the step, so a slow rank makes its group look slow: the report
+    names the group (the node), not always the single rank. One small all-gather per log interval; the losses
+    are the same. None: no report."""
     wandb_project: Optional[str] = None
     """Also log the TensorBoard scalars (and sample videos) to Weights & Biases under this project (the `wandb`
     package, an optional dependency); None: no W&B."""
@@ -182,6 +196,16 @@ class TrainingConfig:
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ConfigError("training.ema_decay", self.ema_decay, "use a decay between 0 and 1 (e.g. 0.9999), or "
                                                                    "null for no average")
+        if self.hang_timeout_s is not None and (isinstance(self.hang_timeout_s, bool)
+                                                or not isinstance(self.hang_timeout_s, (int, float))
+                                                or not self.hang_timeout_s >= 0):
+            raise ConfigError("training.hang_timeout_s", self.hang_timeout_s, "use seconds above the slowest step "
+                                                                             "(e.g. 600), or 0 / null for no watchdog")
+        if self.straggler_factor is not None and (isinstance(self.straggler_factor, bool)
+                                                  or not isinstance(self.straggler_factor, (int, float))
+                                                  or not self.straggler_factor > 1):
+            raise ConfigError("training.straggler_factor", self.straggler_factor, "use a factor above 1 (e.g. 1.5) "
+                                                                                 "of the median compute time, or null")
         if isinstance(self.ema_start_step, bool) or not isinstance(self.ema_start_step, int) or self.ema_start_step < 0:
             raise ConfigError("training.ema_start_step", self.ema_start_step, "use a step number (0: from the start)")
 

@@ -142,7 +142,8 @@ RESUME_SAFE_FIELDS = {
                  "save_every_minutes", "keep_checkpoints", "async_save", "run_dir", "micro_batch_size", "global_batch_size",
                  "mixed_precision", "sample_every", "tensorboard", "peak_tflops", "loss_spike_factor",
                  "loss_spike_window", "max_skipped_steps", "stop_file", "ema_decay", "ema_start_step",
-                 "valid_every", "valid_samples", "valid_bins"},  # a change of the optimizer's master weights is refused on its own
+                 "valid_every", "valid_samples", "valid_bins",
+                 "hang_timeout_s", "straggler_factor"},  # a change of the optimizer's master weights is refused on its own
     "data": {"num_workers", "online_keep_clips", "valid"},
     "diffusion": set(),
     "finetune": set(),

@@ -3,9 +3,11 @@
 A step noises this rank's samples (or clips of packs), runs megatron's forward/backward schedule over the
 micro-batches, and updates the weights (megatron's optimizer: Adam, warmup + cosine LR, clipping over every
 parallel group). Around it the loop hands checkpoints to the `Checkpointer`, metrics to the `MetricsLog` and
-samples to a `TrainingSampler`. All randomness of a step (noise, timesteps, text and image dropout) and the data
-order are keyed on (seed, step, global sample slot), never on a rank (`cogvx_mega.diffusion.randomness`): a run is
-reproducible, resumable from the step alone, and gives the same losses at every layout and data-parallel size.
+samples to a `TrainingSampler`; with `training.hang_timeout_s` a `HangWatchdog` ends a rank that stops making
+progress, with `training.straggler_factor` a `StragglerReport` names the ranks that compute slower. All randomness
+of a step (noise, timesteps, text and image dropout) and the data order are keyed on (seed, step, global sample
+slot), never on a rank (`cogvx_mega.diffusion.randomness`): a run is reproducible, resumable from the step alone,
+and gives the same losses at every layout and data-parallel size.
 """
 from __future__ import annotations
 
@@ -43,6 +45,8 @@ from cogvx_mega.training.interrupts import TrainingInterrupted, catch_interrupts
 from cogvx_mega.training.metrics import MetricsLog, latent_grid
 from cogvx_mega.training.objective import packed_v_prediction_loss, v_prediction_token_loss
 from cogvx_mega.training.optimizer import build_optimizer, warmup_cosine
+from cogvx_mega.training.stragglers import StragglerReport
+from cogvx_mega.training.watchdog import HangWatchdog
 
 logger = logging.getLogger(__name__)
 
@@ -92,19 +96,25 @@ class Trainer:
         self.dims = dims
         self.model_chunks = list(model) if isinstance(model, (list, tuple)) else [model]
         self.model = self.model_chunks[0]
+        self.device = torch.device(config.training.device)
+        t = config.training
+        self.stragglers = (StragglerReport(t.straggler_factor, self.device, dims.is_logging_rank)
+                           if t.straggler_factor else None)
         finalize = finalize_gradients_with_lora if config.finetune.lora else finalize_gradients
+        if self.stragglers is not None:  # notes when this rank's gradients are ready, before any DP-wide wait
+            finalize = self.stragglers.timer.wrap(finalize)
         self.ddp_chunks = wrap_data_parallel(self.model_chunks, config, finalize)
         self.optimizer = build_optimizer(self.ddp_chunks, config)
         self.dataset = dataset
         self.sampler = sampler
         self.checkpointer = checkpointer or Checkpointer(config, dims, run_dir, lora_base)
         self.run_dir = self.checkpointer.run_dir
+        self.watchdog = HangWatchdog(t.hang_timeout_s, dims.rank, run_dir=self.run_dir)  # started by fit
         # built after the data-parallel wrap, which may move the parameters into its buffers; a LoRA run averages
         # what it trains (its adapters)
         self.ema = (WeightAverage(self.ddp_chunks, config.training.ema_decay, config.training.ema_start_step,
                                   keep=self.checkpointer.trained_keys()) if config.training.ema_decay else None)
         self.validator = Validator(self, valid_dataset) if valid_dataset is not None else None
-        self.device = torch.device(config.training.device)
         self.micro_batches = config.training.micro_batches_per_step(dims.data_parallel_size)
         self.global_batch = config.check_world(dims.data_parallel_size)
         # this rank's global sample slots: a contiguous block of the step's global batch
@@ -129,7 +139,8 @@ class Trainer:
         Returns early, after a checkpoint, when training.stop_file appears; raises TrainingInterrupted (after a
         checkpoint of the finished step) on SIGINT, SIGTERM or SIGUSR1 (`training.interrupts`); raises
         TrainingDiverged (after a checkpoint of the last good weights) when training.max_skipped_steps steps in a
-        row were skipped."""
+        row were skipped. With training.hang_timeout_s the hang watchdog runs while it trains: a beat after every
+        step, paused through saves, validation and sampling (`cogvx_mega.training.watchdog`)."""
         t = self.config.training
         if self.step >= t.steps and self.dims.is_logging_rank:
             logger.info("the run is already at step %d of training.steps=%d: nothing to train (raise "
@@ -137,6 +148,7 @@ class Trainer:
         history: list[dict] = []
         log = MetricsLog(self.config, self.dims, self.run_dir, self.device, first_step=self.step)
         self.checkpointer.start_clock()
+        self.watchdog.start(self.step)
         try:
             with catch_interrupts() as self._interrupts:
                 while self.step < t.steps:
@@ -147,13 +159,19 @@ class Trainer:
                     if self.device.type == "cuda":
                         torch.cuda.synchronize()
                     elapsed = max(time.perf_counter() - started, 1e-9)
+                    self.watchdog.beat(self.step)
                     tokens = None if "packs" in batch else self.tokens_per_sample(latent_grid(batch["latents"]))
                     metrics = {"step": self.step, **metrics,
                                **log.step_fields(self.step, batch, self.global_batch, tokens, elapsed,
                                                  started - waited)}
+                    if self.stragglers is not None:
+                        self.stragglers.timer.step_finished()
+                        if self.step % t.log_interval == 0:  # every rank: one small all-gather
+                            metrics.update(self.stragglers.report())
                     self._sample_if_due(metrics)
                     if self.validator is not None and t.valid_every and self.step % t.valid_every == 0:
-                        metrics.update(self.validator.measure())
+                        with self.watchdog.paused():
+                            metrics.update(self.validator.measure())
                     history.append(metrics)
                     log.record(metrics)
                     if on_step is not None:
@@ -166,16 +184,18 @@ class Trainer:
                     self.finalize_saves()
                 self._save_if_needed()
         finally:
+            self.watchdog.stop()
             log.close()
         return history
 
     def _sample_if_due(self, metrics: dict) -> None:
         every = self.config.training.sample_every
         if self.sampler is not None and every and self.step % every == 0:
-            self.finish_parameter_sync()
-            started = time.perf_counter()
-            metrics["samples"] = self.sampler.sample(self)  # paths relative to the run folder
-            metrics["sample_seconds"] = time.perf_counter() - started
+            with self.watchdog.paused():
+                self.finish_parameter_sync()
+                started = time.perf_counter()
+                metrics["samples"] = self.sampler.sample(self)  # paths relative to the run folder
+                metrics["sample_seconds"] = time.perf_counter() - started
 
     def _stop_after(self, metrics: dict, vote: "StopVote") -> bool:
         """Whether the loop ends after this step: a signal arrived (a checkpoint, then TrainingInterrupted), the
@@ -227,6 +247,8 @@ class Trainer:
         A dense batch may carry its own noise/timesteps/text_drop_mask (tests fix them)."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
+        if self.stragglers is not None:
+            self.stragglers.timer.step_started()
         micro_batches, seq_length = (self._noised_packs(batch) if "packs" in batch
                                      else self._noised_micro_batches(batch))
         iterators = [iter(micro_batches) for _ in self.ddp_chunks]  # every virtual chunk walks the same ones
@@ -346,6 +368,7 @@ class Trainer:
             chunk.train()
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
+        faults.maybe_slow(self.step)  # COGVX_FAULT_INJECT=slow@S: this rank lags (the straggler test)
         return lr
 
     def _finish_step(self, losses, lr: float) -> dict[str, float]:
@@ -428,10 +451,11 @@ class Trainer:
     # --- checkpoints (the Checkpointer's, at this trainer's step) ----------------------------------------------
     def save(self) -> Path:
         """A checkpoint of model, optimizer and step at run_dir/checkpoints/step_<N>/ (all ranks take part)."""
-        self.finish_parameter_sync()
-        state_of = getattr(self.dataset, "state_dict", None)
-        return self.checkpointer.save(self.step, self.ddp_chunks, self.optimizer, self.global_batch,
-                                      state_of() if state_of is not None else None, ema=self.ema)
+        with self.watchdog.paused():
+            self.finish_parameter_sync()
+            state_of = getattr(self.dataset, "state_dict", None)
+            return self.checkpointer.save(self.step, self.ddp_chunks, self.optimizer, self.global_batch,
+                                          state_of() if state_of is not None else None, ema=self.ema)
 
     def _save_if_needed(self) -> None:
         """A checkpoint of this step unless there is one (then every save is completed)."""
@@ -440,12 +464,14 @@ class Trainer:
         self.finalize_saves(blocking=True)
 
     def finalize_saves(self, blocking: bool = False) -> None:
-        self.checkpointer.finalize(blocking)
+        with self.watchdog.paused():  # a blocking one waits for the background writes
+            self.checkpointer.finalize(blocking)
 
     def load(self, path) -> None:
         """Resume model, optimizer and step from a training checkpoint saved at any layout (and the data order's
         saved state, where the dataset keeps one)."""
-        self.step = self.checkpointer.load(path, self.ddp_chunks, self.optimizer, ema=self.ema)
+        with self.watchdog.paused():  # before fit, unless a caller loads while training
+            self.step = self.checkpointer.load(path, self.ddp_chunks, self.optimizer, ema=self.ema)
         load_state = getattr(self.dataset, "load_state_dict", None)
         if load_state is not None:
             state = read_checkpoint_meta(path).get("data_state")

@@ -25,7 +25,7 @@ COMMON = ["--preset", "tiny", "--data", "synthetic", "--device", "cpu", "--steps
           "training.micro_batch_size=1", "training.global_batch_size=2", "data.num_synthetic_clips=4",
           "training.save_interval=2"]
 JOB = [*COMMON, "parallel.tensor_model_parallel_size=2"]  # 2 nodes x 2 ranks: TP2 in a node, DP2 across
-HANG_TIMEOUT_S = 15
+HANG_TIMEOUT_S = 10
 
 
 @pytest.fixture(scope="module")
@@ -133,4 +133,46 @@ def test_two_nodes_requeued_at_the_time_limit_equal_one_process(cluster, one_pro
     assert "time limit near: checkpoint, then requeue" in text and f"requeue job {job.id}" in text
     assert f"on {cluster.names[0][:-1]}[0-1]" in text  # one job on both nodes
     assert_two_nodes(cluster, text)
+    assert_one_process_losses(run, one_process)
+
+
+@pytest.mark.timeout(300)
+def test_a_hung_rank_is_detected_with_its_stack_and_the_requeued_job_ends_as_one_process(cluster, one_process,
+                                                                                        tmp_path):
+    run, fired = tmp_path / "run", tmp_path / "hang-fired"
+    job = Job(cluster, run, launch_args=["--env", "COGVX_FAULT_INJECT=hang@3", "--env", "COGVX_FAULT_INJECT_RANK=3",
+                                         "--env", f"COGVX_FAULT_INJECT_ONCE={fired}"],
+              train_args=[f"training.hang_timeout_s={HANG_TIMEOUT_S}"])
+    job.wait_requeued(120 + 2 * HANG_TIMEOUT_S)
+    text = job.text()
+    assert fired.exists()  # rank 3 slept inside step 4 (after its backward), after step 2's checkpoint
+    header = re.search(r"cogvx: rank 3 \(node cxn1\): no training progress for ([\d.]+) s after step 3", text)
+    assert header is not None, text[-6000:]
+    assert float(header.group(1)) <= HANG_TIMEOUT_S + 2  # found within the timeout (checked every second)
+    hung_rank_stacks = text[header.end():]
+    assert "in hang_here" in hung_rank_stacks  # faulthandler's dump: the frame the rank was stuck in
+    assert re.search(rf"the run failed \(exit \d+\): requeue job {job.id} \(failure 1 of at most 3\)", text)
+    text = job.finish()
+    assert "hang_here" not in text[text.index("(restart 1)"):]  # it hangs once
+    assert_one_process_losses(run, one_process)
+
+
+@pytest.mark.timeout(300)
+def test_a_node_killed_mid_step_is_requeued_by_slurm_and_resumes_as_one_process(cluster, one_process, tmp_path):
+    run, slowed = tmp_path / "run", tmp_path / "slowed"
+    # one rank lags 2 s from step 4 on (until the kill: once), so the kill after step 3 lands inside step 4, after
+    # the checkpoint of step 2
+    job = Job(cluster, run, launch_args=["--env", "COGVX_FAULT_INJECT=slow@3", "--env", "COGVX_FAULT_INJECT_SLOW_S=2",
+                                         "--env", f"COGVX_FAULT_INJECT_ONCE={slowed}"],
+              train_args=[f"training.hang_timeout_s={HANG_TIMEOUT_S}"])
+    wait_until(lambda: job.state() and job.steps_done() >= 3, 120, "step 3")
+    assert cluster.kill_node(1)
+    # the ranks on node 0 lose their peers and fail (or their watchdog ends them); SLURM finds node 1 not
+    # responding (SlurmdTimeout) and requeues the job itself (NODE_FAIL with --requeue)
+    job.wait_requeued(90)
+    assert job.steps_done() == 3 and slowed.exists()
+    cluster.start_slurmd(1)  # the node is back (ReturnToService=2)
+    cluster.wait_idle()
+    text = job.finish()
+    assert "DUE TO NODE FAILURE" in text
     assert_one_process_losses(run, one_process)

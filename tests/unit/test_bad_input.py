@@ -30,6 +30,9 @@ from cogvx_mega.config import ConfigError, load_config
               "parallel.context_parallel_attention=a2a+p2p"], "parallel.hierarchical_context_parallel_sizes", "[2, 2]"),
     ("tiny", ["parallel.hierarchical_context_parallel_sizes=[2, 2]"], "parallel.hierarchical_context_parallel_sizes",
      "a2a+p2p"),
+    ("tiny", ["training.straggler_factor=1"], "training.straggler_factor", "above 1"),
+    ("tiny", ["training.straggler_factor=0.5"], "training.straggler_factor", "above 1"),
+    ("tiny", ["training.hang_timeout_s=-5"], "training.hang_timeout_s", "0 / null for no watchdog"),
 ])
 def test_invalid_config_values_name_field_and_fix(preset, overrides, field, hint):
     with pytest.raises(ConfigError) as error:
@@ -65,6 +68,7 @@ def run_cli(args, capsys):
     (["train", "--preset", "tiny", "--tp", "2", "--dry-run", "--world-size", "3"], "not divisible by TPxPPxCP=2"),
     (["train", "--preset", "tiny", "parallel.use_distributed_optimizer=false",
       "parallel.overlap_param_gather=true"], "use_distributed_optimizer"),
+    (["train", "--preset", "tiny", "training.hang_timeout_s=-1"], "training.hang_timeout_s=-1"),
 ])
 def test_train_rejects_bad_input_before_writing(args, needle, tmp_path, capsys):
     run_dir = tmp_path / "run"

@@ -1,0 +1,172 @@
+"""The hang watchdog (`training.hang_timeout_s`) and the faults that exercise it: a process whose main thread is
+blocked without beating ends with exit status 75, one header line naming the rank, its node, its last step and
+the wait, and every thread's stack, on stderr and in <run_dir>/hangs/; beats and pauses keep it quiet and `stop`
+ends its thread. `cogvx train` with `COGVX_FAULT_INJECT=hang@2` ends that way inside the third step, and with
+`COGVX_FAULT_INJECT_ONCE` the requeued command (`--resume auto`) runs through to the uninterrupted losses. The
+`slow` fault and the straggler report on one process."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from cogvx_mega.cli import main
+from cogvx_mega.training.watchdog import HANG_EXIT_CODE, HangWatchdog
+
+TINY = ["--preset", "tiny", "--data", "synthetic", "data.num_synthetic_clips=4", "training.micro_batch_size=2",
+        "--device", "cpu"]
+
+
+def python(snippet: str, *args, env=None, timeout=60) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(snippet), *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, env=environment)
+
+
+@pytest.mark.timeout(60)
+def test_a_rank_blocked_without_progress_is_ended_with_its_stacks(tmp_path):
+    done = python("""
+        import sys, time
+        from cogvx_mega.training.watchdog import HangWatchdog
+
+        def blocked_in_a_long_call():
+            time.sleep(60)  # the main thread in C, as in a collective that never returns
+
+        HangWatchdog(1.0, rank=3, run_dir=sys.argv[1]).start(step=7)
+        blocked_in_a_long_call()
+        """, tmp_path / "run", env={"SLURMD_NODENAME": "cxn1"})
+    assert done.returncode == HANG_EXIT_CODE == 75, done.stderr
+    lines = done.stderr.splitlines()
+    header = lines[0]
+    assert header.startswith("cogvx: rank 3 (node cxn1): no training progress for 1.")
+    assert header.endswith(" s after step 7 (training.hang_timeout_s=1): stacks of every thread follow, then exit 75")
+    assert float(header.split(" for ")[1].split(" s ")[0]) < 3  # checked at least every 0.1 s
+    assert any("in blocked_in_a_long_call" in line for line in lines), done.stderr  # the main thread's frame
+    assert any("cogvx-hang-watchdog" in line or "in _watch" in line for line in lines)  # and the watchdog's
+    saved = (tmp_path / "run" / "hangs" / "step7-rank3.txt").read_text()
+    assert saved.splitlines()[0] == header and "in blocked_in_a_long_call" in saved
+
+
+@pytest.mark.timeout(60)
+def test_beats_and_pauses_keep_it_quiet_and_stop_ends_its_thread(tmp_path):
+    done = python("""
+        import threading, time
+        from cogvx_mega.training.watchdog import HangWatchdog
+
+        watchdog = HangWatchdog(0.4, rank=0).start()
+        for step in range(1, 9):  # steps of 0.1 s for twice the timeout
+            time.sleep(0.1)
+            watchdog.beat(step)
+        with watchdog.paused():  # a save 2.5 times the timeout
+            with watchdog.paused():
+                time.sleep(1.0)
+        time.sleep(0.25)  # the clock starts again from the pause's end
+        watchdog.stop()
+        assert [t for t in threading.enumerate() if t.name.startswith("cogvx-hang-watchdog")] == []
+        time.sleep(0.6)  # stopped: no longer watching
+        print("finished")
+        """)
+    assert done.returncode == 0 and done.stdout.strip() == "finished", done.stderr
+    assert "no training progress" not in done.stderr
+
+
+def test_off_it_starts_no_thread():
+    for timeout in (None, 0):
+        watchdog = HangWatchdog(timeout, rank=0).start()
+        assert not watchdog.enabled and watchdog._thread is None
+        with watchdog.paused():
+            watchdog.beat(1)
+        watchdog.stop()
+
+
+def train(command: list, env: dict) -> tuple[int, str]:
+    """Run `command` in its own session; its status and stderr. Whatever is left of the session afterwards is
+    killed (a child that outlived its parent would hold the pipes open)."""
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        _, err = process.communicate(timeout=100)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    return process.returncode, err
+
+
+def rows(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.timeout(120)
+def test_a_hung_step_ends_the_run_and_the_requeued_run_finishes_it(tmp_path):
+    straight = tmp_path / "straight"
+    assert main(["train", *TINY, "--run-dir", str(straight), "--steps", "4"]) == 0
+
+    run, once = tmp_path / "run", tmp_path / "hang-fired"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "COGVX_FAULT_INJECT": "hang@2", "COGVX_FAULT_INJECT_ONCE": str(once)}
+    env.pop("COGVX_FAULT_INJECT_RANK", None)
+    command = [sys.executable, "-m", "cogvx_mega.cli", "train", *TINY, "--run-dir", str(run), "--steps", "4",
+               "training.save_interval=1", "training.hang_timeout_s=4", "--resume", "auto"]
+    status, err = train(command, env)
+    assert status == 75, err[-3000:]
+    headers = [line for line in err.splitlines() if line.startswith("cogvx: rank")]
+    assert len(headers) == 1 and headers[0].startswith("cogvx: rank 0 (node ")
+    assert " s after step 2 (training.hang_timeout_s=4): stacks of every thread follow, then exit 75" in headers[0]
+    assert "in hang_here" in err and "in _finish_step" in err  # the sleeping frame, called from the step
+    assert [row["step"] for row in rows(run)] == [1, 2]
+    assert "in hang_here" in (run / "hangs" / "step2-rank0.txt").read_text()
+    assert once.exists()
+
+    status, err = train(command, env)  # the requeued job runs the same command
+    assert status == 0, err[-3000:]
+    assert [row["step"] for row in rows(run)] == [1, 2, 3, 4]
+    assert {r["step"]: r["loss"] for r in rows(run)} == pytest.approx({r["step"]: r["loss"] for r in rows(straight)},
+                                                                      rel=1e-6)
+
+
+def test_the_slow_fault_and_the_once_marker(tmp_path, monkeypatch):
+    import time
+
+    from cogvx_mega.checkpoint import faults
+
+    monkeypatch.setenv("COGVX_FAULT_INJECT", "slow@2")
+    monkeypatch.setenv("COGVX_FAULT_INJECT_SLOW_S", "0.05")
+    monkeypatch.setenv("COGVX_FAULT_INJECT_LOG", str(tmp_path / "log"))
+    monkeypatch.setenv("COGVX_FAULT_INJECT_ONCE", str(tmp_path / "once"))
+    monkeypatch.delenv("COGVX_FAULT_INJECT_RANK", raising=False)
+    monkeypatch.setattr(faults, "_claimed", set())
+    took = []
+    for step in range(4):
+        started = time.perf_counter()
+        faults.maybe_slow(step)
+        faults.maybe_kill("step", step)  # a slow fault never kills
+        took.append(time.perf_counter() - started)
+    assert [t >= 0.05 for t in took] == [False, False, True, True]  # from step 2 on, in the process that fired
+    assert (tmp_path / "log").read_text().split() == ["slow@2", "slow@3"]
+    monkeypatch.setattr(faults, "_claimed", set())  # a new process (a requeued job): the marker exists
+    started = time.perf_counter()
+    faults.maybe_slow(3)
+    assert time.perf_counter() - started < 0.05
+
+
+def test_the_straggler_report_of_one_process(tmp_path):
+    import torch
+
+    from cogvx_mega.training.stragglers import StragglerReport
+
+    report = StragglerReport(2.0, torch.device("cpu"), is_logging_rank=True)
+    wrapped = report.timer.wrap(lambda *args, **kwargs: "finalized")
+    for _ in range(2):
+        report.timer.step_started()
+        assert wrapped([], None) == "finalized"
+        wrapped([], None)  # a second call in the step does not move the mark
+        report.timer.step_finished()
+    fields = report.report()
+    assert fields["stragglers"] == [] and fields["compute_time_median"] == fields["compute_time_max"] > 0
+    assert report.timer.steps == 0  # a new interval
