@@ -86,6 +86,7 @@ def test_the_slurm_example_dry_runs_on_the_5b_example(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "#SBATCH --nodes=2" in result.stdout and "#SBATCH --gpus-per-node=8" in result.stdout
     assert "--config examples/configs/cogvideox-5b-8xh100.yaml" in result.stdout
+    assert "training.hang_timeout_s=1200 training.straggler_factor=1.5" in result.stdout  # resolved and checked
     assert not (tmp_path / "run").exists()
 
 
