@@ -3,8 +3,9 @@ loop makes no progress for that long, so a job stuck in a collective or a deadlo
 requeues it) instead of holding its nodes until the time limit.
 
 The loop `beat(step)`s at every step boundary; work that is legitimately long (checkpoint saves and their
-completion, validation, sampling) runs inside `with watchdog.paused():`, which stops the clock and restarts it
-when the block ends (pauses nest). The first step counts like any other, so the timeout must exceed the slowest
+completion, validation, sampling) runs inside `with watchdog.paused():`, which restarts the clock when the block
+starts and when it ends (pauses nest) and allows the block `PAUSED_TIMEOUT_FACTOR` x the timeout: a save stuck
+in a collective is a hang too, found later. The first step counts like any other, so the timeout must exceed the slowest
 step, warm-up and compilation included. When it fires, the thread:
 
 1. writes one line to stderr (the job's log under SLURM) naming the rank, its node, the last finished step and
@@ -37,6 +38,8 @@ from typing import Iterator, Optional
 HANG_EXIT_CODE = 75
 """The exit status of a rank the watchdog ended (EX_TEMPFAIL of sysexits.h: temporary, try again)."""
 HANGS_FOLDER = "hangs"
+PAUSED_TIMEOUT_FACTOR = 10
+"""A paused block (a save, validation, sampling) may take this many times the timeout before it counts as a hang."""
 FILE_WRITE_SECONDS = 10.0
 """How long the stack file may take before the process exits without it."""
 
@@ -96,30 +99,35 @@ class HangWatchdog:
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
-        """A block that may legitimately take long (a save, validation, sampling): the clock stops during it and
-        starts again from zero after it."""
+        """A block that may legitimately take long (a save, validation, sampling): the clock starts again from zero
+        when it starts and after it, and the block may take PAUSED_TIMEOUT_FACTOR x the timeout. The clock is reset
+        before the count changes, so the thread never sees an old time with the short limit."""
+        if self._pauses == 0:
+            self._last = (time.monotonic(), self._last[1])
         self._pauses += 1
         try:
             yield
         finally:
-            self._pauses -= 1
             self._last = (time.monotonic(), self._last[1])
+            self._pauses -= 1
 
     # --- the thread ------------------------------------------------------------------------------------------
     def _watch(self) -> None:
         while not self._stopping.wait(self.interval_s):
             when, step = self._last
             waited = time.monotonic() - when
-            if self._pauses == 0 and waited >= self.timeout_s:
-                self._fire(step, waited)
+            if waited >= self.timeout_s * (PAUSED_TIMEOUT_FACTOR if self._pauses else 1):
+                self._fire(step, waited, paused=self._pauses > 0)
 
-    def header(self, step: int, waited: float) -> str:
+    def header(self, step: int, waited: float, paused: bool = False) -> str:
+        where = (f" inside a save, validation or sampling (allowed {PAUSED_TIMEOUT_FACTOR} x the timeout)"
+                 if paused else "")
         return (f"cogvx: rank {self.rank} (node {node_name()}): no {self.label} progress for {waited:.1f} s after "
-                f"step {step} ({self.setting}={self.timeout_s:g}): stacks of every thread follow, then exit "
+                f"step {step}{where} ({self.setting}={self.timeout_s:g}): stacks of every thread follow, then exit "
                 f"{HANG_EXIT_CODE}")
 
-    def _fire(self, step: int, waited: float) -> None:
-        header = self.header(step, waited)
+    def _fire(self, step: int, waited: float, paused: bool = False) -> None:
+        header = self.header(step, waited, paused)
         try:
             stream = _stderr_with_descriptor()
             stream.write(header + "\n")

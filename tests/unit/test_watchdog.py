@@ -77,6 +77,26 @@ def test_beats_and_pauses_keep_it_quiet_and_stop_ends_its_thread(tmp_path):
     assert "no training progress" not in done.stderr
 
 
+@pytest.mark.timeout(60)
+def test_a_pause_stuck_past_ten_times_the_timeout_is_a_hang_too():
+    done = python("""
+        import time
+        from cogvx_mega.training.watchdog import HangWatchdog
+
+        def stuck_in_a_save():
+            time.sleep(60)
+
+        watchdog = HangWatchdog(0.2, rank=1).start(step=4)
+        with watchdog.paused():
+            stuck_in_a_save()
+        """)
+    assert done.returncode == HANG_EXIT_CODE, done.stderr
+    header = done.stderr.splitlines()[0]
+    assert " after step 4 inside a save, validation or sampling (allowed 10 x the timeout) " in header
+    assert 2.0 <= float(header.split(" for ")[1].split(" s ")[0]) < 4  # 10 x 0.2 s, checked every 0.02 s
+    assert "in stuck_in_a_save" in done.stderr
+
+
 def test_off_it_starts_no_thread():
     for timeout in (None, 0):
         watchdog = HangWatchdog(timeout, rank=0).start()
