@@ -6,14 +6,14 @@
 The script runs one task per node (`srun`), each `cogvx launch node`: it finds the node's address and network
 interface on its route to the rendezvous host (the first node's `NodeAddr` from SLURM, so node names need not
 resolve), sets GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME to that interface (unless `--env` sets them) and runs a
-`torchrun` of the node's ranks with the c10d rendezvous on the first node. SLURM signals the batch shell `--signal-seconds` before the time limit (`--signal
-B:USR1@S`); the shell asks the run to stop (it creates the run's training.stop_file), every rank stops at the
-next step boundary after a checkpoint, and the shell requeues the job (`scontrol requeue`), which continues
-with `--resume auto`. A preempted job (SLURM's PreemptMode=REQUEUE) comes back the same way from its last
-periodic checkpoint, and a job that loses a node is requeued by SLURM (`--requeue`). A run that fails (a rank's
-`training.hang_timeout_s` watchdog fired, a peer died) makes the script requeue the job, at most
-`--max-failures` times per job. Everything is checked before anything is written: the layout must fit nodes x GPUs, and
-without `--dry-run` the run dir must be writable and sbatch on PATH.
+`torchrun` of the node's ranks with the c10d rendezvous on the first node. SLURM signals the batch shell
+`--signal-seconds` before the time limit (`--signal B:USR1@S`); the shell asks the run to stop (it creates the
+run's training.stop_file), every rank stops at the next step boundary after a checkpoint, and the shell requeues
+the job (`scontrol requeue`), which continues with `--resume auto`. A preempted job (SLURM's PreemptMode=REQUEUE)
+comes back the same way from its last periodic checkpoint, and a job that loses a node is requeued by SLURM
+(`--requeue`). A run that fails (a rank's `training.hang_timeout_s` watchdog fired, a peer died) makes the script
+requeue the job, at most `--max-failures` times per job. Everything is checked before anything is written: the
+layout must fit nodes x GPUs, and without `--dry-run` the run dir must be writable and sbatch on PATH.
 """
 from __future__ import annotations
 
@@ -91,7 +91,8 @@ def render_sbatch(job: SlurmJob) -> str:
         env.setdefault("OMP_NUM_THREADS", str(max(1, job.cpus_per_task // job.gpus_per_node)))
     lines += ["set -uo pipefail", f"STOP_FILE={q(str(Path(job.run_dir) / STOP_FILE_NAME))}", 'rm -f "$STOP_FILE"',
               f'FAILURES_FILE={q(job.failures_path).replace("%j", "$SLURM_JOB_ID")}',
-              "# the rendezvous host: the first node's NodeAddr (what slurmctld reaches it by; its name may not resolve)",
+              "# the rendezvous host: the first node's NodeAddr (slurmctld reaches it there; its name may not "
+              "resolve)",
               'first_node="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
               'MASTER_ADDR="$(scontrol -o show node "$first_node" | tr " " "\\n" | sed -n "s/^NodeAddr=//p")"',
               'export MASTER_ADDR="${MASTER_ADDR:-$first_node}"',
@@ -119,7 +120,7 @@ def render_sbatch(job: SlurmJob) -> str:
               '  echo "cogvx: requeue job $SLURM_JOB_ID"',
               '  rm -f "$STOP_FILE"',
               '  scontrol requeue "$SLURM_JOB_ID"',
-              'elif [ "$status" != 0 ]; then  # a hang the watchdog ended, a lost peer: resume from the last checkpoint',
+              'elif [ "$status" != 0 ]; then  # a hang the watchdog ended, a lost peer: resume from the checkpoint',
               '  failures=$(( $(cat "$FAILURES_FILE" 2>/dev/null || echo 0) + 1 ))',
               '  echo "$failures" > "$FAILURES_FILE"',
               f'  if [ "$failures" -le {job.max_failures} ]; then',
