@@ -1,5 +1,5 @@
 """The sbatch script `cogvx launch slurm --dry-run` prints for 2 nodes x 8 GPUs, field by field (the real-SLURM run
-is tests/distributed/test_slurm_requeue.py); bad input (no sbatch on PATH, a layout that does not fit the nodes,
+is tests/distributed/test_slurm_multinode.py); bad input (no sbatch on PATH, a layout that does not fit the nodes,
 a malformed time, no training arguments) is one line, exit 2, nothing written or submitted."""
 from __future__ import annotations
 
