@@ -68,11 +68,15 @@ def wait_until(predicate, timeout: float, what: str):
 
 
 class Job:
-    def __init__(self, cluster: NamespaceSlurm, run_dir, launch_args=(), train_args=()):
+    """A 2-node job of JOB with the hang watchdog on, whose ranks get the fault `fault` (COGVX_FAULT_INJECT, see
+    cogvx_mega.checkpoint.faults), firing once (`once`: the marker file) with the extra `fault_env`."""
+
+    def __init__(self, cluster: NamespaceSlurm, run_dir, fault: str, once, fault_env: tuple = ()):
         self.cluster, self.run_dir = cluster, run_dir
+        env = ["OMP_NUM_THREADS=1", f"COGVX_FAULT_INJECT={fault}", f"COGVX_FAULT_INJECT_ONCE={once}", *fault_env]
         launched = cluster.run([sys.executable, "-m", "cogvx_mega.cli", "launch", "slurm", "--nodes", "2",
-                                "--gpus-per-node", "2", "--env", "OMP_NUM_THREADS=1", *launch_args, "--",
-                                *JOB, *train_args, "--run-dir", str(run_dir)])
+                                "--gpus-per-node", "2", *(arg for pair in env for arg in ("--env", pair)), "--",
+                                *JOB, f"training.hang_timeout_s={HANG_TIMEOUT_S}", "--run-dir", str(run_dir)])
         assert launched.returncode == 0, launched.stderr
         self.id = re.search(r"submitted job (\d+)", launched.stdout).group(1)
         self.log = next(iter((run_dir / "slurm").glob("*.sbatch"))).with_name(f"cogvx-{run_dir.name}-{self.id}.out")
@@ -130,9 +134,7 @@ def assert_two_nodes(cluster: NamespaceSlurm, text: str) -> None:
 @pytest.mark.timeout(420)
 def test_a_time_limit_requeue_then_a_hung_rank_end_as_one_process(cluster, one_process, tmp_path):
     run, fired = tmp_path / "run", tmp_path / "hang-fired"
-    job = Job(cluster, run, launch_args=["--env", "COGVX_FAULT_INJECT=hang@2", "--env", "COGVX_FAULT_INJECT_RANK=3",
-                                         "--env", f"COGVX_FAULT_INJECT_ONCE={fired}"],
-              train_args=[f"training.hang_timeout_s={HANG_TIMEOUT_S}"])
+    job = Job(cluster, run, "hang@2", fired, fault_env=("COGVX_FAULT_INJECT_RANK=3",))
     # 1. the time limit: what --signal does before it (the run stops after step 1 with a checkpoint)
     wait_until(lambda: "cogvx: job" in job.text(), 120, "the job to start (its trap set)")
     cluster.run(["scancel", "--signal=USR1", "--batch", job.id], check=True)
@@ -167,9 +169,7 @@ def test_a_node_killed_mid_step_is_requeued_by_slurm_and_resumes_as_one_process(
     run, slowed = tmp_path / "run", tmp_path / "slowed"
     # one rank lags 2 s from step 4 on (until the kill: once), so the kill after step 3 lands inside step 4, after
     # the checkpoint of step 2
-    job = Job(cluster, run, launch_args=["--env", "COGVX_FAULT_INJECT=slow@3", "--env", "COGVX_FAULT_INJECT_SLOW_S=2",
-                                         "--env", f"COGVX_FAULT_INJECT_ONCE={slowed}"],
-              train_args=[f"training.hang_timeout_s={HANG_TIMEOUT_S}"])
+    job = Job(cluster, run, "slow@3", slowed, fault_env=("COGVX_FAULT_INJECT_SLOW_S=2",))
     wait_until(lambda: job.state() and job.steps_done() >= 3, 120, "step 3")
     assert cluster.kill_node(1)
     # the ranks on node 0 lose their peers and fail (or their watchdog ends them); SLURM finds node 1 not
