@@ -29,8 +29,12 @@ def ensure_installed() -> str | None:
 
 
 def start_munge() -> None:
-    """The machine's munged (one serves every node: its socket is a file), started unless it answers."""
-    if subprocess.run(["sh", "-c", "munge -n | unmunge"], capture_output=True).returncode == 0:
+    """The machine's munged (one serves every node: its socket is a file), started unless it answers. Two test
+    workers may start it at once: the one that loses the race finds it answering."""
+    def answers() -> bool:
+        return subprocess.run(["sh", "-c", "munge -n | unmunge"], capture_output=True).returncode == 0
+
+    if answers():
         return
     key = Path("/etc/munge/munge.key")
     Path("/run/munge").mkdir(parents=True, exist_ok=True)
@@ -41,8 +45,12 @@ def start_munge() -> None:
             shutil.chown(folder, "munge", "munge")
     shutil.chown(key, "munge", "munge")
     key.chmod(0o400)
-    subprocess.run(["munged", "--force"], check=True)
-
+    started = subprocess.run(["munged", "--force"], capture_output=True, text=True)
+    deadline = time.time() + 10
+    while not answers():
+        if time.time() > deadline:
+            raise RuntimeError(f"munged did not start: {started.stderr.strip()}")
+        time.sleep(0.2)
 
 NETNS_PREFIX = "cogvxt"
 
