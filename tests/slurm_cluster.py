@@ -74,9 +74,9 @@ def namespaces_possible() -> str | None:
 
 
 class NamespaceSlurm:
-    """A SLURM cluster of `nodes` nodes on this machine, each node its own network namespace (and UTS namespace,
-    so its hostname is its NodeName, which no resolver knows) joined by a veth pair (two nodes) or a bridge (more),
-    addresses 10.213.7.N/24 that exist only inside the namespaces made here. slurmctld runs in the first node's
+    """A 2-node SLURM cluster on this machine, each node its own network namespace (and UTS namespace, so its
+    hostname is its NodeName, which no resolver knows), joined by a veth pair, with addresses 10.213.7.N/24 that
+    exist only inside the namespaces made here. slurmctld runs in the first node's
     namespace, so clients (`sbatch`, `scontrol`) run there too: `self.command(...)` prefixes them. munged is the
     machine's (its socket is a file every namespace sees); the run dirs under the test's tmp folder are the shared
     filesystem. `stop()` kills every process in the namespaces and deletes them, leaving nothing behind."""
@@ -84,8 +84,8 @@ class NamespaceSlurm:
     SUBNET = "10.213.7"
 
     def __init__(self, root: Path, nodes: int = 2):
-        if nodes < 2:
-            raise ValueError("a multi-node cluster has 2 nodes or more")
+        if nodes != 2:
+            raise ValueError("this cluster has 2 nodes (one veth pair); more would need a bridge namespace")
         self.root = Path(root)
         self.conf = self.root / "slurm.conf"
         self.tag = f"{NETNS_PREFIX}{os.getpid()}"
@@ -114,23 +114,8 @@ class NamespaceSlurm:
             self._ip("netns", "add", namespace)
             self._ip("-n", namespace, "link", "set", "lo", "up")
         short = str(os.getpid())[-6:]  # interface names have 15 characters at most
-        if len(self.namespaces) == 2:
-            links = [f"cx{short}a", f"cx{short}b"]
-            self._ip("link", "add", links[0], "type", "veth", "peer", "name", links[1])
-        else:
-            hub = self.namespaces[0] + "-hub"
-            self.namespaces.append(hub)
-            self._ip("netns", "add", hub)
-            self._ip("-n", hub, "link", "add", "br0", "type", "bridge")
-            self._ip("-n", hub, "link", "set", "br0", "up")
-            links = []
-            for index in range(len(self.names)):
-                link, port = f"cx{short}n{index}", f"cx{short}p{index}"
-                self._ip("link", "add", link, "type", "veth", "peer", "name", port)
-                self._ip("link", "set", port, "netns", hub)
-                self._ip("-n", hub, "link", "set", port, "master", "br0")
-                self._ip("-n", hub, "link", "set", port, "up")
-                links.append(link)
+        links = [f"cx{short}a", f"cx{short}b"]
+        self._ip("link", "add", links[0], "type", "veth", "peer", "name", links[1])
         self.links = links
         for namespace, link, address in zip(self.namespaces, links, self.addresses):
             self._ip("link", "set", link, "netns", namespace)
