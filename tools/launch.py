@@ -96,7 +96,9 @@ def render_sbatch(job: SlurmJob) -> str:
               'first_node="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
               'MASTER_ADDR="$(scontrol -o show node "$first_node" | tr " " "\\n" | sed -n "s/^NodeAddr=//p")"',
               'export MASTER_ADDR="${MASTER_ADDR:-$first_node}"',
-              'export MASTER_PORT="$((20000 + SLURM_JOB_ID % 20000))"']
+              "# a port for each start: a job requeued and started again at once on the same nodes never meets the",
+              "# last start's rendezvous store or its sockets still closing",
+              'export MASTER_PORT="$((20000 + (SLURM_JOB_ID * 10 + ${SLURM_RESTART_COUNT:-0} % 10) % 20000))"']
     lines += [f"export {name}={q(str(value))}" for name, value in env.items()]
     node = [job.python, "-m", "cogvx_mega.cli", "launch", "node", "--nnodes", "$SLURM_NNODES", "--nproc-per-node",
             str(job.gpus_per_node), "--rdzv-endpoint", "$MASTER_ADDR:$MASTER_PORT", "--rdzv-id", "$SLURM_JOB_ID",

@@ -5,8 +5,10 @@ requeues it) instead of holding its nodes until the time limit.
 The loop `beat(step)`s at every step boundary; work that is legitimately long (checkpoint saves and their
 completion, validation, sampling) runs inside `with watchdog.paused():`, which restarts the clock when the block
 starts and when it ends (pauses nest) and allows the block `PAUSED_TIMEOUT_FACTOR` x the timeout: a save stuck
-in a collective is a hang too, found later. The first step counts like any other, so the timeout must exceed the slowest
-step, warm-up and compilation included. When it fires, the thread:
+in a collective is a hang too, found later. The first step after a start is allowed the same factor: it makes the
+NCCL communicators, compiles and autotunes kernels, and on a loaded machine it is the slowest by far (as
+nvidia-resiliency-ext's initial heartbeat timeout, longer than the steady one); later steps get the timeout itself,
+which must exceed the slowest step. When it fires, the thread:
 
 1. writes one line to stderr (the job's log under SLURM) naming the rank, its node, the last finished step and
    the wait, e.g. `cogvx: rank 3 (node cxn1): no training progress for 20.0 s after step 3
@@ -39,7 +41,8 @@ HANG_EXIT_CODE = 75
 """The exit status of a rank the watchdog ended (EX_TEMPFAIL of sysexits.h: temporary, try again)."""
 HANGS_FOLDER = "hangs"
 PAUSED_TIMEOUT_FACTOR = 10
-"""A paused block (a save, validation, sampling) may take this many times the timeout before it counts as a hang."""
+"""A paused block (a save, validation, sampling), and the first step after a start, may take this many times the
+timeout before it counts as a hang."""
 FILE_WRITE_SECONDS = 10.0
 """How long the stack file may take before the process exits without it."""
 
@@ -63,6 +66,7 @@ class HangWatchdog:
         self.interval_s = min(1.0, self.timeout_s / 10)
         self._last = (time.monotonic(), 0)  # (when, the last finished step): replaced whole, read whole
         self._pauses = 0
+        self._first_step = True  # until the first beat after start: the long limit
         self._stopping = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
@@ -74,6 +78,7 @@ class HangWatchdog:
         """Start watching, with `step` the last finished step (the one training starts after)."""
         if self.enabled and self._thread is None:
             self.beat(step)
+            self._first_step = True
             self._stopping.clear()
             self._thread = threading.Thread(target=self._watch, name=f"cogvx-hang-watchdog-rank{self.rank}",
                                             daemon=True)
@@ -96,6 +101,7 @@ class HangWatchdog:
     def beat(self, step: int) -> None:
         """Progress: `step` is finished; the clock starts again."""
         self._last = (time.monotonic(), step)
+        self._first_step = False
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -116,18 +122,21 @@ class HangWatchdog:
         while not self._stopping.wait(self.interval_s):
             when, step = self._last
             waited = time.monotonic() - when
-            if waited >= self.timeout_s * (PAUSED_TIMEOUT_FACTOR if self._pauses else 1):
-                self._fire(step, waited, paused=self._pauses > 0)
+            paused, first = self._pauses > 0, self._first_step
+            if waited >= self.timeout_s * (PAUSED_TIMEOUT_FACTOR if paused or first else 1):
+                self._fire(step, waited, paused=paused, first=first and not paused)
 
-    def header(self, step: int, waited: float, paused: bool = False) -> str:
+    def header(self, step: int, waited: float, paused: bool = False, first: bool = False) -> str:
         where = (f" inside a save, validation or sampling (allowed {PAUSED_TIMEOUT_FACTOR} x the timeout)"
-                 if paused else "")
+                 if paused else
+                 f" in the first step after the start (allowed {PAUSED_TIMEOUT_FACTOR} x the timeout)"
+                 if first else "")
         return (f"cogvx: rank {self.rank} (node {node_name()}): no {self.label} progress for {waited:.1f} s after "
                 f"step {step}{where} ({self.setting}={self.timeout_s:g}): stacks of every thread follow, then exit "
                 f"{HANG_EXIT_CODE}")
 
-    def _fire(self, step: int, waited: float, paused: bool = False) -> None:
-        header = self.header(step, waited, paused)
+    def _fire(self, step: int, waited: float, paused: bool = False, first: bool = False) -> None:
+        header = self.header(step, waited, paused, first)
         try:
             stream = _stderr_with_descriptor()
             stream.write(header + "\n")

@@ -4,6 +4,7 @@ a malformed time, no training arguments) is one line, exit 2, nothing written or
 from __future__ import annotations
 
 import shlex
+import subprocess
 import sys
 
 import pytest
@@ -35,7 +36,11 @@ def test_the_2x8_script_field_by_field(tmp_path, capsys):
     # the rendezvous host is the first node's NodeAddr, what slurmctld reaches it by (its name may not resolve)
     assert 'first_node="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"' in lines
     assert exports["MASTER_ADDR"] == '"${MASTER_ADDR:-$first_node}"'
-    assert exports["MASTER_PORT"] == '"$((20000 + SLURM_JOB_ID % 20000))"'
+    # a port for each start of the job (its restart count): a requeued job started at once meets no old store
+    assert exports["MASTER_PORT"] == '"$((20000 + (SLURM_JOB_ID * 10 + ${SLURM_RESTART_COUNT:-0} % 10) % 20000))"'
+    port = subprocess.run(["bash", "-c", f"SLURM_JOB_ID=1234 SLURM_RESTART_COUNT=3; echo {exports['MASTER_PORT']}"],
+                          capture_output=True, text=True, check=True).stdout.split()
+    assert port == [str(20000 + 12343)]
     assert exports["CUDA_DEVICE_MAX_CONNECTIONS"] == "1" and exports["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
     assert exports["NCCL_SOCKET_IFNAME"] == "ib0" and exports["OMP_NUM_THREADS"] == "12"  # 96 CPUs / 8 ranks
     assert "trap on_time_limit USR1" in lines

@@ -31,7 +31,7 @@ def test_a_rank_blocked_without_progress_is_ended_with_its_stacks(tmp_path):
         def blocked_in_a_long_call():
             time.sleep(60)  # the main thread in C, as in a collective that never returns
 
-        HangWatchdog(1.0, rank=3, run_dir=sys.argv[1]).start(step=7)
+        HangWatchdog(1.0, rank=3, run_dir=sys.argv[1]).start(step=6).beat(7)  # past the first step's allowance
         blocked_in_a_long_call()
         """, tmp_path / "run", env={"SLURMD_NODENAME": "cxn1"})
     assert done.returncode == HANG_EXIT_CODE == 75, done.stderr
@@ -70,23 +70,30 @@ def test_beats_and_pauses_keep_it_quiet_and_stop_ends_its_thread(tmp_path):
 
 
 @pytest.mark.timeout(60)
-def test_a_pause_stuck_past_ten_times_the_timeout_is_a_hang_too():
-    done = python("""
+@pytest.mark.parametrize("where", ["pause", "first-step"])
+def test_a_pause_or_a_first_step_stuck_past_ten_times_the_timeout_is_a_hang_too(where):
+    done = python(f"""
         import time
         from cogvx_mega.training.watchdog import HangWatchdog
 
-        def stuck_in_a_save():
+        def stuck():
             time.sleep(60)
 
         watchdog = HangWatchdog(0.2, rank=1).start(step=4)
-        with watchdog.paused():
-            stuck_in_a_save()
+        if "{where}" == "pause":
+            watchdog.beat(5)
+            with watchdog.paused():  # a save
+                stuck()
+        time.sleep(1.0)  # the first step after the start: 5 x the timeout is still quiet
+        stuck()
         """)
     assert done.returncode == HANG_EXIT_CODE, done.stderr
     header = done.stderr.splitlines()[0]
-    assert " after step 4 inside a save, validation or sampling (allowed 10 x the timeout) " in header
+    inside = ("after step 5 inside a save, validation or sampling" if where == "pause"
+              else "after step 4 in the first step after the start")
+    assert f" {inside} (allowed 10 x the timeout) " in header
     assert 2.0 <= float(header.split(" for ")[1].split(" s ")[0]) < 4  # 10 x 0.2 s, checked every 0.02 s
-    assert "in stuck_in_a_save" in done.stderr
+    assert "in stuck" in done.stderr
 
 
 def test_off_it_starts_no_thread():
