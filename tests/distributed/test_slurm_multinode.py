@@ -68,19 +68,15 @@ def wait_until(predicate, timeout: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-class StartupRetry(Warning):
-    """A start of the job that failed before training began, started again by the test (shown in pytest's warnings
-    summary with the start's log, so a CI run says what happened)."""
-
-
 class Job:
     """A 2-node job of JOB with the hang watchdog on, whose ranks get the fault `fault` (COGVX_FAULT_INJECT, see
     cogvx_mega.checkpoint.faults), firing once (`once`: the marker file) with the extra `fault_env`.
 
     A start that fails before training begins (no step, no resume: a start-up race of SLURM or the rendezvous on
     a loaded 2-core machine) is requeued by the script as on a cluster, counted as one of its failures; the test
-    starts it again at once, at most `STARTUP_RETRIES` times, and warns with its log. A failure after training
-    began is never retried here: it fails the test."""
+    starts it again at once, at most `STARTUP_RETRIES` times, and warns with its log (a RuntimeWarning: pytest's
+    warnings summary shows it, and xdist can rebuild it, which it cannot for a class defined in a test module). A
+    failure after training began is never retried here: it fails the test."""
 
     STARTUP_RETRIES = 1
 
@@ -141,8 +137,8 @@ class Job:
             if not before_training or self.retried >= self.STARTUP_RETRIES:
                 return how
             self.retried += 1
-            warnings.warn(StartupRetry(f"job {self.id}: start {self.restarts - 1} failed before training began "
-                                       f"and was started again; its log:\n{attempt[-4000:]}"))
+            warnings.warn(f"job {self.id}: start {self.restarts - 1} failed before training began and was started "
+                          f"again; its log:\n{attempt[-4000:]}", RuntimeWarning)
             self.start_again()
 
     def wait_requeued(self, timeout: float) -> None:
