@@ -48,6 +48,14 @@ def require_positive_integers(section, section_name: str, names) -> None:
             raise ConfigError(f"{section_name}.{name}", value, "must be a positive integer")
 
 
+def check_hang_timeout(field_name: str, value) -> None:
+    """A hang watchdog's timeout (`training.hang_timeout_s`, `vae_train.hang_timeout_s`): seconds, or 0 / None
+    for none."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0):
+        raise ConfigError(field_name, value, "use seconds above the slowest step (e.g. 600), or 0 / null for no "
+                                             "watchdog")
+
+
 def check_frame_count(field_name: str, frames, temporal_compression_ratio: int) -> None:
     if not isinstance(frames, int) or frames < 1 or (frames - 1) % temporal_compression_ratio:
         raise ConfigError(field_name, frames,

@@ -4,7 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Optional
 
-from cogvx_mega.config.errors import ConfigError, check_choices, check_frame_count, require_positive_integers
+from cogvx_mega.config.errors import (ConfigError, check_choices, check_frame_count, check_hang_timeout,
+                                     require_positive_integers)
 from cogvx_mega.config.model import ModelConfig
 
 if TYPE_CHECKING:
@@ -195,11 +196,7 @@ class TrainingConfig:
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ConfigError("training.ema_decay", self.ema_decay, "use a decay between 0 and 1 (e.g. 0.9999), or "
                                                                    "null for no average")
-        if self.hang_timeout_s is not None and (isinstance(self.hang_timeout_s, bool)
-                                                or not isinstance(self.hang_timeout_s, (int, float))
-                                                or not self.hang_timeout_s >= 0):
-            raise ConfigError("training.hang_timeout_s", self.hang_timeout_s, "use seconds above the slowest step "
-                                                                             "(e.g. 600), or 0 / null for no watchdog")
+        check_hang_timeout("training.hang_timeout_s", self.hang_timeout_s)
         if self.straggler_factor is not None and (isinstance(self.straggler_factor, bool)
                                                   or not isinstance(self.straggler_factor, (int, float))
                                                   or not self.straggler_factor > 1):

@@ -21,6 +21,7 @@ from cogvx_mega.training import checkpoint as ckpt
 from cogvx_mega.training.interrupts import TrainingInterrupted, catch_interrupts
 from cogvx_mega.training.metrics import METRICS_FILE, append_whole, set_aside_rows_after
 from cogvx_mega.training.vae_trainer import VAETrainer, build_layout, check_init_from, check_resume, plan_layout
+from cogvx_mega.training.watchdog import HangWatchdog
 from cogvx_mega.vae.discriminator import Discriminator3D
 from cogvx_mega.vae.model import CogVideoXVAE
 from cogvx_mega.vae.train_config import VAERunConfig
@@ -116,9 +117,12 @@ def train_vae(config: VAERunConfig, data: str, run_dir: str, cp: int = 1, resume
 
     row: dict = {}
     began = time.perf_counter()
-    with catch_interrupts() as interrupts:
+    watchdog = HangWatchdog(t.hang_timeout_s, layout.dims.rank, label="VAE training", run_dir=run_path,
+                            setting="vae_train.hang_timeout_s").start(start)
+    with catch_interrupts() as interrupts, watchdog:  # leaving the block stops the watchdog
         for step in range(start, t.steps):
             row = trainer.train_step(step)
+            watchdog.beat(step + 1)
             row["skipped_clips"] = clips.skipped  # this rank's replica's (the logging rank's)
             row["samples_per_s"] = t.global_batch_size * (step + 1 - start) / (time.perf_counter() - began)
             if layout.dims.is_logging_rank:
@@ -129,7 +133,8 @@ def train_vae(config: VAERunConfig, data: str, run_dir: str, cp: int = 1, resume
                                 row["perceptual_loss"], row["gan_loss"], row["disc_loss"], row["grad_norm"])
             signal_number = agreed_signal(interrupts.signal_number, trainer.device)
             if (step + 1) % t.save_interval == 0 or step + 1 == t.steps or signal_number:
-                saved = trainer.save(run_path, step + 1)
+                with watchdog.paused():
+                    saved = trainer.save(run_path, step + 1)
             if signal_number:
                 raise TrainingInterrupted(signal_number, step + 1, saved)
     return row

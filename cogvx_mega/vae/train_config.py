@@ -16,7 +16,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from cogvx_mega.config.errors import ConfigError, check_choices, check_frame_count, require_positive_integers
+from cogvx_mega.config.errors import (ConfigError, check_choices, check_frame_count, check_hang_timeout,
+                                     require_positive_integers)
 from cogvx_mega.config.loading import resolve_config
 from cogvx_mega.vae.config import VAEConfig, vae_config_from_dict, vae_preset
 from cogvx_mega.vae.losses import VAELossConfig, VAELossError
@@ -61,6 +62,11 @@ class VAETrainConfig:
     log_interval: int = 10
     save_interval: int = 500
     keep_checkpoints: int = 3
+    hang_timeout_s: Optional[float] = None
+    """The hang watchdog of `training.hang_timeout_s` on every rank (`cogvx_mega.training.watchdog`): a rank that
+    finishes no step for this many seconds (a save, and the first step after a start, may take 10 x that) writes
+    its stacks to stderr and <run_dir>/hangs/ and exits with status 75, so the launcher requeues the job. None or
+    0: no watchdog."""
     device: Optional[Literal["cpu", "cuda"]] = None
     """None: CUDA when available."""
     conv_impl: Literal["halo", "naive"] = "halo"
@@ -69,6 +75,7 @@ class VAETrainConfig:
         require_positive_integers(self, "vae_train", ("frames", "size", "global_batch_size", "steps", "log_interval",
                                                       "save_interval", "keep_checkpoints", "disc_dim", "disc_max_dim"))
         check_choices(self, "vae_train")
+        check_hang_timeout("vae_train.hang_timeout_s", self.hang_timeout_s)
         check_frame_count("vae_train.frames", self.frames, vae.temporal_compression_ratio)
         if self.size % vae.spatial_compression_ratio:
             raise ConfigError("vae_train.size", self.size, f"use a multiple of the VAE's spatial compression "
@@ -146,7 +153,7 @@ def vae_run_preset(name: str) -> VAERunConfig:
 
 # the fields a resume may change: speed and bookkeeping, never what a step computes
 RESUME_SAFE_VAE_TRAIN_FIELDS = {"steps", "log_interval", "save_interval", "keep_checkpoints", "device", "lpips_vgg",
-                                "lpips_lin"}
+                                "lpips_lin", "hang_timeout_s"}
 
 
 def load_vae_run_config(preset: Optional[str] = None, config_file: Optional[str] = None,

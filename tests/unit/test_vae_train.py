@@ -63,7 +63,7 @@ def _cli(args: list[str], **env) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600, start_new_session=True)
 
 
-def test_resume_after_sigterm_and_sigkill_equals_the_uninterrupted_run(media, tmp_path):
+def test_resume_after_sigterm_sigkill_and_a_hang_equals_the_uninterrupted_run(media, tmp_path):
     from safetensors.torch import load_file
 
     common = ["--preset", "tiny", "--data", media["manifest"], *media["lpips"], "loss.gan_start_step=2", "loss.lpips_frames=2",
@@ -78,6 +78,14 @@ def test_resume_after_sigterm_and_sigkill_equals_the_uninterrupted_run(media, tm
     # then SIGKILL during step 5 of the resumed run: nothing saved after step 4
     killed = _cli([*common, "--run-dir", str(cut), "--resume", "auto"], COGVX_FAULT_INJECT="step@5")
     assert killed.returncode == -9, killed.stderr
+    assert [p.name for p in sorted((cut / "checkpoints").iterdir())][-1] == "step_00000004"
+    # then a hang inside step 6 of the next resumed run: its watchdog dumps the stacks and exits 75 after 2 s
+    hung = _cli([*common, "--run-dir", str(cut), "--resume", "auto", "vae_train.hang_timeout_s=2"],
+                COGVX_FAULT_INJECT="hang@6")
+    assert hung.returncode == 75, hung.stderr
+    header = next(line for line in hung.stderr.splitlines() if "no VAE training progress" in line)
+    assert "after step 5 (vae_train.hang_timeout_s=2): stacks of every thread follow, then exit 75" in header
+    assert "in hang_here" in hung.stderr and "in hang_here" in (cut / "hangs" / "step5-rank0.txt").read_text()
     assert [p.name for p in sorted((cut / "checkpoints").iterdir())][-1] == "step_00000004"
     resumed = _cli([*common, "--run-dir", str(cut), "--resume", "auto"])
     assert resumed.returncode == 0, resumed.stderr
@@ -179,6 +187,8 @@ def test_bad_input_is_one_line_and_nothing_is_written(media, tmp_path, capsys):
     err = _refused(["--preset", "tiny", "--run-dir", str(run), "--data", media["manifest"],
                     "vae_train.lpips_vgg=/nowhere/vgg16.pth", "vae_train.lpips_lin=/nowhere/vgg.pth"], capsys)
     assert "vae_train.lpips_vgg='/nowhere/vgg16.pth'" in err
+    err = _refused([*base, "--data", media["manifest"], "vae_train.hang_timeout_s=-1"], capsys)
+    assert "vae_train.hang_timeout_s=-1" in err and "0 / null for no watchdog" in err
     assert not run.exists()
 
 
