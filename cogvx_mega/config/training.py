@@ -126,9 +126,10 @@ class TrainingConfig:
     """Equal timestep bins of 0..999 (10: bins of 100), one timestep per clip in each."""
     hang_timeout_s: Optional[float] = None
     """A hang watchdog on every rank (`cogvx_mega.training.watchdog`): a rank that finishes no step for this many
-    seconds (a save, validation or sampling, and the first step after a start, may take 10 x that) writes one line naming it, its node and its last
-    step, and every thread's stack, to stderr and <run_dir>/hangs/step<N>-rank<R>.txt, then exits with status 75
-    (the launcher requeues the job). Set it above the slowest step after the first. None or 0: no watchdog."""
+    seconds (a save, validation or sampling, and the first step after a start, may take 10 x that) writes one line
+    naming it, its node and its last step, and every thread's stack, to stderr and
+    <run_dir>/hangs/step<N>-rank<R>.txt, then exits with status 75 (the launcher requeues the job). Set it above the
+    slowest step after the first. None or 0: no watchdog."""
     straggler_factor: Optional[float] = None
     """Every log_interval steps, name in the log (and as `stragglers` in metrics.jsonl, with
     `compute_time_median` and `compute_time_max`) each rank whose compute per step (from the step's start to its
